@@ -105,8 +105,10 @@ class Tokenizer:
             raise ModelFormatError(
                 f"GGUF tokenizer type {kind!r} is not supported (tuili reads byte-level BPE, 'gpt2'); "
                 "load the model's Hugging Face folder instead")
-        tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+        if not tokens:
+            raise ModelFormatError("the GGUF file has no vocabulary (tokenizer.ggml.tokens)")
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                      fuse_unk=False, byte_fallback=False))
         backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))

@@ -1,0 +1,175 @@
+"""The `tuili` command line: parse arguments, call the packages, print. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tuili.errors import TuiliError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (TuiliError, ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuili", description="Make language models smaller and faster, and measure it.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("optimize", help="the main job: analyze, evaluate and time a model, print a report")
+    _model_args(p)
+    _data_args(p, max_tokens=16384)
+    p.add_argument("--report", type=Path, help="also write the markdown report to this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.set_defaults(run=_optimize)
+
+    p = sub.add_parser("eval", help="perplexity over non-overlapping token windows")
+    _model_args(p)
+    _data_args(p, max_tokens=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("analyze", help="parameters, bytes, FLOPs per token and memory")
+    _model_args(p)
+    p.add_argument("--context-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_analyze)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming tokens to the terminal")
+    p.add_argument("prompt")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("chat", help="talk to the model, multi-turn (empty line or Ctrl-D ends)")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--system", help="a system message to start the conversation")
+    p.set_defaults(run=_chat)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default', an HF folder, a .gguf file or a hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
+
+
+def _data_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    p.add_argument("--data", default="builtin",
+                   help="'builtin' (CPython docs, evaluation split), a text file, a .jsonl[:FIELD] file or hf:NAME")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="score at most this many tokens")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+
+
+def _load(args):
+    from tuili.models import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model = load(args.model, dtype=args.dtype)
+    print(f"loaded {model.config.architecture} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return model
+
+
+def _params(args):
+    from tuili.engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
+
+
+def _optimize(args) -> None:
+    from tuili.models.io import atomic_write_text
+    from tuili.pipeline import optimize
+
+    report = optimize(_load(args), data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    markdown = report.to_markdown()
+    if args.report:
+        atomic_write_text(args.report, markdown)
+        print(f"report written to {args.report}", file=sys.stderr)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else markdown)
+
+
+def _eval(args) -> None:
+    from tuili.data import eval_windows, load_text, perplexity
+
+    model = _load(args)
+    windows = eval_windows(model.tokenizer.encode(load_text(args.data, "evaluation")), args.seq_len, args.max_tokens)
+    result = perplexity(model.module, windows, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"model": model.source, "data": args.data, **result.to_dict()}, indent=2))
+        return
+    print(f"perplexity {result.perplexity:.4f} over {result.num_tokens:,} tokens "
+          f"({result.num_windows} windows of {result.seq_len}) in {result.seconds:.1f} s, "
+          f"{result.tokens_per_second:.0f} tokens/s")
+
+
+def _analyze(args) -> None:
+    from tuili.pipeline.analysis import analysis_markdown, analyze
+
+    result = analyze(_load(args), context_len=args.context_len, batch_size=args.batch_size)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else analysis_markdown(result))
+
+
+def _generate(args) -> None:
+    from tuili.engine import stream
+
+    model = _load(args)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    for delta in stream(model, prompt, _params(args)):
+        print(delta, end="", flush=True)
+    print()
+
+
+def _chat(args) -> None:
+    from tuili.engine import stream
+
+    model = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    params = _params(args)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print()
+            return
+        if not user.strip():
+            return
+        messages.append({"role": "user", "content": user})
+        reply = []
+        for delta in stream(model, messages, params):
+            reply.append(delta)
+            print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Analysis, the optimization job, benchmarks and reports."""
+
+from tuili.pipeline.analysis import Analysis, analyze
+from tuili.pipeline.optimize import OptimizeReport, optimize
+
+__all__ = ["Analysis", "OptimizeReport", "analyze", "optimize"]

