@@ -20,3 +20,9 @@ class TextStream:
             return ""
         delta, self.text = text[len(self.text):], text
         return delta
+
+    def flush(self) -> str:
+        """At the end of a generation: the rest, an unfinished character shown as U+FFFD."""
+        text = self.tokenizer.decode(self.ids)
+        delta, self.text = text[len(self.text):], text
+        return delta

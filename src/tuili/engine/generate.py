@@ -112,6 +112,7 @@ def _generate(model: Model, prompt_ids: list[int], params: SamplingParams) -> It
             yield _advance(state, text.text[:stop_at]), state
             return
         yield _advance(state, text.text[: len(text.text) - holdback]), state
+    text.flush()
     yield _advance(state, text.text), state
 
 

@@ -75,6 +75,11 @@ class LlamaConfig:
         return scaling.get("rope_type", scaling.get("type", "default"))
 
     @property
+    def o_proj_bias(self) -> bool:
+        """Llama's attention_bias also covers o_proj; Qwen2's q/k/v bias does not."""
+        return self.model_type == "llama" and self.attention_bias
+
+    @property
     def num_query_groups(self) -> int:
         """Query heads that share one KV head (GQA; 1 is plain multi-head attention)."""
         return self.num_attention_heads // self.num_key_value_heads
@@ -132,7 +137,7 @@ class LlamaConfig:
         qkv = h * d * (self.num_attention_heads + 2 * self.num_key_value_heads)
         if self.attention_bias:
             qkv += d * (self.num_attention_heads + 2 * self.num_key_value_heads)
-        attn = qkv + self.num_attention_heads * d * h
+        attn = qkv + self.num_attention_heads * d * h + (h if self.o_proj_bias else 0)
         mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)

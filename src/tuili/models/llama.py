@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.model_type == "llama" and bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_proj_bias)
 
     def forward(self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
                 cache: KVCache | None, return_probs: bool) -> tuple[Tensor, Tensor | None]:

@@ -28,6 +28,8 @@ class Speed:
 def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, repeats: int = 3) -> Speed:
     """Best of `repeats` runs (the machine is shared: the minimum time is the least disturbed one)."""
     vocab = model.config.vocab_size
+    # a model with a short context gets the longest prompt that still leaves room to decode
+    prompt_tokens = min(prompt_tokens, model.config.max_position_embeddings - new_tokens)
     prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     generate(model, prompt[:16], SamplingParams(max_tokens=4, temperature=0))  # warm-up

@@ -1,0 +1,57 @@
+import math
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from tuili.data import perplexity
+
+
+class Uniform(nn.Module):
+    """Predicts every token with probability 1/V: perplexity must be exactly V."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids):
+        return SimpleNamespace(logits=torch.zeros(*ids.shape, self.vocab))
+
+
+class Oracle(nn.Module):
+    """Knows the next token of a counting sequence with probability ~1: perplexity ~1."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids):
+        return SimpleNamespace(logits=torch.nn.functional.one_hot((ids + 1) % self.vocab, self.vocab).float() * 50)
+
+
+def test_uniform_model_has_perplexity_vocab_size():
+    windows = torch.randint(0, 50, (4, 16))
+    result = perplexity(Uniform(50), windows, progress=False)
+    assert math.isclose(result.perplexity, 50, rel_tol=1e-5)
+    assert result.num_tokens == 4 * 15 and result.num_windows == 4
+
+
+def test_perfect_predictor_has_perplexity_one_and_batching_does_not_matter():
+    windows = torch.arange(64).view(4, 16) % 50
+    one = perplexity(Oracle(50), windows, batch_size=1, progress=False)
+    four = perplexity(Oracle(50), windows, batch_size=4, progress=False)
+    assert one.perplexity < 1.0001
+    assert math.isclose(one.nll, four.nll, abs_tol=1e-9)
+
+
+def test_real_model_perplexity_equals_direct_cross_entropy():
+    from helpers import random_tiny
+
+    model = random_tiny()
+    windows = torch.randint(0, 259, (3, 20), generator=torch.Generator().manual_seed(0))
+    logits = model.module(windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 259), windows[:, 1:].reshape(-1))
+    assert math.isclose(perplexity(model.module, windows, progress=False).perplexity, math.exp(nll.item()),
+                        rel_tol=1e-5)

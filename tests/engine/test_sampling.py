@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from tuili.engine import SamplingParams, sample
+
+
+def draws(logits, params, n=2000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([sample(logits, params, gen) for _ in range(n)])
+
+
+LOGITS = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+
+
+def test_greedy_is_argmax():
+    assert sample(LOGITS, SamplingParams(temperature=0)).tolist() == [0]
+
+
+def test_top_k_only_draws_the_k_most_likely():
+    assert set(draws(LOGITS, SamplingParams(top_k=2)).flatten().tolist()) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = LOGITS.softmax(-1)[0]  # 0.636, 0.234, 0.086, ...
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    assert set(draws(LOGITS, SamplingParams(top_p=0.8)).flatten().tolist()) == {0, 1}
+    assert set(draws(LOGITS, SamplingParams(top_p=0.5)).flatten().tolist()) == {0}
+
+
+def test_temperature_one_follows_the_softmax():
+    counts = torch.bincount(draws(LOGITS, SamplingParams(), n=4000).flatten(), minlength=5).float() / 4000
+    torch.testing.assert_close(counts, LOGITS.softmax(-1)[0], atol=0.03, rtol=0)
+
+
+def test_low_temperature_sharpens():
+    hot = draws(LOGITS, SamplingParams(temperature=2.0))
+    cold = draws(LOGITS, SamplingParams(temperature=0.2))
+    assert (cold == 0).float().mean() > (hot == 0).float().mean()
+
+
+def test_same_seed_same_draws():
+    assert torch.equal(draws(LOGITS, SamplingParams(), seed=3), draws(LOGITS, SamplingParams(), seed=3))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
+    ({"top_k": -1}, "top_k"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+])
+def test_bad_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

@@ -1,0 +1,66 @@
+"""The command line on a tiny saved model: every command runs and bad input exits 2 with a message."""
+
+import json
+
+import pytest
+
+from helpers import random_tiny
+from tuili.cli import main
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    random_tiny().save(path)
+    return str(path)
+
+
+def test_analyze_json(folder, capsys):
+    assert main(["analyze", "--model", folder, "--json", "--context-len", "64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["context_len"] == 64 and out["num_parameters"] > 0
+
+
+def test_eval_json(folder, capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("some text to score " * 40)
+    assert main(["eval", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_windows"] >= 1 and out["perplexity"] > 1
+
+
+def test_generate_streams_text(folder, capsys):
+    assert main(["generate", "hi", "--model", folder, "--max-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_chat_reads_turns_until_eof(folder, capsys, monkeypatch):
+    turns = iter(["hello", "again"])
+
+    def fake_input(prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--model", folder, "--max-tokens", "3", "--system", "be brief"]) == 0
+
+
+def test_optimize_writes_its_report(folder, capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("text for the report " * 200)
+    report = tmp_path / "report.md"
+    assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
+                 "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "## Quality" in out and "## Speed" in out and report.read_text() in out + "\n"
+
+
+def test_missing_model_exits_2_with_a_message(capsys, tmp_path):
+    assert main(["analyze", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: " in err and "nope" in err and "Traceback" not in err
+
+
+def test_bad_data_exits_2(folder, capsys, tmp_path):
+    assert main(["eval", "--model", folder, "--data", str(tmp_path / "none.txt")]) == 2
+    assert "no such data file" in capsys.readouterr().err
