@@ -1,0 +1,15 @@
+"""Quantization: maths, observers, quantized linear layers, RTN · GPTQ · AWQ · SmoothQuant."""
+
+from tuili.quant.api import AWQ, GPTQ, METHODS, RTN, SmoothQuant, quantize_, select_linears
+from tuili.quant.config import (
+    Int4WeightOnly,
+    Int8DynamicActivation,
+    Int8StaticActivation,
+    Int8WeightOnly,
+    scheme_from_name,
+)
+from tuili.quant.linear import Int8Linear, WeightOnlyLinear
+
+__all__ = ["AWQ", "GPTQ", "METHODS", "RTN", "Int4WeightOnly", "Int8DynamicActivation", "Int8Linear",
+           "Int8StaticActivation", "Int8WeightOnly", "SmoothQuant", "WeightOnlyLinear", "quantize_",
+           "scheme_from_name", "select_linears"]

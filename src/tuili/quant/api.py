@@ -1,0 +1,246 @@
+"""`quantize_(model, scheme, method)`: replace a model's nn.Linear layers by quantized ones, in place.
+
+>>> quantize_(model, Int4WeightOnly(group_size=64), GPTQ(), calib=samples)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tuili.models.model import Model
+from tuili.quant.awq import awq_layer, search_clip
+from tuili.quant.calibration import LayerRunner, input_hooks, require_tuili_model
+from tuili.quant.config import Int4WeightOnly, Int8DynamicActivation, Int8StaticActivation, Int8WeightOnly, QuantScheme
+from tuili.quant.gptq import Hessian, gptq
+from tuili.quant.linear import Int8Linear, WeightOnlyLinear
+from tuili.quant.observers import make_observer
+from tuili.quant.primitives import quantize_weight_with, qparams, split_groups
+from tuili.quant.smooth import apply_smoothing, smooth_groups, weight_column_max
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Round to nearest, min-max range per channel or group: no calibration data needed."""
+
+    name = "rtn"
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ with damping `damp` (fraction of mean diag H), lazy blocks, optional act-order."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    name = "gptq"
+
+    def __post_init__(self):
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ: activation-aware channel scales searched on a grid of `grid` exponents, then clipping."""
+
+    grid: int = 20
+    clip: bool = True
+    name = "awq"
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant: s = max|X|^α / max|W|^(1−α) migrates activation outliers into the weights (W8A8)."""
+
+    alpha: float = 0.5
+    name = "smoothquant"
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+Method = RTN | GPTQ | AWQ | SmoothQuant
+METHODS = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant)}
+DEFAULT_IGNORE = ("lm_head",)
+MAX_SAMPLE_ROWS = 512  # calibration tokens a search (AWQ) looks at per layer
+
+
+def select_linears(module: nn.Module, targets: Sequence[str] | None = None, ignore: Sequence[str] = DEFAULT_IGNORE,
+                   where: Callable[[str, nn.Module], bool] | None = None) -> dict[str, nn.Linear]:
+    """nn.Linear layers by name: matching a `targets` pattern (default all), no `ignore` pattern, and `where`."""
+
+    def matches(name: str, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or name.endswith("." + p) or name == p for p in patterns)
+
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and (targets is None or matches(name, targets))
+            and not matches(name, ignore) and (where is None or where(name, m))}
+
+
+def quantize_(model: Model | nn.Module, scheme: QuantScheme, method: Method = RTN(), *,
+              calib: Tensor | None = None, targets: Sequence[str] | None = None,
+              ignore: Sequence[str] = DEFAULT_IGNORE, where: Callable[[str, nn.Module], bool] | None = None,
+              overrides: dict[str, QuantScheme] | None = None, progress: bool = True) -> Model | nn.Module:
+    """Quantize the selected nn.Linear layers of `model` in place and return it.
+
+    Args:
+        scheme: Int8WeightOnly, Int4WeightOnly, Int8DynamicActivation or Int8StaticActivation.
+        method: RTN (default), GPTQ or AWQ (weight-only), SmoothQuant (W8A8).
+        calib: (N, T) token ids; needed by GPTQ, AWQ, SmoothQuant and static activations.
+        overrides: name pattern -> scheme, for mixed precision (first match wins).
+    """
+    module = model.module if isinstance(model, Model) else model
+    _check_combination(scheme, method, calib)
+    linears = select_linears(module, targets, ignore, where)
+    if not linears:
+        raise ValueError("no nn.Linear layer matches targets/ignore/where: nothing to quantize")
+    plan = {name: _scheme_for(name, scheme, overrides or {}) for name in linears}
+    if isinstance(method, RTN) and not isinstance(scheme, Int8StaticActivation) and all(
+            not isinstance(s, Int8StaticActivation) for s in plan.values()):
+        for name, linear in linears.items():
+            _replace(module, name, _rtn(linear, plan[name]))
+    else:
+        _calibrated(require_tuili_model(module, method.name), linears, plan, method, calib, progress)
+    if isinstance(model, Model):
+        model.record("quantized", scheme=scheme.scheme, method=method.name,
+                     config={k: v for k, v in asdict(scheme).items()}, layers=len(linears),
+                     ignore=list(ignore))
+    return model
+
+
+def _check_combination(scheme: QuantScheme, method: Method, calib: Tensor | None) -> None:
+    weight_only = isinstance(scheme, (Int8WeightOnly, Int4WeightOnly))
+    if isinstance(method, (GPTQ, AWQ)) and not weight_only:
+        raise ValueError(f"{method.name} quantizes weights only: use it with w4a16 or w8a16, "
+                         "and SmoothQuant for w8a8")
+    if isinstance(method, SmoothQuant) and weight_only:
+        raise ValueError("SmoothQuant prepares activations for int8: use it with w8a8-dynamic or w8a8-static")
+    needs_data = not isinstance(method, RTN) or isinstance(scheme, Int8StaticActivation)
+    if needs_data and calib is None:
+        raise ValueError(f"{method.name} with {scheme.scheme} needs calibration samples: pass calib=(N, T) token ids "
+                         "(tuili.data.calibration_samples)")
+
+
+def _scheme_for(name: str, scheme: QuantScheme, overrides: dict[str, QuantScheme]) -> QuantScheme:
+    for pattern, override in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern):
+            return override
+    return scheme
+
+
+def _weight_args(scheme: QuantScheme) -> tuple[int, int | str, bool]:
+    if isinstance(scheme, Int8WeightOnly):
+        return 8, scheme.group_size or "channel", True
+    return scheme.bits, scheme.group_size, scheme.symmetric
+
+
+def _rtn(linear: nn.Linear, scheme: QuantScheme, input_scale: Tensor | None = None) -> nn.Module:
+    if isinstance(scheme, (Int8DynamicActivation, Int8StaticActivation)):
+        return Int8Linear.from_float(linear, input_scale)
+    return WeightOnlyLinear.from_float(linear, *_weight_args(scheme))
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def _calibrated(module: nn.Module, linears: dict[str, nn.Linear], plan: dict[str, QuantScheme],
+                method: Method, calib: Tensor, progress: bool) -> None:
+    """Sequential calibration: per decoder layer, gather inputs, (smooth,) quantize, move on."""
+    runner = LayerRunner(module, calib)
+    for i, layer in runner.layers(f"{method.name} calibration", progress):
+        prefix = f"model.layers.{i}."
+        local = {n[len(prefix):]: m for n, m in linears.items() if n.startswith(prefix)}
+        if isinstance(method, (AWQ, SmoothQuant)):
+            _smooth_layer(runner, layer, local, plan, prefix, method)
+        stats = _gather(runner, layer, local, plan, prefix, method)
+        for name, linear in local.items():
+            _replace(layer, name, _quantize_calibrated(linear, plan[prefix + name], method, stats[name]))
+    rest = {n: m for n, m in linears.items() if not n.startswith("model.layers.")}
+    for name, linear in rest.items():  # e.g. lm_head when not ignored: its input is not tracked
+        if isinstance(plan[name], Int8StaticActivation):
+            raise ValueError(f"{name}: static activation scales are calibrated inside decoder layers only")
+        _replace(module, name, _rtn(linear, plan[name]))
+
+
+def _smooth_layer(runner, layer, local, plan, prefix, method) -> None:
+    groups = [g for g in smooth_groups(layer) if any(n in local for n in g.linears)]
+    if not groups:
+        return
+    firsts = {g.first: g.linears[g.first] for g in groups}
+    if isinstance(method, SmoothQuant):
+        act_max = {n: torch.zeros(m.in_features) for n, m in firsts.items()}
+
+        def track(name, x):
+            act_max[name] = torch.maximum(act_max[name], x.detach().abs().amax(0).float())
+
+        with input_hooks(firsts, track):
+            runner.run(layer)
+        for g in groups:
+            s = (act_max[g.first].clamp(min=1e-5).pow(method.alpha)
+                 / weight_column_max(g).clamp(min=1e-5).pow(1 - method.alpha)).clamp(min=1e-5)
+            apply_smoothing(g, s)
+        return
+    samples = _sample_inputs(runner, layer, firsts)
+    for g in groups:
+        bits, granularity, symmetric = _weight_args(plan[prefix + next(n for n in g.linears if n in local)])
+        group_size = g.linears[g.first].in_features if granularity == "channel" else granularity
+        awq_layer([g], samples, bits, group_size, symmetric, method.grid)
+
+
+def _sample_inputs(runner, layer, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """The first MAX_SAMPLE_ROWS input rows of each module, from one pass over the calibration set."""
+    rows: dict[str, list[Tensor]] = {n: [] for n in modules}
+
+    def keep(name, x):
+        have = sum(r.shape[0] for r in rows[name])
+        if have < MAX_SAMPLE_ROWS:
+            rows[name].append(x[: MAX_SAMPLE_ROWS - have].detach().float().clone())
+
+    with input_hooks(modules, keep):
+        runner.run(layer)
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+def _gather(runner, layer, local, plan, prefix, method) -> dict[str, object]:
+    """What each linear's quantizer needs: a Hessian (GPTQ), input samples (AWQ clip), an observer."""
+    if isinstance(method, GPTQ):
+        hessians = {n: Hessian(m.in_features) for n, m in local.items()}
+        with input_hooks(local, lambda name, x: hessians[name].add(x)):
+            runner.run(layer)
+        return hessians
+    if isinstance(method, AWQ):
+        return _sample_inputs(runner, layer, local) if method.clip else dict.fromkeys(local)
+    static = {n: make_observer(plan[prefix + n].observer) for n in local
+              if isinstance(plan[prefix + n], Int8StaticActivation)}
+    if static:
+        with input_hooks({n: local[n] for n in static}, lambda name, x: static[name].observe(x)):
+            runner.run(layer)
+    return {n: static.get(n) for n in local}
+
+
+def _quantize_calibrated(linear: nn.Linear, scheme: QuantScheme, method: Method, stat) -> nn.Module:
+    if isinstance(scheme, (Int8DynamicActivation, Int8StaticActivation)):
+        return Int8Linear.from_float(linear, stat.scale() if stat is not None else None)
+    bits, granularity, symmetric = _weight_args(scheme)
+    group_size = linear.in_features if granularity == "channel" else granularity
+    w = linear.weight.detach().float()
+    if isinstance(method, GPTQ):
+        qw = gptq(w, stat.value(), bits, group_size, symmetric, method.damp, method.block_size, method.act_order)
+        return WeightOnlyLinear.from_quantized(qw, linear.bias)
+    if isinstance(method, AWQ) and stat is not None:
+        clip = search_clip(linear, stat, bits, group_size, symmetric)
+        groups = split_groups(w, group_size)
+        scale, zero = qparams(groups.amin(-1) * clip, groups.amax(-1) * clip, bits, symmetric)
+        return WeightOnlyLinear.from_quantized(quantize_weight_with(w, scale, zero, bits, group_size, symmetric),
+                                               linear.bias)
+    return _rtn(linear, scheme)

@@ -1,0 +1,75 @@
+"""GPTQ (Frantar et al., arXiv:2210.17323): quantize a weight column by column, each column's
+rounding error compensated on the columns not yet quantized through the inverse Hessian of the
+layer's reconstruction loss ‖WX − ŴX‖², H = 2 X Xᵀ / n."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tuili.quant.primitives import (
+    QuantizedWeight,
+    fake_quantize,
+    qparams,
+    quantize_weight_with,
+    split_groups,
+)
+
+
+class Hessian:
+    """Running H = 2/n Σ x xᵀ over the rows x of a layer's inputs."""
+
+    def __init__(self, in_features: int):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.h += (x.T @ x).double()  # fp32 product per batch (fast), fp64 running sum (exact enough)
+        self.count += x.shape[0]
+
+    def value(self) -> Tensor:
+        return (2 * self.h / max(self.count, 1)).float()
+
+
+def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool,
+         damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """GPTQ, Alg. 1 with lazy batch updates. `act_order` visits columns by decreasing H_jj; its group
+    parameters then come from the original weight ("static groups"), so groups stay contiguous."""
+    rows, cols = w.shape
+    W, H = w.detach().float().clone(), hessian.float().clone()
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    num_groups = -(-cols // group_size)
+    scale = torch.ones(rows, num_groups)
+    zero = torch.zeros(rows, num_groups)
+    if act_order:  # static groups, from the weight before any update
+        groups = split_groups(W, group_size)
+        scale, zero = qparams(groups.amin(-1), groups.amax(-1), bits, symmetric)
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group_size
+            if not act_order and col % group_size == 0:  # a group starts: its range from the updated weight
+                ahead = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :group_size]
+                scale[:, g], zero[:, g] = qparams(ahead.amin(1), ahead.amax(1), bits, symmetric)
+            w_col = W1[:, i]
+            q_col = fake_quantize(w_col, scale[:, g], zero[:, g], bits, symmetric)
+            Q[:, i1 + i] = q_col
+            err = (w_col - q_col) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    Q = Q[:, torch.argsort(perm)]
+    return quantize_weight_with(Q, scale, zero, bits, group_size, symmetric)

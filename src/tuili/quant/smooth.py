@@ -1,0 +1,59 @@
+"""Per-input-channel rescaling that leaves a decoder layer's function unchanged:
+W' = W · diag(s) for the linears that read a tensor, and that tensor divided by s at its source
+(an RMSNorm weight, or the rows of the linear that produced it). AWQ and SmoothQuant both choose
+s; this module knows where it can be folded in a Llama-family layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class SmoothGroup:
+    """Linears that read the same input, and the module whose output that input is."""
+
+    source: nn.Module  # RMSNorm (scale its weight) or nn.Linear (scale its output rows)
+    linears: dict[str, nn.Linear]  # name inside the layer -> module
+
+    @property
+    def first(self) -> str:
+        return next(iter(self.linears))
+
+
+def smooth_groups(layer: nn.Module) -> list[SmoothGroup]:
+    """The foldable groups of a decoder layer (tuili's and transformers' Llama-family layers alike)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [
+        SmoothGroup(layer.input_layernorm, {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj,
+                                            "self_attn.v_proj": attn.v_proj}),
+        SmoothGroup(layer.post_attention_layernorm, {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}),
+        SmoothGroup(mlp.up_proj, {"mlp.down_proj": mlp.down_proj}),
+    ]
+    # v_proj's rows feed o_proj's columns one to one only without GQA (a KV head serves several heads)
+    if attn.q_proj.out_features == attn.v_proj.out_features:
+        groups.append(SmoothGroup(attn.v_proj, {"self_attn.o_proj": attn.o_proj}))
+    return [g for g in groups if all(isinstance(m, nn.Linear) for m in g.linears.values())
+            and isinstance(g.source, nn.Module) and hasattr(g.source, "weight")
+            and g.source.weight.dtype.is_floating_point]
+
+
+@torch.no_grad()
+def apply_smoothing(group: SmoothGroup, s: Tensor) -> None:
+    """Divide the source's output channel j by s_j and multiply every reader's input column j by s_j."""
+    source = group.source
+    if isinstance(source, nn.Linear):
+        source.weight.div_(s[:, None].to(source.weight.dtype))
+        if source.bias is not None:
+            source.bias.div_(s.to(source.bias.dtype))
+    else:
+        source.weight.div_(s.to(source.weight.dtype))
+    for linear in group.linears.values():
+        linear.weight.mul_(s[None, :].to(linear.weight.dtype))
+
+
+def weight_column_max(group: SmoothGroup) -> Tensor:
+    """max_i |W_ij| over every reader of the group: (in_features,)."""
+    return torch.stack([m.weight.detach().abs().amax(dim=0) for m in group.linears.values()]).amax(dim=0).float()

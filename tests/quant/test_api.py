@@ -1,0 +1,134 @@
+import copy
+
+import pytest
+import torch
+
+from helpers import random_tiny
+from tuili.quant import (
+    AWQ,
+    GPTQ,
+    RTN,
+    Int4WeightOnly,
+    Int8DynamicActivation,
+    Int8Linear,
+    Int8StaticActivation,
+    Int8WeightOnly,
+    SmoothQuant,
+    WeightOnlyLinear,
+    quantize_,
+    scheme_from_name,
+    select_linears,
+)
+from tuili.quant.gptq import Hessian, gptq
+from tuili.quant.primitives import quantize_weight, sqnr
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 259, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def model():
+    m = random_tiny("llama-mha-untied-bias")  # MHA: every smoothing group is foldable
+    with torch.no_grad():
+        for p in m.module.parameters():
+            p.mul_(0.5)
+    return m
+
+
+CASES = [
+    (Int8WeightOnly(), RTN(), WeightOnlyLinear, 35),
+    (Int4WeightOnly(group_size=32), RTN(), WeightOnlyLinear, 12),
+    (Int4WeightOnly(group_size=32), GPTQ(), WeightOnlyLinear, 12),
+    (Int4WeightOnly(group_size=32), GPTQ(act_order=True), WeightOnlyLinear, 12),
+    (Int4WeightOnly(group_size=32), AWQ(grid=5), WeightOnlyLinear, 12),
+    (Int8DynamicActivation(), RTN(), Int8Linear, 25),
+    (Int8DynamicActivation(), SmoothQuant(), Int8Linear, 25),
+    (Int8StaticActivation(), SmoothQuant(alpha=0.5), Int8Linear, 20),
+    (Int8StaticActivation("mse"), RTN(), Int8Linear, 20),
+]
+
+
+@pytest.mark.parametrize("scheme, method, cls, min_db", CASES, ids=lambda c: getattr(c, "scheme", getattr(c, "name", "")))
+def test_quantized_model_tracks_float(model, calib, scheme, method, cls, min_db):
+    ref = copy.deepcopy(model.module)
+    quantize_(model, scheme, method, calib=calib, progress=False)
+    layers = [m for m in model.module.modules() if isinstance(m, cls)]
+    assert len(layers) == 2 * 7  # every decoder linear; lm_head ignored by default
+    assert isinstance(model.module.lm_head, torch.nn.Linear)
+    ids = calib[:2]
+    assert sqnr(ref(ids).logits, model.module(ids).logits) > min_db
+    assert model.provenance[-1]["step"] == "quantized"
+
+
+def test_targets_ignore_and_overrides(model):
+    quantize_(model, Int4WeightOnly(group_size=32), targets=["*mlp*"], ignore=["down_proj"],
+              overrides={"*.up_proj": Int8WeightOnly()})
+    layer = model.module.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, torch.nn.Linear) and isinstance(layer.mlp.down_proj, torch.nn.Linear)
+    assert layer.mlp.gate_proj.bits == 4 and layer.mlp.up_proj.bits == 8
+
+
+def test_where_predicate(model):
+    quantize_(model, Int8WeightOnly(), where=lambda name, m: name.endswith("o_proj"))
+    assert len(select_linears(model.module)) == 2 * 6
+
+
+def test_quantized_model_really_shrinks(model):
+    from tuili.pipeline import analyze
+
+    before = analyze(model)
+    quantize_(model, Int4WeightOnly(group_size=32), ignore=[])
+    after = analyze(model)
+    for kind in ("mlp linear", "attention linear", "lm_head"):  # 4-bit codes + a scale and zero per 32
+        assert after.bytes_by_kind[kind] < 0.25 * before.bytes_by_kind[kind]
+
+
+@pytest.mark.parametrize("scheme, method, message", [
+    (Int8DynamicActivation(), GPTQ(), "quantizes weights only"),
+    (Int4WeightOnly(), SmoothQuant(), "prepares activations"),
+    (Int4WeightOnly(), GPTQ(), "needs calibration samples"),
+    (Int8StaticActivation(), RTN(), "needs calibration samples"),
+])
+def test_bad_combinations_are_refused(model, scheme, method, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_(model, scheme, method)
+
+
+def test_nothing_selected_is_an_error(model):
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_(model, Int8WeightOnly(), targets=["nothing*"])
+
+
+def test_calibrated_methods_need_tuili_model(model, calib):
+    with pytest.raises(ValueError, match="needs tuili's own model"):
+        quantize_(torch.nn.Sequential(torch.nn.Linear(4, 4)), Int4WeightOnly(group_size=32), GPTQ(), calib=calib)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(group_size=48), "group_size must be"), (dict(bits=8), "takes 2 to 4 bits"), (dict(bits=0), "bits must be"),
+])
+def test_bad_configs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Int4WeightOnly(**kwargs)
+
+
+def test_scheme_names():
+    assert scheme_from_name("w4a16", 64) == Int4WeightOnly(group_size=64)
+    assert scheme_from_name("w8a8-static") == Int8StaticActivation()
+    with pytest.raises(ValueError, match="unknown scheme 'w3a3'"):
+        scheme_from_name("w3a3")
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    torch.manual_seed(0)
+    mix = torch.randn(64, 64)
+    x = torch.randn(2048, 64) @ mix  # strongly correlated features, as in real activations
+    w = torch.randn(32, 64)
+    h = Hessian(64)
+    h.add(x)
+    rtn = quantize_weight(w, 4, 32, False).dequantize()
+    for act_order in (False, True):
+        g = gptq(w, h.value(), 4, 32, False, act_order=act_order).dequantize()
+        assert (x @ (w - g).T).pow(2).mean() < 0.7 * (x @ (w - rtn).T).pow(2).mean()

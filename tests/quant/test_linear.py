@@ -1,0 +1,68 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tuili.quant import Int8Linear, WeightOnlyLinear
+from tuili.quant.primitives import sqnr
+
+
+@pytest.fixture
+def ref():
+    torch.manual_seed(0)
+    return nn.Linear(200, 96, bias=True)
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, min_db", [
+    (8, "channel", True, 38), (4, 32, False, 18), (4, 64, True, 14), (4, 128, False, 16), (3, 32, False, 12),
+])
+def test_weight_only_tracks_float(ref, bits, group_size, symmetric, min_db):
+    x = torch.randn(5, 7, 200)
+    q = WeightOnlyLinear.from_float(ref, bits, group_size, symmetric)
+    assert sqnr(ref(x), q(x)) > min_db
+
+
+def test_weight_only_output_equals_float_matmul_with_its_dequantized_weight(ref):
+    q = WeightOnlyLinear.from_float(ref, 4, 32, False)
+    x = torch.randn(3, 200)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T + ref.bias)
+
+
+def test_int4_storage_is_packed_two_per_byte(ref):
+    q = WeightOnlyLinear.from_float(ref, 4, 64, False)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 100)
+    stored = sum(b.numel() * b.element_size() for b in q.buffers())
+    assert stored < ref.weight.numel() * 4 / 5  # ~1/8 of fp32 plus scales and zero points
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_activation_tracks_float(ref, static):
+    x = torch.randn(4, 9, 200)
+    scale = x.abs().max() / 127 if static else None
+    q = Int8Linear.from_float(ref, scale)
+    assert q.static == static
+    assert sqnr(ref(x), q(x)) > 30
+
+
+def test_int8_activation_matches_its_integer_definition(ref):
+    q = Int8Linear.from_float(ref)
+    x = torch.randn(6, 200)
+    qx, sx = q.quantize_input(x)
+    expected = (qx.float() @ q.qweight.float().T) * sx * q.weight_scale + ref.bias
+    torch.testing.assert_close(q(x), expected)
+
+
+def test_dynamic_per_token_scales_survive_an_outlier_token(ref):
+    x = torch.randn(8, 200)
+    x[0] *= 1000  # one huge token must not wreck the others (it would with a per-tensor scale)
+    q = Int8Linear.from_float(ref)
+    assert sqnr(ref(x[1:]), q(x)[1:]) > 30
+
+
+def test_modules_survive_deepcopy_and_state_dict(ref):
+    q = WeightOnlyLinear.from_float(ref, 4, 32, False)
+    clone = WeightOnlyLinear(200, 96, 4, 32, False, bias=True)
+    clone.load_state_dict(copy.deepcopy(q.state_dict()))
+    x = torch.randn(2, 200)
+    assert torch.equal(clone(x), q(x))
