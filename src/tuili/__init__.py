@@ -2,6 +2,7 @@
 
 from tuili.errors import DataError, ModelFormatError, TuiliError
 from tuili.models import Model, load
+from tuili.quant import quantize_
 
 __version__ = "0.1.0"
-__all__ = ["DataError", "Model", "ModelFormatError", "TuiliError", "load"]
+__all__ = ["DataError", "Model", "ModelFormatError", "TuiliError", "load", "quantize_"]

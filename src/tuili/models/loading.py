@@ -14,6 +14,7 @@ from torch import Tensor
 from tuili.errors import ModelFormatError
 from tuili.models.attention import rope_inv_freq
 from tuili.models.config import LlamaConfig
+from tuili.models.formats import FORMATS
 from tuili.models.gguf import read_gguf
 from tuili.models.io import read_json
 from tuili.models.llama import LlamaForCausalLM
@@ -106,11 +107,14 @@ def _assemble(config: LlamaConfig, state: dict[str, Tensor], tokenizer: Tokenize
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    exact = _restore_compressed(module, state, config)
     expected = {k: v.shape for k, v in module.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     _check_weights(state, expected, source)
-    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+    # compressed layers keep their stored dtypes (codes, fp32 scales); the float rest takes `dtype`
+    module.load_state_dict({k: v.to(device) if k in exact or not v.is_floating_point()
+                            else v.to(device=device, dtype=dtype) for k, v in state.items()},
                            strict=False, assign=True)
     if config.tie_word_embeddings:
         module.lm_head.weight = module.model.embed_tokens.weight
@@ -120,6 +124,21 @@ def _assemble(config: LlamaConfig, state: dict[str, Tensor], tokenizer: Tokenize
     model = Model(module, tokenizer, config, source)
     model.record("loaded", source=source, format=fmt, dtype=config.torch_dtype)
     return model
+
+
+def _restore_compressed(module: LlamaForCausalLM, state: dict[str, Tensor], config: LlamaConfig) -> set[str]:
+    """Swap in the compressed layers a quantization_config describes; return their state keys."""
+    qconfig = config.extra.get("quantization_config")
+    if not qconfig:
+        return set()
+    method = qconfig.get("quant_method")
+    if method not in FORMATS:
+        raise ModelFormatError(f"config.json: quantization method {method!r} is not supported "
+                               f"(tuili reads {', '.join(sorted(FORMATS)) or 'none'})")
+    before = set(state)
+    FORMATS[method].load(module, state, qconfig)
+    quantized = {n for n, m in module.named_modules() if hasattr(m, "quant_method")}
+    return {k for k in state if k.rpartition(".")[0] in quantized and not k.endswith(".bias")} | (set(state) - before)
 
 
 def _check_weights(state: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from tuili.models.config import LlamaConfig
+from tuili.models.formats import FORMATS, format_of
 from tuili.models.io import atomic_folder, write_json
 from tuili.models.llama import LlamaForCausalLM
 from tuili.models.tokenizer import Tokenizer
@@ -47,11 +48,19 @@ class Model:
         transformers' AutoModelForCausalLM loads it, and `tuili.load` reads it back bit-exactly.
         """
         with atomic_folder(Path(folder)) as tmp:
-            state = {k: v.detach().contiguous() for k, v in self.module.state_dict().items()}
-            if self.config.tie_word_embeddings:
-                state.pop("lm_head.weight", None)  # stored once, as the embedding
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config = self.config.to_hf()
+            method = format_of(self.module)
+            if method is None:
+                state = self.module.state_dict()
+            else:
+                state, config["quantization_config"] = FORMATS[method].save(self.module)
+            state = {k: v.detach().contiguous() for k, v in state.items()}
+            if self.config.tie_word_embeddings:
+                if "lm_head.weight" in state:
+                    del state["lm_head.weight"]  # stored once, as the embedding
+                else:  # the head was compressed apart from the embedding: no longer tied on disk
+                    config["tie_word_embeddings"] = False
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config["torch_dtype"] = str(self.module.dtype).removeprefix("torch.")
             write_json(tmp / "config.json", config)
             write_json(tmp / "generation_config.json", _generation_config(self))

@@ -8,6 +8,7 @@ from tuili.quant.config import (
     Int8WeightOnly,
     scheme_from_name,
 )
+from tuili.quant import format as _format  # registers the compressed-tensors checkpoint format
 from tuili.quant.linear import Int8Linear, WeightOnlyLinear
 
 __all__ = ["AWQ", "GPTQ", "METHODS", "RTN", "Int4WeightOnly", "Int8DynamicActivation", "Int8Linear",

@@ -32,11 +32,13 @@ class RTN:
 
 @dataclass(frozen=True)
 class GPTQ:
-    """GPTQ with damping `damp` (fraction of mean diag H), lazy blocks, optional act-order."""
+    """GPTQ with damping `damp` (fraction of mean diag H) and lazy blocks. `act_order` (on by default,
+    as in llm-compressor) visits columns by decreasing activation energy: on the default model at
+    W4A16 g64 it recovers 70% of RTN's perplexity increase against 28% without."""
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     name = "gptq"
 
     def __post_init__(self):

@@ -25,6 +25,8 @@ from tuili.quant.primitives import (
 class WeightOnlyLinear(nn.Module):
     """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales."""
 
+    quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
                  bias: bool, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -78,6 +80,8 @@ class WeightOnlyLinear(nn.Module):
 class Int8Linear(nn.Module):
     """W8A8: y = (q_x · q_wᵀ) · s_x · s_w + b, weights per output channel, activations per token
     (dynamic) or per tensor with a calibrated scale (static)."""
+
+    quant_method = "compressed-tensors"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, static: bool,
                  dtype: torch.dtype = torch.float32):

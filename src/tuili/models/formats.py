@@ -1,0 +1,37 @@
+"""Registry of checkpoint formats for compressed layers (e.g. compressed-tensors).
+
+`models` must not import the compression packages above it, so they register here how their
+layers are written to and read from a folder; `Model.save` and `tuili.load` look them up by the
+`quant_method` that the folder's config.json names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    # module -> (state dict to write, the quantization_config for config.json)
+    save: Callable[[nn.Module], tuple[dict[str, Tensor], dict[str, Any]]]
+    # (module on the meta device, state dict read from disk, quantization_config) -> None: replaces
+    # the compressed layers in place and removes their tensors from the state dict
+    load: Callable[[nn.Module, dict[str, Tensor], dict[str, Any]], None]
+
+
+FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register(quant_method: str, fmt: CheckpointFormat) -> None:
+    FORMATS[quant_method] = fmt
+
+
+def format_of(module: nn.Module) -> str | None:
+    """The quant_method of the module's compressed layers, None for a plain float model."""
+    methods = {getattr(m, "quant_method") for m in module.modules() if hasattr(m, "quant_method")}
+    assert len(methods) <= 1, f"layers of several checkpoint formats in one model: {methods}"
+    return methods.pop() if methods else None

@@ -1,0 +1,155 @@
+"""Quantized layers on disk in the compressed-tensors format (llm-compressor's; transformers and
+vLLM load it): `pack-quantized` for weight-only layers, `int-quantized` for W8A8.
+
+The `compressed-tensors` library packs the codes and describes the schemes, so the bits on disk
+are exactly what its own compressors write. It is imported only when a quantized model is saved
+or loaded (it pulls in transformers: seconds of start-up for every other command).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tuili.errors import ModelFormatError
+from tuili.models.formats import CheckpointFormat, register
+from tuili.quant.linear import Int8Linear, WeightOnlyLinear
+from tuili.quant.primitives import pack_int4
+
+QUANT_METHOD = "compressed-tensors"
+
+
+def _scheme(m: nn.Module) -> tuple[str, dict[str, Any]]:
+    """(format, QuantizationScheme fields) of one quantized layer."""
+    if isinstance(m, WeightOnlyLinear):
+        channel = m.group_size >= m.in_features
+        weights = dict(num_bits=m.bits, type="int", symmetric=m.symmetric,
+                       strategy="channel" if channel else "group", group_size=None if channel else m.group_size)
+        return "pack-quantized", {"weights": weights}
+    weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
+    acts = (dict(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False) if m.static
+            else dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
+    return "int-quantized", {"weights": weights, "input_activations": acts}
+
+
+def _offset(m: WeightOnlyLinear) -> int:
+    """compressed-tensors keeps codes signed: unsigned codes (and zero points) shift by 2^(bits−1)."""
+    return 0 if m.symmetric else 2 ** (m.bits - 1)
+
+
+def save_compressed(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    state = {k: v for k, v in module.state_dict().items()}
+    groups: dict[str, tuple[str, dict, list[str]]] = {}
+    dtype = next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), torch.float32)
+    for name, m in module.named_modules():
+        if not isinstance(m, (WeightOnlyLinear, Int8Linear)):
+            continue
+        for key in list(state):
+            if key.startswith(name + ".") and key.count(".") == name.count(".") + 1 and not key.endswith(".bias"):
+                del state[key]
+        state.update({f"{name}.{k}": v for k, v in _compressed_tensors(m, dtype).items()})
+        fmt, scheme = _scheme(m)
+        key = repr((fmt, scheme))
+        groups.setdefault(key, (fmt, scheme, []))[2].append(f"re:^{re.escape(name)}$")
+    formats = {fmt for fmt, _, _ in groups.values()}
+    config = QuantizationConfig(
+        config_groups={f"group_{i}": QuantizationScheme(targets=targets, format=fmt, **scheme)
+                       for i, (fmt, scheme, targets) in enumerate(groups.values())},
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+        ignore=[n for n, m in module.named_modules() if type(m) is nn.Linear],
+    )
+    return state, config.model_dump(exclude_none=False)
+
+
+def _compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    if isinstance(m, WeightOnlyLinear):
+        codes = (m.codes().to(torch.int16) - _offset(m)).to(torch.int8)
+        out = {"weight_packed": pack_to_int32(codes, m.bits),
+               "weight_scale": m.scale.to(dtype).contiguous(),
+               "weight_shape": torch.tensor([m.out_features, m.in_features])}
+        if not m.symmetric:
+            zero = (m.zero.to(torch.int16) - _offset(m)).to(torch.int8)
+            out["weight_zero_point"] = pack_to_int32(zero, m.bits, packed_dim=0)
+        return out
+    out = {"weight": m.qweight, "weight_scale": m.weight_scale[:, None].to(dtype).contiguous()}
+    if m.static:
+        out["input_scale"] = m.input_scale.reshape(1).to(dtype)
+    return out
+
+
+def load_compressed(module: nn.Module, state: dict[str, Tensor], qconfig: dict[str, Any]) -> None:
+    """Replace the layers that qconfig's groups target with tuili's quantized layers."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    try:
+        config = QuantizationConfig.model_validate(qconfig)
+    except ValueError as e:
+        raise ModelFormatError(f"config.json: invalid compressed-tensors quantization_config ({e})") from e
+    if config.quantization_status != "compressed":
+        raise ModelFormatError(f"config.json: compressed-tensors status {config.quantization_status!r}; "
+                               "tuili reads compressed checkpoints only")
+    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    for name, linear in linears.items():
+        scheme = _match(name, config)
+        if scheme is None:
+            continue
+        new = _restore(name, linear, scheme, state)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, new)
+        state.update({f"{name}.{k}": v for k, v in new.state_dict().items()})
+
+
+def _match(name: str, config):
+    def hit(target: str) -> bool:
+        return bool(re.match(target[3:], name)) if target.startswith("re:") else target in ("Linear", name)
+
+    if any(hit(t) for t in config.ignore or []):
+        return None
+    return next((s for s in config.config_groups.values() if any(hit(t) for t in s.targets)), None)
+
+
+def _restore(name: str, linear: nn.Linear, scheme, state: dict[str, Tensor]) -> nn.Module:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    def take(key: str) -> Tensor:
+        if f"{name}.{key}" not in state:
+            raise ModelFormatError(f"compressed-tensors checkpoint lacks {name}.{key}")
+        return state.pop(f"{name}.{key}")
+
+    w, acts = scheme.weights, scheme.input_activations
+    bias = state.pop(f"{name}.bias", None)
+    if acts is None and w is not None and w.type == "int":
+        group_size = w.group_size if w.strategy == "group" else linear.in_features
+        m = WeightOnlyLinear(linear.in_features, linear.out_features, w.num_bits, group_size, w.symmetric,
+                             bias is not None)
+        shape = torch.Size(take("weight_shape").tolist())
+        codes = unpack_from_int32(take("weight_packed"), w.num_bits, shape).to(torch.int16) + _offset(m)
+        m.scale = take("weight_scale").float().reshape(linear.out_features, -1).contiguous()
+        if not w.symmetric:
+            zero = unpack_from_int32(take("weight_zero_point"), w.num_bits, m.scale.shape, packed_dim=0)
+            m.zero = (zero.to(torch.int16) + _offset(m)).to(torch.uint8)
+        codes = codes.to(torch.int8 if w.symmetric else torch.uint8)
+        m.qweight = pack_int4(codes) if w.num_bits == 4 else codes
+    elif acts is not None and w is not None and w.num_bits == 8 and acts.num_bits == 8:
+        m = Int8Linear(linear.in_features, linear.out_features, bias is not None, static=not acts.dynamic)
+        m.qweight = take("weight").to(torch.int8)
+        m.weight_scale = take("weight_scale").float().reshape(-1).contiguous()
+        if m.static:
+            m.input_scale = take("input_scale").float().reshape(())
+    else:
+        raise ModelFormatError(f"{name}: compressed-tensors scheme {scheme.model_dump()} is not one tuili runs "
+                               "(int weights, optionally with int8 activations)")
+    if bias is not None:
+        m.bias.data = bias.float()
+    return m
+
+
+register(QUANT_METHOD, CheckpointFormat(save_compressed, load_compressed))

@@ -1,0 +1,101 @@
+"""Quantized models on disk (compressed-tensors): exact round trips, and transformers reads them."""
+
+import json
+
+import pytest
+import torch
+
+import tuili
+from helpers import random_tiny
+from tuili.quant import (
+    GPTQ,
+    Int4WeightOnly,
+    Int8DynamicActivation,
+    Int8Linear,
+    Int8StaticActivation,
+    Int8WeightOnly,
+    WeightOnlyLinear,
+    quantize_,
+)
+
+CALIB = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+SCHEMES = [Int4WeightOnly(group_size=32), Int4WeightOnly(group_size=64, symmetric=True), Int8WeightOnly(),
+           Int8WeightOnly(group_size=32), Int8DynamicActivation(), Int8StaticActivation()]
+
+
+def outputs(model):
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(1))
+    return model.module(ids).logits
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: repr(s))
+def test_save_load_round_trip_is_exact(tmp_path, scheme):
+    model = random_tiny("qwen2")  # q/k/v biases travel too
+    quantize_(model, scheme, calib=CALIB)
+    model.save(tmp_path / "q")
+    again = tuili.load(tmp_path / "q")
+    assert torch.equal(outputs(model), outputs(again))
+    kinds = {type(m) for m in again.module.modules()} & {WeightOnlyLinear, Int8Linear}
+    assert len(kinds) == 1
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == \
+        "compressed-tensors"
+
+
+def test_mixed_precision_and_a_quantized_head_round_trip(tmp_path):
+    model = random_tiny("llama-mqa-tied")
+    quantize_(model, Int4WeightOnly(group_size=32), GPTQ(), calib=CALIB, ignore=[],
+              overrides={"*down_proj": Int8WeightOnly(), "lm_head": Int8WeightOnly()})
+    model.save(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert len(config["quantization_config"]["config_groups"]) == 2
+    assert config["tie_word_embeddings"] is False  # the head is stored apart from the embedding now
+    again = tuili.load(tmp_path / "q")
+    assert again.module.model.layers[0].mlp.down_proj.bits == 8
+    assert torch.equal(outputs(model), outputs(again))
+
+
+def test_saved_weights_are_packed(tmp_path):
+    from safetensors import safe_open
+
+    model = random_tiny()
+    quantize_(model, Int4WeightOnly(group_size=32))
+    model.save(tmp_path / "q")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.up_proj.weight_packed")
+        assert packed.dtype == torch.int32 and packed.shape == (96, 64 * 4 // 32)
+        assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
+
+
+@pytest.mark.parametrize("scheme", [Int4WeightOnly(group_size=32, symmetric=True), Int8WeightOnly()], ids=repr)
+def test_transformers_loads_a_tuili_quantized_folder(tmp_path, scheme):
+    transformers = pytest.importorskip("transformers")
+    model = random_tiny("llama-gqa")
+    quantize_(model, scheme)
+    model.save(tmp_path / "q")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, outputs(model), atol=1e-4, rtol=0)
+
+
+def test_unknown_quantization_method_is_refused(tmp_path):
+    random_tiny().save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(tuili.ModelFormatError, match="'bitsandbytes' is not supported"):
+        tuili.load(tmp_path / "m")
+
+
+def test_missing_compressed_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = random_tiny()
+    quantize_(model, Int4WeightOnly(group_size=32))
+    model.save(tmp_path / "q")
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    del state["model.layers.1.self_attn.k_proj.weight_scale"]
+    save_file(state, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(tuili.ModelFormatError, match="lacks model.layers.1.self_attn.k_proj.weight_scale"):
+        tuili.load(tmp_path / "q")
