@@ -64,3 +64,27 @@ def test_missing_model_exits_2_with_a_message(capsys, tmp_path):
 def test_bad_data_exits_2(folder, capsys, tmp_path):
     assert main(["eval", "--model", folder, "--data", str(tmp_path / "none.txt")]) == 2
     assert "no such data file" in capsys.readouterr().err
+
+
+def test_quantize_saves_a_model_that_loads(folder, capsys, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", folder, "--scheme", "w4a16", "--group-size", "32", "--method", "gptq",
+                 "--calib-samples", "4", "--calib-len", "16", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bytes_after"] < result["bytes_before"] / 2
+    assert main(["eval", "--model", str(out), "--data", "builtin", "--max-tokens", "256", "--seq-len", "64"]) == 0
+
+
+def test_quantize_analyze_ranks_layers(folder, capsys):
+    assert main(["quantize", "--model", folder, "--scheme", "w8a8-static", "--observer", "mse", "--analyze",
+                 "--calib-samples", "4", "--calib-len", "16", "--eval-tokens", "256", "--seq-len", "64",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert len(rows) == 14
+    deltas = [r["perplexity_delta"] for r in rows]
+    assert deltas == sorted(deltas, reverse=True)
+
+
+def test_quantize_needs_an_output(folder, capsys):
+    assert main(["quantize", "--model", folder, "--scheme", "w8a16"]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -36,6 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.set_defaults(run=_optimize)
 
+    p = sub.add_parser("quantize", help="quantize a model's linear layers and save it (compressed-tensors)")
+    _model_args(p)
+    p.add_argument("--scheme", required=True, choices=["w4a16", "w8a16", "w8a8-dynamic", "w8a8-static"])
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
+    p.add_argument("--group-size", type=int, help="weights per scale along the input (w4a16: default 128)")
+    p.add_argument("--exclude", nargs="*", default=["lm_head"], help="layer name patterns left in float")
+    p.add_argument("--observer", default="minmax", help="w8a8-static: minmax, moving-average, percentile, mse, entropy")
+    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength")
+    _calib_args(p)
+    p.add_argument("--out", type=Path, help="folder to write the quantized model to")
+    p.add_argument("--eval", action="store_true", help="perplexity before and after on the evaluation split")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--analyze", action="store_true",
+                   help="per-layer error analysis: weight SQNR, output error, perplexity sensitivity")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_quantize)
+
     p = sub.add_parser("eval", help="perplexity over non-overlapping token windows")
     _model_args(p)
     _data_args(p, max_tokens=None)
@@ -78,6 +96,13 @@ def _data_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="score at most this many tokens")
 
 
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="builtin", help="calibration text ('builtin' uses its calibration split)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -115,6 +140,55 @@ def _optimize(args) -> None:
         atomic_write_text(args.report, markdown)
         print(f"report written to {args.report}", file=sys.stderr)
     print(json.dumps(report.to_dict(), indent=2) if args.json else markdown)
+
+
+def _quantize(args) -> None:
+    from tuili.data import calibration_samples, eval_windows, load_text, perplexity
+    from tuili.pipeline.analysis import analyze
+    from tuili.pipeline.report import human_bytes, markdown_table
+    from tuili.quant import METHODS, Int8StaticActivation, SmoothQuant, quantize_, scheme_from_name
+    from tuili.quant.sensitivity import layer_errors
+
+    if not args.out and not args.analyze:
+        raise ValueError("give --out DIR to save the quantized model (or --analyze for the error analysis only)")
+    scheme = scheme_from_name(args.scheme, args.group_size)
+    if isinstance(scheme, Int8StaticActivation):
+        scheme = Int8StaticActivation(args.observer)
+    method = SmoothQuant(args.alpha) if args.method == "smoothquant" else METHODS[args.method]()
+    model = _load(args)
+    calib = calibration_samples(model.tokenizer.encode(load_text(args.data, "calibration")),
+                                args.calib_samples, args.calib_len, args.seed)
+    windows = None
+    if args.eval or args.analyze:
+        windows = eval_windows(model.tokenizer.encode(load_text("builtin", "evaluation")), args.seq_len,
+                               args.eval_tokens)
+    result: dict = {"scheme": args.scheme, "method": args.method}
+    if args.analyze:
+        short = windows[:2]  # sensitivity: a short evaluation per layer
+        rows = layer_errors(model, scheme, calib[:8], short, ignore=tuple(args.exclude))
+        result["layers"] = [r.to_dict() for r in rows]
+        if not args.json:
+            print(markdown_table(["layer", "weight SQNR (dB)", "output SQNR (dB)", "output MSE", "Δ perplexity"],
+                                 [[r.name, f"{r.weight_sqnr:.1f}", f"{r.output_sqnr:.1f}", f"{r.output_mse:.3g}",
+                                   f"{r.perplexity_delta:+.4f}"] for r in rows]))
+    if args.out:
+        before_bytes = analyze(model).num_bytes
+        if args.eval:
+            result["perplexity_before"] = perplexity(model.module, windows).perplexity
+        start = time.perf_counter()
+        quantize_(model, scheme, method, calib=calib, ignore=args.exclude)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        if args.eval:
+            result["perplexity_after"] = perplexity(model.module, windows).perplexity
+        result.update(bytes_before=before_bytes, bytes_after=analyze(model).num_bytes, out=str(model.save(args.out)))
+        if not args.json:
+            rows = [["weights", human_bytes(before_bytes), human_bytes(result["bytes_after"])]]
+            if args.eval:
+                rows.append(["perplexity", f"{result['perplexity_before']:.4f}", f"{result['perplexity_after']:.4f}"])
+            print(markdown_table(["", "before", f"after {args.scheme} {args.method}"], rows))
+            print(f"quantized in {result['seconds']} s, saved to {result['out']}")
+    if args.json:
+        print(json.dumps(result, indent=2))
 
 
 def _eval(args) -> None:

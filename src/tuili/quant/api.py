@@ -106,7 +106,7 @@ def quantize_(model: Model | nn.Module, scheme: QuantScheme, method: Method = RT
     if isinstance(method, RTN) and not isinstance(scheme, Int8StaticActivation) and all(
             not isinstance(s, Int8StaticActivation) for s in plan.values()):
         for name, linear in linears.items():
-            _replace(module, name, _rtn(linear, plan[name]))
+            replace_module(module, name, quantize_layer(linear, plan[name]))
     else:
         _calibrated(require_tuili_model(module, method.name), linears, plan, method, calib, progress)
     if isinstance(model, Model):
@@ -142,13 +142,15 @@ def _weight_args(scheme: QuantScheme) -> tuple[int, int | str, bool]:
     return scheme.bits, scheme.group_size, scheme.symmetric
 
 
-def _rtn(linear: nn.Linear, scheme: QuantScheme, input_scale: Tensor | None = None) -> nn.Module:
+def quantize_layer(linear: nn.Linear, scheme: QuantScheme, input_scale: Tensor | None = None) -> nn.Module:
+    """The quantized replacement of one nn.Linear, by round to nearest."""
     if isinstance(scheme, (Int8DynamicActivation, Int8StaticActivation)):
         return Int8Linear.from_float(linear, input_scale)
     return WeightOnlyLinear.from_float(linear, *_weight_args(scheme))
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
@@ -166,12 +168,12 @@ def _calibrated(module: nn.Module, linears: dict[str, nn.Linear], plan: dict[str
             _smooth_layer(runner, layer, local, plan, prefix, method)
         stats = _gather(runner, layer, local, plan, prefix, method)
         for name, linear in local.items():
-            _replace(layer, name, _quantize_calibrated(linear, plan[prefix + name], method, stats[name]))
+            replace_module(layer, name, _quantize_calibrated(linear, plan[prefix + name], method, stats[name]))
     rest = {n: m for n, m in linears.items() if not n.startswith("model.layers.")}
     for name, linear in rest.items():  # e.g. lm_head when not ignored: its input is not tracked
         if isinstance(plan[name], Int8StaticActivation):
             raise ValueError(f"{name}: static activation scales are calibrated inside decoder layers only")
-        _replace(module, name, _rtn(linear, plan[name]))
+        replace_module(module, name, quantize_layer(linear, plan[name]))
 
 
 def _smooth_layer(runner, layer, local, plan, prefix, method) -> None:
@@ -245,4 +247,4 @@ def _quantize_calibrated(linear: nn.Linear, scheme: QuantScheme, method: Method,
         scale, zero = qparams(groups.amin(-1) * clip, groups.amax(-1) * clip, bits, symmetric)
         return WeightOnlyLinear.from_quantized(quantize_weight_with(w, scale, zero, bits, group_size, symmetric),
                                                linear.bias)
-    return _rtn(linear, scheme)
+    return quantize_layer(linear, scheme)
