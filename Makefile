@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tuili optimize
+	$(VENV)/bin/tuili optimize --scheme w8a8-dynamic --method smoothquant
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

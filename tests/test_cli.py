@@ -50,9 +50,11 @@ def test_optimize_writes_its_report(folder, capsys, tmp_path):
     (tmp_path / "t.txt").write_text("text for the report " * 200)
     report = tmp_path / "report.md"
     assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
-                 "--report", str(report)]) == 0
+                 "--report", str(report), "--scheme", "w8a8-dynamic", "--method", "smoothquant",
+                 "--calib-samples", "4"]) == 0
     out = capsys.readouterr().out
-    assert "## Quality" in out and "## Speed" in out and report.read_text() in out + "\n"
+    assert "## Analysis" in out and "## Stages" in out and report.read_text() in out + "\n"
+    assert "| baseline" in out and "| quantize w8a8-dynamic smoothquant" in out
 
 
 def test_missing_model_exits_2_with_a_message(capsys, tmp_path):

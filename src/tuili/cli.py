@@ -29,9 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuili", description="Make language models smaller and faster, and measure it.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    p = sub.add_parser("optimize", help="the main job: analyze, evaluate and time a model, print a report")
+    p = sub.add_parser("optimize", help="the main job: analyze, measure, compress, measure again, report")
     _model_args(p)
     _data_args(p, max_tokens=16384)
+    p.add_argument("--scheme", choices=["w4a16", "w8a16", "w8a8-dynamic", "w8a8-static"],
+                   help="add a quantization stage")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--report", type=Path, help="also write the markdown report to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.set_defaults(run=_optimize)
@@ -132,9 +137,13 @@ def _params(args):
 
 def _optimize(args) -> None:
     from tuili.models.io import atomic_write_text
-    from tuili.pipeline import optimize
+    from tuili.pipeline import optimize, quantize_stage
 
-    report = optimize(_load(args), data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    stages = []
+    if args.scheme:
+        stages.append(quantize_stage(args.scheme, args.method, args.group_size, args.data, args.calib_samples,
+                                     args.seq_len))
+    report = optimize(_load(args), stages, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens)
     markdown = report.to_markdown()
     if args.report:
         atomic_write_text(args.report, markdown)

@@ -1,47 +1,95 @@
-"""`tuili optimize`: the main job. Today it analyzes, evaluates and times the model and reports;
-each compression capability adds its stage between analysis and evaluation."""
+"""`tuili optimize`: the main job. It analyzes the model, measures the baseline (perplexity, speed),
+applies each requested compression stage and measures again, so every figure sits beside the
+uncompressed baseline from the same run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from tuili.data import eval_windows, load_text, perplexity
+from tuili.data import calibration_samples, eval_windows, load_text, perplexity
 from tuili.data.perplexity import Perplexity
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed
-from tuili.pipeline.report import markdown_table
+from tuili.pipeline.report import human_bytes, markdown_table
+from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
+
+
+@dataclass
+class StageResult:
+    name: str
+    num_bytes: int
+    quality: Perplexity
+    speed: Speed
+    seconds: float = 0.0  # time the stage itself took (0 for the baseline)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "num_bytes": self.num_bytes, "seconds": self.seconds,
+                "quality": self.quality.to_dict(), "speed": self.speed.to_dict()}
 
 
 @dataclass
 class OptimizeReport:
     model: str
-    analysis: Analysis
-    quality: Perplexity
-    speed: Speed
     data: str
+    analysis: Analysis
+    stages: list[StageResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "analysis": self.analysis.to_dict(),
-                "quality": self.quality.to_dict(), "speed": self.speed.to_dict()}
+                "stages": [s.to_dict() for s in self.stages]}
 
     def to_markdown(self) -> str:
-        q, s = self.quality, self.speed
-        quality = markdown_table(["data", "windows × length", "tokens scored", "perplexity", "tokens/s"], [
-            [self.data, f"{q.num_windows} × {q.seq_len}", f"{q.num_tokens:,}", f"{q.perplexity:.3f}",
-             f"{q.tokens_per_second:.0f}"]])
-        speed = markdown_table(["prefill tokens", "prefill tok/s", "time to first token", "decode tok/s (batch 1)"], [
-            [s.prefill_tokens, f"{s.prefill_tokens_per_second:.0f}", f"{1000 * s.time_to_first_token:.0f} ms",
-             f"{s.decode_tokens_per_second:.1f}"]])
+        base = self.stages[0]
+        q = base.quality
+        rows = []
+        for s in self.stages:
+            ppl, dec, pre = s.quality.perplexity, s.speed.decode_tokens_per_second, s.speed.prefill_tokens_per_second
+            rows.append([s.name, human_bytes(s.num_bytes), f"{ppl:.3f}", f"{100 * (ppl / q.perplexity - 1):+.2f}%",
+                         f"{pre:.0f}", f"{dec:.1f}", f"{dec / base.speed.decode_tokens_per_second:.2f}×",
+                         f"{1000 * s.speed.time_to_first_token:.0f} ms", f"{s.seconds:.1f} s"])
+        stages = markdown_table(["stage", "weights", "perplexity", "Δ perplexity", "prefill tok/s",
+                                 "decode tok/s", "decode vs baseline", "time to first token", "stage time"], rows)
         return (f"# tuili optimize: {self.model}\n\n## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
-                f"## Quality\n\n{quality}\n\n## Speed\n\n{speed}\n")
+                f"## Stages\n\nPerplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, "
+                f"{q.num_tokens:,} scored); prefill of {base.speed.prefill_tokens} tokens; decode at batch 1.\n\n"
+                f"{stages}\n")
 
 
-def optimize(model: Model, data: str = "builtin", seq_len: int = 512, max_tokens: int | None = 16384,
-             context_len: int = 2048, progress: bool = True) -> OptimizeReport:
-    """Analyze `model`, measure its perplexity on `data` and its speed; return the report."""
-    analysis = analyze(model, context_len=context_len)
+def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0.0) -> StageResult:
+    return StageResult(name, analyze(model).num_bytes, perplexity(model.module, windows, progress=progress),
+                       measure_speed(model), seconds)
+
+
+def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = None, data: str = "builtin",
+                   calib_samples: int = 64, calib_len: int = 512) -> Callable[[Model], str]:
+    """A stage that quantizes the model in place (calibrating on `data`'s calibration split)."""
+    config = scheme_from_name(scheme, group_size)
+    algorithm = METHODS[method]()
+
+    def run(model: Model) -> str:
+        calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
+        needs_calib = not isinstance(algorithm, METHODS["rtn"]) or isinstance(config, Int8StaticActivation)
+        quantize_(model, config, algorithm, calib=calib if needs_calib else None)
+        detail = f" g{config.group_size}" if getattr(config, "group_size", None) else ""
+        return f"quantize {scheme}{detail} {method}"
+
+    return run
+
+
+def optimize(model: Model, stages: list[Callable[[Model], str]] = (), data: str = "builtin", seq_len: int = 512,
+             max_tokens: int | None = 16384, context_len: int = 2048, progress: bool = True) -> OptimizeReport:
+    """Analyze `model`, measure it, then apply and measure each stage in turn."""
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
-    quality = perplexity(model.module, windows, progress=progress)
-    speed = measure_speed(model)
-    return OptimizeReport(model.source, analysis, quality, speed, data)
+    report = OptimizeReport(model.source, data, analyze(model, context_len=context_len))
+    report.stages.append(measure(model, "baseline", windows, progress))
+    for stage in stages:
+        start = time.perf_counter()
+        name = stage(model)
+        report.stages.append(measure(model, name, windows, progress, time.perf_counter() - start))
+    return report
+
+
+__all__ = ["OptimizeReport", "StageResult", "optimize", "quantize_stage"]
