@@ -31,7 +31,7 @@ def test_weight_only_output_equals_float_matmul_with_its_dequantized_weight(ref)
 
 def test_int4_storage_is_packed_two_per_byte(ref):
     q = WeightOnlyLinear.from_float(ref, 4, 64, False)
-    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 100)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 7 * 16)  # 200 codes -> 7 chunks of 32
     stored = sum(b.numel() * b.element_size() for b in q.buffers())
     assert stored < ref.weight.numel() * 4 / 5  # ~1/8 of fp32 plus scales and zero points
 
@@ -66,3 +66,17 @@ def test_modules_survive_deepcopy_and_state_dict(ref):
     clone.load_state_dict(copy.deepcopy(q.state_dict()))
     x = torch.randn(2, 200)
     assert torch.equal(clone(x), q(x))
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, False), (4, 64, True), (4, 128, False),
+                                                          (8, "channel", True), (8, 32, True)])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_kernel_and_fallback_paths_agree(ref, monkeypatch, bits, group_size, symmetric, m):
+    from tuili.kernels import ops
+
+    q = WeightOnlyLinear.from_float(ref, bits, group_size, symmetric)
+    x = torch.randn(m, 200)
+    fast = q(x)
+    monkeypatch.setattr(ops, "extension", lambda: None)
+    torch.testing.assert_close(fast, q(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T + ref.bias, atol=1e-4, rtol=1e-4)

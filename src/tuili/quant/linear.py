@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tuili.kernels import ops as kernels
 from tuili.quant.primitives import (
     QuantizedWeight,
     dequantize_groups,
@@ -34,7 +35,7 @@ class WeightOnlyLinear(nn.Module):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         num_groups = -(-in_features // group_size)
         code = torch.int8 if symmetric else torch.uint8
-        cols = -(-in_features // 2) if bits == 4 else in_features
+        cols = -(-in_features // 32) * 16 if bits == 4 else in_features
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8 if bits == 4 else code))
         self.register_buffer("scale", torch.ones(out_features, num_groups))
         self.register_buffer("zero", None if symmetric else torch.zeros(out_features, num_groups, dtype=torch.uint8))
@@ -70,7 +71,25 @@ class WeightOnlyLinear(nn.Module):
         return dequantize_groups(self.codes(), self.scale, zero, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > kernels.MAX_M or self.bits not in (4, 8) or (self.bits == 8 and not self.symmetric):
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        if self.bits == 4:
+            y = kernels.w4_linear(rows, self.qweight, self.scale, self.zero_offsets(), self.group_size,
+                                  flip=self.symmetric)
+        else:
+            y = kernels.w8_linear(rows, self.qweight, self.scale, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def zero_offsets(self) -> Tensor:
+        """scale · zero per group (symmetric 4-bit: codes flipped to unsigned, zero 8), cached."""
+        key = (self.scale.data_ptr(), None if self.zero is None else self.zero.data_ptr())
+        if getattr(self, "_zs_key", None) != key:
+            zero = torch.full_like(self.scale, 8.0) if self.zero is None else self.zero.float()
+            self._zs, self._zs_key = (self.scale * zero).contiguous(), key
+        return self._zs
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -131,17 +131,19 @@ def dequantize_groups(q: Tensor, scale: Tensor, zero: Tensor, group_size: int) -
 # ---- 4-bit packing ----------------------------------------------------------------------------
 
 def pack_int4(q: Tensor) -> Tensor:
-    """Two 4-bit codes per byte along the last dim: element 2i in the low nibble, 2i+1 in the high."""
+    """Two 4-bit codes per byte, in chunks of 32 codes per 16 bytes along the last dim: byte j of a
+    chunk holds code j (low nibble) and code j + 16 (high nibble), as llama.cpp's Q4 blocks do, so a
+    SIMD kernel meets 16 contiguous activations per nibble half. The last chunk is zero-padded."""
     u = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    if u.shape[-1] % 2:
-        u = F.pad(u, (0, 1))
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+    cols = u.shape[-1]
+    u = F.pad(u, (0, -cols % 32)).unflatten(-1, (-1, 2, 16))  # (..., chunks, 2, 16)
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).flatten(-2)
 
 
 def unpack_int4(packed: Tensor, cols: int, signed: bool) -> Tensor:
-    """Inverse of `pack_int4`: (…, ceil(cols/2)) bytes -> (…, cols) int8 (signed) or uint8 codes."""
-    low, high = packed & 0xF, packed >> 4
-    u = torch.stack((low, high), dim=-1).flatten(-2)[..., :cols]
+    """Inverse of `pack_int4`: (…, ceil(cols/32)·16) bytes -> (…, cols) int8 (signed) or uint8 codes."""
+    chunks = packed.unflatten(-1, (-1, 16))
+    u = torch.cat((chunks & 0xF, chunks >> 4), dim=-1).flatten(-2)[..., :cols]
     if not signed:
         return u
     s = u.to(torch.int8)

@@ -1,0 +1,265 @@
+// Weight-only quantized GEMV / small GEMM for CPUs: y (M, N) = x (M, K) · dequant(W)ᵀ, M from 1 to ~16.
+//
+// Decoding reads every weight once, so speed is memory bandwidth / weight bytes: these kernels
+// stream 4-bit or 8-bit codes and dequantize them in registers, never writing a float weight.
+//
+// W4 layout (tuili.quant.primitives.pack_int4): per row, chunks of 32 codes in 16 bytes; byte j of
+// a chunk holds code j in its low nibble and code j + 16 in its high nibble (llama.cpp's order),
+// so the two nibble halves meet 16 contiguous activations each. Codes are unsigned (0..15);
+// `flip` turns two's-complement signed nibbles into that form (u = s ^ 8, zero 8).
+// W8 layout: int8 codes (N, K), symmetric.
+// Per group g of a row: y += scale[g] · Σ_k u_k x_k − zs[g] · Σ_k x_k, with zs = scale · zero.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+namespace {
+
+constexpr int MB = 4;  // activation rows that share one decode of the weights
+
+// ---------------------------------------------------------------- AVX-512 -------------------
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void w4_rows_avx512(const float* x, int64_t K, const uint8_t* w, const float* scale, const float* zs,
+                    const float* xsum, int64_t G, int64_t group_size, bool flip, float* y, int64_t N,
+                    int64_t n) {
+  const __m512i mask = _mm512_set1_epi32(0xF);
+  const __m128i flipper = _mm_set1_epi8(flip ? (char)0x88 : 0);
+  const int64_t chunks = K / 32;
+  __m512 total[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) { total[r] = _mm512_setzero_ps(); corr[r] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t c0 = g * group_size / 32;
+    const int64_t c1 = std::min<int64_t>(chunks, (g + 1) * group_size / 32);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(w + c * 16)), flipper);
+      __m512i v = _mm512_cvtepu8_epi32(b);
+      __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));
+      __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * K + c * 32;
+        acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r]);
+        acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc[r]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm512_fmadd_ps(acc[r], s, total[r]);
+      corr[r] += zs[g] * xsum[r * G + g];
+    }
+  }
+  // the K % 32 tail: codes past the last full chunk, scalar
+  for (int64_t k = chunks * 32; k < K; ++k) {
+    const int64_t c = k / 32, j = k % 32;
+    uint8_t byte = w[c * 16 + (j % 16)] ^ (flip ? 0x88 : 0);
+    const float u = (j < 16) ? (byte & 0xF) : (byte >> 4);
+    const float s = scale[k / group_size];
+    for (int r = 0; r < R; ++r) corr[r] -= s * u * x[r * K + k];
+  }
+  for (int r = 0; r < R; ++r) y[r * N + n] = hsum512(total[r]) - corr[r];
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void w8_rows_avx512(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t G,
+                    int64_t group_size, float* y, int64_t N, int64_t n) {
+  const int64_t chunks = K / 16;
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  float tail[R] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t c0 = g * group_size / 16;
+    const int64_t c1 = std::min<int64_t>(chunks, (g + 1) * group_size / 16);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + c * 16))));
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + r * K + c * 16), acc[r]);
+    }
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(acc[r], s, total[r]);
+  }
+  for (int64_t k = chunks * 16; k < K; ++k)
+    for (int r = 0; r < R; ++r) tail[r] += scale[k / group_size] * w[k] * x[r * K + k];
+  for (int r = 0; r < R; ++r) y[r * N + n] = hsum512(total[r]) + tail[r];
+}
+
+// ---------------------------------------------------------------- AVX2 ----------------------
+__attribute__((target("avx2,fma")))
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R>
+__attribute__((target("avx2,fma")))
+void w4_rows_avx2(const float* x, int64_t K, const uint8_t* w, const float* scale, const float* zs,
+                  const float* xsum, int64_t G, int64_t group_size, bool flip, float* y, int64_t N,
+                  int64_t n) {
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  const __m128i flipper = _mm_set1_epi8(flip ? (char)0x88 : 0);
+  const int64_t chunks = K / 32;
+  __m256 total[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) { total[r] = _mm256_setzero_ps(); corr[r] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t c0 = g * group_size / 32;
+    const int64_t c1 = std::min<int64_t>(chunks, (g + 1) * group_size / 32);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(w + c * 16)), flipper);
+      for (int half = 0; half < 2; ++half) {  // bytes 0..7, then 8..15
+        __m256i v = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(b, 8) : b);
+        __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+        __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+        for (int r = 0; r < R; ++r) {
+          const float* xr = x + r * K + c * 32 + half * 8;
+          acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), acc[r]);
+          acc[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr + 16), acc[r]);
+        }
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
+      corr[r] += zs[g] * xsum[r * G + g];
+    }
+  }
+  for (int64_t k = chunks * 32; k < K; ++k) {
+    const int64_t c = k / 32, j = k % 32;
+    uint8_t byte = w[c * 16 + (j % 16)] ^ (flip ? 0x88 : 0);
+    const float u = (j < 16) ? (byte & 0xF) : (byte >> 4);
+    const float s = scale[k / group_size];
+    for (int r = 0; r < R; ++r) corr[r] -= s * u * x[r * K + k];
+  }
+  for (int r = 0; r < R; ++r) y[r * N + n] = hsum256(total[r]) - corr[r];
+}
+
+template <int R>
+__attribute__((target("avx2,fma")))
+void w8_rows_avx2(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t G,
+                  int64_t group_size, float* y, int64_t N, int64_t n) {
+  const int64_t chunks = K / 16;
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  float tail[R] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t c0 = g * group_size / 16;
+    const int64_t c1 = std::min<int64_t>(chunks, (g + 1) * group_size / 16);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = c0; c < c1; ++c) {
+      __m128i b = _mm_loadu_si128((const __m128i*)(w + c * 16));
+      __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+      __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * K + c * 16;
+        acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r]);
+        acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
+  }
+  for (int64_t k = chunks * 16; k < K; ++k)
+    for (int r = 0; r < R; ++r) tail[r] += scale[k / group_size] * w[k] * x[r * K + k];
+  for (int r = 0; r < R; ++r) y[r * N + n] = hsum256(total[r]) + tail[r];
+}
+
+bool use_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be (M, K) fp32 contiguous");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be 2-D contiguous");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.size(0) == w.size(0),
+              "scale must be (N, G) fp32 contiguous");
+  TORCH_CHECK(group_size % 32 == 0 || group_size >= x.size(1), "group_size must be a multiple of 32 or the row");
+}
+
+// Dispatch rows of y over threads, and activations in blocks of MB rows.
+template <typename RowFn>
+void for_rows(int64_t M, int64_t N, RowFn fn) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t rows = std::min<int64_t>(MB, M - m);
+      for (int64_t n = n0; n < n1; ++n) fn(m, rows, n);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
+                        int64_t group_size, bool flip) {
+  check(x, w, scale, group_size);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
+  TORCH_CHECK(w.scalar_type() == torch::kByte && w.size(1) == (K + 31) / 32 * 16, "w must be (N, ceil(K/32)*16) uint8");
+  TORCH_CHECK(zs.sizes() == scale.sizes() && zs.scalar_type() == torch::kFloat && zs.is_contiguous(), "zs like scale");
+  // Σ_k x over each group, (M, G): the zero-point term of every row
+  auto xsum = torch::nn::functional::pad(x, torch::nn::functional::PadFuncOptions({0, G * group_size - K}))
+                  .view({M, G, group_size}).sum(-1).contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *sp = scale.data_ptr<float>(), *zp = zs.data_ptr<float>(),
+              *xs = xsum.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t row_bytes = w.size(1);
+  const bool wide = use_avx512();
+  for_rows(M, N, [&](int64_t m, int64_t rows, int64_t n) {
+    const float* xm = xp + m * K;
+    const uint8_t* wn = wp + n * row_bytes;
+    const float *sn = sp + n * G, *zn = zp + n * G, *xsm = xs + m * G;
+    float* ym = yp + m * N;
+#define W4_CASE(R)                                                                           \
+  if (wide) w4_rows_avx512<R>(xm, K, wn, sn, zn, xsm, G, group_size, flip, ym, N, n);         \
+  else w4_rows_avx2<R>(xm, K, wn, sn, zn, xsm, G, group_size, flip, ym, N, n);
+    switch (rows) { case 1: W4_CASE(1) break; case 2: W4_CASE(2) break; case 3: W4_CASE(3) break; default: W4_CASE(4) }
+#undef W4_CASE
+  });
+  return y;
+}
+
+torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size) {
+  check(x, w, scale, group_size);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
+  TORCH_CHECK(w.scalar_type() == torch::kChar && w.size(1) == K, "w must be (N, K) int8");
+  auto y = torch::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  const bool wide = use_avx512();
+  const int64_t gs = std::min<int64_t>(group_size, ((K + 15) / 16) * 16);
+  for_rows(M, N, [&](int64_t m, int64_t rows, int64_t n) {
+    const float* xm = xp + m * K;
+    const int8_t* wn = wp + n * K;
+    const float* sn = sp + n * G;
+    float* ym = yp + m * N;
+#define W8_CASE(R)                                                   \
+  if (wide) w8_rows_avx512<R>(xm, K, wn, sn, G, gs, ym, N, n);       \
+  else w8_rows_avx2<R>(xm, K, wn, sn, G, gs, ym, N, n);
+    switch (rows) { case 1: W8_CASE(1) break; case 2: W8_CASE(2) break; case 3: W8_CASE(3) break; default: W8_CASE(4) }
+#undef W8_CASE
+  });
+  return y;
+}
+
+std::string isa() { return use_avx512() ? "avx512" : (__builtin_cpu_supports("avx2") ? "avx2" : "none"); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w4_linear", &w4_linear, "x · dequant(W4)ᵀ for small M");
+  m.def("w8_linear", &w8_linear, "x · dequant(W8)ᵀ for small M");
+  m.def("isa", &isa, "the SIMD path this CPU takes");
+}
