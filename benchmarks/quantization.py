@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/quantization.py [--max-tokens 16384] [--calib-samples 64] [--only w4a16]
 
-Per row: perplexity on the built-in evaluation split (512-token windows), weight bytes, decode
+"+head" rows also quantize lm_head (an int copy of the tied embedding: fp32 is otherwise read in
+full every decoded token). Per row: perplexity on the built-in evaluation split (512-token windows), weight bytes, decode
 tokens/s at batch 1 (128 tokens after a 32-token prompt) and prefill tokens/s at 512 tokens.
 Peers run when installed in the same environment (none is a dependency of tuili):
 torch.ao `quantize_dynamic`, torchao 0.18 int8 weight-only, optimum-quanto int8 / int4.
@@ -24,21 +25,26 @@ from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.quant import AWQ, GPTQ, RTN, SmoothQuant, quantize_
 from tuili.quant.config import Int4WeightOnly, Int8DynamicActivation, Int8StaticActivation, Int8WeightOnly
 
-CONFIGS = [
-    ("w8a16", Int8WeightOnly(), RTN()),
-    ("w8a16", Int8WeightOnly(), GPTQ()),
-    ("w4a16 g32", Int4WeightOnly(group_size=32), RTN()),
-    ("w4a16 g64", Int4WeightOnly(group_size=64), RTN()),
-    ("w4a16 g64", Int4WeightOnly(group_size=64), GPTQ()),
-    ("w4a16 g64", Int4WeightOnly(group_size=64), AWQ()),
-    ("w4a16 g128", Int4WeightOnly(group_size=128), RTN()),
-    ("w4a16 g128", Int4WeightOnly(group_size=128), GPTQ()),
-    ("w4a16 g128", Int4WeightOnly(group_size=128), AWQ()),
-    ("w8a8-dynamic", Int8DynamicActivation(), RTN()),
-    ("w8a8-dynamic", Int8DynamicActivation(), SmoothQuant()),
-    ("w8a8-static minmax", Int8StaticActivation(), RTN()),
-    ("w8a8-static minmax", Int8StaticActivation(), SmoothQuant()),
-    ("w8a8-static mse", Int8StaticActivation("mse"), SmoothQuant(alpha=0.8)),
+CONFIGS = [  # (label, scheme, method, layers left in float or per-layer overrides)
+    ("w8a16", Int8WeightOnly(), RTN(), ("lm_head",)),
+    ("w8a16", Int8WeightOnly(), GPTQ(), ("lm_head",)),
+    ("w8a16 +head", Int8WeightOnly(), RTN(), ()),
+    ("w4a16 g32", Int4WeightOnly(group_size=32), RTN(), ("lm_head",)),
+    ("w4a16 g64", Int4WeightOnly(group_size=64), RTN(), ("lm_head",)),
+    ("w4a16 g64", Int4WeightOnly(group_size=64), GPTQ(), ("lm_head",)),
+    ("w4a16 g64", Int4WeightOnly(group_size=64), AWQ(), ("lm_head",)),
+    ("w4a16 g64 +head", Int4WeightOnly(group_size=64), AWQ(), ()),
+    ("w4a16 g64 +head w8", Int4WeightOnly(group_size=64), GPTQ(), {"lm_head": Int8WeightOnly()}),
+    ("w4a16 g128", Int4WeightOnly(group_size=128), RTN(), ("lm_head",)),
+    ("w4a16 g128", Int4WeightOnly(group_size=128), GPTQ(), ("lm_head",)),
+    ("w4a16 g128", Int4WeightOnly(group_size=128), AWQ(), ("lm_head",)),
+    ("w8a8-dynamic", Int8DynamicActivation(), RTN(), ("lm_head",)),
+    ("w8a8-dynamic", Int8DynamicActivation(), SmoothQuant(), ("lm_head",)),
+    ("w8a8-dynamic +head", Int8DynamicActivation(), SmoothQuant(), ()),
+    ("w8a8-static minmax", Int8StaticActivation(), RTN(), ("lm_head",)),
+    ("w8a8-static minmax", Int8StaticActivation(), SmoothQuant(), ("lm_head",)),
+    ("w8a8-static mse", Int8StaticActivation("mse"), SmoothQuant(alpha=0.8), ("lm_head",)),
+    ("w8a8-static mse", Int8StaticActivation("mse"), SmoothQuant(alpha=0.9), ("lm_head",)),
 ]
 
 
@@ -55,7 +61,7 @@ def speed(model, prompt: list[int], new_tokens: int, repeats: int) -> tuple[floa
     """(prefill tok/s at len(prompt), decode tok/s at batch 1): best of `repeats`."""
     ids = torch.tensor([prompt])
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    with torch.inference_mode():
+    with torch.no_grad():
         model.module(ids[:, :16], last_only=True)
         prefill = max(len(prompt) / _time(lambda: model.module(ids, last_only=True)) for _ in range(repeats))
     decode = max(generate(model, prompt[:32], params).decode_tokens_per_second for _ in range(repeats))
@@ -68,7 +74,7 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def peer_rows(base_model, windows, prompt, args):
+def peer_rows(windows, prompt, args):
     """Peers on tuili's own fp32 model (same weights, same windows): they quantize its nn.Linears."""
     peers = []
 
@@ -97,10 +103,10 @@ def peer_rows(base_model, windows, prompt, args):
             return apply
 
         peers.append(("optimum-quanto int8", quanto(qint8), torch.no_grad))
-        peers.append(("optimum-quanto int4 g128", quanto(qint4), torch.no_grad))  # quanto fails under inference_mode
+        peers.append(("optimum-quanto int4 g128", quanto(qint4), torch.no_grad))  # quanto refuses inference_mode
     rows = []
     for name, apply, mode in peers:
-        model = copy.deepcopy(base_model)
+        model = tuili.load("default")
         try:
             with mode():
                 model.module = apply(model.module)
@@ -108,14 +114,10 @@ def peer_rows(base_model, windows, prompt, args):
         except Exception as e:  # a peer that fails on this machine is reported, not fatal
             rows.append((name, f"failed: {type(e).__name__}: {str(e)[:60]}", 0, float("nan"), 0, 0, 0.0))
             continue
-        try:  # tuili's decode loop runs under inference_mode, which quanto's int4 refuses
-            pre, dec = speed(model, prompt, args.new_tokens, args.repeats)
-        except RuntimeError as e:
-            print(f"{name}: no speed ({e})")
-            pre = dec = float("nan")
-        # torch.ao keeps its packed weights in C++ objects that no tensor count sees
-        size = 0 if name.startswith("torch.ao") else weight_bytes(model.module)
-        rows.append((name, "", size, ppl, pre, dec, 0.0))
+
+        pre, dec = speed(model, prompt, args.new_tokens, args.repeats)
+        # peers keep packed weights in C++ objects or tensor subclasses that no tensor count sees
+        rows.append((name, "", 0, ppl, pre, dec, 0.0))
     return rows
 
 
@@ -141,19 +143,22 @@ def main():
         ppl = perplexity(model.module, windows, progress=False).perplexity
         rows.append((label, "", weight_bytes(model.module), ppl, *speed(model, prompt, args.new_tokens, args.repeats), 0.0))
         print(rows[-1], flush=True)
-    for label, scheme, method in CONFIGS:
+    for label, scheme, method, layers in CONFIGS:
         if args.only and not label.startswith(args.only):
             continue
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        quantize_(model, scheme, method, calib=calib, progress=False)
+        # `layers`: names left in float, or a dict of per-layer overrides (then nothing stays float)
+        ignore, overrides = (layers, None) if isinstance(layers, tuple) else ((), layers)
+        quantize_(model, scheme, method, calib=calib, ignore=ignore, overrides=overrides, progress=False)
         seconds = time.perf_counter() - start
         ppl = perplexity(model.module, windows, progress=False).perplexity
-        rows.append((f"tuili {label}", method.name, weight_bytes(model.module), ppl,
+        name = method.name + (f" α={method.alpha}" if isinstance(method, SmoothQuant) else "")
+        rows.append((f"tuili {label}", name, weight_bytes(model.module), ppl,
                      *speed(model, prompt, args.new_tokens, args.repeats), seconds))
         print(rows[-1], flush=True)
     if not args.no_peers:
-        rows += peer_rows(base, windows, prompt, args)
+        rows += peer_rows(windows, prompt, args)
 
     fp32 = rows[0]
     print(f"\nSmolLM2-135M-Instruct, {windows.numel():,} tokens in 512-token windows, calibration "

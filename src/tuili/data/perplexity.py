@@ -42,7 +42,7 @@ def window_nll(logits: Tensor, window: Tensor) -> Tensor:
     return loss.view(targets.shape).sum(dim=1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: tensor-subclass layers (quanto, torchao) refuse it
 def perplexity(module: nn.Module, windows: Tensor, batch_size: int = 1, progress: bool = True) -> Perplexity:
     """Score each window independently (no context carried across windows), as lm-eval-harness does
     for rolling perplexity without overlap. `module(ids)` must return an object with `.logits`."""

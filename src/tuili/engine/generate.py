@@ -43,7 +43,7 @@ def encode_prompt(model: Model, prompt: str | list[int] | list[dict[str, str]]) 
     return list(prompt)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: tensor-subclass layers (quanto, torchao) refuse it
 def stream_tokens(model: Model, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
     """Yield generated token ids until eos or max_tokens (stop strings are handled by `stream`)."""
     if not prompt_ids:

@@ -24,7 +24,7 @@ class Speed:
         return asdict(self)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, repeats: int = 3) -> Speed:
     """Best of `repeats` runs (the machine is shared: the minimum time is the least disturbed one)."""
     vocab = model.config.vocab_size
