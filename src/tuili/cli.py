@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
     p.add_argument("--group-size", type=int, help="weights per scale along the input (w4a16: default 128)")
     p.add_argument("--exclude", nargs="*", default=["lm_head"], help="layer name patterns left in float")
+    p.add_argument("--lm-head", default="float", choices=["float", "int8", "same"],
+                   help="the language-model head: keep it float (the field's default), int8 weight-only "
+                        "(decoding reads it every token: the fastest trade), or the scheme itself")
     p.add_argument("--observer", default="minmax", help="w8a8-static: minmax, moving-average, percentile, mse, entropy")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength")
     _calib_args(p)
@@ -155,7 +158,7 @@ def _quantize(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text, perplexity
     from tuili.pipeline.analysis import analyze
     from tuili.pipeline.report import human_bytes, markdown_table
-    from tuili.quant import METHODS, Int8StaticActivation, SmoothQuant, quantize_, scheme_from_name
+    from tuili.quant import METHODS, Int8StaticActivation, Int8WeightOnly, SmoothQuant, quantize_, scheme_from_name
     from tuili.quant.sensitivity import layer_errors
 
     if not args.out and not args.analyze:
@@ -185,7 +188,9 @@ def _quantize(args) -> None:
         if args.eval:
             result["perplexity_before"] = perplexity(model.module, windows).perplexity
         start = time.perf_counter()
-        quantize_(model, scheme, method, calib=calib, ignore=args.exclude)
+        ignore = [e for e in args.exclude if e != "lm_head" or args.lm_head == "float"]
+        overrides = {"lm_head": Int8WeightOnly()} if args.lm_head == "int8" else None
+        quantize_(model, scheme, method, calib=calib, ignore=ignore, overrides=overrides)
         result["seconds"] = round(time.perf_counter() - start, 1)
         if args.eval:
             result["perplexity_after"] = perplexity(model.module, windows).perplexity
