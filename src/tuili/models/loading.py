@@ -135,10 +135,9 @@ def _restore_compressed(module: LlamaForCausalLM, state: dict[str, Tensor], conf
     if method not in FORMATS:
         raise ModelFormatError(f"config.json: quantization method {method!r} is not supported "
                                f"(tuili reads {', '.join(sorted(FORMATS)) or 'none'})")
-    before = set(state)
     FORMATS[method].load(module, state, qconfig)
     quantized = {n for n, m in module.named_modules() if hasattr(m, "quant_method")}
-    return {k for k in state if k.rpartition(".")[0] in quantized and not k.endswith(".bias")} | (set(state) - before)
+    return {k for k in state if k.rpartition(".")[0] in quantized and not k.endswith(".bias")}
 
 
 def _check_weights(state: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from tuili.models.model import Model
-from tuili.quant.awq import awq_layer, search_clip
+from tuili.quant.awq import search_clip, search_scale
 from tuili.quant.calibration import LayerRunner, input_hooks, require_tuili_model
 from tuili.quant.config import Int4WeightOnly, Int8DynamicActivation, Int8StaticActivation, Int8WeightOnly, QuantScheme
 from tuili.quant.gptq import Hessian, gptq
 from tuili.quant.linear import Int8Linear, WeightOnlyLinear
 from tuili.quant.observers import make_observer
-from tuili.quant.primitives import quantize_weight_with, qparams, split_groups
+from tuili.quant.primitives import quantize_weight
 from tuili.quant.smooth import apply_smoothing, smooth_groups, weight_column_max
 
 
@@ -198,7 +198,7 @@ def _smooth_layer(runner, layer, local, plan, prefix, method) -> None:
     for g in groups:
         bits, granularity, symmetric = _weight_args(plan[prefix + next(n for n in g.linears if n in local)])
         group_size = g.linears[g.first].in_features if granularity == "channel" else granularity
-        awq_layer([g], samples, bits, group_size, symmetric, method.grid)
+        apply_smoothing(g, search_scale(g, samples[g.first], bits, group_size, symmetric, method.grid))
 
 
 def _sample_inputs(runner, layer, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
@@ -243,8 +243,5 @@ def _quantize_calibrated(linear: nn.Linear, scheme: QuantScheme, method: Method,
         return WeightOnlyLinear.from_quantized(qw, linear.bias)
     if isinstance(method, AWQ) and stat is not None:
         clip = search_clip(linear, stat, bits, group_size, symmetric)
-        groups = split_groups(w, group_size)
-        scale, zero = qparams(groups.amin(-1) * clip, groups.amax(-1) * clip, bits, symmetric)
-        return WeightOnlyLinear.from_quantized(quantize_weight_with(w, scale, zero, bits, group_size, symmetric),
-                                               linear.bias)
+        return WeightOnlyLinear.from_quantized(quantize_weight(w, bits, group_size, symmetric, clip), linear.bias)
     return quantize_layer(linear, scheme)

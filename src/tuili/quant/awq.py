@@ -7,19 +7,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tuili.quant.primitives import fake_quantize, qparams, split_groups
-from tuili.quant.smooth import SmoothGroup, apply_smoothing
+from tuili.quant.primitives import fake_quantize, qparams, quantize_weight, split_groups
+from tuili.quant.smooth import SmoothGroup
 
 
 def fake_quantize_weight(w: Tensor, bits: int, group_size: int, symmetric: bool, clip: Tensor | None = None) -> Tensor:
-    """Round-to-nearest in groups; `clip` (out, num_groups) shrinks each group's range."""
-    cols = w.shape[1]
-    groups = split_groups(w.float(), group_size)
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    if clip is not None:
-        lo, hi = lo * clip, hi * clip
-    scale, zero = qparams(lo, hi, bits, symmetric)
-    return fake_quantize(groups, scale[..., None], zero[..., None], bits, symmetric).flatten(1)[:, :cols]
+    """Round-to-nearest in groups, as float; `clip` (out, num_groups) shrinks each group's range."""
+    return quantize_weight(w, bits, group_size, symmetric, clip).dequantize()
 
 
 @torch.no_grad()
@@ -59,10 +53,3 @@ def search_clip(linear: nn.Linear, x: Tensor, bits: int, group_size: int, symmet
         better = err < best_err
         best[better], best_err[better] = ratio, err[better]
     return best
-
-
-def awq_layer(groups: list[SmoothGroup], inputs: dict[str, Tensor], bits: int, group_size: int, symmetric: bool,
-              grid: int = 20) -> None:
-    """Search and fold AWQ scales for every group of one decoder layer (in place)."""
-    for group in groups:
-        apply_smoothing(group, search_scale(group, inputs[group.first], bits, group_size, symmetric, grid))

@@ -103,12 +103,17 @@ def split_groups(w: Tensor, group_size: int) -> Tensor:
     return F.pad(w, (0, num_groups * group_size - cols)).view(rows, num_groups, group_size)
 
 
-def quantize_weight(w: Tensor, bits: int, granularity: Granularity, symmetric: bool) -> QuantizedWeight:
-    """Round-to-nearest quantization of a (out, in) weight, min-max range per row or group."""
+def quantize_weight(w: Tensor, bits: int, granularity: Granularity, symmetric: bool,
+                    clip: Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a (out, in) weight, min-max range per row or group;
+    `clip` (out, num_groups) shrinks each group's range (AWQ's clipping search)."""
     check_finite(w, "weight")
     group_size = group_size_of(granularity, tuple(w.shape))
     groups = split_groups(w.float(), group_size)
-    scale, zero = qparams(groups.amin(dim=-1), groups.amax(dim=-1), bits, symmetric)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    scale, zero = qparams(lo, hi, bits, symmetric)
     return quantize_weight_with(w, scale, zero, bits, group_size, symmetric)
 
 

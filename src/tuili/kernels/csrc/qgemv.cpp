@@ -17,6 +17,27 @@ namespace {
 
 constexpr int MB = 4;  // activation rows that share one decode of the weights
 
+// The codes past the last full SIMD chunk (K % 32 for W4, K % 16 for W8), shared by both ISAs.
+// W4 subtracts from the correction term (y = Σ − corr), W8 adds to its tail sum.
+template <int R>
+inline void w4_tail(const float* x, int64_t K, const uint8_t* w, const float* scale, int64_t group_size,
+                    bool flip, int64_t k0, float* corr) {
+  for (int64_t k = k0; k < K; ++k) {
+    const int64_t c = k / 32, j = k % 32;
+    const uint8_t byte = w[c * 16 + (j % 16)] ^ (flip ? 0x88 : 0);
+    const float u = (j < 16) ? (byte & 0xF) : (byte >> 4);
+    const float s = scale[k / group_size];
+    for (int r = 0; r < R; ++r) corr[r] -= s * u * x[r * K + k];
+  }
+}
+
+template <int R>
+inline void w8_tail(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t group_size,
+                    int64_t k0, float* tail) {
+  for (int64_t k = k0; k < K; ++k)
+    for (int r = 0; r < R; ++r) tail[r] += scale[k / group_size] * w[k] * x[r * K + k];
+}
+
 // ---------------------------------------------------------------- AVX-512 -------------------
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -54,14 +75,7 @@ void w4_rows_avx512(const float* x, int64_t K, const uint8_t* w, const float* sc
       corr[r] += zs[g] * xsum[r * G + g];
     }
   }
-  // the K % 32 tail: codes past the last full chunk, scalar
-  for (int64_t k = chunks * 32; k < K; ++k) {
-    const int64_t c = k / 32, j = k % 32;
-    uint8_t byte = w[c * 16 + (j % 16)] ^ (flip ? 0x88 : 0);
-    const float u = (j < 16) ? (byte & 0xF) : (byte >> 4);
-    const float s = scale[k / group_size];
-    for (int r = 0; r < R; ++r) corr[r] -= s * u * x[r * K + k];
-  }
+  w4_tail<R>(x, K, w, scale, group_size, flip, chunks * 32, corr);
   for (int r = 0; r < R; ++r) y[r * N + n] = hsum512(total[r]) - corr[r];
 }
 
@@ -85,8 +99,7 @@ void w8_rows_avx512(const float* x, int64_t K, const int8_t* w, const float* sca
     const __m512 s = _mm512_set1_ps(scale[g]);
     for (int r = 0; r < R; ++r) total[r] = _mm512_fmadd_ps(acc[r], s, total[r]);
   }
-  for (int64_t k = chunks * 16; k < K; ++k)
-    for (int r = 0; r < R; ++r) tail[r] += scale[k / group_size] * w[k] * x[r * K + k];
+  w8_tail<R>(x, K, w, scale, group_size, chunks * 16, tail);
   for (int r = 0; r < R; ++r) y[r * N + n] = hsum512(total[r]) + tail[r];
 }
 
@@ -134,13 +147,7 @@ void w4_rows_avx2(const float* x, int64_t K, const uint8_t* w, const float* scal
       corr[r] += zs[g] * xsum[r * G + g];
     }
   }
-  for (int64_t k = chunks * 32; k < K; ++k) {
-    const int64_t c = k / 32, j = k % 32;
-    uint8_t byte = w[c * 16 + (j % 16)] ^ (flip ? 0x88 : 0);
-    const float u = (j < 16) ? (byte & 0xF) : (byte >> 4);
-    const float s = scale[k / group_size];
-    for (int r = 0; r < R; ++r) corr[r] -= s * u * x[r * K + k];
-  }
+  w4_tail<R>(x, K, w, scale, group_size, flip, chunks * 32, corr);
   for (int r = 0; r < R; ++r) y[r * N + n] = hsum256(total[r]) - corr[r];
 }
 
@@ -170,8 +177,7 @@ void w8_rows_avx2(const float* x, int64_t K, const int8_t* w, const float* scale
     const __m256 s = _mm256_set1_ps(scale[g]);
     for (int r = 0; r < R; ++r) total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
   }
-  for (int64_t k = chunks * 16; k < K; ++k)
-    for (int r = 0; r < R; ++r) tail[r] += scale[k / group_size] * w[k] * x[r * K + k];
+  w8_tail<R>(x, K, w, scale, group_size, chunks * 16, tail);
   for (int r = 0; r < R; ++r) y[r * N + n] = hsum256(total[r]) + tail[r];
 }
 
