@@ -51,7 +51,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("scheme, method, cls, min_db", CASES, ids=lambda c: getattr(c, "scheme", getattr(c, "name", "")))
-def test_quantized_model_tracks_float(model, calib, scheme, method, cls, min_db):
+def test_quantized_model_tracks_float(model, calib, scheme, method, cls, min_db, kernel_path):
     ref = copy.deepcopy(model.module)
     quantize_(model, scheme, method, calib=calib, progress=False)
     layers = [m for m in model.module.modules() if isinstance(m, cls)]

@@ -18,6 +18,8 @@ from tuili.quant import (
     quantize_,
 )
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test on both paths
+
 CALIB = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
 SCHEMES = [Int4WeightOnly(group_size=32), Int4WeightOnly(group_size=64, symmetric=True), Int8WeightOnly(),
            Int8WeightOnly(group_size=32), Int8DynamicActivation(), Int8StaticActivation()]

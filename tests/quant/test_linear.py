@@ -7,6 +7,8 @@ from torch import nn
 from tuili.quant import Int8Linear, WeightOnlyLinear
 from tuili.quant.primitives import sqnr
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test on both paths
+
 
 @pytest.fixture
 def ref():
@@ -80,3 +82,15 @@ def test_kernel_and_fallback_paths_agree(ref, monkeypatch, bits, group_size, sym
     monkeypatch.setattr(ops, "extension", lambda: None)
     torch.testing.assert_close(fast, q(x), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(q(x), x @ q.dequantize().T + ref.bias, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("m", [1, 7, 64, 65])
+def test_int8_kernel_and_fallback_paths_are_identical(ref, static, m):
+    from tuili.kernels import ops
+
+    x = torch.randn(m, 200)
+    q = Int8Linear.from_float(ref, x.abs().max() / 127 if static else None)
+    fast = q(x)
+    with ops.fallback():
+        assert torch.equal(fast, q(x))

@@ -18,7 +18,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / "qgemv.cpp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))
 DISABLE_ENV = "TUILI_KERNELS"  # "0" forces the PyTorch fallback everywhere (tests run both paths)
 
 
@@ -37,7 +38,7 @@ def _has_avx2() -> bool:
 
 def cache_dir() -> Path:
     key = hashlib.sha256()
-    for src in SOURCES:
+    for src in sorted(CSRC.glob("*.[ch]*")):
         key.update(src.read_bytes())
     key.update(torch.__version__.encode() + sys.version.encode() + _cpu_id().encode())
     root = Path(os.environ.get("TUILI_CACHE", Path.home() / ".cache" / "tuili"))

@@ -1,19 +1,43 @@
 """Entry points of tuili's kernels, each beside its plain PyTorch reference.
 
 `w4_linear` and `w8_linear` compute y = x · dequant(W)ᵀ for the packed layouts of
-`tuili.quant.primitives` (see csrc/qgemv.cpp); the C++ path runs for small M (decoding), where
-reading the codes once matters, and the reference is what tests hold it to.
+`tuili.quant.primitives` (see csrc/qgemv.cpp); `w8a8_linear` quantizes x to int8 per token (or
+with a static scale) and multiplies by int8 weights (csrc/w8a8.cpp). The C++ path runs for small
+M (decoding), where reading the weights once matters; the reference is what tests hold it to,
+and what runs where the kernels are not built.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tuili.kernels.build import extension
+from tuili.kernels import build
 
 MAX_M = 16  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
+MAX_M_INT8 = 64  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
+_forced_fallback = False
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernels, or None where they are disabled, unbuilt or forced off by `fallback()`."""
+    return None if _forced_fallback else build.extension()
+
+
+@contextmanager
+def fallback() -> Iterator[None]:
+    """Run every op on its PyTorch path inside the block (tests and benchmarks compare both)."""
+    global _forced_fallback
+    before, _forced_fallback = _forced_fallback, True
+    try:
+        yield
+    finally:
+        _forced_fallback = before
 
 
 def available() -> bool:
@@ -50,12 +74,65 @@ def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, group_size: int) ->
 def w4_linear(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
     ext = extension()
     if ext is None or x.shape[0] > MAX_M or x.device.type != "cpu":
-        return w4_linear_reference(x.float(), w, scale, zs, group_size, flip)
-    return ext.w4_linear(x.float().contiguous(), w, scale, zs, group_size, flip)
+        return w4_linear_reference(x.float(), w, scale, zs, group_size, flip).to(x.dtype)
+    return ext.w4_linear(x, w, scale, zs, group_size, flip)
 
 
 def w8_linear(x: Tensor, w: Tensor, scale: Tensor, group_size: int) -> Tensor:
     ext = extension()
     if ext is None or x.shape[0] > MAX_M or x.device.type != "cpu":
-        return w8_linear_reference(x.float(), w, scale, group_size)
-    return ext.w8_linear(x.float().contiguous(), w, scale, group_size)
+        return w8_linear_reference(x.float(), w, scale, group_size).to(x.dtype)
+    return ext.w8_linear(x, w, scale, group_size)
+
+
+def quantize_rows(x: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """int8 codes of x (M, K) and their scale: (M, 1) per token, s = max|x_m| / 127, or the static one."""
+    x = x.float()
+    scale = input_scale if input_scale is not None else x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def w8a8_linear_reference(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
+    """(q_x · q_wᵀ) · s_x · s_w in torch._int_mm (int8 × int8 → int32; its transposed view is VNNI's path)."""
+    qx, sx = quantize_rows(x, input_scale)
+    return (torch._int_mm(qx, w.t()).float() * sx * weight_scale).to(x.dtype)
+
+
+def w8a8_linear(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
+    ext = extension()
+    if ext is None or x.shape[0] > MAX_M_INT8 or x.device.type != "cpu":
+        return w8a8_linear_reference(x, w, weight_scale, input_scale)
+    return ext.w8a8_linear(x, w, weight_scale, input_scale)
+
+
+def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                              context_lens: Tensor, scale: float, k_scale: Tensor | None = None,
+                              v_scale: Tensor | None = None, window: int = 0) -> Tensor:
+    """Decode attention for q (B, Hq, D) over caches (blocks, block_size, Hkv, D) mapped by block_tables
+    (B, max_blocks): softmax(q·Kᵀ·scale)·V over each sequence's context_lens[b] tokens (the last
+    `window` when > 0). int8 caches carry one scale per token and head, (blocks, block_size, Hkv)."""
+    block_size, kv_heads, dim = k_cache.shape[1:]
+    outs = []
+    for b, length in enumerate(context_lens.tolist()):
+        blocks = block_tables[b, : -(-length // block_size)].long()
+        start = max(0, length - window) if window > 0 else 0
+
+        def gather(cache, cache_scale):
+            rows = cache[blocks].reshape(-1, kv_heads, dim)[start:length].float()
+            return rows if cache_scale is None else rows * cache_scale[blocks].reshape(-1, kv_heads)[start:length, :, None]
+
+        k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)  # (T, Hkv, D)
+        qb = q[b].float().reshape(kv_heads, -1, dim)  # (Hkv, group, D): query heads grouped by their KV head
+        probs = torch.softmax(torch.einsum("hgd,thd->hgt", qb, k) * scale, dim=-1)
+        outs.append(torch.einsum("hgt,thd->hgd", probs, v).reshape(-1, dim))
+    return torch.stack(outs).to(q.dtype)
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+                    scale: float, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+                    window: int = 0) -> Tensor:
+    ext = extension()
+    if ext is None or q.device.type != "cpu":
+        return paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                         window)
+    return ext.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, window)

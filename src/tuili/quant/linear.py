@@ -3,7 +3,8 @@
 `WeightOnlyLinear` (W8A16, W4A16): integer weights, float activations; the forward dequantizes
 and multiplies (tuili's fused kernels replace this where they are built).
 `Int8Linear` (W8A8): int8 weights and int8 activations, per-token (dynamic) or per-tensor
-(static, from calibration) activation scales; int8 × int8 → int32 runs in `torch._int_mm`.
+(static, from calibration) activation scales; int8 × int8 → int32 runs in tuili's VNNI kernel
+for small batches, in `torch._int_mm` otherwise.
 """
 
 from __future__ import annotations
@@ -134,22 +135,13 @@ class Int8Linear(nn.Module):
 
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """int8 codes of x (N, in) and their scale, (N, 1) per token or () per tensor."""
-        qmin, qmax = qrange(8, symmetric=True)
-        x = x.float()
-        if self.static:
-            scale = self.input_scale
-        else:
-            scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax
-        return (x / scale).round().clamp(qmin, qmax).to(torch.int8), scale
+        return kernels.quantize_rows(x, self.input_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        qx, sx = self.quantize_input(x.reshape(-1, self.in_features))
-        acc = torch._int_mm(qx, self.qweight.t())  # int32 (N, out); the transposed view is VNNI's fast path
-        y = acc.float() * sx * self.weight_scale
+        y = kernels.w8a8_linear(x.reshape(-1, self.in_features), self.qweight, self.weight_scale, self.input_scale)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         mode = "static" if self.static else "dynamic"

@@ -9,13 +9,10 @@
 // `flip` turns two's-complement signed nibbles into that form (u = s ^ 8, zero 8).
 // W8 layout: int8 codes (N, K), symmetric.
 // Per group g of a row: y += scale[g] · Σ_k u_k x_k − zs[g] · Σ_k x_k, with zs = scale · zero.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "common.h"
 
+namespace tuili {
 namespace {
-
-constexpr int MB = 4;  // activation rows that share one decode of the weights
 
 // The codes past the last full SIMD chunk (K % 32 for W4, K % 16 for W8), shared by both ISAs.
 // W4 subtracts from the correction term (y = Σ − corr), W8 adds to its tail sum.
@@ -39,9 +36,6 @@ inline void w8_tail(const float* x, int64_t K, const int8_t* w, const float* sca
 }
 
 // ---------------------------------------------------------------- AVX-512 -------------------
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
-
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void w4_rows_avx512(const float* x, int64_t K, const uint8_t* w, const float* scale, const float* zs,
@@ -104,14 +98,6 @@ void w8_rows_avx512(const float* x, int64_t K, const int8_t* w, const float* sca
 }
 
 // ---------------------------------------------------------------- AVX2 ----------------------
-__attribute__((target("avx2,fma")))
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 template <int R>
 __attribute__((target("avx2,fma")))
 void w4_rows_avx2(const float* x, int64_t K, const uint8_t* w, const float* scale, const float* zs,
@@ -181,45 +167,28 @@ void w8_rows_avx2(const float* x, int64_t K, const int8_t* w, const float* scale
   for (int r = 0; r < R; ++r) y[r * N + n] = hsum256(total[r]) + tail[r];
 }
 
-bool use_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
-}
-
 void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be (M, K) fp32 contiguous");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be 2-D contiguous");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.size(0) == w.size(0),
               "scale must be (N, G) fp32 contiguous");
   TORCH_CHECK(group_size % 32 == 0 || group_size >= x.size(1), "group_size must be a multiple of 32 or the row");
 }
 
-// Dispatch rows of y over threads, and activations in blocks of MB rows.
-template <typename RowFn>
-void for_rows(int64_t M, int64_t N, RowFn fn) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += MB) {
-      const int64_t rows = std::min<int64_t>(MB, M - m);
-      for (int64_t n = n0; n < n1; ++n) fn(m, rows, n);
-    }
-  });
-}
-
 }  // namespace
 
-torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
+torch::Tensor w4_linear(torch::Tensor x_in, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
                         int64_t group_size, bool flip) {
+  const torch::Tensor x = as_float(x_in);
   check(x, w, scale, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
   TORCH_CHECK(w.scalar_type() == torch::kByte && w.size(1) == (K + 31) / 32 * 16, "w must be (N, ceil(K/32)*16) uint8");
   TORCH_CHECK(zs.sizes() == scale.sizes() && zs.scalar_type() == torch::kFloat && zs.is_contiguous(), "zs like scale");
-  // Σ_k x over each group, (M, G): the zero-point term of every row
-  auto xsum = torch::nn::functional::pad(x, torch::nn::functional::PadFuncOptions({0, G * group_size - K}))
-                  .view({M, G, group_size}).sum(-1).contiguous();
   auto y = torch::empty({M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *sp = scale.data_ptr<float>(), *zp = zs.data_ptr<float>(),
-              *xs = xsum.data_ptr<float>();
+  auto xsum = torch::zeros({M, G}, x.options());  // Σ_k x over each group: the zero-point term of every row
+  const float *xp = x.data_ptr<float>(), *sp = scale.data_ptr<float>(), *zp = zs.data_ptr<float>();
+  float* xs = xsum.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * G + k / group_size] += xp[m * K + k];
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
@@ -229,16 +198,16 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
     const uint8_t* wn = wp + n * row_bytes;
     const float *sn = sp + n * G, *zn = zp + n * G, *xsm = xs + m * G;
     float* ym = yp + m * N;
-#define W4_CASE(R)                                                                           \
-  if (wide) w4_rows_avx512<R>(xm, K, wn, sn, zn, xsm, G, group_size, flip, ym, N, n);         \
-  else w4_rows_avx2<R>(xm, K, wn, sn, zn, xsm, G, group_size, flip, ym, N, n);
-    switch (rows) { case 1: W4_CASE(1) break; case 2: W4_CASE(2) break; case 3: W4_CASE(3) break; default: W4_CASE(4) }
-#undef W4_CASE
+    with_rows(rows, [&](auto R) {
+      if (wide) w4_rows_avx512<decltype(R)::value>(xm, K, wn, sn, zn, xsm, G, group_size, flip, ym, N, n);
+      else w4_rows_avx2<decltype(R)::value>(xm, K, wn, sn, zn, xsm, G, group_size, flip, ym, N, n);
+    });
   });
-  return y;
+  return y.to(x_in.scalar_type());
 }
 
-torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size) {
+torch::Tensor w8_linear(torch::Tensor x_in, torch::Tensor w, torch::Tensor scale, int64_t group_size) {
+  const torch::Tensor x = as_float(x_in);
   check(x, w, scale, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = scale.size(1);
   TORCH_CHECK(w.scalar_type() == torch::kChar && w.size(1) == K, "w must be (N, K) int8");
@@ -253,19 +222,12 @@ torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, i
     const int8_t* wn = wp + n * K;
     const float* sn = sp + n * G;
     float* ym = yp + m * N;
-#define W8_CASE(R)                                                   \
-  if (wide) w8_rows_avx512<R>(xm, K, wn, sn, G, gs, ym, N, n);       \
-  else w8_rows_avx2<R>(xm, K, wn, sn, G, gs, ym, N, n);
-    switch (rows) { case 1: W8_CASE(1) break; case 2: W8_CASE(2) break; case 3: W8_CASE(3) break; default: W8_CASE(4) }
-#undef W8_CASE
+    with_rows(rows, [&](auto R) {
+      if (wide) w8_rows_avx512<decltype(R)::value>(xm, K, wn, sn, G, gs, ym, N, n);
+      else w8_rows_avx2<decltype(R)::value>(xm, K, wn, sn, G, gs, ym, N, n);
+    });
   });
-  return y;
+  return y.to(x_in.scalar_type());
 }
 
-std::string isa() { return use_avx512() ? "avx512" : (__builtin_cpu_supports("avx2") ? "avx2" : "none"); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("w4_linear", &w4_linear, "x · dequant(W4)ᵀ for small M");
-  m.def("w8_linear", &w8_linear, "x · dequant(W8)ᵀ for small M");
-  m.def("isa", &isa, "the SIMD path this CPU takes");
-}
+}  // namespace tuili

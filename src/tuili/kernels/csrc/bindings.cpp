@@ -1,0 +1,28 @@
+// The Python face of tuili's kernels: one extension module, one function per kernel.
+#include "common.h"
+
+namespace tuili {
+torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t group_size,
+                        bool flip);
+torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size);
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
+                          c10::optional<torch::Tensor> input_scale);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
+                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                              int64_t window);
+
+std::string isa() {
+  if (use_vnni()) return "avx512-vnni";
+  if (use_avx512()) return "avx512";
+  return __builtin_cpu_supports("avx2") ? "avx2" : "none";
+}
+}  // namespace tuili
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w4_linear", &tuili::w4_linear, "x · dequant(W4)ᵀ for small M");
+  m.def("w8_linear", &tuili::w8_linear, "x · dequant(W8)ᵀ for small M");
+  m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales");
+  m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)");
+  m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
+}

@@ -1,0 +1,76 @@
+// Shared by tuili's kernels: CPU feature checks, horizontal sums, threading over output rows.
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace tuili {
+
+// TUILI_ISA=avx2 takes the AVX2 paths on an AVX-512 machine (tests cover both on one CPU).
+inline bool forced_avx2() {
+  const char* isa = std::getenv("TUILI_ISA");
+  return isa != nullptr && std::string(isa) == "avx2";
+}
+
+inline bool use_avx512() {
+  static const bool yes = !forced_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+inline bool use_vnni() {
+  static const bool yes = use_avx512() && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+__attribute__((target("avx512f"))) inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2"))) inline int32_t hsum256_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+constexpr int MB = 4;  // activation rows that share one pass over a weight row
+
+// Output rows n over torch's threads; for each, activations in blocks of MB rows. The weight row
+// stays in L1 while every block of activations meets it, so weights are read from memory once.
+template <typename RowFn>
+void for_rows(int64_t M, int64_t N, RowFn fn) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; m += MB) fn(m, std::min<int64_t>(MB, M - m), n);
+  });
+}
+
+// Calls body.template operator()<R>() with R = rows (1..MB) as a compile-time constant.
+template <typename Body>
+inline void with_rows(int64_t rows, Body&& body) {
+  switch (rows) {
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    default: body(std::integral_constant<int, 4>{});
+  }
+}
+
+// fp32 activations from fp32 or bf16 input, contiguous.
+inline torch::Tensor as_float(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "x must be (M, K)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  return x.to(torch::kFloat).contiguous();
+}
+
+}  // namespace tuili

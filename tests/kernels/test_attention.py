@@ -1,0 +1,100 @@
+"""Paged decode attention: the C++ kernel against the PyTorch reference, and the reference against
+plain attention over a contiguous cache."""
+
+import math
+
+import pytest
+import torch
+
+from tuili.kernels import ops
+from tuili.kernels.build import extension
+
+ext = extension()
+needs_kernels = pytest.mark.skipif(ext is None, reason="C++ kernels not built on this machine")
+
+
+def paged_cache(lens, kv_heads, dim, block_size, dtype=torch.float32, seed=0):
+    """Random K/V for sequences of the given lengths, scattered over shuffled blocks."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-n // block_size) for n in lens]
+    num_blocks = sum(per_seq) + 3  # spare blocks nobody owns
+    order = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(len(lens), max(per_seq), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(per_seq):
+        tables[b, :n] = order[used:used + n]
+        used += n
+    k = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
+    v = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
+    if dtype == torch.int8:
+        ks = k.abs().amax(-1) / 127
+        vs = v.abs().amax(-1) / 127
+        return ((k / ks[..., None]).round().to(torch.int8), (v / vs[..., None]).round().to(torch.int8), tables,
+                torch.tensor(lens, dtype=torch.int32), ks, vs)
+    return k.to(dtype), v.to(dtype), tables, torch.tensor(lens, dtype=torch.int32), None, None
+
+
+def test_reference_equals_attention_over_a_contiguous_cache():
+    lens, hq, hkv, d, bs = [5, 17], 6, 2, 8, 4
+    k, v, tables, ctx, _, _ = paged_cache(lens, hkv, d, bs)
+    q = torch.randn(2, hq, d)
+    out = ops.paged_attention_reference(q, k, v, tables, ctx, 1 / math.sqrt(d))
+    for b, n in enumerate(lens):
+        kb = k[tables[b].long()].reshape(-1, hkv, d)[:n].transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        vb = v[tables[b].long()].reshape(-1, hkv, d)[:n].transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        expected = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], kb, vb)[:, 0]
+        torch.testing.assert_close(out[b], expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+@pytest.mark.parametrize("lens, hq, hkv, d, bs", [([1], 9, 3, 64, 16), ([37, 5, 200], 9, 3, 64, 16),
+                                                  ([33], 4, 4, 32, 8), ([129, 64], 8, 1, 128, 32),
+                                                  ([7, 8], 6, 2, 20, 3)])
+def test_kernel_matches_reference(dtype, lens, hq, hkv, d, bs):
+    k, v, tables, ctx, ks, vs = paged_cache(lens, hkv, d, bs, dtype)
+    q = torch.randn(len(lens), hq, d)
+    args = (q, k, v, tables, ctx, 1 / math.sqrt(d), ks, vs)
+    torch.testing.assert_close(ext.paged_attention(*args, 0), ops.paged_attention_reference(*args),
+                               atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [1, 6, 50])
+def test_sliding_window_sees_only_the_last_tokens(window):
+    k, v, tables, ctx, _, _ = paged_cache([30, 9], 2, 16, 4)
+    q = torch.randn(2, 4, 16)
+    args = (q, k, v, tables, ctx, 0.25, None, None)
+    torch.testing.assert_close(ext.paged_attention(*args, window), ops.paged_attention_reference(*args, window),
+                               atol=2e-5, rtol=1e-4)
+
+
+@needs_kernels
+def test_bf16_queries_give_bf16_output():
+    k, v, tables, ctx, _, _ = paged_cache([10], 1, 16, 4, torch.bfloat16)
+    q = torch.randn(1, 2, 16).bfloat16()
+    out = ext.paged_attention(q, k, v, tables, ctx, 0.25, None, None, 0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ops.paged_attention_reference(q, k, v, tables, ctx, 0.25), atol=1e-2, rtol=1e-2)
+
+
+@needs_kernels
+def test_bad_tables_and_lengths_are_refused_not_read():
+    k, v, tables, ctx, _, _ = paged_cache([10], 1, 16, 4)
+    q = torch.randn(1, 2, 16)
+    bad = tables.clone()
+    bad[0, 1] = 1000
+    with pytest.raises(RuntimeError, match="is not a block of the cache"):
+        ext.paged_attention(q, k, v, bad, ctx, 0.25, None, None, 0)
+    with pytest.raises(RuntimeError, match="outside"):
+        ext.paged_attention(q, k, v, tables, torch.tensor([13], dtype=torch.int32), 0.25, None, None, 0)
+    with pytest.raises(RuntimeError, match="need k_scale"):
+        ext.paged_attention(q, k.to(torch.int8), v.to(torch.int8), tables, ctx, 0.25, None, None, 0)
+
+
+def test_fallback_runs_the_reference():
+    k, v, tables, ctx, _, _ = paged_cache([10], 1, 16, 4)
+    q = torch.randn(1, 2, 16)
+    with ops.fallback():
+        out = ops.paged_attention(q, k, v, tables, ctx, 0.25)
+    assert torch.equal(out, ops.paged_attention_reference(q, k, v, tables, ctx, 0.25))

@@ -1,0 +1,151 @@
+"""The C++ quantized GEMV/GEMM kernels against their PyTorch references, on odd shapes too."""
+
+
+import pytest
+import torch
+
+from tuili.kernels import ops
+from tuili.kernels.build import extension
+from tuili.quant.primitives import pack_int4
+
+ext = extension()
+needs_kernels = pytest.mark.skipif(ext is None, reason="C++ kernels not built on this machine")
+
+
+def random_w4(n, k, group_size, flip, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    groups = -(-k // group_size)
+    scale = torch.rand(n, groups, generator=g) * 0.1 + 0.01
+    zs = scale * torch.randint(0, 16, (n, groups), generator=g).float()
+    return pack_int4(codes), scale, zs
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 33, 64])
+@pytest.mark.parametrize("n, k, group_size", [(96, 576, 64), (576, 1536, 128), (7, 576, 128), (33, 100, 32),
+                                              (5, 577, 32), (8, 64, 64), (17, 130, 130)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_w4_kernel_matches_reference(m, n, k, group_size, flip):
+    w, scale, zs = random_w4(n, k, group_size, flip)
+    x = torch.randn(m, k)
+    expected = ops.w4_linear_reference(x, w, scale, zs, group_size, flip)
+    torch.testing.assert_close(ext.w4_linear(x, w, scale, zs, group_size, flip), expected, atol=1e-3, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 4, 16, 64])
+@pytest.mark.parametrize("n, k, group_size", [(96, 576, 576), (576, 1536, 1536), (33, 100, 100), (9, 577, 32),
+                                              (4, 1536, 64)])
+def test_w8_kernel_matches_reference(m, n, k, group_size):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
+    x = torch.randn(m, k)
+    expected = ops.w8_linear_reference(x, w, scale, group_size)
+    torch.testing.assert_close(ext.w8_linear(x, w, scale, group_size), expected, atol=1e-3, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["w4", "w8"])
+def test_bf16_activations_give_bf16_results_close_to_fp32(kernel):
+    x = torch.randn(3, 576)
+    if kernel == "w4":
+        w, scale, zs = random_w4(64, 576, 64, False)
+        run = lambda x: ext.w4_linear(x, w, scale, zs, 64, False)  # noqa: E731
+    else:
+        w = torch.randint(-127, 128, (64, 576), dtype=torch.int8)
+        scale = torch.rand(64, 1) * 0.01
+        run = lambda x: ext.w8_linear(x, w, scale, 576)  # noqa: E731
+    y = run(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), run(x.bfloat16().float()), atol=0.05, rtol=1e-2)
+
+
+def random_w8a8(m, n, k, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randn(m, k, generator=g)
+    x[:, k // 3] *= 30  # an outlier channel, as in real activations
+    return x, w, torch.rand(n, generator=g) * 0.01 + 1e-3
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 17, 64])
+@pytest.mark.parametrize("n, k", [(576, 576), (192, 1536), (7, 577), (33, 100), (16, 64), (3, 5)])
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_kernel_equals_int_mm_bit_for_bit(m, n, k, static):
+    """Integer dot products are exact and the scales multiply in the same order: no tolerance."""
+    x, w, sw = random_w8a8(m, n, k)
+    input_scale = torch.tensor(x.abs().max().item() / 127 * 0.8) if static else None  # clips the largest
+    assert torch.equal(ext.w8a8_linear(x, w, sw, input_scale), ops.w8a8_linear_reference(x, w, sw, input_scale))
+
+
+@needs_kernels
+def test_w8a8_kernel_takes_bf16_and_zero_rows():
+    x, w, sw = random_w8a8(4, 32, 128)
+    x[1] = 0
+    y = ext.w8a8_linear(x.bfloat16(), w, sw, None)
+    assert y.dtype == torch.bfloat16 and torch.equal(y[1], torch.zeros(32, dtype=torch.bfloat16))
+    assert torch.equal(y, ops.w8a8_linear_reference(x.bfloat16(), w, sw))
+
+
+@needs_kernels
+def test_bad_shapes_are_refused():
+    w, scale, zs = random_w4(8, 64, 32, False)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ext.w4_linear(torch.randn(2, 64).double(), w, scale, zs, 32, False)
+    with pytest.raises(RuntimeError, match="w must be"):
+        ext.w4_linear(torch.randn(2, 96), w, scale, zs, 32, False)
+    with pytest.raises(RuntimeError, match="w must be"):
+        ext.w8a8_linear(torch.randn(2, 96), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), None)
+
+
+def test_fallback_is_used_without_the_extension(monkeypatch):
+    monkeypatch.setattr(ops, "extension", lambda: None)
+    w, scale, zs = random_w4(8, 64, 32, False)
+    x = torch.randn(2, 64)
+    assert torch.equal(ops.w4_linear(x, w, scale, zs, 32, False), ops.w4_linear_reference(x, w, scale, zs, 32, False))
+    assert ops.isa() == "pytorch"
+
+
+def test_fallback_context_forces_the_pytorch_path_and_restores_it():
+    before = ops.isa()
+    with ops.fallback():
+        assert ops.isa() == "pytorch" and not ops.available()
+    assert ops.isa() == before
+
+
+AVX2_CHECK = """
+import torch
+from tuili.kernels import ops
+from tuili.kernels.build import extension
+from tests.kernels.test_ops import random_w4, random_w8a8
+ext = extension()
+assert ext.isa() == "avx2", ext.isa()
+for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100)]:
+    w, scale, zs = random_w4(n, k, gs, m % 2 == 1)
+    x = torch.randn(m, k)
+    torch.testing.assert_close(ext.w4_linear(x, w, scale, zs, gs, m % 2 == 1),
+                               ops.w4_linear_reference(x, w, scale, zs, gs, m % 2 == 1), atol=1e-3, rtol=1e-4)
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s8 = torch.rand(n, -(-k // gs)) * 0.01
+    torch.testing.assert_close(ext.w8_linear(x, w8, s8, gs), ops.w8_linear_reference(x, w8, s8, gs), atol=1e-3, rtol=1e-4)
+    x, w, sw = random_w8a8(m, n, k)
+    assert torch.equal(ext.w8a8_linear(x, w, sw, None), ops.w8a8_linear_reference(x, w, sw))
+print("ok")
+"""
+
+
+@needs_kernels
+def test_avx2_paths_match_the_references_too():
+    """TUILI_ISA=avx2 makes an AVX-512 machine take the AVX2 code, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    result = subprocess.run([sys.executable, "-c", AVX2_CHECK], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "TUILI_ISA": "avx2"}, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
