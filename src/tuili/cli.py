@@ -13,6 +13,15 @@ import torch
 from tuili.errors import TuiliError
 
 
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -51,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the language-model head: keep it float (the field's default), int8 weight-only "
                         "(decoding reads it every token: the fastest trade), or the scheme itself")
     p.add_argument("--observer", default="minmax", help="w8a8-static: minmax, moving-average, percentile, mse, entropy")
-    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength")
+    p.add_argument("--alpha", type=_alpha, default=0.5,
+                   help="smoothquant: migration strength in [0, 1], or 'auto' to search it per layer group")
     _calib_args(p)
     p.add_argument("--out", type=Path, help="folder to write the quantized model to")
     p.add_argument("--eval", action="store_true", help="perplexity before and after on the evaluation split")

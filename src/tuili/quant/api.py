@@ -21,6 +21,7 @@ from tuili.quant.linear import Int8Linear, WeightOnlyLinear
 from tuili.quant.observers import make_observer
 from tuili.quant.primitives import quantize_weight
 from tuili.quant.smooth import apply_smoothing, smooth_groups, weight_column_max
+from tuili.quant.smoothquant import search_alpha, smoothing_scale
 
 
 @dataclass(frozen=True)
@@ -57,20 +58,24 @@ class AWQ:
 
 @dataclass(frozen=True)
 class SmoothQuant:
-    """SmoothQuant: s = max|X|^α / max|W|^(1−α) migrates activation outliers into the weights (W8A8)."""
+    """SmoothQuant: s = max|X|^α / max|W|^(1−α) migrates activation outliers into the weights (W8A8).
+    `alpha="auto"` searches α per smoothing group for the least int8 output error on calibration
+    rows (for static activations it assumes min-max scales, the observer to pair it with)."""
 
-    alpha: float = 0.5
+    alpha: float | str = 0.5
     name = "smoothquant"
 
     def __post_init__(self):
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha != "auto" and (isinstance(self.alpha, str) or not 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
 
 
 Method = RTN | GPTQ | AWQ | SmoothQuant
 METHODS = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant)}
 DEFAULT_IGNORE = ("lm_head",)
 MAX_SAMPLE_ROWS = 512  # calibration tokens a search (AWQ) looks at per layer
+ALPHA_SEARCH_ROWS = 4096  # calibration tokens, drawn from every sample, SmoothQuant's α search looks at
+PEAK_ROWS = 64  # ... plus the tokens with the largest activations, which set static scales
 
 
 def select_linears(module: nn.Module, targets: Sequence[str] | None = None, ignore: Sequence[str] = DEFAULT_IGNORE,
@@ -182,23 +187,43 @@ def _smooth_layer(runner, layer, local, plan, prefix, method) -> None:
         return
     firsts = {g.first: g.linears[g.first] for g in groups}
     if isinstance(method, SmoothQuant):
-        act_max = {n: torch.zeros(m.in_features) for n, m in firsts.items()}
-
-        def track(name, x):
-            act_max[name] = torch.maximum(act_max[name], x.detach().abs().amax(0).float())
-
-        with input_hooks(firsts, track):
-            runner.run(layer)
-        for g in groups:
-            s = (act_max[g.first].clamp(min=1e-5).pow(method.alpha)
-                 / weight_column_max(g).clamp(min=1e-5).pow(1 - method.alpha)).clamp(min=1e-5)
-            apply_smoothing(g, s)
+        _smoothquant_layer(runner, layer, groups, firsts, lambda g: plan[prefix + next(n for n in g.linears if n in local)],
+                           method.alpha)
         return
     samples = _sample_inputs(runner, layer, firsts)
     for g in groups:
         bits, granularity, symmetric = _weight_args(plan[prefix + next(n for n in g.linears if n in local)])
         group_size = g.linears[g.first].in_features if granularity == "channel" else granularity
         apply_smoothing(g, search_scale(g, samples[g.first], bits, group_size, symmetric, method.grid))
+
+
+def _smoothquant_layer(runner, layer, groups, firsts, scheme_of, alpha: float | str) -> None:
+    """One pass gathers each group's per-channel max |x| (and, for alpha="auto", a uniform sample of
+    input rows plus the rows with the largest |x|, which set static scales); then smooth."""
+    act_max = {n: torch.zeros(m.in_features) for n, m in firsts.items()}
+    rows: dict[str, list[Tensor]] = {n: [] for n in firsts}
+    peaks: dict[str, Tensor] = {}
+    total = runner.hidden.shape[0] * runner.hidden.shape[1]
+    generator = torch.Generator().manual_seed(0)
+
+    def track(name, x):
+        x = x.detach().float()
+        act_max[name] = torch.maximum(act_max[name], x.abs().amax(0))
+        if alpha == "auto":
+            keep = max(1, round(x.shape[0] * ALPHA_SEARCH_ROWS / total))
+            rows[name].append(x[torch.randperm(x.shape[0], generator=generator)[:keep]])
+            both = x if name not in peaks else torch.cat([peaks[name], x])
+            peaks[name] = both[both.abs().amax(1).topk(min(PEAK_ROWS, both.shape[0])).indices]
+
+    with input_hooks(firsts, track):
+        runner.run(layer)
+    for g in groups:
+        if alpha == "auto":
+            static = isinstance(scheme_of(g), Int8StaticActivation)
+            _, s = search_alpha(g, torch.cat(rows[g.first] + [peaks[g.first]]), act_max[g.first], static)
+        else:
+            s = smoothing_scale(act_max[g.first], weight_column_max(g), alpha)
+        apply_smoothing(g, s)
 
 
 def _sample_inputs(runner, layer, modules: dict[str, nn.Module]) -> dict[str, Tensor]:
