@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tuili import kernels
 from tuili.models import LlamaConfig
 from tuili.pipeline.report import markdown_table
-from tuili.quant.linear import Int8Linear, WeightOnlyLinear
+from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 from tuili.quant.primitives import quantize_weight
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -65,6 +65,7 @@ def _int4pack(weight: Tensor, group_size: int = 64):
 def implementations() -> list[Impl]:
     w8 = lambda w: _module(w, lambda m: WeightOnlyLinear.from_float(m, 8, "channel", True))  # noqa: E731
     w4 = lambda w: _module(w, lambda m: WeightOnlyLinear.from_float(m, 4, 64, False))  # noqa: E731
+    w4a8 = lambda w: _module(w, lambda m: W4A8Linear.from_float(m, 4, 64, False))  # noqa: E731
     w8a8 = lambda w: _module(w, Int8Linear.from_float)  # noqa: E731
     int8pack = lambda w: (lambda q: (q.q, q.scale[:, 0].contiguous()))(quantize_weight(w, 8, "channel", True))  # noqa: E731
     impls = [
@@ -75,7 +76,7 @@ def implementations() -> list[Impl]:
              lambda x, s: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *s)),
     ]
     for label, make, fallback in (("W8A16", w8, "dequantize + F.linear"), ("W4A16 g64", w4, "dequantize + F.linear"),
-                                  ("W8A8 dynamic", w8a8, "torch._int_mm")):
+                                  ("W4A8 g64", w4a8, "dequantize + F.linear"), ("W8A8 dynamic", w8a8, "torch._int_mm")):
         impls.append(Impl(f"tuili {label}", make, lambda x, m: m(x)))
         impls.append(Impl(f"tuili {label}, fallback ({fallback})", make, lambda x, m: m(x), kernels=False))
     return impls
@@ -129,7 +130,7 @@ def measure(impl: Impl, shapes, batches, repeats: int, generator: torch.Generato
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--only", help="run implementations whose name contains this")
     args = parser.parse_args()
     shapes = linear_shapes(SMOLLM2)

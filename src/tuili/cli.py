@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tuili.errors import TuiliError
+from tuili.quant.config import SCHEMES
 
 
 def _alpha(text: str) -> float | str:
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="the main job: analyze, measure, compress, measure again, report")
     _model_args(p)
     _data_args(p, max_tokens=16384)
-    p.add_argument("--scheme", choices=["w4a16", "w8a16", "w8a8-dynamic", "w8a8-static"],
+    p.add_argument("--scheme", choices=list(SCHEMES),
                    help="add a quantization stage")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
     p.add_argument("--group-size", type=int)
@@ -52,9 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it (compressed-tensors)")
     _model_args(p)
-    p.add_argument("--scheme", required=True, choices=["w4a16", "w8a16", "w8a8-dynamic", "w8a8-static"])
+    p.add_argument("--scheme", required=True, choices=list(SCHEMES))
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
-    p.add_argument("--group-size", type=int, help="weights per scale along the input (w4a16: default 128)")
+    p.add_argument("--group-size", type=int, help="weights per scale along the input (w4a16, w4a8: default 128)")
     p.add_argument("--exclude", nargs="*", default=["lm_head"], help="layer name patterns left in float")
     p.add_argument("--lm-head", default="float", choices=["float", "int8", "same"],
                    help="the language-model head: keep it float (the field's default), int8 weight-only "

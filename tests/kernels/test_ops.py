@@ -62,6 +62,31 @@ def test_bf16_activations_give_bf16_results_close_to_fp32(kernel):
     torch.testing.assert_close(y.float(), run(x.bfloat16().float()), atol=0.05, rtol=1e-2)
 
 
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("n, k, group_size", [(96, 576, 64), (576, 1536, 128), (7, 576, 128), (33, 100, 32),
+                                              (5, 577, 64), (8, 64, 64), (3, 300, 256)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_w4a8_kernel_matches_reference(m, n, k, group_size, flip):
+    w, scale, zs = random_w4(n, k, group_size, flip)
+    x = torch.randn(m, k)
+    x[:, 1] *= 20
+    expected = ops.w4a8_linear_reference(x, w, scale, zs, group_size, flip)
+    torch.testing.assert_close(ext.w4a8_linear(x, w, scale, zs, group_size, flip), expected, atol=1e-3, rtol=1e-4)
+
+
+def test_w4a8_reference_is_w4a16_on_int8_rounded_activations():
+    w, scale, zs = random_w4(16, 96, 32, False)
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(3))
+    exact = ops.w4_linear_reference(x, w, scale, zs, 32, False)
+    approx = ops.w4a8_linear_reference(x, w, scale, zs, 32, False)
+    assert not torch.equal(exact, approx)  # the activations really are rounded
+    assert (approx - exact).norm() / exact.norm() < 0.01  # by about 1/254 of each group's range
+    xg = x.view(2, 3, 32)
+    assert torch.equal(ops.quantize_groups(x, 32), ((xg / (xg.abs().amax(-1, keepdim=True) / 127)).round()
+                                                     * (xg.abs().amax(-1, keepdim=True) / 127)).flatten(1))
+
+
 def random_w8a8(m, n, k, seed=2):
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -133,6 +158,10 @@ for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100)]:
     torch.testing.assert_close(ext.w8_linear(x, w8, s8, gs), ops.w8_linear_reference(x, w8, s8, gs), atol=1e-3, rtol=1e-4)
     x, w, sw = random_w8a8(m, n, k)
     assert torch.equal(ext.w8a8_linear(x, w, sw, None), ops.w8a8_linear_reference(x, w, sw))
+    if gs % 32 == 0:
+        w, scale, zs = random_w4(n, k, gs, True)
+        torch.testing.assert_close(ext.w4a8_linear(x, w, scale, zs, gs, True),
+                                   ops.w4a8_linear_reference(x, w, scale, zs, gs, True), atol=1e-3, rtol=1e-4)
 print("ok")
 """
 

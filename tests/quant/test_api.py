@@ -5,6 +5,8 @@ import torch
 
 from helpers import random_tiny
 from tuili.quant import (
+    Int4WeightInt8Activation,
+    W4A8Linear,
     AWQ,
     GPTQ,
     RTN,
@@ -43,6 +45,8 @@ CASES = [
     (Int4WeightOnly(group_size=32), GPTQ(), WeightOnlyLinear, 12),
     (Int4WeightOnly(group_size=32), GPTQ(act_order=True), WeightOnlyLinear, 12),
     (Int4WeightOnly(group_size=32), AWQ(grid=5), WeightOnlyLinear, 12),
+    (Int4WeightInt8Activation(group_size=32), RTN(), W4A8Linear, 12),
+    (Int4WeightInt8Activation(group_size=64), GPTQ(), W4A8Linear, 10),
     (Int8DynamicActivation(), RTN(), Int8Linear, 25),
     (Int8DynamicActivation(), SmoothQuant(), Int8Linear, 25),
     (Int8StaticActivation(), SmoothQuant(alpha=0.5), Int8Linear, 20),

@@ -9,11 +9,13 @@ import tuili
 from helpers import random_tiny
 from tuili.quant import (
     GPTQ,
+    Int4WeightInt8Activation,
     Int4WeightOnly,
     Int8DynamicActivation,
     Int8Linear,
     Int8StaticActivation,
     Int8WeightOnly,
+    W4A8Linear,
     WeightOnlyLinear,
     quantize_,
 )
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("kernel_path")  # every test on both paths
 
 CALIB = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
 SCHEMES = [Int4WeightOnly(group_size=32), Int4WeightOnly(group_size=64, symmetric=True), Int8WeightOnly(),
+           Int4WeightInt8Activation(group_size=32),
            Int8WeightOnly(group_size=32), Int8DynamicActivation(), Int8StaticActivation()]
 
 
@@ -37,7 +40,8 @@ def test_save_load_round_trip_is_exact(tmp_path, scheme):
     model.save(tmp_path / "q")
     again = tuili.load(tmp_path / "q")
     assert torch.equal(outputs(model), outputs(again))
-    kinds = {type(m) for m in again.module.modules()} & {WeightOnlyLinear, Int8Linear}
+    kinds = {type(m) for m in again.module.modules()} & {WeightOnlyLinear, W4A8Linear, Int8Linear}
+    assert kinds == {type(m) for m in model.module.modules()} & {WeightOnlyLinear, W4A8Linear, Int8Linear}
     assert len(kinds) == 1
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == \
         "compressed-tensors"

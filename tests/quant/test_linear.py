@@ -94,3 +94,22 @@ def test_int8_kernel_and_fallback_paths_are_identical(ref, static, m):
     fast = q(x)
     with ops.fallback():
         assert torch.equal(fast, q(x))
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_w4a8_rounds_activations_per_group_on_both_paths(ref, m):
+    from tuili.kernels import ops
+    from tuili.quant import W4A8Linear
+
+    q = W4A8Linear.from_float(ref, 4, 64, False)
+    x = torch.randn(m, 200)
+    expected = ops.quantize_groups(x, 64) @ q.dequantize().T + ref.bias
+    torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
+    assert sqnr(ref(x), q(x)) > 15
+
+
+def test_w4a8_refuses_groups_the_kernel_cannot_take(ref):
+    from tuili.quant import W4A8Linear
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        W4A8Linear.from_float(ref, 4, 48, False)

@@ -19,14 +19,22 @@ from torch import Tensor
 
 from tuili.kernels import build
 
-MAX_M = 16  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
-MAX_M_INT8 = 64  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
+MAX_M = 64  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
+MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
 _forced_fallback = False
 
 
 def extension() -> ModuleType | None:
     """The compiled kernels, or None where they are disabled, unbuilt or forced off by `fallback()`."""
     return None if _forced_fallback else build.extension()
+
+
+def native(name: str):
+    """The compiled kernel `name`, or None where the PyTorch path must run (layers call this per token)."""
+    if _forced_fallback:
+        return None
+    ext = build.extension()
+    return None if ext is None else getattr(ext, name)
 
 
 @contextmanager
@@ -83,6 +91,28 @@ def w8_linear(x: Tensor, w: Tensor, scale: Tensor, group_size: int) -> Tensor:
     if ext is None or x.shape[0] > MAX_M or x.device.type != "cpu":
         return w8_linear_reference(x.float(), w, scale, group_size).to(x.dtype)
     return ext.w8_linear(x, w, scale, group_size)
+
+
+def quantize_groups(x: Tensor, group_size: int) -> Tensor:
+    """x (M, K) rounded through int8 with one scale per row and group of `group_size` along K:
+    d = max|x_g| / 127, x̂ = round(x / d) · d (W4A8's activations), as float."""
+    m, k = x.shape
+    groups = -(-k // group_size)
+    xg = F.pad(x.float(), (0, groups * group_size - k)).view(m, groups, group_size)
+    d = xg.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return ((xg / d).round().clamp(-127, 127) * d).flatten(1)[:, :k]
+
+
+def w4a8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
+    """W4A8: W4A16's product on activations rounded through int8 per token and weight group."""
+    return w4_linear_reference(quantize_groups(x, group_size), w, scale, zs, group_size, flip).to(x.dtype)
+
+
+def w4a8_linear(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
+    ext = extension()
+    if ext is None or x.shape[0] > MAX_M or x.device.type != "cpu":
+        return w4a8_linear_reference(x, w, scale, zs, group_size, flip)
+    return ext.w4a8_linear(x, w, scale, zs, group_size, flip)
 
 
 def quantize_rows(x: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:

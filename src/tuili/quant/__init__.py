@@ -2,6 +2,7 @@
 
 from tuili.quant.api import AWQ, GPTQ, METHODS, RTN, SmoothQuant, quantize_, select_linears
 from tuili.quant.config import (
+    Int4WeightInt8Activation,
     Int4WeightOnly,
     Int8DynamicActivation,
     Int8StaticActivation,
@@ -9,8 +10,8 @@ from tuili.quant.config import (
     scheme_from_name,
 )
 from tuili.quant import format as _format  # registers the compressed-tensors checkpoint format
-from tuili.quant.linear import Int8Linear, WeightOnlyLinear
+from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 
-__all__ = ["AWQ", "GPTQ", "METHODS", "RTN", "Int4WeightOnly", "Int8DynamicActivation", "Int8Linear",
-           "Int8StaticActivation", "Int8WeightOnly", "SmoothQuant", "WeightOnlyLinear", "quantize_",
+__all__ = ["AWQ", "GPTQ", "METHODS", "RTN", "Int4WeightInt8Activation", "Int4WeightOnly", "Int8DynamicActivation", "Int8Linear",
+           "Int8StaticActivation", "Int8WeightOnly", "SmoothQuant", "W4A8Linear", "WeightOnlyLinear", "quantize_",
            "scheme_from_name", "select_linears"]

@@ -15,9 +15,16 @@ from torch import Tensor, nn
 from tuili.models.model import Model
 from tuili.quant.awq import search_clip, search_scale
 from tuili.quant.calibration import LayerRunner, input_hooks, require_tuili_model
-from tuili.quant.config import Int4WeightOnly, Int8DynamicActivation, Int8StaticActivation, Int8WeightOnly, QuantScheme
+from tuili.quant.config import (
+    Int4WeightInt8Activation,
+    Int4WeightOnly,
+    Int8DynamicActivation,
+    Int8StaticActivation,
+    Int8WeightOnly,
+    QuantScheme,
+)
 from tuili.quant.gptq import Hessian, gptq
-from tuili.quant.linear import Int8Linear, WeightOnlyLinear
+from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 from tuili.quant.observers import make_observer
 from tuili.quant.primitives import quantize_weight
 from tuili.quant.smooth import apply_smoothing, smooth_groups, weight_column_max
@@ -97,7 +104,8 @@ def quantize_(model: Model | nn.Module, scheme: QuantScheme, method: Method = RT
     """Quantize the selected nn.Linear layers of `model` in place and return it.
 
     Args:
-        scheme: Int8WeightOnly, Int4WeightOnly, Int8DynamicActivation or Int8StaticActivation.
+        scheme: Int8WeightOnly, Int4WeightOnly, Int4WeightInt8Activation, Int8DynamicActivation or
+            Int8StaticActivation.
         method: RTN (default), GPTQ or AWQ (weight-only), SmoothQuant (W8A8).
         calib: (N, T) token ids; needed by GPTQ, AWQ, SmoothQuant and static activations.
         overrides: name pattern -> scheme, for mixed precision (first match wins).
@@ -151,7 +159,11 @@ def quantize_layer(linear: nn.Linear, scheme: QuantScheme, input_scale: Tensor |
     """The quantized replacement of one nn.Linear, by round to nearest."""
     if isinstance(scheme, (Int8DynamicActivation, Int8StaticActivation)):
         return Int8Linear.from_float(linear, input_scale)
-    return WeightOnlyLinear.from_float(linear, *_weight_args(scheme))
+    return _weight_class(scheme).from_float(linear, *_weight_args(scheme))
+
+
+def _weight_class(scheme: QuantScheme) -> type[WeightOnlyLinear]:
+    return W4A8Linear if isinstance(scheme, Int4WeightInt8Activation) else WeightOnlyLinear
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -265,8 +277,8 @@ def _quantize_calibrated(linear: nn.Linear, scheme: QuantScheme, method: Method,
     w = linear.weight.detach().float()
     if isinstance(method, GPTQ):
         qw = gptq(w, stat.value(), bits, group_size, symmetric, method.damp, method.block_size, method.act_order)
-        return WeightOnlyLinear.from_quantized(qw, linear.bias)
+        return _weight_class(scheme).from_quantized(qw, linear.bias)
     if isinstance(method, AWQ) and stat is not None:
         clip = search_clip(linear, stat, bits, group_size, symmetric)
-        return WeightOnlyLinear.from_quantized(quantize_weight(w, bits, group_size, symmetric, clip), linear.bias)
+        return _weight_class(scheme).from_quantized(quantize_weight(w, bits, group_size, symmetric, clip), linear.bias)
     return quantize_layer(linear, scheme)

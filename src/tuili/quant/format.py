@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tuili.errors import ModelFormatError
 from tuili.models.formats import CheckpointFormat, register
-from tuili.quant.linear import Int8Linear, WeightOnlyLinear
+from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 from tuili.quant.primitives import pack_int4
 
 QUANT_METHOD = "compressed-tensors"
@@ -28,6 +28,9 @@ def _scheme(m: nn.Module) -> tuple[str, dict[str, Any]]:
         channel = m.group_size >= m.in_features
         weights = dict(num_bits=m.bits, type="int", symmetric=m.symmetric,
                        strategy="channel" if channel else "group", group_size=None if channel else m.group_size)
+        if isinstance(m, W4A8Linear):
+            acts = dict(num_bits=8, type="int", symmetric=True, strategy="group", group_size=m.group_size, dynamic=True)
+            return "pack-quantized", {"weights": weights, "input_activations": acts}
         return "pack-quantized", {"weights": weights}
     weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
     acts = (dict(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False) if m.static
@@ -126,9 +129,11 @@ def _restore(name: str, linear: nn.Linear, scheme, state: dict[str, Tensor]) -> 
 
     w, acts = scheme.weights, scheme.input_activations
     bias = state.pop(f"{name}.bias", None)
-    if acts is None and w is not None and w.type == "int":
+    w4a8 = (acts is not None and w is not None and w.num_bits == 4 and acts.num_bits == 8 and acts.dynamic
+            and acts.strategy == "group" and acts.group_size == w.group_size)
+    if (acts is None or w4a8) and w is not None and w.type == "int":
         group_size = w.group_size if w.strategy == "group" else linear.in_features
-        m = WeightOnlyLinear(linear.in_features, linear.out_features, w.num_bits, group_size, w.symmetric,
+        m = (W4A8Linear if w4a8 else WeightOnlyLinear)(linear.in_features, linear.out_features, w.num_bits, group_size, w.symmetric,
                              bias is not None)
         shape = torch.Size(take("weight_shape").tolist())
         codes = unpack_from_int32(take("weight_packed"), w.num_bits, shape).to(torch.int16) + _offset(m)

@@ -24,10 +24,62 @@ from tuili.quant.primitives import (
 )
 
 
-class WeightOnlyLinear(nn.Module):
+class _KernelLinear(nn.Module):
+    """A quantized linear layer whose forward calls one of tuili's kernels for small batches and its
+    PyTorch path (`_reference`) otherwise. Decoding calls every layer once per token, so the call
+    is kept short: the kernel's tensor arguments sit in a plain attribute, dropped whenever a buffer
+    is assigned, loaded or moved, instead of being looked up through nn.Module each time."""
+
+    _buffer_names: tuple[str, ...] = ()
+    max_rows = kernels.MAX_M  # batch rows up to which the kernel beats the reference
+
+    def kernel_args(self) -> tuple:
+        """(kernel name, tensors..., bias), or () where no kernel takes this layer's layout."""
+        args = self.__dict__.get("_kernel_args")
+        if args is None:
+            on_cpu = all(t.device.type == "cpu" for t in self.buffers())
+            args = self.__dict__["_kernel_args"] = self._make_kernel_args() if on_cpu else ()
+        return args
+
+    def _make_kernel_args(self) -> tuple:
+        raise NotImplementedError
+
+    def _reference(self, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        args = self.__dict__.get("_kernel_args")
+        if args is None:
+            args = self.kernel_args()
+        native = kernels.native(args[0]) if args and rows.shape[0] <= self.max_rows else None
+        y = native(rows, *args[1:-1]) if native is not None else self._reference(rows)
+        bias = self.bias if not args else args[-1]
+        if bias is not None:
+            y = y + bias
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def __setattr__(self, name, value):
+        if name in self._buffer_names:
+            self.__dict__.pop("_kernel_args", None)
+        super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_kernel_args", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):
+        self.__dict__.pop("_kernel_args", None)
+        return super()._apply(*args, **kwargs)
+
+
+class WeightOnlyLinear(_KernelLinear):
     """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales."""
 
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
+    _buffer_names = ("qweight", "scale", "zero", "bias")
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
                  bias: bool, dtype: torch.dtype = torch.float32):
@@ -71,37 +123,50 @@ class WeightOnlyLinear(nn.Module):
         zero = torch.zeros_like(self.scale) if self.zero is None else self.zero.float()
         return dequantize_groups(self.codes(), self.scale, zero, self.group_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > kernels.MAX_M or self.bits not in (4, 8) or (self.bits == 8 and not self.symmetric):
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+    def _make_kernel_args(self) -> tuple:
         if self.bits == 4:
-            y = kernels.w4_linear(rows, self.qweight, self.scale, self.zero_offsets(), self.group_size,
-                                  flip=self.symmetric)
-        else:
-            y = kernels.w8_linear(rows, self.qweight, self.scale, self.group_size)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def zero_offsets(self) -> Tensor:
-        """scale · zero per group (symmetric 4-bit: codes flipped to unsigned, zero 8), cached."""
-        key = (self.scale.data_ptr(), None if self.zero is None else self.zero.data_ptr())
-        if getattr(self, "_zs_key", None) != key:
             zero = torch.full_like(self.scale, 8.0) if self.zero is None else self.zero.float()
-            self._zs, self._zs_key = (self.scale * zero).contiguous(), key
-        return self._zs
+            zs = (self.scale * zero).contiguous()  # scale · zero per group (symmetric: codes flipped, zero 8)
+            return "w4_linear", self.qweight, self.scale, zs, self.group_size, self.symmetric, self.bias
+        if self.bits == 8 and self.symmetric:
+            return "w8_linear", self.qweight, self.scale, self.group_size, self.bias
+        return ()
+
+    def _reference(self, rows: Tensor) -> Tensor:
+        return F.linear(self._activations(rows), self.dequantize().to(rows.dtype))
+
+    def _activations(self, x: Tensor) -> Tensor:
+        return x
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")
 
 
-class Int8Linear(nn.Module):
+class W4A8Linear(WeightOnlyLinear):
+    """W4A16's packed weights with activations rounded to int8 per token and weight group at run
+    time: tuili's VNNI kernel for small batches, the same rounding then a float GEMM otherwise."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+                 bias: bool, dtype: torch.dtype = torch.float32):
+        if bits != 4 or group_size % 32:
+            raise ValueError(f"W4A8 takes 4-bit weights in groups of a multiple of 32, got {bits} bits, "
+                             f"group size {group_size}")
+        super().__init__(in_features, out_features, bits, group_size, symmetric, bias, dtype)
+
+    def _make_kernel_args(self) -> tuple:
+        return ("w4a8_linear",) + super()._make_kernel_args()[1:]
+
+    def _activations(self, rows: Tensor) -> Tensor:
+        return kernels.quantize_groups(rows, self.group_size).to(rows.dtype)
+
+
+class Int8Linear(_KernelLinear):
     """W8A8: y = (q_x · q_wᵀ) · s_x · s_w + b, weights per output channel, activations per token
     (dynamic) or per tensor with a calibrated scale (static)."""
 
     quant_method = "compressed-tensors"
+    _buffer_names = ("qweight", "weight_scale", "input_scale", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, static: bool,
                  dtype: torch.dtype = torch.float32):
@@ -137,11 +202,13 @@ class Int8Linear(nn.Module):
         """int8 codes of x (N, in) and their scale, (N, 1) per token or () per tensor."""
         return kernels.quantize_rows(x, self.input_scale)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = kernels.w8a8_linear(x.reshape(-1, self.in_features), self.qweight, self.weight_scale, self.input_scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+    max_rows = kernels.MAX_M_INT8
+
+    def _make_kernel_args(self) -> tuple:
+        return "w8a8_linear", self.qweight, self.weight_scale, self.input_scale, self.bias
+
+    def _reference(self, rows: Tensor) -> Tensor:
+        return kernels.w8a8_linear_reference(rows, self.qweight, self.weight_scale, self.input_scale)
 
     def extra_repr(self) -> str:
         mode = "static" if self.static else "dynamic"

@@ -7,6 +7,8 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
 torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
                           c10::optional<torch::Tensor> input_scale);
+torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
+                          int64_t group_size, bool flip);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
@@ -23,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4_linear", &tuili::w4_linear, "x · dequant(W4)ᵀ for small M");
   m.def("w8_linear", &tuili::w8_linear, "x · dequant(W8)ᵀ for small M");
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales");
+  m.def("w4a8_linear", &tuili::w4a8_linear, "int8(x, per token and group) · W4ᵀ, VNNI");
   m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)");
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
 }
