@@ -166,3 +166,46 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         return paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
                                          window)
     return ext.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, window)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """w · x / sqrt(mean(x²) + eps), statistics in fp32, as tuili.models.llama.RMSNorm."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, H, D) rotated by cos/sin (B, T, D) in the half-split layout: x·cos + rotate_half(x)·sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def silu_mul_reference(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def _fused(name: str, x: Tensor):
+    """The kernel for an element-wise op, where it applies: CPU, fp32/bf16, and no autograd to record."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or (
+            torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return native(name)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    kernel = _fused("rms_norm", x)
+    if kernel is None or weight.dtype != x.dtype or (torch.is_grad_enabled() and weight.requires_grad):
+        return rms_norm_reference(x, weight, eps)
+    return kernel(x, weight, eps)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    kernel = _fused("rope", x)
+    return rope_reference(x, cos, sin) if kernel is None else kernel(x, cos, sin)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    kernel = _fused("silu_mul", gate)
+    if kernel is None or (torch.is_grad_enabled() and up.requires_grad):
+        return silu_mul_reference(gate, up)
+    return kernel(gate, up)

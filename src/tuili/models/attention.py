@@ -43,14 +43,6 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tup
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, D) by position, in the half-split layout of HF checkpoints."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def causal_mask(q_pos: Tensor, k_pos: Tensor, sliding_window: int | None) -> Tensor:
     """Boolean (B, 1, T, S): query at position p sees key at position j iff j ≤ p (and p − j < window)."""
     q, k = q_pos[:, :, None], k_pos[:, None, :]

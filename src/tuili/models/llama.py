@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tuili.models.attention import apply_rope, attention, causal_mask, rope_cos_sin, rope_inv_freq
+from tuili.kernels import ops as kernels
+from tuili.models.attention import attention, causal_mask, rope_cos_sin, rope_inv_freq
 from tuili.models.config import LlamaConfig
 
 
@@ -42,8 +42,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)  # one fused pass on CPU, PyTorch elsewhere
 
 
 class Attention(nn.Module):
@@ -63,10 +62,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
                 cache: KVCache | None, return_probs: bool) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = kernels.rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = kernels.rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         probs = None
         if cache is not None:
             if return_probs:
@@ -91,7 +89,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

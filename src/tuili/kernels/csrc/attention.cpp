@@ -13,38 +13,14 @@
 // (AVX-512 and AVX2) and chosen at run time like the GEMV kernels.
 #include "common.h"
 
-#include <cstring>
 #include <vector>
 
 namespace tuili {
 namespace {
 
 inline float to_float(float v) { return v; }
-inline float to_float(at::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t&>(v)) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline float to_float(at::BFloat16 v) { return bf16_to_float(reinterpret_cast<const uint16_t&>(v)); }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
-
-// e^x for x <= 0 (Cephes' expf polynomial after x = n·ln2 + r), branch-free so loops vectorize.
-inline float exp_neg(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
 
 struct Paged {
   int64_t block_size, kv_heads, head_dim, max_blocks;

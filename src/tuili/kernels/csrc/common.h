@@ -4,7 +4,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace tuili {
@@ -63,6 +65,46 @@ inline void with_rows(int64_t rows, Body&& body) {
     case 3: body(std::integral_constant<int, 3>{}); break;
     default: body(std::integral_constant<int, 4>{});
   }
+}
+
+// bf16 <-> fp32 and element access for kernels templated on the storage type.
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does (NaN kept NaN)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const at::BFloat16* p, int64_t i) { return bf16_to_float(reinterpret_cast<const uint16_t*>(p)[i]); }
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(at::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16_t*>(p)[i] = float_to_bf16(v); }
+inline float round_to(const float*, float v) { return v; }
+inline float round_to(const at::BFloat16*, float v) { return bf16_to_float(float_to_bf16(v)); }
+
+// e^x for x <= 0: Cephes' expf polynomial after x = n·ln2 + r, branch-free so loops vectorize.
+inline float exp_neg(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
 }
 
 // fp32 activations from fp32 or bf16 input, contiguous.
