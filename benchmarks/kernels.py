@@ -6,7 +6,8 @@ Every implementation gets its own copy of the weights of all 211 linear layers (
 × 7, plus the 576 × 49152 head), so a pass over them streams the weights from memory as decoding
 does. Per implementation: microseconds per call at each shape (averaged over that shape's 30
 copies), effective GB/s (weight bytes / time) beside a STREAM-like copy measured in the same run,
-and the time per token of a pass over all 211 layers at batch M (one pass, divided by M).
+and the time per token of a pass over all 211 layers at batch M (one pass, divided by M). Then the
+fused element-wise ops and paged decode attention beside their PyTorch equivalents.
 """
 
 from __future__ import annotations
@@ -127,17 +128,59 @@ def measure(impl: Impl, shapes, batches, repeats: int, generator: torch.Generato
     return {"bytes": weight_bytes, "per_token": per_token, "per_shape": per_shape}
 
 
+def op_rows(config: LlamaConfig, repeats: int) -> list[list[str]]:
+    """Per-call µs of the element-wise ops and decode attention at batch-1 decode shapes."""
+    h, d, kv = config.hidden_size, config.head_dim, config.num_key_value_heads
+    heads = config.num_attention_heads
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 1, h, generator=g), torch.rand(h, generator=g)
+    q = torch.randn(1, 1, heads, d, generator=g)
+    angles = torch.rand(1, 1, d // 2, generator=g)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    rows = []
+    with torch.no_grad():
+        cases = [("RMSNorm 576", lambda: kernels.rms_norm(x, w, 1e-5), lambda: kernels.rms_norm_reference(x, w, 1e-5)),
+                 ("RoPE 9 heads × 64", lambda: kernels.rope(q, cos, sin), lambda: kernels.rope_reference(q, cos, sin))]
+        for context in (128, 1024):
+            blocks = -(-context // 16)
+            k_cache = torch.randn(blocks, 16, kv, d, generator=g)
+            v_cache = torch.randn(blocks, 16, kv, d, generator=g)
+            table = torch.arange(blocks, dtype=torch.int32)[None]
+            lens = torch.tensor([context], dtype=torch.int32)
+            qd = torch.randn(1, heads, d, generator=g)
+            kc = k_cache.reshape(1, -1, kv, d)[:, :context].transpose(1, 2).repeat_interleave(heads // kv, 1)
+            vc = v_cache.reshape(1, -1, kv, d)[:, :context].transpose(1, 2).repeat_interleave(heads // kv, 1)
+            paged = (qd, k_cache, v_cache, table, lens, d ** -0.5)
+            cases.append((f"paged decode attention, {context} tokens (PyTorch: gather + einsum)",
+                          lambda a=paged: kernels.paged_attention(*a), lambda a=paged: kernels.paged_attention_reference(*a)))
+            cases.append((f"paged decode attention, {context} tokens (PyTorch: SDPA on a contiguous cache)",
+                          lambda a=paged: kernels.paged_attention(*a),
+                          lambda a=(qd[:, :, None], kc, vc): F.scaled_dot_product_attention(*a)))
+        for name, fused, reference in cases:
+            times = []
+            for fn in (fused, reference):
+                for _ in range(20):
+                    fn()
+                times.append(min(_timed(lambda: [fn() for _ in range(200)]) for _ in range(repeats)) / 200)
+            rows.append([name, f"{times[0] * 1e6:.1f}", f"{times[1] * 1e6:.1f}", f"{times[1] / times[0]:.1f}×"])
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--only", help="run implementations whose name contains this")
+    parser.add_argument("--ops-only", action="store_true", help="only the element-wise ops and attention")
     args = parser.parse_args()
     shapes = linear_shapes(SMOLLM2)
     generator = torch.Generator().manual_seed(0)
     copy_gbs = stream_copy_gbs()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tuili kernels: {kernels.isa()}; "
           f"{len(shapes)} linear layers; STREAM-like copy: {copy_gbs:.1f} GB/s\n")
+    if args.ops_only:
+        print(markdown_table(["op", "tuili kernel", "PyTorch", "speed-up"], op_rows(SMOLLM2, args.repeats)))
+        return
     results = {}
     for impl in implementations():
         if args.only and args.only not in impl.name:
@@ -160,6 +203,8 @@ def main():
     rows = [[name] + [f"{t * 1e6:.0f} ({b / t / 1e9:.0f})" for t, b in (r["per_shape"][s] for s in shape_keys)]
             for name, r in results.items()]
     print(markdown_table(headers, rows))
+    print("\nElement-wise ops and decode attention at batch-1 decode shapes, µs per call:\n")
+    print(markdown_table(["op", "tuili kernel", "PyTorch", "speed-up"], op_rows(SMOLLM2, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -180,10 +180,6 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
-def silu_mul_reference(gate: Tensor, up: Tensor) -> Tensor:
-    return F.silu(gate) * up
-
-
 def _fused(name: str, x: Tensor):
     """The kernel for an element-wise op, where it applies: CPU, fp32/bf16, and no autograd to record."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or (
@@ -203,9 +199,3 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     kernel = _fused("rope", x)
     return rope_reference(x, cos, sin) if kernel is None else kernel(x, cos, sin)
 
-
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    kernel = _fused("silu_mul", gate)
-    if kernel is None or (torch.is_grad_enabled() and up.requires_grad):
-        return silu_mul_reference(gate, up)
-    return kernel(gate, up)

@@ -8,8 +8,7 @@
 //   out          (B, Hq, D), o = softmax(q·Kᵀ · scale) · V over the sequence's first context_len
 //                tokens (the last `window` of them when window > 0)
 //
-// One task per (sequence, KV head): each key and value row is read once and serves all Hq / Hkv
-// query heads of its group. Plain C++ loops over D that the compiler vectorizes, compiled twice
+// Each key and value row is read once and serves all Hq / Hkv query heads of its group. Plain C++ loops over D that the compiler vectorizes, compiled twice
 // (AVX-512 and AVX2) and chosen at run time like the GEMV kernels.
 #include "common.h"
 
@@ -28,47 +27,56 @@ struct Paged {
   const int32_t* lens;
 };
 
+// Partial attention of `group` query heads over tokens [t0, t1) of sequence b, KV head h:
+// the running max m_g, the sum of e^(logit − m_g) and the unnormalised Σ e^(logit − m_g) · v per head.
 template <typename T>
-__attribute__((always_inline)) inline void decode_group(const float* q, int64_t group, const T* k_cache,
-                                                        const T* v_cache, const float* k_scale, const float* v_scale,
-                                                        const Paged& p, int64_t b, int64_t h, float sm_scale,
-                                                        int64_t window, float* logits, float* out) {
-  const int64_t D = p.head_dim, len = p.lens[b];
-  const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0, n = len - start;
+__attribute__((always_inline)) inline void decode_group(const float* __restrict q, int64_t group,
+                                                        const T* __restrict k_cache, const T* __restrict v_cache,
+                                                        const float* k_scale, const float* v_scale, const Paged& p,
+                                                        int64_t b, int64_t h, int64_t t0, int64_t t1, float sm_scale,
+                                                        float* __restrict logits, float* __restrict acc,
+                                                        float* __restrict maxes, float* __restrict sums) {
+  const int64_t D = p.head_dim, n = t1 - t0;
   const int32_t* table = p.tables + b * p.max_blocks;
-  auto row = [&](int64_t t) { return (static_cast<int64_t>(table[t / p.block_size]) * p.block_size + t % p.block_size) * p.kv_heads + h; };
+  auto row = [&](int64_t t) {
+    return (static_cast<int64_t>(table[t / p.block_size]) * p.block_size + t % p.block_size) * p.kv_heads + h;
+  };
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = row(start + i);
-    const T* k = k_cache + r * D;
+    const int64_t r = row(t0 + i);
+    const T* __restrict k = k_cache + r * D;
     const float ks = k_scale ? k_scale[r] * sm_scale : sm_scale;
     for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * D;
+      const float* __restrict qg = q + g * D;
       float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_float(k[d]);
       logits[g * n + i] = dot * ks;
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* lg = logits + g * n;
+    float* __restrict lg = logits + g * n;
     float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) {
-      lg[i] = exp_neg(lg[i] - mx);
+      lg[i] = exp_approx(lg[i] - mx);
       sum += lg[i];
     }
-    const float inv = 1.f / sum;
-    for (int64_t i = 0; i < n; ++i) lg[i] *= inv;
+    maxes[g] = mx;
+    sums[g] = sum;
   }
-  std::fill(out, out + group * D, 0.f);
+  for (int64_t j = 0; j < group * D; ++j) acc[j] = 0.f;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = row(start + i);
-    const T* v = v_cache + r * D;
+    const int64_t r = row(t0 + i);
+    const T* __restrict v = v_cache + r * D;
     const float vs = v_scale ? v_scale[r] : 1.f;
     for (int64_t g = 0; g < group; ++g) {
       const float w = logits[g * n + i] * vs;
-      float* og = out + g * D;
-      for (int64_t d = 0; d < D; ++d) og[d] += w * to_float(v[d]);
+      float* __restrict ag = acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) ag[d] += w * to_float(v[d]);
     }
   }
 }
@@ -76,37 +84,71 @@ __attribute__((always_inline)) inline void decode_group(const float* q, int64_t 
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void decode_group_avx512(
     const float* q, int64_t group, const T* kc, const T* vc, const float* ks, const float* vs, const Paged& p,
-    int64_t b, int64_t h, float sm, int64_t window, float* logits, float* out) {
-  decode_group<T>(q, group, kc, vc, ks, vs, p, b, h, sm, window, logits, out);
+    int64_t b, int64_t h, int64_t t0, int64_t t1, float sm, float* logits, float* acc, float* maxes, float* sums) {
+  decode_group<T>(q, group, kc, vc, ks, vs, p, b, h, t0, t1, sm, logits, acc, maxes, sums);
 }
 
 template <typename T>
-__attribute__((target("avx2,fma"))) void decode_group_avx2(const float* q, int64_t group, const T* kc, const T* vc,
-                                                           const float* ks, const float* vs, const Paged& p,
-                                                           int64_t b, int64_t h, float sm, int64_t window,
-                                                           float* logits, float* out) {
-  decode_group<T>(q, group, kc, vc, ks, vs, p, b, h, sm, window, logits, out);
+__attribute__((target("avx2,fma"))) void decode_group_avx2(
+    const float* q, int64_t group, const T* kc, const T* vc, const float* ks, const float* vs, const Paged& p,
+    int64_t b, int64_t h, int64_t t0, int64_t t1, float sm, float* logits, float* acc, float* maxes, float* sums) {
+  decode_group<T>(q, group, kc, vc, ks, vs, p, b, h, t0, t1, sm, logits, acc, maxes, sums);
 }
 
+// Tasks are (sequence, KV head, span of tokens): long contexts split into spans so every thread
+// has work even at batch 1 (flash-decoding), each span's partial softmax merged afterwards.
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const float* ks,
          const float* vs, const Paged& p, float sm_scale, int64_t window, torch::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = p.head_dim, group = Hq / p.kv_heads;
+  constexpr int64_t kMinSpan = 128;
+  const int64_t threads = at::get_num_threads();
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, p.lens[b]);
+  const int64_t spans = std::max<int64_t>(1, std::min((2 * threads + B * p.kv_heads - 1) / (B * p.kv_heads),
+                                                      (longest + kMinSpan - 1) / kMinSpan));
+  const int64_t tasks = B * p.kv_heads * spans;
+  // per task: group · D partial outputs, then group maxima and sums
+  std::vector<float> partial(tasks * group * (D + 2));
   const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const T *kc = k_cache.data_ptr<T>(), *vc = v_cache.data_ptr<T>();
   const bool wide = use_avx512();
-  at::parallel_for(0, B * p.kv_heads, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> logits;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / p.kv_heads, h = t % p.kv_heads;
-      logits.resize(group * std::max<int64_t>(1, p.lens[b]));
+      const int64_t s = t % spans, bh = t / spans, b = bh / p.kv_heads, h = bh % p.kv_heads;
+      const int64_t len = p.lens[b], first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t per = (len - first + spans - 1) / spans;
+      const int64_t a = std::min(len, first + s * per), e = std::min(len, a + per);
+      float* acc = partial.data() + t * group * (D + 2);
+      float *maxes = acc + group * D, *sums = maxes + group;
+      if (a >= e) {  // an empty span: contributes nothing
+        for (int64_t g = 0; g < group; ++g) { maxes[g] = -INFINITY; sums[g] = 0.f; }
+        continue;
+      }
+      logits.resize(group * (e - a));
       const float* qg = qp + (b * Hq + h * group) * D;
-      float* og = op + (b * Hq + h * group) * D;
-      if (wide) decode_group_avx512<T>(qg, group, kc, vc, ks, vs, p, b, h, sm_scale, window, logits.data(), og);
-      else decode_group_avx2<T>(qg, group, kc, vc, ks, vs, p, b, h, sm_scale, window, logits.data(), og);
+      if (wide) decode_group_avx512<T>(qg, group, kc, vc, ks, vs, p, b, h, a, e, sm_scale, logits.data(), acc, maxes, sums);
+      else decode_group_avx2<T>(qg, group, kc, vc, ks, vs, p, b, h, a, e, sm_scale, logits.data(), acc, maxes, sums);
     }
   });
+  float* op = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * p.kv_heads; ++bh)
+    for (int64_t g = 0; g < group; ++g) {
+      float mx = -INFINITY, total = 0.f;
+      for (int64_t s = 0; s < spans; ++s) mx = std::max(mx, partial[(bh * spans + s) * group * (D + 2) + group * D + g]);
+      float* o = op + (bh * group + g) * D;  // (b, h·group + g) of (B, Hq, D)
+      std::fill(o, o + D, 0.f);
+      for (int64_t s = 0; s < spans; ++s) {
+        const float* base = partial.data() + (bh * spans + s) * group * (D + 2);
+        const float m = base[group * D + g], sum = base[group * D + group + g];
+        if (sum == 0.f) continue;
+        const float w = std::exp(m - mx);
+        total += w * sum;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * base[g * D + d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= total;
+    }
 }
 
 }  // namespace

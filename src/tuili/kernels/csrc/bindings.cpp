@@ -15,7 +15,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
                               int64_t window);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up);
 
 std::string isa() {
   if (use_vnni()) return "avx512-vnni";
@@ -32,6 +31,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)");
   m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim");
   m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout");
-  m.def("silu_mul", &tuili::silu_mul, "silu(gate) · up");
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
 }

@@ -89,9 +89,10 @@ inline void store(at::BFloat16* p, int64_t i, float v) { reinterpret_cast<uint16
 inline float round_to(const float*, float v) { return v; }
 inline float round_to(const at::BFloat16*, float v) { return bf16_to_float(float_to_bf16(v)); }
 
-// e^x for x <= 0: Cephes' expf polynomial after x = n·ln2 + r, branch-free so loops vectorize.
-inline float exp_neg(float x) {
-  x = std::max(x, -87.f);
+// e^x (Cephes' expf polynomial after x = n·ln2 + r), branch-free so loops vectorize; x is clamped
+// to [-87, 88], where e^x is a normal float.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
   const float n = std::floor(x * 1.44269504f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
