@@ -23,7 +23,7 @@ from tuili.data import builtin_text, calibration_samples, eval_windows, perplexi
 from tuili.engine import SamplingParams, generate
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.quant import AWQ, GPTQ, RTN, SmoothQuant, quantize_
-from tuili.quant.config import Int4WeightOnly, Int8DynamicActivation, Int8StaticActivation, Int8WeightOnly
+from tuili.quant.config import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8StaticActivation, Int8WeightOnly
 
 CONFIGS = [  # (label, scheme, method, layers left in float or per-layer overrides)
     ("w8a16", Int8WeightOnly(), RTN(), ("lm_head",)),
@@ -38,11 +38,16 @@ CONFIGS = [  # (label, scheme, method, layers left in float or per-layer overrid
     ("w4a16 g128", Int4WeightOnly(group_size=128), RTN(), ("lm_head",)),
     ("w4a16 g128", Int4WeightOnly(group_size=128), GPTQ(), ("lm_head",)),
     ("w4a16 g128", Int4WeightOnly(group_size=128), AWQ(), ("lm_head",)),
+    ("w4a8 g64", Int4WeightInt8Activation(group_size=64), RTN(), ("lm_head",)),
+    ("w4a8 g64", Int4WeightInt8Activation(group_size=64), GPTQ(), ("lm_head",)),
+    ("w4a8 g64 +head w8", Int4WeightInt8Activation(group_size=64), GPTQ(), {"lm_head": Int8WeightOnly()}),
     ("w8a8-dynamic", Int8DynamicActivation(), RTN(), ("lm_head",)),
     ("w8a8-dynamic", Int8DynamicActivation(), SmoothQuant(), ("lm_head",)),
+    ("w8a8-dynamic", Int8DynamicActivation(), SmoothQuant(alpha="auto"), ("lm_head",)),
     ("w8a8-dynamic +head", Int8DynamicActivation(), SmoothQuant(), ()),
     ("w8a8-static minmax", Int8StaticActivation(), RTN(), ("lm_head",)),
     ("w8a8-static minmax", Int8StaticActivation(), SmoothQuant(), ("lm_head",)),
+    ("w8a8-static minmax", Int8StaticActivation(), SmoothQuant(alpha="auto"), ("lm_head",)),
     ("w8a8-static mse", Int8StaticActivation("mse"), SmoothQuant(alpha=0.8), ("lm_head",)),
     ("w8a8-static mse", Int8StaticActivation("mse"), SmoothQuant(alpha=0.9), ("lm_head",)),
 ]
@@ -127,7 +132,7 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--only", help="run only the configs whose label starts with this")
+    ap.add_argument("--only", nargs="+", help="run only the configs whose label starts with one of these")
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args()
 
@@ -144,7 +149,7 @@ def main():
         rows.append((label, "", weight_bytes(model.module), ppl, *speed(model, prompt, args.new_tokens, args.repeats), 0.0))
         print(rows[-1], flush=True)
     for label, scheme, method, layers in CONFIGS:
-        if args.only and not label.startswith(args.only):
+        if args.only and not label.startswith(tuple(args.only)):
             continue
         model = copy.deepcopy(base)
         start = time.perf_counter()

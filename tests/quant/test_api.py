@@ -52,6 +52,7 @@ CASES = [
     (Int8StaticActivation(), SmoothQuant(alpha=0.5), Int8Linear, 20),
     (Int8StaticActivation(), SmoothQuant(alpha="auto"), Int8Linear, 20),
     (Int8DynamicActivation(), SmoothQuant(alpha="auto"), Int8Linear, 25),
+    (Int8StaticActivation(), SmoothQuant(alpha="auto", gptq=True), Int8Linear, 20),
     (Int8StaticActivation("mse"), RTN(), Int8Linear, 20),
 ]
 

@@ -70,6 +70,7 @@ class SmoothQuant:
     rows (for static activations it assumes min-max scales, the observer to pair it with)."""
 
     alpha: float | str = 0.5
+    gptq: bool = False  # round the smoothed int8 weights with GPTQ instead of to nearest (llm-compressor's W8A8 recipe)
     name = "smoothquant"
 
     def __post_init__(self):
@@ -263,15 +264,29 @@ def _gather(runner, layer, local, plan, prefix, method) -> dict[str, object]:
         return _sample_inputs(runner, layer, local) if method.clip else dict.fromkeys(local)
     static = {n: make_observer(plan[prefix + n].observer) for n in local
               if isinstance(plan[prefix + n], Int8StaticActivation)}
-    if static:
-        with input_hooks({n: local[n] for n in static}, lambda name, x: static[name].observe(x)):
+    hessians = {n: Hessian(m.in_features) for n, m in local.items()
+                if isinstance(method, SmoothQuant) and method.gptq}
+
+    def observe(name, x):
+        if name in static:
+            static[name].observe(x)
+        if name in hessians:
+            hessians[name].add(x)
+
+    if static or hessians:
+        with input_hooks({n: local[n] for n in {**static, **hessians}}, observe):
             runner.run(layer)
-    return {n: static.get(n) for n in local}
+    return {n: (static.get(n), hessians.get(n)) for n in local}
 
 
 def _quantize_calibrated(linear: nn.Linear, scheme: QuantScheme, method: Method, stat) -> nn.Module:
     if isinstance(scheme, (Int8DynamicActivation, Int8StaticActivation)):
-        return Int8Linear.from_float(linear, stat.scale() if stat is not None else None)
+        observer, hessian = stat
+        input_scale = observer.scale() if observer is not None else None
+        if hessian is None:
+            return Int8Linear.from_float(linear, input_scale)
+        qw = gptq(linear.weight.detach().float(), hessian.value(), 8, linear.in_features, True, act_order=True)
+        return Int8Linear.from_quantized(qw, linear.bias, input_scale)
     bits, granularity, symmetric = _weight_args(scheme)
     group_size = linear.in_features if granularity == "channel" else granularity
     w = linear.weight.detach().float()

@@ -179,9 +179,17 @@ class Int8Linear(_KernelLinear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, input_scale: Tensor | None = None) -> Int8Linear:
-        qw = quantize_weight(linear.weight.detach(), 8, "channel", symmetric=True)
-        bias = linear.bias
-        layer = cls(linear.in_features, linear.out_features, bias is not None, input_scale is not None,
+        """Round-to-nearest int8 weights per output channel."""
+        return cls.from_quantized(quantize_weight(linear.weight.detach(), 8, "channel", symmetric=True), linear.bias,
+                                  input_scale)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, input_scale: Tensor | None = None) -> Int8Linear:
+        """From symmetric int8 per-channel codes (RTN or GPTQ)."""
+        if qw.bits != 8 or not qw.symmetric or qw.scale.shape[1] != 1:
+            raise ValueError("Int8Linear takes symmetric 8-bit weights with one scale per output channel")
+        out_features, in_features = qw.q.shape
+        layer = cls(in_features, out_features, bias is not None, input_scale is not None,
                     bias.dtype if bias is not None else torch.float32)
         layer.qweight = qw.q
         layer.weight_scale = qw.scale[:, 0].contiguous()
