@@ -48,6 +48,7 @@ CONFIGS = [  # (label, scheme, method, layers left in float or per-layer overrid
     ("w8a8-static minmax", Int8StaticActivation(), RTN(), ("lm_head",)),
     ("w8a8-static minmax", Int8StaticActivation(), SmoothQuant(), ("lm_head",)),
     ("w8a8-static minmax", Int8StaticActivation(), SmoothQuant(alpha="auto"), ("lm_head",)),
+    ("w8a8-static minmax, gptq weights", Int8StaticActivation(), SmoothQuant(alpha="auto", gptq=True), ("lm_head",)),
     ("w8a8-static mse", Int8StaticActivation("mse"), SmoothQuant(alpha=0.8), ("lm_head",)),
     ("w8a8-static mse", Int8StaticActivation("mse"), SmoothQuant(alpha=0.9), ("lm_head",)),
 ]

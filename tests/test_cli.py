@@ -1,5 +1,6 @@
 """The command line on a tiny saved model: every command runs and bad input exits 2 with a message."""
 
+import contextlib
 import json
 
 import pytest
@@ -92,3 +93,23 @@ def test_quantize_analyze_ranks_layers(folder, capsys):
 def test_quantize_needs_an_output(folder, capsys):
     assert main(["quantize", "--model", folder, "--scheme", "w8a16"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_quantize_static_smoothquant_auto_with_gptq_weights(folder, capsys, tmp_path):
+    out = tmp_path / "s"
+    assert main(["quantize", "--model", folder, "--scheme", "w8a8-static", "--method", "smoothquant", "--alpha",
+                 "auto", "--gptq", "--calib-samples", "4", "--calib-len", "16", "--out", str(out), "--json"]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    acts = [g["input_activations"] for g in config["config_groups"].values()]
+    assert acts and all(a["strategy"] == "tensor" and not a["dynamic"] for a in acts)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "rtn", "--gptq"], "--gptq rounds SmoothQuant"),
+    (["--method", "smoothquant", "--alpha", "lots"], "expected a number in [0, 1] or 'auto'"),
+])
+def test_quantize_refuses_bad_smoothquant_options(folder, capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) if "lots" in argv else contextlib.nullcontext():
+        code = main(["quantize", "--model", folder, "--scheme", "w8a8-static", *argv, "--out", str(tmp_path / "x")])
+        assert code == 2
+    assert message in capsys.readouterr().err

@@ -61,6 +61,22 @@ void run_rows(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& y, 
   });
 }
 
+template <typename T>
+void run_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& y,
+              int64_t positions, int64_t H, int64_t D, bool wide) {
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  at::parallel_for(0, positions, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t at = (p * H + h) * D;
+        wide ? rope_row_avx512(xp + at, cp + p * D, sp + p * D, yp + at, D)
+             : rope_row_avx2(xp + at, cp + p * D, sp + p * D, yp + at, D);
+      }
+  });
+}
+
 void check_float(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, what,
               " must be float32 or bfloat16, got ", t.scalar_type());
@@ -94,29 +110,9 @@ torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos_in, torch::Tensor sin_i
   const torch::Tensor s = sin_in.to(torch::kFloat).expand({B, T, D}).contiguous();
   auto y = torch::empty_like(x);
   const bool wide = use_avx512();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "rope", AT_DISPATCH_CASE(torch::kFloat, [&] {
-    using T_ = float;
-    at::parallel_for(0, B * T, 16, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t h = 0; h < H; ++h) {
-          const T_* xr = x.data_ptr<T_>() + (p * H + h) * D;
-          T_* yr = y.data_ptr<T_>() + (p * H + h) * D;
-          wide ? rope_row_avx512(xr, c.data_ptr<float>() + p * D, s.data_ptr<float>() + p * D, yr, D)
-               : rope_row_avx2(xr, c.data_ptr<float>() + p * D, s.data_ptr<float>() + p * D, yr, D);
-        }
-    });
-  }) AT_DISPATCH_CASE(torch::kBFloat16, [&] {
-    using T_ = at::BFloat16;
-    at::parallel_for(0, B * T, 16, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t h = 0; h < H; ++h) {
-          const T_* xr = x.data_ptr<T_>() + (p * H + h) * D;
-          T_* yr = y.data_ptr<T_>() + (p * H + h) * D;
-          wide ? rope_row_avx512(xr, c.data_ptr<float>() + p * D, s.data_ptr<float>() + p * D, yr, D)
-               : rope_row_avx2(xr, c.data_ptr<float>() + p * D, s.data_ptr<float>() + p * D, yr, D);
-        }
-    });
-  }));
+  AT_DISPATCH_SWITCH(x.scalar_type(), "rope",
+    AT_DISPATCH_CASE(torch::kFloat, [&] { run_rope<float>(x, c, s, y, B * T, H, D, wide); })
+    AT_DISPATCH_CASE(torch::kBFloat16, [&] { run_rope<at::BFloat16>(x, c, s, y, B * T, H, D, wide); }));
   return y;
 }
 
