@@ -92,3 +92,20 @@ def test_random_workload_keeps_every_invariant(seed):
     for table in tables:
         table.free()
     assert allocator.num_free == 64
+
+
+def test_ragged_workload_wastes_under_4_percent_of_allocated_slots():
+    """The issue's memory figure: 64 requests of 256 to 2,048 tokens in blocks of 16 slots."""
+    from tuili.engine.blocks import unused_fraction
+
+    rng = random.Random(0)
+    lengths = [rng.randint(256, 2048) for _ in range(64)]
+    allocator = BlockAllocator(sum(-(-n // 16) for n in lengths))
+    tables = []
+    for n in lengths:
+        tables.append(BlockTable(allocator, 16))
+        tables[-1].append(n)
+    paged = unused_fraction(tables)
+    contiguous = 1 - sum(lengths) / (len(lengths) * max(lengths))  # one max-length buffer per request
+    assert paged < 0.04 and contiguous > 0.3
+    assert paged == pytest.approx(1 - sum(lengths) / (16 * sum(-(-n // 16) for n in lengths)))
