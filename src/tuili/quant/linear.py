@@ -9,6 +9,8 @@ for small batches, in `torch._int_mm` otherwise.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,7 +26,7 @@ from tuili.quant.primitives import (
 )
 
 
-class _KernelLinear(nn.Module):
+class _KernelLinear(nn.Module, ABC):
     """A quantized linear layer whose forward calls one of tuili's kernels for small batches and its
     PyTorch path (`_reference`) otherwise. Decoding calls every layer once per token, so the call
     is kept short: the kernel's tensor arguments sit in a plain attribute, dropped whenever a buffer
@@ -41,11 +43,13 @@ class _KernelLinear(nn.Module):
             args = self.__dict__["_kernel_args"] = self._make_kernel_args() if on_cpu else ()
         return args
 
+    @abstractmethod
     def _make_kernel_args(self) -> tuple:
-        raise NotImplementedError
+        """(kernel name, tensors..., bias) for `kernels.native`, or () where no kernel applies."""
 
+    @abstractmethod
     def _reference(self, rows: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The PyTorch product for rows (M, in) without bias: the fallback and large batches."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
