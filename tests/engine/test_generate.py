@@ -69,3 +69,28 @@ def test_text_stream_never_splits_a_character(model):
     pieces = [stream_.push(i) for i in ids]
     assert "".join(pieces) == "né 中文"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_token_ids_end_generation():
+    from helpers import random_tiny
+    from tuili.engine import SamplingParams, generate
+
+    model = random_tiny("llama-gqa")
+    free = generate(model, [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    stop_at = free.token_ids[2]
+    cut = generate(model, [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                    stop_token_ids=(stop_at,)))
+    first = free.token_ids.index(stop_at)
+    assert cut.token_ids == free.token_ids[: first + 1] and cut.finish_reason == "stop"
+
+
+def test_repetition_penalty_changes_greedy_output_away_from_repeats():
+    from helpers import random_tiny
+    from tuili.engine import SamplingParams, generate
+
+    model = random_tiny("llama-gqa")
+    plain = generate(model, [5, 6, 7], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    penalized = generate(model, [5, 6, 7], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                          repetition_penalty=5.0))
+    assert penalized.token_ids != plain.token_ids
+    assert len(set(penalized.token_ids)) >= len(set(plain.token_ids))

@@ -49,3 +49,37 @@ def test_same_seed_same_draws():
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_best():
+    probs = torch.softmax(LOGITS[0], -1)
+    params = SamplingParams(min_p=float(probs[2] / probs[0]) + 1e-3)  # keeps tokens 0 and 1 only
+    assert set(draws(LOGITS, params).flatten().tolist()) == {0, 1}
+
+
+def test_penalties_follow_vllm_and_openai():
+    from tuili.engine.sampling import apply_penalties
+
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), [[0]], [[1]])
+    assert rep.tolist() == [[1.0, -4.0, 1.0, 0.5]]  # seen: positive logits shrink, negative grow
+    freq = apply_penalties(logits, SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), [[3]], [[2, 2, 0]])
+    assert freq.tolist() == [[2.0 - 0.5 - 0.25, -2.0, 1.0 - 1.0 - 0.25, 0.5]]  # the prompt's token 3 is exempt
+
+
+def test_logprobs_of_the_chosen_token_and_the_top_alternatives():
+    from tuili.engine.sampling import token_logprobs
+
+    [(chosen, top)] = token_logprobs(LOGITS, torch.tensor([1]), 2)
+    expected = torch.log_softmax(LOGITS[0], -1)
+    assert chosen == pytest.approx(float(expected[1]))
+    assert [t for t, _ in top] == [0, 1] and top[0][1] == pytest.approx(float(expected[0]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"logprobs": 21}, "logprobs"),
+])
+def test_bad_new_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

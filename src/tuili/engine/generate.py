@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tuili.engine.detokenize import TextStream
-from tuili.engine.sampling import SamplingParams, sample
+from tuili.engine.sampling import SamplingParams, apply_penalties, sample
 from tuili.models.cache import ContiguousKVCache
 from tuili.models.model import Model
 
@@ -57,13 +57,17 @@ def stream_tokens(model: Model, prompt_ids: list[int], params: SamplingParams) -
     cache = ContiguousKVCache(model.config, 1, max_len, dtype=module.dtype, device=module.device)
     gen = torch.Generator(device=module.device)
     gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-    eos = set() if params.ignore_eos else model.eos_token_ids
+    eos = (set() if params.ignore_eos else set(model.eos_token_ids)) | set(params.stop_token_ids)
     ids = torch.tensor([prompt_ids], device=module.device)
     positions = torch.arange(len(prompt_ids), device=module.device)[None]
+    output: list[int] = []
     for _ in range(params.max_tokens):
         logits = module(ids, positions, cache, last_only=True).logits[:, -1]
+        if params.penalized:
+            logits = apply_penalties(logits, params, [prompt_ids], [output])
         token = sample(logits, params, gen)
         token_id = int(token)
+        output.append(token_id)
         yield token_id
         if token_id in eos:
             return
@@ -98,7 +102,7 @@ def _generate(model: Model, prompt_ids: list[int], params: SamplingParams) -> It
     """
     text = TextStream(model.tokenizer)
     state = Completion("", [], prompt_ids, "length", 0.0, 0.0)
-    eos = set() if params.ignore_eos else model.eos_token_ids
+    eos = (set() if params.ignore_eos else set(model.eos_token_ids)) | set(params.stop_token_ids)
     holdback = max((len(s) for s in params.stop), default=1) - 1
     for token_id in stream_tokens(model, prompt_ids, params):
         state.token_ids.append(token_id)

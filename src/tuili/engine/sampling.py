@@ -1,4 +1,5 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded."""
+"""Sampling parameters and the sampler: penalties, greedy, temperature, top-k, top-p, min-p, seeded,
+and log-probabilities with the top alternatives."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (logit / p, or · p if < 0)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated (OpenAI's)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output (OpenAI's)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # return the chosen token's log-probability and this many alternatives
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -29,19 +36,53 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def apply_penalties(logits: Tensor, params: SamplingParams, prompt: list[list[int]],
+                    output: list[list[int]]) -> Tensor:
+    """Logits (B, V) after repetition (prompt and output tokens), presence and frequency (output
+    tokens) penalties, as vLLM and the OpenAI API define them."""
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    for row, (seen_prompt, seen_output) in enumerate(zip(prompt, output)):
+        counts = torch.bincount(torch.tensor(seen_output, dtype=torch.long), minlength=vocab)[:vocab].float()
+        if params.repetition_penalty != 1:
+            seen = torch.unique(torch.tensor(seen_prompt + seen_output, dtype=torch.long))
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                            values * params.repetition_penalty)
+        logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """Next token ids (B,) from logits (B, V)."""
+    """Next token ids (B,) from logits (B, V) (penalties, if any, already applied)."""
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature  # fp32 for the softmax
+    if params.min_p > 0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -58,3 +99,13 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
     sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # keeps the first
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the chosen token's log-probability under the model's distribution, and the top_n
+    most likely tokens with theirs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.view(-1, 1))[:, 0]
+    top = torch.topk(logprobs, top_n, dim=-1) if top_n else None
+    return [(float(chosen[i]), [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())))
+            for i in range(logits.shape[0])]
