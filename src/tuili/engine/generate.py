@@ -57,7 +57,7 @@ def stream_tokens(model: Model, prompt_ids: list[int], params: SamplingParams) -
     cache = ContiguousKVCache(model.config, 1, max_len, dtype=module.dtype, device=module.device)
     gen = torch.Generator(device=module.device)
     gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-    eos = (set() if params.ignore_eos else set(model.eos_token_ids)) | set(params.stop_token_ids)
+    eos = _stop_ids(model, params)
     ids = torch.tensor([prompt_ids], device=module.device)
     positions = torch.arange(len(prompt_ids), device=module.device)[None]
     output: list[int] = []
@@ -102,7 +102,7 @@ def _generate(model: Model, prompt_ids: list[int], params: SamplingParams) -> It
     """
     text = TextStream(model.tokenizer)
     state = Completion("", [], prompt_ids, "length", 0.0, 0.0)
-    eos = (set() if params.ignore_eos else set(model.eos_token_ids)) | set(params.stop_token_ids)
+    eos = _stop_ids(model, params)
     holdback = max((len(s) for s in params.stop), default=1) - 1
     for token_id in stream_tokens(model, prompt_ids, params):
         state.token_ids.append(token_id)
@@ -125,6 +125,11 @@ def _advance(state: Completion, text: str) -> str:
     delta = text[len(state.text):]
     state.text += delta
     return delta
+def _stop_ids(model: Model, params: SamplingParams) -> set[int]:
+    """Token ids that end a generation: the model's eos (unless ignored) and the request's stop ids."""
+    return (set() if params.ignore_eos else set(model.eos_token_ids)) | set(params.stop_token_ids)
+
+
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None

@@ -31,9 +31,7 @@ def extension() -> ModuleType | None:
 
 def native(name: str):
     """The compiled kernel `name`, or None where the PyTorch path must run (layers call this per token)."""
-    if _forced_fallback:
-        return None
-    ext = build.extension()
+    ext = extension()
     return None if ext is None else getattr(ext, name)
 
 
@@ -71,26 +69,27 @@ def _dequantize(codes: Tensor, scale: Tensor, zs: Tensor, group_size: int) -> Te
 
 
 def w4_linear_reference(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
-    """(M, K) fp32 · dequant((N, K/2) packed codes)ᵀ with W = scale · u − zs per group."""
-    return x @ _dequantize(_unpack_w4(w, x.shape[1], flip), scale, zs, group_size).T
+    """(M, K) · dequant((N, K/2) packed codes)ᵀ with W = scale · u − zs per group, in fp32."""
+    return (x.float() @ _dequantize(_unpack_w4(w, x.shape[1], flip), scale, zs, group_size).T).to(x.dtype)
 
 
 def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, group_size: int) -> Tensor:
-    return x @ _dequantize(w, scale, torch.zeros_like(scale), group_size).T
+    return (x.float() @ _dequantize(w, scale, torch.zeros_like(scale), group_size).T).to(x.dtype)
+
+
+def _run(name: str, reference, x: Tensor, max_rows: int | None, *args) -> Tensor:
+    """The kernel `name` on CPU for at most `max_rows` rows (None: any), else its PyTorch twin."""
+    fits = x.device.type == "cpu" and (max_rows is None or x.shape[0] <= max_rows)
+    kernel = native(name) if fits else None
+    return kernel(x, *args) if kernel is not None else reference(x, *args)
 
 
 def w4_linear(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
-    ext = extension()
-    if ext is None or x.shape[0] > MAX_M or x.device.type != "cpu":
-        return w4_linear_reference(x.float(), w, scale, zs, group_size, flip).to(x.dtype)
-    return ext.w4_linear(x, w, scale, zs, group_size, flip)
+    return _run("w4_linear", w4_linear_reference, x, MAX_M, w, scale, zs, group_size, flip)
 
 
 def w8_linear(x: Tensor, w: Tensor, scale: Tensor, group_size: int) -> Tensor:
-    ext = extension()
-    if ext is None or x.shape[0] > MAX_M or x.device.type != "cpu":
-        return w8_linear_reference(x.float(), w, scale, group_size).to(x.dtype)
-    return ext.w8_linear(x, w, scale, group_size)
+    return _run("w8_linear", w8_linear_reference, x, MAX_M, w, scale, group_size)
 
 
 def quantize_groups(x: Tensor, group_size: int) -> Tensor:
@@ -109,10 +108,7 @@ def w4a8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group
 
 
 def w4a8_linear(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
-    ext = extension()
-    if ext is None or x.shape[0] > MAX_M or x.device.type != "cpu":
-        return w4a8_linear_reference(x, w, scale, zs, group_size, flip)
-    return ext.w4a8_linear(x, w, scale, zs, group_size, flip)
+    return _run("w4a8_linear", w4a8_linear_reference, x, MAX_M, w, scale, zs, group_size, flip)
 
 
 def quantize_rows(x: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -129,10 +125,7 @@ def w8a8_linear_reference(x: Tensor, w: Tensor, weight_scale: Tensor, input_scal
 
 
 def w8a8_linear(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
-    ext = extension()
-    if ext is None or x.shape[0] > MAX_M_INT8 or x.device.type != "cpu":
-        return w8a8_linear_reference(x, w, weight_scale, input_scale)
-    return ext.w8a8_linear(x, w, weight_scale, input_scale)
+    return _run("w8a8_linear", w8a8_linear_reference, x, MAX_M_INT8, w, weight_scale, input_scale)
 
 
 def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -161,11 +154,8 @@ def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
                     scale: float, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
                     window: int = 0) -> Tensor:
-    ext = extension()
-    if ext is None or q.device.type != "cpu":
-        return paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
-                                         window)
-    return ext.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, window)
+    return _run("paged_attention", paged_attention_reference, q, None, k_cache, v_cache, block_tables, context_lens,
+                scale, k_scale, v_scale, window)
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -199,13 +199,16 @@ def _smooth_layer(runner, layer, local, plan, prefix, method) -> None:
     if not groups:
         return
     firsts = {g.first: g.linears[g.first] for g in groups}
+
+    def scheme_of(g) -> QuantScheme:  # the scheme of the group's first quantized linear
+        return plan[prefix + next(n for n in g.linears if n in local)]
+
     if isinstance(method, SmoothQuant):
-        _smoothquant_layer(runner, layer, groups, firsts, lambda g: plan[prefix + next(n for n in g.linears if n in local)],
-                           method.alpha)
+        _smoothquant_layer(runner, layer, groups, firsts, scheme_of, method.alpha)
         return
     samples = _sample_inputs(runner, layer, firsts)
     for g in groups:
-        bits, granularity, symmetric = _weight_args(plan[prefix + next(n for n in g.linears if n in local)])
+        bits, granularity, symmetric = _weight_args(scheme_of(g))
         group_size = g.linears[g.first].in_features if granularity == "channel" else granularity
         apply_smoothing(g, search_scale(g, samples[g.first], bits, group_size, symmetric, method.grid))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tuili.kernels import ops as kernels
 from tuili.quant.awq import fake_quantize_weight
 from tuili.quant.primitives import qrange
 from tuili.quant.smooth import SmoothGroup, weight_column_max
@@ -22,17 +23,15 @@ def smoothing_scale(act_max: Tensor, w_max: Tensor, alpha: float) -> Tensor:
 
 
 def per_token_fake_quant(x: Tensor) -> Tensor:
-    """int8 round trip with one scale per row: W8A8-dynamic's activations."""
-    qmax = qrange(8, True)[1]
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax
-    return (x / scale).round().clamp(-qmax, qmax) * scale
+    """int8 round trip with one scale per row: W8A8-dynamic's activations, as Int8Linear rounds them."""
+    q, scale = kernels.quantize_rows(x)
+    return q.float() * scale
 
 
 def static_fake_quant(x: Tensor, threshold: float) -> Tensor:
     """int8 round trip with one scale for the tensor, threshold / 127: W8A8-static's activations."""
-    qmax = qrange(8, True)[1]
-    scale = max(threshold, 1e-12) / qmax
-    return (x / scale).round().clamp(-qmax, qmax) * scale
+    q, scale = kernels.quantize_rows(x, torch.tensor(max(threshold, 1e-12) / qrange(8, True)[1]))
+    return q.float() * scale
 
 
 @torch.no_grad()
