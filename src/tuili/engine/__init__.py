@@ -1,6 +1,9 @@
-"""Generation: sampling, KV caching, streaming."""
+"""Generation: sampling, the paged KV cache, continuous batching, streaming."""
 
 from tuili.engine.generate import Completion, generate, stream
+from tuili.engine.llm import LLM, LLMEngine
+from tuili.engine.request import RequestOutput, TokenLogprob
 from tuili.engine.sampling import SamplingParams, sample
 
-__all__ = ["Completion", "SamplingParams", "generate", "sample", "stream"]
+__all__ = ["LLM", "Completion", "LLMEngine", "RequestOutput", "SamplingParams", "TokenLogprob", "generate", "sample",
+           "stream"]

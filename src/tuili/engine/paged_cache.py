@@ -2,10 +2,13 @@
 
 Storage is one (layers, num_blocks, block_size, Hkv, D) tensor each for keys and values (KV heads,
 not query heads: GQA stores 1/group of the keys), in fp32, bf16 or int8 with one scale per token
-and head. Before a forward step the caller `bind`s the step's sequences (their block tables, in
-batch order); the model then calls `attend` per layer, which writes the step's keys and values
-into their slots and attends: decode steps (one token per sequence) run tuili's paged-attention
-kernel over the blocks, longer steps gather each sequence's keys and run masked attention.
+and head. Before a forward step the caller `bind`s the step's sequences (their block tables); the
+model then calls `attend` per layer, which writes the step's keys and values into their slots and
+attends. A step is a list of segments, a run of consecutive tokens of one sequence each: the
+engine packs every segment into one row (1, N) so that each weight is read once per step (vLLM's
+layout), and a plain (B, T) batch is B segments of T tokens. Leading one-token segments (decodes)
+run tuili's paged-attention kernel over the blocks; longer ones (prefill chunks) gather their
+sequence's keys and run PyTorch's SDPA with a causal mask offset to the chunk's start.
 """
 
 from __future__ import annotations
@@ -13,11 +16,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+
 from tuili.engine.blocks import BlockAllocator, BlockTable
 from tuili.kernels import ops as kernels
 from tuili.models.attention import attention, causal_mask
 from tuili.models.config import LlamaConfig
 from tuili.quant.kv import quantize_kv
+
+
+@dataclass
+class _Step:
+    """Where a step's tokens go and what they see, worked out once per step for every layer."""
+
+    tables: Tensor  # (S, W) int32 block ids per segment, padded with 0
+    starts: list[int]  # position of each segment's first token
+    lengths: list[int]  # tokens per segment
+    slots: Tensor  # (N,) flat slot of every token, in packed order
+    num_decode: int  # leading one-token segments, attended by the paged kernel
+    decode_lens: Tensor  # (num_decode,) int32 context length of each of them
+    gathers: list[Tensor]  # per later segment: the slots of its positions 0 … end − 1
 
 
 class PagedKVCache:
@@ -34,18 +52,24 @@ class PagedKVCache:
         self.allocator = BlockAllocator(num_blocks)
         self.scale = config.head_dim ** -0.5
         self._tables: Tensor | None = None
+        self._step: _Step | None = None
+
+    @staticmethod
+    def bytes_per_token(config: LlamaConfig, dtype: torch.dtype = torch.float32, kv_int8: bool = False) -> int:
+        """Keys and values of one token in every layer (and their int8 scales)."""
+        width = 1 if kv_int8 else torch.empty((), dtype=dtype).element_size()
+        return config.num_hidden_layers * config.num_key_value_heads * (
+            2 * config.head_dim * width + (8 if kv_int8 else 0))
 
     @classmethod
     def from_budget(cls, config: LlamaConfig, num_bytes: int, block_size: int = 16,
                     dtype: torch.dtype = torch.float32, kv_int8: bool = False) -> PagedKVCache:
         """As many blocks as `num_bytes` of keys, values (and int8 scales) hold."""
-        per_token = config.num_hidden_layers * config.num_key_value_heads * (
-            2 * config.head_dim * (1 if kv_int8 else torch.empty((), dtype=dtype).element_size())
-            + (8 if kv_int8 else 0))
-        num_blocks = num_bytes // (per_token * block_size)
+        per_block = cls.bytes_per_token(config, dtype, kv_int8) * block_size
+        num_blocks = num_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"{num_bytes} bytes hold no block of {block_size} tokens "
-                             f"({per_token * block_size} bytes each): give the KV cache more memory")
+                             f"({per_block} bytes each): give the KV cache more memory")
         return cls(config, num_blocks, block_size, dtype, kv_int8)
 
     @property
@@ -56,11 +80,32 @@ class PagedKVCache:
     def new_sequence(self) -> BlockTable:
         return BlockTable(self.allocator, self.block_size)
 
-    def bind(self, tables: list[BlockTable]) -> None:
-        """The sequences of the next forward step, in batch order (each already `append`ed to hold
-        the step's tokens)."""
+    def bind(self, tables: list[BlockTable], starts: list[int] | None = None,
+             lengths: list[int] | None = None) -> None:
+        """The sequences of the next forward step (each already `append`ed to hold the step's tokens).
+
+        With `starts` and `lengths` the step is packed: the model gets one row (1, N) holding
+        lengths[i] tokens of sequence i from position starts[i], segment after segment. Without
+        them, the forward is a (B, T) batch, row i belonging to tables[i].
+        """
         width = max(1, max(len(t.blocks) for t in tables))
         self._tables = torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.int32)
+        self._step = None if starts is None else self._plan(starts, lengths)
+
+    def _plan(self, starts: list[int], lengths: list[int]) -> _Step:
+        tables, size = self._tables, self.block_size
+        if len(starts) != tables.shape[0] or len(lengths) != len(starts):
+            raise ValueError("bind() needs one start and one length per block table")
+        seg = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(lengths))
+        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        slots = tables.long()[seg, pos // size] * size + pos % size
+        num_decode = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
+        decode_lens = torch.tensor(starts[:num_decode], dtype=torch.int32) + 1
+        gathers = []
+        for i in range(num_decode, len(starts)):
+            k_pos = torch.arange(starts[i] + lengths[i])
+            gathers.append(tables[i].long()[k_pos // size] * size + k_pos % size)
+        return _Step(tables, list(starts), list(lengths), slots, num_decode, decode_lens, gathers)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply the copy-on-write copies that BlockTable.append returned, in every layer."""
@@ -72,28 +117,48 @@ class PagedKVCache:
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Store k, v (B, Hkv, T, D) at `positions` (B, T) in the bound sequences' blocks, then
         attend with q (B, H, T, D) over everything each sequence holds up to its position."""
-        tables = self._tables
-        if tables is None or tables.shape[0] != q.shape[0]:
-            raise RuntimeError("bind() the step's sequences (one block table per batch row) before the forward")
-        size = self.block_size
-        slots = (tables.long().gather(1, positions // size) * size + positions % size).flatten()  # (B·T,)
-        self._write(layer_idx, slots, k, v)
-        window = self.config.sliding_window or 0
-        if q.shape[2] == 1:
-            lens = (positions[:, 0] + 1).to(torch.int32)
-            out = kernels.paged_attention(q[:, :, 0], self.k[layer_idx], self.v[layer_idx], tables, lens, self.scale,
-                                          self._scale(self.k_scale, layer_idx), self._scale(self.v_scale, layer_idx),
-                                          window)
-            return out[:, :, None]
-        end = int(positions.max()) + 1
-        k_pos = torch.arange(end).expand(q.shape[0], end)
-        gather = (tables.long().gather(1, (k_pos // size).clamp(max=tables.shape[1] - 1)) * size
-                  + k_pos % size)  # (B, S): every sequence's slots for positions 0 … end − 1
-        keys = self._read(self.k, self.k_scale, layer_idx, gather, q.dtype)
-        values = self._read(self.v, self.v_scale, layer_idx, gather, q.dtype)
-        mask = causal_mask(positions, k_pos, window or None)  # also hides slots past a sequence's end
-        out, _ = attention(q, keys, values, mask)
+        if self._tables is None:
+            raise RuntimeError("bind() the step's sequences before the forward")
+        b, h, t, d = q.shape
+        step = self._step
+        if step is None:  # a (B, T) batch: B segments of T tokens
+            if self._tables.shape[0] != b:
+                raise RuntimeError("bind() one block table per batch row before the forward")
+            step = self._plan(positions[:, 0].tolist(), [t] * b)
+            q, k, v = (x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (q, k, v))
+        elif b != 1 or t != len(step.slots):
+            raise RuntimeError(f"the bound step packs {len(step.slots)} tokens in one row; got a ({b}, {t}) batch")
+        self._write(layer_idx, step.slots, k, v)
+        out = self._attend_segments(layer_idx, q, step)
+        if self._step is None:
+            out = out.reshape(h, b, t, d).transpose(0, 1)
         return out
+
+    def _attend_segments(self, layer: int, q: Tensor, step: _Step) -> Tensor:
+        """q (1, H, N) packed segments -> (1, H, N, D): decodes through the paged kernel, longer
+        segments through SDPA over their gathered keys."""
+        window = self.config.sliding_window or 0
+        outs = []
+        nd = step.num_decode
+        if nd:
+            out = kernels.paged_attention(q[0, :, :nd].transpose(0, 1), self.k[layer], self.v[layer],
+                                          step.tables[:nd], step.decode_lens, self.scale,
+                                          self._scale(self.k_scale, layer), self._scale(self.v_scale, layer), window)
+            outs.append(out.transpose(0, 1)[None])  # (1, H, nd, D)
+        offset = nd
+        for i, gather in enumerate(step.gathers, start=nd):
+            start, n = step.starts[i], step.lengths[i]
+            keys = self._read(self.k, self.k_scale, layer, gather[None], q.dtype)
+            values = self._read(self.v, self.v_scale, layer, gather[None], q.dtype)
+            q_seg = q[:, :, offset:offset + n]
+            if start == 0 and not (window and n > window):
+                out, _ = attention(q_seg, keys, values, None, is_causal=n > 1)
+            else:
+                q_pos = torch.arange(start, start + n)[None]
+                out, _ = attention(q_seg, keys, values, causal_mask(q_pos, torch.arange(start + n)[None], window or None))
+            outs.append(out)
+            offset += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         hkv, d = k.shape[1], k.shape[3]

@@ -25,11 +25,13 @@ class PrefixCache:
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
 
-    def _keys(self, tokens: list[int]) -> list[int]:
-        keys, parent = [], None
-        for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
-            parent = hash((parent, tuple(tokens[start:start + self.block_size])))
-            keys.append(parent)
+    def _keys(self, tokens: list[int], keys: list[int] | None = None) -> list[int]:
+        """The keys of every full block of `tokens`; `keys`, those of a prefix already known, is
+        extended in place (a growing sequence hashes each block once)."""
+        keys = [] if keys is None else keys
+        size = self.block_size
+        for i in range(len(keys), len(tokens) // size):
+            keys.append(hash((keys[-1] if keys else None, tuple(tokens[i * size:(i + 1) * size]))))
         return keys
 
     def match(self, prompt: list[int]) -> BlockTable:
@@ -49,9 +51,12 @@ class PrefixCache:
             self.hits += 1
         return table
 
-    def insert(self, table: BlockTable, tokens: list[int]) -> None:
-        """Index the full blocks of a sequence whose KV for `tokens` is now written."""
-        for key, block in zip(self._keys(tokens[:table.num_tokens]), table.blocks):
+    def insert(self, table: BlockTable, tokens: list[int], keys: list[int] | None = None) -> None:
+        """Index the full blocks of a sequence whose KV for `tokens` is now written. Pass the
+        sequence's own `keys` list to hash only blocks that filled since the last call."""
+        known = 0 if keys is None else len(keys)
+        keys = self._keys(tokens[:table.num_tokens], keys)
+        for key, block in zip(keys[known:], table.blocks[known:]):
             if key not in self._blocks:
                 self._blocks[key] = self.allocator.share(block)
 

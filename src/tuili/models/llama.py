@@ -135,13 +135,15 @@ class LlamaForCausalLM(nn.Module):
         cache: KVCache | None = None,
         *,
         last_only: bool = False,
+        logits_at: Tensor | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> CausalLMOutput:
         """Logits for token ids (B, T) at `positions` (B, T; default 0..T-1).
 
         Without a cache the T tokens attend causally to each other; with one, they also see what
-        the cache holds. `last_only` computes the head for the last position only (decoding).
+        the cache holds. `last_only` computes the head for the last position only (decoding);
+        `logits_at` (indices along T) for those positions only (the engine's packed steps).
         """
         b, t = input_ids.shape
         if positions is None:
@@ -160,6 +162,8 @@ class LlamaForCausalLM(nn.Module):
             hidden.append(x)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[:, logits_at]
         return CausalLMOutput(
             logits=self.lm_head(x),
             hidden_states=tuple(hidden) if output_hidden_states else None,

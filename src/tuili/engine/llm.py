@@ -1,0 +1,278 @@
+"""The engine: requests in, one packed forward step at a time over the paged KV cache, outputs out.
+
+`LLMEngine` is the synchronous core (add_request / step / abort); `LLM` is the offline API on top
+of it (batched `generate`, `stream`); `AsyncLLM` (tuili.engine.async_llm) runs the same core on a
+thread for the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tuili.engine.detokenize import OutputText
+from tuili.engine.paged_cache import PagedKVCache
+from tuili.engine.request import Request, RequestOutput, TokenLogprob
+from tuili.engine.sampling import SamplingParams, apply_penalties, sample, token_logprobs
+from tuili.engine.scheduler import Chunk, Scheduler
+from tuili.models.model import Model
+
+Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
+MAX_DEFAULT_KV_BYTES = 4 << 30
+
+
+@dataclass
+class Completion:
+    """A finished request."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop token or stop string), "length" or "abort"
+    time_to_first_token: float  # seconds
+    seconds: float
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with SamplingParams(logprobs=n)
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first, per second of decoding (prefill excluded)."""
+        decode = self.seconds - self.time_to_first_token
+        return (len(self.token_ids) - 1) / decode if decode > 0 and len(self.token_ids) > 1 else 0.0
+
+
+def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: text, ids, or chat messages (rendered with the chat template)."""
+    if isinstance(prompt, str):
+        return model.tokenizer.encode(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        text = model.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        return model.tokenizer.encode(text, add_special_tokens=False)
+    return list(prompt)
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache for one model.
+
+    max_num_seqs: requests decoding together; max_num_batched_tokens: tokens per step (prefill
+    chunks and decodes together); kv_cache_bytes: the cache's memory (default: room for
+    max_num_seqs full contexts, at most 4 GiB); threads: torch's intra-op threads.
+    """
+
+    def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
+                 block_size: int = 16, kv_cache_bytes: int | None = None, kv_int8: bool = False,
+                 prefix_caching: bool = True, threads: int | None = None):
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.model, self.module = model, model.module
+        config = model.config
+        dtype = self.module.dtype
+        if kv_cache_bytes is None:
+            per_token = PagedKVCache.bytes_per_token(config, dtype, kv_int8)
+            kv_cache_bytes = min(MAX_DEFAULT_KV_BYTES, max_num_seqs * config.max_position_embeddings * per_token)
+        self.cache = PagedKVCache.from_budget(config, kv_cache_bytes, block_size, dtype, kv_int8)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    @property
+    def max_tokens_per_request(self) -> int:
+        return min(self.model.config.max_position_embeddings,
+                   self.cache.allocator.num_blocks * self.cache.block_size)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, with what to change, for a request the engine can never run."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.model.config.max_position_embeddings:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the model's context of {self.model.config.max_position_embeddings} tokens")
+        if total > self.max_tokens_per_request:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs more "
+                             f"KV cache than the engine has ({self.max_tokens_per_request} tokens): "
+                             f"give it a larger kv_cache_bytes or ask for fewer tokens")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> str:
+        """Queue a request; it joins the running batch at the next step with room for it."""
+        prompt_ids = encode_prompt(self.model, prompt)
+        self.validate(prompt_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        generator = torch.Generator(device=self.module.device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        stop_ids = (set() if params.ignore_eos else set(self.model.eos_token_ids)) | set(params.stop_token_ids)
+        request = Request(request_id, prompt_ids, params, OutputText(self.model.tokenizer, params.stop, stop_ids),
+                          generator)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; its blocks are freed at once. None if it is unknown or finished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        return self._finish(request, "abort", request.text.finish(), 0)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @torch.no_grad()  # not inference_mode: tensor-subclass layers (quanto, torchao) refuse it
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over the scheduled chunks; sample where a chunk completes a request's
+        pending tokens. Returns an output for every request that got a token (or finished)."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        self.cache.copy_blocks(self.scheduler.take_copies())
+        logits = self._forward(chunks)
+        outputs = []
+        sampling = [c.request for c in chunks if c.samples]
+        for chunk in chunks:
+            self.scheduler.computed(chunk)
+        for request, (token, logprob) in zip(sampling, self._sample(sampling, logits)):
+            outputs.append(self._append(request, token, logprob))
+        return outputs
+
+    def _forward(self, chunks: list[Chunk]) -> Tensor:
+        ids, positions, sample_at = [], [], []
+        for chunk in chunks:
+            end = chunk.start + chunk.length
+            ids += chunk.request.all_ids[chunk.start:end]
+            positions += range(chunk.start, end)
+            if chunk.samples:
+                sample_at.append(len(ids) - 1)
+        self.cache.bind([c.request.table for c in chunks], [c.start for c in chunks], [c.length for c in chunks])
+        device = self.module.device
+        out = self.module(torch.tensor([ids], device=device), torch.tensor([positions], device=device), self.cache,
+                          logits_at=torch.tensor(sample_at, dtype=torch.long, device=device))
+        return out.logits[0]  # (len(sample_at), V)
+
+    def _sample(self, requests: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:
+        """Next token per request (greedy ones in one argmax), with log-probabilities if asked for."""
+        plain = [i for i, r in enumerate(requests) if r.params.greedy and not r.params.penalized]
+        tokens = [0] * len(requests)
+        if plain:
+            for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+                tokens[i] = token
+        results = []
+        for i, request in enumerate(requests):
+            params, row = request.params, logits[i:i + 1]
+            if params.penalized:
+                row = apply_penalties(row, params, [request.prompt_ids], [request.output_ids])
+            token = tokens[i] if i in plain else int(sample(row, params, request.generator)[0])
+            logprob = None
+            if params.logprobs is not None:
+                value, top = token_logprobs(row, torch.tensor([token]), params.logprobs)[0]
+                logprob = TokenLogprob(token, value, top)
+            results.append((token, logprob))
+        return results
+
+    def _append(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        request.output_ids.append(token)
+        request.all_ids.append(token)
+        if logprob is not None:
+            request.logprobs.append(logprob)
+        if request.first_token_time is None:
+            request.first_token_time = time.perf_counter()
+        delta = request.text.add(token)
+        if request.text.finish_reason is not None:
+            return self._finish(request, request.text.finish_reason, delta, 1)
+        if len(request.output_ids) >= request.params.max_tokens:
+            return self._finish(request, "length", delta + request.text.finish(), 1)
+        return RequestOutput.of(request, delta, 1)
+
+    def _finish(self, request: Request, reason: str, delta: str, new_tokens: int) -> RequestOutput:
+        self.scheduler.finish(request)
+        request.finish_reason, request.finished_time = reason, time.perf_counter()
+        del self.requests[request.id]
+        return RequestOutput.of(request, delta, new_tokens)
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters for metrics: queue lengths, KV use, prefix-cache hits, preemptions."""
+        allocator, prefix = self.cache.allocator, self.scheduler.prefix
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": allocator.num_blocks,
+                "kv_usage": 1 - allocator.num_free / allocator.num_blocks,
+                "prefix_cache_queries": prefix.queries if prefix else 0,
+                "prefix_cache_hits": prefix.hits if prefix else 0,
+                "preemptions": self.scheduler.num_preemptions}
+
+
+class LLM:
+    """Offline inference: `LLM("default").generate(["a", "b"], SamplingParams(max_tokens=32))`.
+
+    Takes a loaded `Model` or anything `tuili.load` accepts; engine options as `LLMEngine`.
+    """
+
+    def __init__(self, model: Model | str, **engine_options):
+        if isinstance(model, str):
+            from tuili.models import load
+            model = load(model)
+        self.model = model
+        self.engine = LLMEngine(model, **engine_options)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+        """Complete every prompt, all batched together; one completion per prompt, in order."""
+        prompts = _as_list(prompts)
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
+        start = time.perf_counter()
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        finally:
+            for request_id in ids:
+                if request_id not in done:
+                    self.engine.abort(request_id)
+        return [_completion(done[i], start) for i in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[str]:
+        """Yield one prompt's completion text piece by piece; closing the iterator aborts it."""
+        request_id = self.engine.add_request(prompt, params)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        if out.delta:
+                            yield out.delta
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text, token ids, chat messages) or a sequence of them -> a list of prompts."""
+    if isinstance(prompts, str) or not prompts:
+        return [prompts]
+    first = prompts[0]
+    if isinstance(first, int) or isinstance(first, dict):
+        return [prompts]
+    return list(prompts)
+
+
+def _completion(out: RequestOutput, start: float) -> Completion:
+    first = (out.first_token_time or out.finished_time) - max(start, out.arrival_time)
+    return Completion(out.text, out.token_ids, out.prompt_token_ids, out.finish_reason, first,
+                      out.finished_time - max(start, out.arrival_time), out.logprobs, out.num_cached_tokens)

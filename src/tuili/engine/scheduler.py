@@ -1,0 +1,139 @@
+"""Iteration-level (continuous) batching: which tokens of which requests the next step computes.
+
+Every step has a token budget. Running requests come first, in the order they were admitted:
+each gets its pending tokens (one when decoding; the rest of its prompt, up to the budget, when
+prefilling, so a long prompt is split into chunks across steps while the others keep decoding).
+Then waiting requests are admitted first-come first-served while the budget, the sequence limit
+and the KV blocks allow; a new request first takes what the prefix cache holds of its prompt.
+When a running request needs a block and none is free, unreferenced prefix-cache blocks are
+evicted; if that is not enough, the most recently admitted request is preempted: its blocks are
+freed and it goes back to the front of the queue with its tokens so far, to be recomputed (vLLM's
+recompute preemption). Nothing is lost: a preempted request resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tuili.engine.blocks import NoFreeBlocks
+from tuili.engine.paged_cache import PagedKVCache
+from tuili.engine.prefix import PrefixCache
+from tuili.engine.request import Request, Status
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`length` tokens of `request`, from position `start`, computed in this step."""
+
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the request's last token, so its logits give the next one."""
+        return self.start + self.length == len(self.request.all_ids)
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
+                 prefix_caching: bool = True):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.cache = cache
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.prefix = PrefixCache(cache.allocator, cache.block_size) if prefix_caching else None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.copies: list[tuple[int, int]] = []  # copy-on-write block copies the cache must make
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        """The next step's chunks, one-token chunks (decodes) first."""
+        budget, chunks, preemptions = self.max_num_batched_tokens, [], self.num_preemptions
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_pending, budget)
+            if not self._make_room(request, request.num_computed + n):
+                break  # it was the last one left to preempt
+            chunks.append(Chunk(request, request.num_computed, n))
+            budget -= n
+            i += 1
+        preempted = self.num_preemptions > preemptions
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            request = self.waiting[0]
+            if request.table is None:
+                request.table = (self.prefix.match(request.all_ids) if self.prefix
+                                 else self.cache.new_sequence())
+                request.num_computed = request.table.num_tokens
+                request.num_cached = max(request.num_cached, min(request.num_computed, len(request.prompt_ids)))
+            n = min(request.num_pending, budget)
+            if not self._grow(request, request.num_computed + n):
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            chunks.append(Chunk(request, request.num_computed, n))
+            budget -= n
+        return sorted(chunks, key=lambda c: c.length != 1)  # stable: decodes first, in order
+
+    def computed(self, chunk: Chunk) -> None:
+        """The step ran: the chunk's keys and values are in the cache."""
+        request = chunk.request
+        request.num_computed = chunk.start + chunk.length
+        if self.prefix is not None:
+            self.prefix.insert(request.table, request.all_ids, request.block_keys)
+
+    def finish(self, request: Request) -> None:
+        """Drop a finished or aborted request and free its blocks at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = Status.FINISHED
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.copies = self.copies, []
+        return copies
+
+    def _make_room(self, request: Request, num_tokens: int) -> bool:
+        """Grow a running request, preempting from the back of the running list until it fits.
+        False when the request itself had to be preempted."""
+        while not self._grow(request, num_tokens):
+            victim = self.running.pop()  # the most recently admitted
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _grow(self, request: Request, num_tokens: int) -> bool:
+        """Make room for `num_tokens` in the request's blocks, evicting cached prefixes if needed."""
+        short = request.table.blocks_needed(num_tokens) - self.cache.allocator.num_free
+        if short > 0 and self.prefix is not None:
+            self.prefix.evict(short)
+        try:
+            self.copies += request.table.append(num_tokens)
+        except NoFreeBlocks:
+            return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        if request.table is not None:
+            request.table.free()
+        request.table, request.num_computed, request.block_keys = None, 0, []
