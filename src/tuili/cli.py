@@ -130,7 +130,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeat for several)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 (half of bf16's memory)")
 
 
 def _load(args):
@@ -149,7 +153,8 @@ def _params(args):
     from tuili.engine import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed)
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          stop=tuple(args.stop), seed=args.seed)
 
 
 def _optimize(args) -> None:
@@ -244,19 +249,17 @@ def _analyze(args) -> None:
 
 
 def _generate(args) -> None:
-    from tuili.engine import stream
+    from tuili.engine import LLM
 
-    model = _load(args)
+    llm = LLM(_load(args), max_num_seqs=1, kv_int8=args.kv_int8)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    for delta in stream(model, prompt, _params(args)):
-        print(delta, end="", flush=True)
-    print()
+    _print_stream(llm, prompt, _params(args))
 
 
 def _chat(args) -> None:
-    from tuili.engine import stream
+    from tuili.engine import LLM
 
-    model = _load(args)
+    llm = LLM(_load(args), max_num_seqs=1, kv_int8=args.kv_int8)  # one engine: earlier turns stay cached
     messages = [{"role": "system", "content": args.system}] if args.system else []
     params = _params(args)
     while True:
@@ -268,12 +271,23 @@ def _chat(args) -> None:
         if not user.strip():
             return
         messages.append({"role": "user", "content": user})
-        reply = []
-        for delta in stream(model, messages, params):
-            reply.append(delta)
-            print(delta, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": _print_stream(llm, messages, params)})
+
+
+def _print_stream(llm, prompt, params) -> str:
+    """Stream a completion to stdout; its speed to stderr. Returns the text."""
+    start, first, pieces = time.perf_counter(), None, []
+    for delta in llm.stream(prompt, params):
+        first = first or time.perf_counter()
+        pieces.append(delta)
+        print(delta, end="", flush=True)
+    print()
+    stats = llm.engine.stats()
+    if first is not None:
+        print(f"[first text after {1000 * (first - start):.0f} ms, {time.perf_counter() - start:.1f} s in all; "
+              f"prefix cache hit rate {stats['prefix_cache_hits'] / max(1, stats['prefix_cache_queries']):.0%}]",
+              file=sys.stderr)
+    return "".join(pieces)
 
 
 if __name__ == "__main__":
