@@ -71,6 +71,7 @@ def implementations() -> list[Impl]:
     int8pack = lambda w: (lambda q: (q.q, q.scale[:, 0].contiguous()))(quantize_weight(w, 8, "channel", True))  # noqa: E731
     impls = [
         Impl("fp32 F.linear", lambda w: w, lambda x, w: F.linear(x, w)),
+        Impl("tuili fp32 GEMV (kernels.linear)", lambda w: w, lambda x, w: kernels.linear(x, w)),
         Impl("bf16 F.linear", lambda w: w.bfloat16(), lambda x, w: F.linear(x, w), torch.bfloat16),
         Impl("aten._weight_int8pack_mm", int8pack, lambda x, s: torch.ops.aten._weight_int8pack_mm(x, s[0], s[1])),
         Impl("aten._weight_int4pack_mm_for_cpu g64", _int4pack,

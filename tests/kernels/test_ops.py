@@ -47,6 +47,30 @@ def test_w8_kernel_matches_reference(m, n, k, group_size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n, k", [(96, 576), (7, 577), (33, 100), (1536, 64), (5, 15)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_gemv_matches_f_linear(m, n, k, bias):
+    if not ext.isa().startswith("avx512"):
+        pytest.skip("the fp32 GEMV is AVX-512 only (elsewhere kernels.linear is F.linear)")
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    torch.testing.assert_close(ext.f32_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_takes_the_kernel_only_where_it_is_exact_and_faster():
+    x, w, b = torch.randn(2, 3, 40), torch.randn(24, 40), torch.randn(24)
+    torch.testing.assert_close(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    many = torch.randn(ops.MAX_M_F32 + 1, 40)  # past the kernel's rows: PyTorch's sgemm, bit for bit
+    assert torch.equal(ops.linear(many, w), torch.nn.functional.linear(many, w))
+    wg = w.clone().requires_grad_()
+    y = ops.linear(x, wg, b)  # autograd records: PyTorch's op, so gradients flow
+    y.sum().backward()
+    assert wg.grad is not None
+
+
+@needs_kernels
 @pytest.mark.parametrize("kernel", ["w4", "w8"])
 def test_bf16_activations_give_bf16_results_close_to_fp32(kernel):
     x = torch.randn(3, 576)

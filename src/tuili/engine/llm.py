@@ -24,6 +24,7 @@ from tuili.models.model import Model
 
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
 MAX_DEFAULT_KV_BYTES = 4 << 30
+DEFAULT_KV_TOKENS_PER_SEQ = 2048
 
 
 @dataclass
@@ -60,8 +61,8 @@ class LLMEngine:
     """Continuous batching over a paged KV cache for one model.
 
     max_num_seqs: requests decoding together; max_num_batched_tokens: tokens per step (prefill
-    chunks and decodes together); kv_cache_bytes: the cache's memory (default: room for
-    max_num_seqs full contexts, at most 4 GiB); threads: torch's intra-op threads.
+    chunks and decodes together); kv_cache_bytes: the cache's memory (default: 2,048 tokens per
+    sequence, or one full context if larger, at most 4 GiB); threads: torch's intra-op threads.
     """
 
     def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
@@ -76,7 +77,9 @@ class LLMEngine:
         dtype = self.module.dtype
         if kv_cache_bytes is None:
             per_token = PagedKVCache.bytes_per_token(config, dtype, kv_int8)
-            kv_cache_bytes = min(MAX_DEFAULT_KV_BYTES, max_num_seqs * config.max_position_embeddings * per_token)
+            context = config.max_position_embeddings
+            tokens = max(context, max_num_seqs * min(context, DEFAULT_KV_TOKENS_PER_SEQ))
+            kv_cache_bytes = min(MAX_DEFAULT_KV_BYTES, tokens * per_token)
         self.cache = PagedKVCache.from_budget(config, kv_cache_bytes, block_size, dtype, kv_int8)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching)
         self.requests: dict[str, Request] = {}

@@ -4,6 +4,7 @@ from tuili.kernels.ops import (
     available,
     fallback,
     isa,
+    linear,
     paged_attention,
     paged_attention_reference,
     rms_norm,
@@ -20,7 +21,7 @@ from tuili.kernels.ops import (
     w8a8_linear_reference,
 )
 
-__all__ = ["available", "fallback", "isa", "paged_attention", "paged_attention_reference", "rms_norm",
+__all__ = ["available", "fallback", "isa", "linear", "paged_attention", "paged_attention_reference", "rms_norm",
            "rms_norm_reference", "rope", "rope_reference", "w4_linear",
            "w4_linear_reference", "w4a8_linear", "w4a8_linear_reference", "w8_linear", "w8_linear_reference",
            "w8a8_linear", "w8a8_linear_reference"]

@@ -10,6 +10,7 @@ and what runs where the kernels are not built.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import functools
 from contextlib import contextmanager
 from types import ModuleType
 
@@ -168,6 +169,29 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+MAX_M_F32 = 8  # fp32 rows up to which tuili's GEMV beats PyTorch's sgemm (measured, benchmarks/kernels.py)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, through tuili's fp32 GEMV when few rows meet fp32 weights on an AVX-512 CPU
+    (decoding: PyTorch's sgemv streams the weights at well under the memory bandwidth)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (rows == 0 or rows > MAX_M_F32 or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or torch.compiler.is_compiling() or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight, bias)
+    kernel = _fused("f32_linear", x) if _has_avx512() else None
+    if kernel is None:
+        return F.linear(x, weight, bias)
+    return kernel(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    ext = build.extension()
+    return ext is not None and ext.isa().startswith("avx512")
 
 
 def _fused(name: str, x: Tensor):

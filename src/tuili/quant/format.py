@@ -65,7 +65,7 @@ def save_compressed(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
                        for i, (fmt, scheme, targets) in enumerate(groups.values())},
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
-        ignore=[n for n, m in module.named_modules() if type(m) is nn.Linear],
+        ignore=[n for n, m in module.named_modules() if isinstance(m, nn.Linear)],
     )
     return state, config.model_dump(exclude_none=False)
 

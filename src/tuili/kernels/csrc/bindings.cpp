@@ -5,6 +5,7 @@ namespace tuili {
 torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t group_size,
                         bool flip);
 torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size);
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
                           c10::optional<torch::Tensor> input_scale);
 torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
@@ -26,6 +27,7 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4_linear", &tuili::w4_linear, "x · dequant(W4)ᵀ for small M");
   m.def("w8_linear", &tuili::w8_linear, "x · dequant(W8)ᵀ for small M");
+  m.def("f32_linear", &tuili::f32_linear, "x · Wᵀ (+ b) in fp32 for small M, AVX-512");
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales");
   m.def("w4a8_linear", &tuili::w4a8_linear, "int8(x, per token and group) · W4ᵀ, VNNI");
   m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)");
