@@ -98,3 +98,46 @@ def test_fallback_runs_the_reference():
     with ops.fallback():
         out = ops.paged_attention(q, k, v, tables, ctx, 0.25)
     assert torch.equal(out, ops.paged_attention_reference(q, k, v, tables, ctx, 0.25))
+
+
+def _write_both(store, input_dtype, strided):
+    """Run paged_write through the kernel and the reference on fresh caches; return both results."""
+    g = torch.Generator().manual_seed(4)
+    blocks, size, heads, dim, n = 6, 4, 3, 40, 9
+    slots = torch.randperm(blocks * size, generator=g)[:n]
+    k = torch.randn(heads, n, dim, generator=g).to(input_dtype)
+    v = torch.randn(heads, n, dim, generator=g).to(input_dtype)
+    k, v = (k.transpose(0, 1), v.transpose(0, 1)) if strided else (k.transpose(0, 1).contiguous(),
+                                                                    v.transpose(0, 1).contiguous())
+    results = []
+    for write in (ext.paged_write, ops.paged_write_reference):
+        caches = [torch.zeros(blocks, size, heads, dim, dtype=store) for _ in range(2)]
+        scales = [torch.zeros(blocks, size, heads) for _ in range(2)] if store == torch.int8 else [None, None]
+        write(caches[0], caches[1], slots, k, v, scales[0], scales[1])
+        results.append((caches, scales))
+    return results
+
+
+@needs_kernels
+@pytest.mark.parametrize("store", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_paged_write_matches_reference(store, input_dtype, strided):
+    (kernel_caches, kernel_scales), (ref_caches, ref_scales) = _write_both(store, input_dtype, strided)
+    for got, expected in zip(kernel_caches, ref_caches):
+        assert torch.equal(got, expected)
+    if store == torch.int8:
+        for got, expected in zip(kernel_scales, ref_scales):
+            assert torch.equal(got, expected)
+
+
+@needs_kernels
+def test_paged_write_refuses_bad_slots_and_non_finite_int8_input():
+    cache = torch.zeros(2, 4, 1, 8)
+    rows = torch.ones(1, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ext.paged_write(cache, cache.clone(), torch.tensor([8]), rows, rows, None, None)
+    codes, scales = torch.zeros(2, 4, 1, 8, dtype=torch.int8), torch.zeros(2, 4, 1)
+    bad = torch.full((1, 1, 8), float("nan"))
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        ext.paged_write(codes, codes.clone(), torch.tensor([0]), bad, rows, scales, scales.clone())

@@ -22,7 +22,6 @@ from tuili.engine.blocks import BlockAllocator, BlockTable
 from tuili.kernels import ops as kernels
 from tuili.models.attention import attention, causal_mask
 from tuili.models.config import LlamaConfig
-from tuili.quant.kv import quantize_kv
 
 
 @dataclass
@@ -161,16 +160,9 @@ class PagedKVCache:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        hkv, d = k.shape[1], k.shape[3]
-        for store, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            rows = x.transpose(1, 2).reshape(-1, hkv, d)  # (B·T, Hkv, D)
-            flat = store[layer].view(-1, hkv, d)
-            if scales is None:
-                flat[slots] = rows.to(flat.dtype)
-            else:
-                codes, scale = quantize_kv(rows, "token")  # per token and head: scale over D
-                flat[slots] = codes
-                scales[layer].view(-1, hkv)[slots] = scale[..., 0]
+        """k, v (1, Hkv, N, D) packed rows into their slots (one kernel call for both)."""
+        kernels.paged_write(self.k[layer], self.v[layer], slots, k[0].transpose(0, 1), v[0].transpose(0, 1),
+                            self._scale(self.k_scale, layer), self._scale(self.v_scale, layer))
 
     @staticmethod
     def _scale(scales: Tensor | None, layer: int) -> Tensor | None:

@@ -159,6 +159,28 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                 scale, k_scale, v_scale, window)
 
 
+def paged_write_reference(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor,
+                          k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
+    """Store k, v (N, Hkv, D) at flat `slots` of caches (blocks, block_size, Hkv, D); int8 caches
+    take codes and one scale per token and head (tuili.quant.kv.quantize_kv)."""
+    from tuili.quant.kv import quantize_kv
+
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        flat = cache.view(-1, hkv, d)
+        if scales is None:
+            flat[slots] = x.to(flat.dtype)
+        else:
+            codes, scale = quantize_kv(x, "token")
+            flat[slots] = codes
+            scales.view(-1, hkv)[slots] = scale[..., 0]
+
+
+def paged_write(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor,
+                k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
+    _run("paged_write", paged_write_reference, k_cache, None, v_cache, slots, k, v, k_scale, v_scale)
+
+
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """w · x / sqrt(mean(x²) + eps), statistics in fp32, as tuili.models.llama.RMSNorm."""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)

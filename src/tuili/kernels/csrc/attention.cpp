@@ -12,6 +12,8 @@
 // (AVX-512 and AVX2) and chosen at run time like the GEMV kernels.
 #include "common.h"
 
+#include <atomic>
+#include <tuple>
 #include <vector>
 
 namespace tuili {
@@ -29,20 +31,33 @@ struct Paged {
 
 // Partial attention of `group` query heads over tokens [t0, t1) of sequence b, KV head h:
 // the running max m_g, the sum of e^(logit − m_g) and the unnormalised Σ e^(logit − m_g) · v per head.
-template <typename T>
+// Calls fn(i, r) for tokens t0 + i, i < n, of one sequence, with r the token's row of KV head h in
+// the cache: one table lookup (and one division) per block, not per token.
+template <typename Fn>
+__attribute__((always_inline)) inline void for_tokens(const Paged& p, const int32_t* table, int64_t h, int64_t t0,
+                                                      int64_t n, Fn fn) {
+  const int64_t bs = p.block_size;
+  for (int64_t i = 0; i < n;) {
+    const int64_t t = t0 + i, off = t % bs, count = std::min(bs - off, n - i);
+    const int64_t base = (static_cast<int64_t>(table[t / bs]) * bs + off) * p.kv_heads + h;
+    for (int64_t j = 0; j < count; ++j) fn(i + j, base + j * p.kv_heads);
+    i += count;
+  }
+}
+
+// Partial attention of `group` query heads over tokens [t0, t1) of sequence b, KV head h:
+// the running max m_g, the sum of e^(logit − m_g) and the unnormalised Σ e^(logit − m_g) · v per head.
+// DC is the head size when it is a compile-time constant (64 or 128: loops fully unrolled), else 0.
+template <typename T, int DC>
 __attribute__((always_inline)) inline void decode_group(const float* __restrict q, int64_t group,
                                                         const T* __restrict k_cache, const T* __restrict v_cache,
                                                         const float* k_scale, const float* v_scale, const Paged& p,
                                                         int64_t b, int64_t h, int64_t t0, int64_t t1, float sm_scale,
                                                         float* __restrict logits, float* __restrict acc,
                                                         float* __restrict maxes, float* __restrict sums) {
-  const int64_t D = p.head_dim, n = t1 - t0;
+  const int64_t D = DC ? DC : p.head_dim, n = t1 - t0;
   const int32_t* table = p.tables + b * p.max_blocks;
-  auto row = [&](int64_t t) {
-    return (static_cast<int64_t>(table[t / p.block_size]) * p.block_size + t % p.block_size) * p.kv_heads + h;
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = row(t0 + i);
+  for_tokens(p, table, h, t0, n, [&](int64_t i, int64_t r) {
     const T* __restrict k = k_cache + r * D;
     const float ks = k_scale ? k_scale[r] * sm_scale : sm_scale;
     for (int64_t g = 0; g < group; ++g) {
@@ -52,7 +67,7 @@ __attribute__((always_inline)) inline void decode_group(const float* __restrict 
       for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_float(k[d]);
       logits[g * n + i] = dot * ks;
     }
-  }
+  });
   for (int64_t g = 0; g < group; ++g) {
     float* __restrict lg = logits + g * n;
     float mx = -INFINITY;
@@ -68,8 +83,7 @@ __attribute__((always_inline)) inline void decode_group(const float* __restrict 
     sums[g] = sum;
   }
   for (int64_t j = 0; j < group * D; ++j) acc[j] = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = row(t0 + i);
+  for_tokens(p, table, h, t0, n, [&](int64_t i, int64_t r) {
     const T* __restrict v = v_cache + r * D;
     const float vs = v_scale ? v_scale[r] : 1.f;
     for (int64_t g = 0; g < group; ++g) {
@@ -78,21 +92,32 @@ __attribute__((always_inline)) inline void decode_group(const float* __restrict 
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) ag[d] += w * to_float(v[d]);
     }
-  }
+  });
 }
 
-template <typename T>
+template <typename T, int DC>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void decode_group_avx512(
     const float* q, int64_t group, const T* kc, const T* vc, const float* ks, const float* vs, const Paged& p,
     int64_t b, int64_t h, int64_t t0, int64_t t1, float sm, float* logits, float* acc, float* maxes, float* sums) {
-  decode_group<T>(q, group, kc, vc, ks, vs, p, b, h, t0, t1, sm, logits, acc, maxes, sums);
+  decode_group<T, DC>(q, group, kc, vc, ks, vs, p, b, h, t0, t1, sm, logits, acc, maxes, sums);
 }
 
-template <typename T>
+template <typename T, int DC>
 __attribute__((target("avx2,fma"))) void decode_group_avx2(
     const float* q, int64_t group, const T* kc, const T* vc, const float* ks, const float* vs, const Paged& p,
     int64_t b, int64_t h, int64_t t0, int64_t t1, float sm, float* logits, float* acc, float* maxes, float* sums) {
-  decode_group<T>(q, group, kc, vc, ks, vs, p, b, h, t0, t1, sm, logits, acc, maxes, sums);
+  decode_group<T, DC>(q, group, kc, vc, ks, vs, p, b, h, t0, t1, sm, logits, acc, maxes, sums);
+}
+
+template <typename T>
+using GroupFn = void (*)(const float*, int64_t, const T*, const T*, const float*, const float*, const Paged&, int64_t,
+                         int64_t, int64_t, int64_t, float, float*, float*, float*, float*);
+
+template <typename T>
+GroupFn<T> group_fn(int64_t D) {
+  if (use_avx512()) return D == 64 ? decode_group_avx512<T, 64> : D == 128 ? decode_group_avx512<T, 128>
+                                                                           : decode_group_avx512<T, 0>;
+  return D == 64 ? decode_group_avx2<T, 64> : D == 128 ? decode_group_avx2<T, 128> : decode_group_avx2<T, 0>;
 }
 
 // Tasks are (sequence, KV head, span of tokens): long contexts split into spans so every thread
@@ -112,7 +137,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
   std::vector<float> partial(tasks * group * (D + 2));
   const float* qp = q.data_ptr<float>();
   const T *kc = k_cache.data_ptr<T>(), *vc = v_cache.data_ptr<T>();
-  const bool wide = use_avx512();
+  const GroupFn<T> decode = group_fn<T>(D);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> logits;
     for (int64_t t = t0; t < t1; ++t) {
@@ -128,8 +153,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
       }
       logits.resize(group * (e - a));
       const float* qg = qp + (b * Hq + h * group) * D;
-      if (wide) decode_group_avx512<T>(qg, group, kc, vc, ks, vs, p, b, h, a, e, sm_scale, logits.data(), acc, maxes, sums);
-      else decode_group_avx2<T>(qg, group, kc, vc, ks, vs, p, b, h, a, e, sm_scale, logits.data(), acc, maxes, sums);
+      decode(qg, group, kc, vc, ks, vs, p, b, h, a, e, sm_scale, logits.data(), acc, maxes, sums);
     }
   });
   float* op = out.data_ptr<float>();
@@ -199,6 +223,81 @@ torch::Tensor paged_attention(torch::Tensor q_in, torch::Tensor k_cache, torch::
     run<float>(q, k_cache, v_cache, nullptr, nullptr, p, sm, window, out);
   }
   return out.to(q_in.scalar_type());
+}
+
+// Store N tokens' keys and values (N, Hkv, D; any strides) at flat slots of one layer's paged cache
+// (num_blocks · block_size slots, Hkv, D), rounding to int8 per token and head (scale over D, as
+// tuili.quant.kv.quantize_kv) for int8 caches. One call per layer instead of two scatters.
+namespace {
+template <typename S, typename T>
+void write_rows(const torch::Tensor& x, T* cache, float* scales, const int64_t* slots, std::atomic<bool>& finite) {
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2);
+  const int64_t sn = x.stride(0), sh = x.stride(1), sd = x.stride(2);
+  const S* src = x.data_ptr<S>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t h = 0; h < H; ++h) {
+        const S* row = src + n * sn + h * sh;
+        const int64_t at = slots[n] * H + h;
+        T* out = cache + at * D;
+        if constexpr (std::is_same_v<T, int8_t>) {
+          float amax = 0.f, probe = 0.f;  // probe: NaN when any value is NaN or inf (max() would drop a NaN)
+          for (int64_t d = 0; d < D; ++d) {
+            const float a = load(row, d * sd);
+            amax = std::max(amax, std::fabs(a));
+            probe += a * 0.f;
+          }
+          if (!std::isfinite(probe)) finite = false;
+          const float s = std::max(amax, 1e-8f) / 127.f;
+          for (int64_t d = 0; d < D; ++d)
+            out[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(load(row, d * sd) / s))));
+          scales[at] = s;
+        } else {
+          for (int64_t d = 0; d < D; ++d) store(out, d, load(row, d * sd));
+        }
+      }
+  });
+}
+
+template <typename S>
+void write_any(const torch::Tensor& x, torch::Tensor& cache, c10::optional<torch::Tensor>& scale, const int64_t* slots,
+               std::atomic<bool>& finite) {
+  switch (cache.scalar_type()) {
+    case torch::kChar: write_rows<S, int8_t>(x, cache.data_ptr<int8_t>(), scale->data_ptr<float>(), slots, finite); break;
+    case torch::kBFloat16: write_rows<S, at::BFloat16>(x, cache.data_ptr<at::BFloat16>(), nullptr, slots, finite); break;
+    default: write_rows<S, float>(x, cache.data_ptr<float>(), nullptr, slots, finite);
+  }
+}
+}  // namespace
+
+void paged_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
+                 c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "k_cache and v_cache must be contiguous (num_blocks, block_size, Hkv, D) of one dtype");
+  const auto kind = k_cache.scalar_type();
+  const bool int8 = kind == torch::kChar;
+  TORCH_CHECK(int8 || kind == torch::kFloat || kind == torch::kBFloat16, "the cache must be fp32, bf16 or int8");
+  TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value()), "int8 caches need k_scale and v_scale, others none");
+  if (int8)
+    TORCH_CHECK(k_scale->scalar_type() == torch::kFloat && k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                    k_scale->numel() == k_cache.numel() / k_cache.size(3) && v_scale->numel() == k_scale->numel(),
+                "k_scale and v_scale must be (num_blocks, block_size, Hkv) fp32");
+  const int64_t H = k_cache.size(2), D = k_cache.size(3), capacity = k_cache.size(0) * k_cache.size(1);
+  for (const auto* x : {&k, &v})
+    TORCH_CHECK(x->dim() == 3 && x->size(1) == H && x->size(2) == D && x->size(0) == slots.numel() &&
+                    (x->scalar_type() == torch::kFloat || x->scalar_type() == torch::kBFloat16),
+                "k and v must be fp32 or bf16 (N, Hkv, D) with one slot per row");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous(), "slots must be contiguous int64");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t n = 0; n < slots.numel(); ++n)
+    TORCH_CHECK(sp[n] >= 0 && sp[n] < capacity, "slot ", sp[n], " is outside the cache's ", capacity, " slots");
+  std::atomic<bool> finite{true};
+  for (auto [x, cache, scale] : {std::tuple{&k, &k_cache, &k_scale}, std::tuple{&v, &v_cache, &v_scale}}) {
+    if (x->scalar_type() == torch::kBFloat16) write_any<at::BFloat16>(*x, *cache, *scale, sp, finite);
+    else write_any<float>(*x, *cache, *scale, sp, finite);
+  }
+  TORCH_CHECK(finite, "KV cache tensor has NaN or inf values: the model produced non-finite keys or values");
 }
 
 }  // namespace tuili

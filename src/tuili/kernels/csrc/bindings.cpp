@@ -14,6 +14,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
                               torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                               int64_t window);
+void paged_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
+                 c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
@@ -31,6 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales");
   m.def("w4a8_linear", &tuili::w4a8_linear, "int8(x, per token and group) · W4ᵀ, VNNI");
   m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)");
+  m.def("paged_write", &tuili::paged_write, "store keys and values at slots of a paged cache (int8: per token and head)");
   m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim");
   m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout");
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
