@@ -322,4 +322,106 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::
   return y;
 }
 
+// The same products for several weight matrices of one kind that read the same x: one call, one
+// parallel region (q/k/v, gate/up). Returns one (M, N_i) output per matrix.
+namespace {
+std::vector<torch::Tensor> outputs(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                   std::vector<int64_t>& Ns, std::vector<float*>& ptrs) {
+  std::vector<torch::Tensor> ys;
+  for (const auto& w : ws) {
+    ys.push_back(torch::empty({x.size(0), w.size(0)}, x.options()));
+    Ns.push_back(w.size(0));
+    ptrs.push_back(ys.back().data_ptr<float>());
+  }
+  return ys;
+}
+
+std::vector<torch::Tensor> cast_all(std::vector<torch::Tensor> ys, const torch::Tensor& like) {
+  for (auto& y : ys) y = y.to(like.scalar_type());
+  return ys;
+}
+}  // namespace
+
+std::vector<torch::Tensor> w8_linear_multi(torch::Tensor x_in, std::vector<torch::Tensor> ws,
+                                           std::vector<torch::Tensor> scales, int64_t group_size) {
+  const torch::Tensor x = as_float(x_in);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(!ws.empty() && ws.size() == scales.size(), "one scale per weight");
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check(x, ws[i], scales[i], group_size);
+    TORCH_CHECK(ws[i].scalar_type() == torch::kChar && ws[i].size(1) == K && scales[i].size(1) == scales[0].size(1),
+                "weights must be (N, K) int8 with the same groups");
+  }
+  const int64_t G = scales[0].size(1), gs = std::min<int64_t>(group_size, ((K + 15) / 16) * 16);
+  std::vector<int64_t> Ns;
+  std::vector<float*> yp;
+  auto ys = outputs(x, ws, Ns, yp);
+  const float* xp = x.data_ptr<float>();
+  const bool wide = use_avx512();
+  for_parts(M, Ns, [&](size_t p, int64_t m, int64_t rows, int64_t n) {
+    const int8_t* wn = ws[p].data_ptr<int8_t>() + n * K;
+    const float* sn = scales[p].data_ptr<float>() + n * G;
+    with_rows(rows, [&](auto R) {
+      if (wide) w8_rows_avx512<decltype(R)::value>(xp + m * K, K, wn, sn, G, gs, yp[p] + m * Ns[p], Ns[p], n);
+      else w8_rows_avx2<decltype(R)::value>(xp + m * K, K, wn, sn, G, gs, yp[p] + m * Ns[p], Ns[p], n);
+    });
+  });
+  return cast_all(ys, x_in);
+}
+
+std::vector<torch::Tensor> w4_linear_multi(torch::Tensor x_in, std::vector<torch::Tensor> ws,
+                                           std::vector<torch::Tensor> scales, std::vector<torch::Tensor> zss,
+                                           int64_t group_size, bool flip) {
+  const torch::Tensor x = as_float(x_in);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(!ws.empty() && ws.size() == scales.size() && ws.size() == zss.size(), "one scale and zs per weight");
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check(x, ws[i], scales[i], group_size);
+    TORCH_CHECK(ws[i].scalar_type() == torch::kByte && ws[i].size(1) == (K + 31) / 32 * 16 &&
+                    zss[i].sizes() == scales[i].sizes() && zss[i].is_contiguous() &&
+                    scales[i].size(1) == scales[0].size(1), "weights must be packed W4 with the same groups");
+  }
+  const int64_t G = scales[0].size(1), row_bytes = ws[0].size(1);
+  const bool wide = use_avx512();
+  auto xsum = torch::zeros({wide ? 0 : M, G}, x.options());  // AVX2: Σ_k x per group
+  const float* xp = x.data_ptr<float>();
+  float* xs = xsum.data_ptr<float>();
+  if (!wide)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xs[m * G + k / group_size] += xp[m * K + k];
+  std::vector<int64_t> Ns;
+  std::vector<float*> yp;
+  auto ys = outputs(x, ws, Ns, yp);
+  for_parts(M, Ns, [&](size_t p, int64_t m, int64_t rows, int64_t n) {
+    const uint8_t* wn = ws[p].data_ptr<uint8_t>() + n * row_bytes;
+    const float *sn = scales[p].data_ptr<float>() + n * G, *zn = zss[p].data_ptr<float>() + n * G;
+    with_rows(rows, [&](auto R) {
+      if (wide) w4_rows_avx512<decltype(R)::value>(xp + m * K, K, wn, sn, zn, G, group_size, flip, yp[p] + m * Ns[p], Ns[p], n);
+      else w4_rows_avx2<decltype(R)::value>(xp + m * K, K, wn, sn, zn, xs + m * G, G, group_size, flip, yp[p] + m * Ns[p],
+                                            Ns[p], n);
+    });
+  });
+  return cast_all(ys, x_in);
+}
+
+std::vector<torch::Tensor> f32_linear_multi(torch::Tensor x, std::vector<torch::Tensor> ws) {
+  TORCH_CHECK(use_avx512(), "f32_linear_multi needs AVX-512");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && !ws.empty(), "f32_linear_multi takes fp32 x (M, K)");
+  const torch::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  for (const auto& w : ws)
+    TORCH_CHECK(w.scalar_type() == torch::kFloat && w.dim() == 2 && w.is_contiguous() && w.size(1) == K,
+                "weights must be contiguous fp32 (N, K)");
+  std::vector<int64_t> Ns;
+  std::vector<float*> yp;
+  auto ys = outputs(xc, ws, Ns, yp);
+  const float* xp = xc.data_ptr<float>();
+  for_parts(M, Ns, [&](size_t p, int64_t m, int64_t rows, int64_t n) {
+    with_rows(rows, [&](auto R) {
+      f32_rows_avx512<decltype(R)::value>(xp + m * K, K, ws[p].data_ptr<float>() + n * K, yp[p] + m * Ns[p], Ns[p], n);
+    });
+  });
+  return ys;
+}
+
 }  // namespace tuili
