@@ -87,3 +87,18 @@ def test_config_describes_smollm2(default_model):
     c = default_model.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
     assert c.tie_word_embeddings and default_model.eos_token_ids == {2}
+
+
+def test_batched_engine_greedy_matches_transformers(default_model, hf):
+    """Every prompt at once through continuous batching, prefill in chunks of 16 tokens: each
+    completion equals transformers' own greedy generation of that prompt alone."""
+    from tuili.engine import LLM
+
+    prompts = [default_model.tokenizer.encode(p) for p in PROMPTS]
+    outs = LLM(default_model, max_num_batched_tokens=16).generate(
+        prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    for ids, out in zip(prompts, outs):
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                   eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+        assert out.token_ids == expected

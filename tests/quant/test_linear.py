@@ -113,3 +113,24 @@ def test_w4a8_refuses_groups_the_kernel_cannot_take(ref):
 
     with pytest.raises(ValueError, match="multiple of 32"):
         W4A8Linear.from_float(ref, 4, 48, False)
+
+
+@pytest.mark.parametrize("bits, group", [(8, "channel"), (4, 32)])
+def test_prefill_in_bf16_stays_close_and_keeps_the_callers_dtype(bits, group):
+    from tuili.quant.linear import compute_dtype
+
+    torch.manual_seed(0)
+    layer = WeightOnlyLinear.from_float(nn.Linear(96, 64), bits, group, bits == 8)
+    x = torch.randn(100, 96)  # past the kernels' rows: the dequantize-and-GEMM path
+    with torch.no_grad():
+        exact = layer(x)
+        with compute_dtype(torch.bfloat16):
+            fast = layer(x)
+        small = layer(x[:2])
+        with compute_dtype(torch.bfloat16):
+            small_fast = layer(x[:2])
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    assert (fast - exact).norm() / exact.norm() < 1e-2  # bf16 activations: about 3 significant digits
+    from tuili.kernels import available
+    if available():  # decoding keeps its fp32 kernels (the forced fallback has none: all rows take the GEMM)
+        assert torch.equal(small, small_fast)

@@ -21,6 +21,7 @@ from tuili.engine.request import Request, RequestOutput, TokenLogprob
 from tuili.engine.sampling import SamplingParams, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.models.model import Model
+from tuili.quant.linear import bf16_is_fast, compute_dtype
 
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
 MAX_DEFAULT_KV_BYTES = 4 << 30
@@ -62,12 +63,15 @@ class LLMEngine:
 
     max_num_seqs: requests decoding together; max_num_batched_tokens: tokens per step (prefill
     chunks and decodes together); kv_cache_bytes: the cache's memory (default: 2,048 tokens per
-    sequence, or one full context if larger, at most 4 GiB); threads: torch's intra-op threads.
+    sequence, or one full context if larger, at most 4 GiB); threads: torch's intra-op threads;
+    prefill_bf16: weight-only quantized layers (W8A16, W4A16) run prefill chunks in bf16 (16-bit
+    activations, fp32 accumulation; about 3× faster where the CPU has AVX512-BF16 or AMX, the
+    default there; decoding keeps its fp32 kernels). fp32 and bf16 models are unaffected.
     """
 
     def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
                  block_size: int = 16, kv_cache_bytes: int | None = None, kv_int8: bool = False,
-                 prefix_caching: bool = True, threads: int | None = None):
+                 prefix_caching: bool = True, threads: int | None = None, prefill_bf16: bool | None = None):
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be at least 1, got {threads}")
@@ -84,6 +88,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        use_bf16 = bf16_is_fast() if prefill_bf16 is None else prefill_bf16
+        self.prefill_dtype = torch.bfloat16 if use_bf16 and dtype == torch.float32 else None
 
     @property
     def max_tokens_per_request(self) -> int:
@@ -160,8 +166,9 @@ class LLMEngine:
                 sample_at.append(len(ids) - 1)
         self.cache.bind([c.request.table for c in chunks], [c.start for c in chunks], [c.length for c in chunks])
         device = self.module.device
-        out = self.module(torch.tensor([ids], device=device), torch.tensor([positions], device=device), self.cache,
-                          logits_at=torch.tensor(sample_at, dtype=torch.long, device=device))
+        with compute_dtype(self.prefill_dtype):
+            out = self.module(torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+                              self.cache, logits_at=torch.tensor(sample_at, dtype=torch.long, device=device))
         return out.logits[0]  # (len(sample_at), V)
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:

@@ -9,7 +9,10 @@ for small batches, in `torch._int_mm` otherwise.
 
 from __future__ import annotations
 
+import contextvars
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,27 @@ from tuili.quant.primitives import (
     quantize_weight,
     unpack_int4,
 )
+
+
+_COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("tuili_compute_dtype", default=None)
+
+
+@contextmanager
+def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, weight-only layers run their large-batch (prefill) product in `dtype`:
+    bf16 activations and dequantized weights, fp32 accumulation in oneDNN's GEMM, about 3× faster
+    than fp32 on CPUs with AVX512-BF16 or AMX. The engine uses it; small batches (decoding) keep
+    the fp32 kernels. None: the activations' dtype."""
+    token = _COMPUTE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 GEMMs beat fp32."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class _KernelLinear(nn.Module, ABC):
@@ -137,7 +161,8 @@ class WeightOnlyLinear(_KernelLinear):
         return ()
 
     def _reference(self, rows: Tensor) -> Tensor:
-        return F.linear(self._activations(rows), self.dequantize().to(rows.dtype))
+        dtype = _COMPUTE_DTYPE.get() or rows.dtype
+        return F.linear(self._activations(rows).to(dtype), self.dequantize().to(dtype)).to(rows.dtype)
 
     def _activations(self, x: Tensor) -> Tensor:
         return x
