@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tuili.engine.decode import decode_step
 from tuili.engine.detokenize import OutputText
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput, TokenLogprob
@@ -67,11 +68,13 @@ class LLMEngine:
     prefill_bf16: weight-only quantized layers (W8A16, W4A16) run prefill chunks in bf16 (16-bit
     activations, fp32 accumulation; about 3× faster where the CPU has AVX512-BF16 or AMX, the
     default there; decoding keeps its fp32 kernels). fp32 and bf16 models are unaffected.
+    fast_decode: steps of one token per sequence skip nn.Module dispatch (tuili.engine.decode).
     """
 
     def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
                  block_size: int = 16, kv_cache_bytes: int | None = None, kv_int8: bool = False,
-                 prefix_caching: bool = True, threads: int | None = None, prefill_bf16: bool | None = None):
+                 prefix_caching: bool = True, threads: int | None = None, prefill_bf16: bool | None = None,
+                 fast_decode: bool = True):
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be at least 1, got {threads}")
@@ -90,6 +93,10 @@ class LLMEngine:
         self._ids = itertools.count()
         use_bf16 = bf16_is_fast() if prefill_bf16 is None else prefill_bf16
         self.prefill_dtype = torch.bfloat16 if use_bf16 and dtype == torch.float32 else None
+        self.fast_decode = fast_decode
+        # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
+        plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
+        self._no_grad = torch.inference_mode if plain else torch.no_grad
 
     @property
     def max_tokens_per_request(self) -> int:
@@ -139,22 +146,20 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    @torch.no_grad()  # not inference_mode: tensor-subclass layers (quanto, torchao) refuse it
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled chunks; sample where a chunk completes a request's
         pending tokens. Returns an output for every request that got a token (or finished)."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        self.cache.copy_blocks(self.scheduler.take_copies())
-        logits = self._forward(chunks)
-        outputs = []
-        sampling = [c.request for c in chunks if c.samples]
-        for chunk in chunks:
-            self.scheduler.computed(chunk)
-        for request, (token, logprob) in zip(sampling, self._sample(sampling, logits)):
-            outputs.append(self._append(request, token, logprob))
-        return outputs
+        with self._no_grad():
+            self.cache.copy_blocks(self.scheduler.take_copies())
+            logits = self._forward(chunks)
+            sampling = [c.request for c in chunks if c.samples]
+            for chunk in chunks:
+                self.scheduler.computed(chunk)
+            tokens = self._sample(sampling, logits)
+        return [self._append(request, token, logprob) for request, (token, logprob) in zip(sampling, tokens)]
 
     def _forward(self, chunks: list[Chunk]) -> Tensor:
         ids, positions, sample_at = [], [], []
@@ -166,10 +171,13 @@ class LLMEngine:
                 sample_at.append(len(ids) - 1)
         self.cache.bind([c.request.table for c in chunks], [c.start for c in chunks], [c.length for c in chunks])
         device = self.module.device
+        ids_t, positions_t = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
+        at = torch.tensor(sample_at, dtype=torch.long, device=device)
+        logits = decode_step(self.module, self.cache, ids_t, positions_t, at) if self.fast_decode else None
+        if logits is not None:
+            return logits
         with compute_dtype(self.prefill_dtype):
-            out = self.module(torch.tensor([ids], device=device), torch.tensor([positions], device=device),
-                              self.cache, logits_at=torch.tensor(sample_at, dtype=torch.long, device=device))
-        return out.logits[0]  # (len(sample_at), V)
+            return self.module(ids_t[None], positions_t[None], self.cache, logits_at=at).logits[0]
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """Next token per request (greedy ones in one argmax), with log-probabilities if asked for."""

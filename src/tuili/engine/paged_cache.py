@@ -140,10 +140,7 @@ class PagedKVCache:
         outs = []
         nd = step.num_decode
         if nd:
-            out = kernels.paged_attention(q[0, :, :nd].transpose(0, 1), self.k[layer], self.v[layer],
-                                          step.tables[:nd], step.decode_lens, self.scale,
-                                          self._scale(self.k_scale, layer), self._scale(self.v_scale, layer), window)
-            outs.append(out.transpose(0, 1)[None])  # (1, H, nd, D)
+            outs.append(self._paged(layer, q[0, :, :nd].transpose(0, 1), step).transpose(0, 1)[None])  # (1, H, nd, D)
         offset = nd
         for i, gather in enumerate(step.gathers, start=nd):
             start, n = step.starts[i], step.lengths[i]
@@ -158,6 +155,26 @@ class PagedKVCache:
             outs.append(out)
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """A bound step of one token per sequence (the engine's fast decode path): store k, v
+        (N, Hkv, D) and attend with q (N, H, D) -> (N, H, D), straight through the kernels."""
+        step = self._step
+        kernels.paged_write(self.k[layer], self.v[layer], step.slots, k, v,
+                            self._scale(self.k_scale, layer), self._scale(self.v_scale, layer))
+        return self._paged(layer, q, step)
+
+    def _paged(self, layer: int, q: Tensor, step: _Step) -> Tensor:
+        """The paged-attention kernel for the step's leading one-token segments, q (nd, H, D)."""
+        nd = step.num_decode
+        return kernels.paged_attention(q, self.k[layer], self.v[layer], step.tables[:nd], step.decode_lens,
+                                       self.scale, self._scale(self.k_scale, layer), self._scale(self.v_scale, layer),
+                                       self.config.sliding_window or 0)
+
+    @property
+    def decoding(self) -> bool:
+        """The bound step is packed and holds one token per sequence."""
+        return self._step is not None and self._step.num_decode == len(self._step.starts)
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """k, v (1, Hkv, N, D) packed rows into their slots (one kernel call for both)."""
