@@ -102,3 +102,22 @@ def test_batched_engine_greedy_matches_transformers(default_model, hf):
             expected = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                    eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
         assert out.token_ids == expected
+
+
+def test_engine_logits_equal_recomputation_across_256_tokens(default_model):
+    """The paged cache and the fast decode step against one full forward over the final sequence."""
+    from tuili.engine import LLMEngine
+
+    engine = LLMEngine(default_model, max_num_seqs=1)
+    seen = []
+    sample = engine._sample
+    engine._sample = lambda requests, logits: (seen.append(logits[0].clone()), sample(requests, logits))[1]
+    prompt = default_model.tokenizer.encode("The history of the printing press")
+    engine.add_request(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True))
+    while engine.has_unfinished():
+        out = engine.step()
+    tokens = prompt + out[0].token_ids
+    with torch.no_grad():
+        full = default_model.module(torch.tensor([tokens[:-1]])).logits[0, len(prompt) - 1:]
+    assert len(seen) == 256
+    assert (torch.stack(seen) - full).abs().max() <= 1e-3
