@@ -32,9 +32,9 @@ import tuili
 from tuili.data import builtin_text
 from tuili.engine import LLM, SamplingParams
 from tuili.pipeline.report import markdown_table
-from tuili.quant import Int4WeightOnly, Int8WeightOnly, quantize_
+from tuili.quant import Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
 
-SYSTEMS = ("transformers", "tuili-fp32", "tuili-w8a16", "tuili-w4a16", "llama.cpp")
+SYSTEMS = ("transformers", "tuili-fp32", "tuili-w8a16", "tuili-w4a16", "tuili-w8a8", "llama.cpp")
 
 
 def workload(tokens: list[int], seed: int = 0) -> tuple[list[int], list[int], list[list[int]]]:
@@ -129,7 +129,8 @@ def main():
         print(results, flush=True)
     quantized = {"tuili-fp32": ("tuili fp32", None),
                  "tuili-w8a16": ("tuili W8A16, int8 head", Int8WeightOnly()),
-                 "tuili-w4a16": ("tuili W4A16 g32, int8 head", Int4WeightOnly(group_size=32))}
+                 "tuili-w4a16": ("tuili W4A16 g32, int8 head", Int4WeightOnly(group_size=32)),
+                 "tuili-w8a8": ("tuili W8A8 dynamic (RTN), int8 head", Int8DynamicActivation())}
     for key, (label, scheme) in quantized.items():
         if key not in args.only:
             continue

@@ -77,6 +77,20 @@ def test_multi_kernels_equal_one_call_per_weight(m, k, group_size):
             torch.testing.assert_close(got, ext.f32_linear(x, w, None))
 
 
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 64])
+@pytest.mark.parametrize("n, k", [(96, 576), (33, 577), (17, 100), (1536, 64), (5, 3)])
+@pytest.mark.parametrize("static", [False, True])
+def test_packed_w8a8_is_bit_identical_to_int_mm(m, n, k, static):
+    if ext.isa() != "avx512-vnni":
+        pytest.skip("the packed W8A8 kernel is VNNI only (elsewhere Int8Linear keeps the row kernel)")
+    x, w, sw = random_w8a8(m, n, k)
+    s_in = torch.tensor(0.07) if static else None
+    packed, row_sum = ops.w8a8_pack(w)
+    assert packed.shape == (-(-n // 16), -(-k // 4), 16, 4)
+    assert torch.equal(ext.w8a8_linear_packed(x, packed, row_sum, sw, s_in, n), ops.w8a8_linear_reference(x, w, sw, s_in))
+
+
 def test_linear_takes_the_kernel_only_where_it_is_exact_and_faster():
     x, w, b = torch.randn(2, 3, 40), torch.randn(24, 40), torch.randn(24)
     torch.testing.assert_close(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)

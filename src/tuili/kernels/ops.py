@@ -22,6 +22,7 @@ from tuili.kernels import build
 
 MAX_M = 64  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
 MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
+MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here
 _forced_fallback = False
 
 
@@ -127,6 +128,16 @@ def w8a8_linear_reference(x: Tensor, w: Tensor, weight_scale: Tensor, input_scal
 
 def w8a8_linear(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
     return _run("w8a8_linear", w8a8_linear_reference, x, MAX_M_INT8, w, weight_scale, input_scale)
+
+
+def w8a8_pack(w: Tensor) -> tuple[Tensor, Tensor] | None:
+    """int8 weights (N, K) repacked for the batched VNNI kernel (blocks of 16 rows × 4 k) and
+    their row sums; None where that kernel is not available (no VNNI, or the fallback)."""
+    ext = extension()
+    if ext is None or w.device.type != "cpu" or ext.isa() != "avx512-vnni":
+        return None
+    packed, row_sum = ext.w8a8_pack(w)
+    return packed, row_sum
 
 
 def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,

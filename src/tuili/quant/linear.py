@@ -239,9 +239,15 @@ class Int8Linear(_KernelLinear):
         """int8 codes of x (N, in) and their scale, (N, 1) per token or () per tensor."""
         return kernels.quantize_rows(x, self.input_scale)
 
-    max_rows = kernels.MAX_M_INT8
+    @property
+    def max_rows(self) -> int:
+        args = self.kernel_args()
+        return kernels.MAX_M_PACKED if args and args[0] == "w8a8_linear_packed" else kernels.MAX_M_INT8
 
     def _make_kernel_args(self) -> tuple:
+        packed = kernels.w8a8_pack(self.qweight)  # VNNI: a repacked copy (as many bytes again) for batches
+        if packed is not None:
+            return ("w8a8_linear_packed", *packed, self.weight_scale, self.input_scale, self.out_features, self.bias)
         return "w8a8_linear", self.qweight, self.weight_scale, self.input_scale, self.bias
 
     def _reference(self, rows: Tensor) -> Tensor:

@@ -14,6 +14,9 @@ std::vector<torch::Tensor> w4_linear_multi(torch::Tensor x, std::vector<torch::T
 std::vector<torch::Tensor> f32_linear_multi(torch::Tensor x, std::vector<torch::Tensor> ws);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
                           c10::optional<torch::Tensor> input_scale);
+std::vector<torch::Tensor> w8a8_pack(torch::Tensor w);
+torch::Tensor w8a8_linear_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor row_sum,
+                                 torch::Tensor weight_scale, c10::optional<torch::Tensor> input_scale, int64_t N);
 torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
                           int64_t group_size, bool flip);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -40,6 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4_linear_multi", &tuili::w4_linear_multi, "w4_linear for several weights that read the same x");
   m.def("f32_linear_multi", &tuili::f32_linear_multi, "f32_linear for several weights that read the same x");
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales");
+  m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums");
+  m.def("w8a8_linear_packed", &tuili::w8a8_linear_packed, "W8A8 on packed weights: outer-product VNNI for batches");
   m.def("w4a8_linear", &tuili::w4a8_linear, "int8(x, per token and group) · W4ᵀ, VNNI");
   m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)");
   m.def("paged_write", &tuili::paged_write, "store keys and values at slots of a paged cache (int8: per token and head)");

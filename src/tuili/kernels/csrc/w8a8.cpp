@@ -13,12 +13,47 @@
 namespace tuili {
 namespace {
 
+// One row's int8 codes, AVX-512: the same IEEE division and round-half-to-even as the scalar loop
+// (vdivps, vrndscaleps), so the codes are identical, 16 at a time.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+float quantize_row_avx512(const float* xm, int64_t K, int64_t Kp, const float* static_scale, bool offset, uint8_t* qm) {
+  float s;
+  if (static_scale) {
+    s = *static_scale;
+  } else {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xm + k)));
+    }
+    s = std::max(_mm512_reduce_max_ps(amax), 1e-12f) / 127.f;
+  }
+  const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m512i bias = _mm512_set1_epi32(offset ? 128 : 0);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, xm + k), sv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+    const __m512i codes = _mm512_add_epi32(_mm512_cvtps_epi32(v), bias);
+    _mm_mask_storeu_epi8(qm + k, mask, _mm512_cvtepi32_epi8(codes));
+  }
+  for (int64_t k = K; k < Kp; ++k) qm[k] = static_cast<uint8_t>(offset ? 128 : 0);  // zero
+  return s;
+}
+
 // int8 codes of each row of x (M, K) into q (M, Kp) and their scales (M); `offset` adds 128 (u8).
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const float* static_scale, bool offset,
                    uint8_t* q, float* scales) {
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  const bool wide = use_avx512();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xm = x + m * K;
+      uint8_t* qm = q + m * Kp;
+      if (wide) {
+        scales[m] = quantize_row_avx512(xm, K, Kp, static_scale, offset, qm);
+        continue;
+      }
       float s;
       if (static_scale) {
         s = *static_scale;
@@ -28,7 +63,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const float
         s = std::max(amax, 1e-12f) / 127.f;
       }
       scales[m] = s;
-      uint8_t* qm = q + m * Kp;
       const int bias = offset ? 128 : 0;
       for (int64_t k = 0; k < K; ++k) {
         const float v = std::nearbyint(xm[k] / s);  // round half to even, as torch.round
@@ -126,6 +160,100 @@ torch::Tensor w8a8_linear(torch::Tensor x_in, torch::Tensor w, torch::Tensor wei
           else rows_avx2<decltype(R)::value>(qp + m * Kp, Kp, wn, K, acc);
         });
         for (int64_t r = 0; r < rows; ++r) yp[(m + r) * N + n] = static_cast<float>(acc[r]) * sxp[m + r] * swp[n];
+      }
+    }
+  });
+  return y.to(x_in.scalar_type());
+}
+
+// ---- Packed weights for batches (VNNI): an outer-product micro-kernel ------------------------------
+// The dot-product kernel above meets each weight row with up to four activation rows and ends
+// every output in a horizontal sum. For batches, weights are repacked once into blocks of 16
+// output rows × 4 consecutive k (64 bytes: one register), so one vpdpbusd adds 4 products to
+// each of 16 outputs for one activation row, with the row's 4 bytes broadcast: no reductions, and
+// each weight block is loaded once for all activation rows.
+//   packed (Np/16, Kp/4, 16, 4) int8, Np = N rounded up to 16, Kp = K rounded up to 4 (zeros)
+//   row_sum (Np) int32: Σ_k w_nk, for the excess of the unsigned (q + 128) activations.
+
+std::vector<torch::Tensor> w8a8_pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar, "w must be (N, K) int8");
+  const torch::Tensor wc = w.contiguous();
+  const int64_t N = wc.size(0), K = wc.size(1), Np = (N + 15) / 16 * 16, Kp = (K + 3) / 4 * 4;
+  auto padded = torch::zeros({Np, Kp}, torch::kChar);
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(wc);
+  auto packed = padded.view({Np / 16, 16, Kp / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  auto row_sum = padded.sum(1, false, torch::kInt).contiguous();
+  return {packed, row_sum};
+}
+
+namespace {
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void packed_block(const uint8_t* q, int64_t Kp, const int8_t* block, int32_t* out /* MR × 16 */) {
+  __m512i acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < Kp / 4; ++k4) {
+    const __m512i wv = _mm512_loadu_si512(block + k4 * 64);
+    for (int m = 0; m < MR; ++m) {
+      int32_t four;
+      std::memcpy(&four, q + m * Kp + k4 * 4, 4);
+      acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(four), wv);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm512_storeu_si512(out + m * 16, acc[m]);
+}
+}  // namespace
+
+torch::Tensor w8a8_linear_packed(torch::Tensor x_in, torch::Tensor packed, torch::Tensor row_sum,
+                                 torch::Tensor weight_scale, c10::optional<torch::Tensor> input_scale, int64_t N) {
+  TORCH_CHECK(use_vnni(), "w8a8_linear_packed needs AVX-512 VNNI");
+  const torch::Tensor x = as_float(x_in);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kChar && packed.is_contiguous() &&
+                  packed.size(2) == 16 && packed.size(3) == 4 && packed.size(1) * 4 >= K && packed.size(1) * 4 < K + 4 &&
+                  packed.size(0) * 16 >= N && packed.size(0) * 16 < N + 16,
+              "packed must come from w8a8_pack of an (N, K) weight");
+  TORCH_CHECK(row_sum.scalar_type() == torch::kInt && row_sum.numel() == packed.size(0) * 16, "row_sum from w8a8_pack");
+  TORCH_CHECK(weight_scale.scalar_type() == torch::kFloat && weight_scale.numel() == N && weight_scale.is_contiguous(),
+              "weight_scale must be (N,) fp32");
+  const float* static_scale = nullptr;
+  torch::Tensor s_in;
+  if (input_scale.has_value()) {
+    s_in = input_scale->to(torch::kFloat).contiguous();
+    TORCH_CHECK(s_in.numel() == 1, "input_scale must hold one value");
+    static_scale = s_in.data_ptr<float>();
+  }
+  const int64_t Kp = packed.size(1) * 4, blocks = packed.size(0);
+  auto q = torch::empty({M, Kp}, torch::kByte);
+  auto sx = torch::empty({M}, torch::kFloat);
+  quantize_rows(x.data_ptr<float>(), M, K, Kp, static_scale, true, q.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const int32_t* rs = row_sum.data_ptr<int32_t>();
+  const float *sxp = sx.data_ptr<float>(), *swp = weight_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    int32_t acc[8 * 16];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* block = wp + b * Kp * 16;
+      for (int64_t m = 0; m < M; m += 8) {
+        const int64_t rows = std::min<int64_t>(8, M - m);
+        switch (rows) {
+          case 1: packed_block<1>(qp + m * Kp, Kp, block, acc); break;
+          case 2: packed_block<2>(qp + m * Kp, Kp, block, acc); break;
+          case 3: packed_block<3>(qp + m * Kp, Kp, block, acc); break;
+          case 4: packed_block<4>(qp + m * Kp, Kp, block, acc); break;
+          case 5: packed_block<5>(qp + m * Kp, Kp, block, acc); break;
+          case 6: packed_block<6>(qp + m * Kp, Kp, block, acc); break;
+          case 7: packed_block<7>(qp + m * Kp, Kp, block, acc); break;
+          default: packed_block<8>(qp + m * Kp, Kp, block, acc);
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t i = 0; i < 16 && b * 16 + i < N; ++i) {
+            const int64_t n = b * 16 + i;
+            yp[(m + r) * N + n] = static_cast<float>(acc[r * 16 + i] - 128 * rs[n]) * sxp[m + r] * swp[n];
+          }
       }
     }
   });
