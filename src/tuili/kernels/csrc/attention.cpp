@@ -113,10 +113,73 @@ template <typename T>
 using GroupFn = void (*)(const float*, int64_t, const T*, const T*, const float*, const float*, const Paged&, int64_t,
                          int64_t, int64_t, int64_t, float, float*, float*, float*, float*);
 
+#define TUILI_ATTN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// 16 cache values as fp32 (int8: the codes; their per-token scale is applied by the caller).
+TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+// decode_group for head sizes 64 and 128 (NV registers of 16) with explicit AVX-512: each key row
+// is loaded once for all heads of the group and each logit ends in one reduction; the value pass
+// keeps each head's output in registers. Rows are looked up once per block into `rows`.
+template <typename T, int NV>
+TUILI_ATTN_TARGET void decode_group_simd(const float* q, int64_t group, const T* kc, const T* vc, const float* ks,
+                                         const float* vs, const Paged& p, int64_t b, int64_t h, int64_t t0,
+                                         int64_t t1, float sm, float* logits, float* acc, float* maxes, float* sums) {
+  constexpr int64_t D = NV * 16;
+  const int64_t n = t1 - t0, bs = p.block_size;
+  const int32_t* table = p.tables + b * p.max_blocks;
+  thread_local std::vector<int64_t> rows;
+  rows.resize(n);
+  for (int64_t i = 0; i < n;) {
+    const int64_t t = t0 + i, off = t % bs, count = std::min(bs - off, n - i);
+    const int64_t base = (static_cast<int64_t>(table[t / bs]) * bs + off) * p.kv_heads + h;
+    for (int64_t j = 0; j < count; ++j) rows[i + j] = base + j * p.kv_heads;
+    i += count;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = rows[i];
+    __m512 kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = load16(kc + r * D + v * 16);
+    const float scale = ks ? ks[r] * sm : sm;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * D;
+      __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+      for (int v = 1; v < NV; ++v) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qg + v * 16), kv[v], dot);
+      logits[g * n + i] = _mm512_reduce_add_ps(dot) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* lg = logits + g * n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      lg[i] = exp_approx(lg[i] - mx);
+      sum += lg[i];
+    }
+    maxes[g] = mx;
+    sums[g] = sum;
+    __m512 out[NV];
+    for (int v = 0; v < NV; ++v) out[v] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rows[i];
+      const __m512 w = _mm512_set1_ps(vs ? lg[i] * vs[r] : lg[i]);
+      for (int v = 0; v < NV; ++v) out[v] = _mm512_fmadd_ps(w, load16(vc + r * D + v * 16), out[v]);
+    }
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + g * D + v * 16, out[v]);
+  }
+}
+
 template <typename T>
 GroupFn<T> group_fn(int64_t D) {
-  if (use_avx512()) return D == 64 ? decode_group_avx512<T, 64> : D == 128 ? decode_group_avx512<T, 128>
-                                                                           : decode_group_avx512<T, 0>;
+  if (use_avx512()) return D == 64 ? decode_group_simd<T, 4> : D == 128 ? decode_group_simd<T, 8>
+                                                                         : decode_group_avx512<T, 0>;
   return D == 64 ? decode_group_avx2<T, 64> : D == 128 ? decode_group_avx2<T, 128> : decode_group_avx2<T, 0>;
 }
 
