@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.models.attention import rope_cos_sin
-from tuili.models.llama import LlamaForCausalLM, _hooked, project
+from tuili.models.llama import LlamaForCausalLM, hooked, project
 from tuili.kernels import ops as kernels
 
 
@@ -28,14 +28,14 @@ def decode_step(module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, posit
     if type(module) is not LlamaForCausalLM or torch.is_grad_enabled() or not cache.decoding:
         return None
     backbone = module.model
-    if _hooked((module, backbone, backbone.embed_tokens, backbone.norm, module.lm_head)):
+    if hooked((module, backbone, backbone.embed_tokens, backbone.norm, module.lm_head)):
         return None
     n = ids.shape[0]
     x = backbone.embed_tokens.forward(ids)  # (N, hidden)
     cos, sin = rope_cos_sin(module.inv_freq, positions[None], x.dtype)  # (1, N, D)
     for layer in backbone.layers:
         attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-        if _hooked((layer, attn, mlp, norm1, norm2, attn.o_proj, mlp.down_proj)):
+        if hooked((layer, attn, mlp, norm1, norm2, attn.o_proj, mlp.down_proj)):
             return None  # project() checks the fused projections' own hooks
         heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         q, k, v = project(norm1.forward(x), (attn.q_proj, attn.k_proj, attn.v_proj))

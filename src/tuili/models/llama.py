@@ -65,7 +65,7 @@ def project(x: Tensor, modules: tuple[nn.Module, ...]) -> list[Tensor]:
     their rows when they share a kernel and the batch is small (decoding), else one call each.
     Autograd and hooks keep the separate calls, so training and calibration see every layer."""
     rows = x.numel() // x.shape[-1]
-    if torch.is_grad_enabled() or _hooked(modules):
+    if torch.is_grad_enabled() or hooked(modules):
         return [m(x) for m in modules]
     args = [m.kernel_args() if hasattr(m, "kernel_args") else () for m in modules]
     name = args[0][0] if args[0] else None
@@ -77,7 +77,8 @@ def project(x: Tensor, modules: tuple[nn.Module, ...]) -> list[Tensor]:
     return [(out if a[-1] is None else out + a[-1]).view(*x.shape[:-1], out.shape[-1]) for out, a in zip(outs, args)]
 
 
-def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+def hooked(modules: tuple[nn.Module, ...]) -> bool:
+    """Whether a forward hook (global, or on one of `modules`) watches these calls."""
     from torch.nn.modules import module as nn_module
 
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(
