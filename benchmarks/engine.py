@@ -34,7 +34,7 @@ from tuili.engine import LLM, SamplingParams
 from tuili.pipeline.report import markdown_table
 from tuili.quant import Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
 
-SYSTEMS = ("transformers", "tuili-fp32", "tuili-w8a16", "tuili-w4a16", "tuili-w8a8", "llama.cpp")
+SYSTEMS = ("transformers", "tuili-fp32", "tuili-w8a16", "tuili-w4a16", "tuili-w4a16-g128", "tuili-w8a8", "llama.cpp")
 
 
 def workload(tokens: list[int], seed: int = 0) -> tuple[list[int], list[int], list[list[int]]]:
@@ -130,6 +130,7 @@ def main():
     quantized = {"tuili-fp32": ("tuili fp32", None),
                  "tuili-w8a16": ("tuili W8A16, int8 head", Int8WeightOnly()),
                  "tuili-w4a16": ("tuili W4A16 g32, int8 head", Int4WeightOnly(group_size=32)),
+                 "tuili-w4a16-g128": ("tuili W4A16 g128, int8 head", Int4WeightOnly(group_size=128)),
                  "tuili-w8a8": ("tuili W8A8 dynamic (RTN), int8 head", Int8DynamicActivation())}
     for key, (label, scheme) in quantized.items():
         if key not in args.only:
