@@ -10,6 +10,8 @@
 // widened to int16, vpmaddwd.
 #include "common.h"
 
+#include <utility>
+
 namespace tuili {
 namespace {
 
@@ -73,6 +75,24 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const float
   });
 }
 
+// x's rows as int8 codes (q + 128 with `offset`) padded with zeros to Kp, and their scales: per
+// token, or the one calibrated `input_scale` (static).
+std::pair<torch::Tensor, torch::Tensor> quantize_input(const torch::Tensor& x, int64_t Kp,
+                                                       const c10::optional<torch::Tensor>& input_scale, bool offset) {
+  const float* static_scale = nullptr;
+  torch::Tensor s_in;
+  if (input_scale.has_value()) {
+    s_in = input_scale->to(torch::kFloat).contiguous();
+    TORCH_CHECK(s_in.numel() == 1, "input_scale must hold one value");
+    static_scale = s_in.data_ptr<float>();
+  }
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, Kp}, torch::kByte);
+  auto sx = torch::empty({M}, torch::kFloat);
+  quantize_rows(x.data_ptr<float>(), M, K, Kp, static_scale, offset, q.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  return {q, sx};
+}
+
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 void rows_vnni(const uint8_t* q, int64_t Kp, const int8_t* w, int64_t K, int32_t wsum, int32_t* out) {
@@ -128,18 +148,9 @@ torch::Tensor w8a8_linear(torch::Tensor x_in, torch::Tensor w, torch::Tensor wei
               "w must be (N, K) int8 contiguous");
   TORCH_CHECK(weight_scale.scalar_type() == torch::kFloat && weight_scale.numel() == N && weight_scale.is_contiguous(),
               "weight_scale must be (N,) fp32");
-  const float* static_scale = nullptr;
-  torch::Tensor s_in;
-  if (input_scale.has_value()) {
-    s_in = input_scale->to(torch::kFloat).contiguous();
-    TORCH_CHECK(s_in.numel() == 1, "input_scale must hold one value");
-    static_scale = s_in.data_ptr<float>();
-  }
   const bool vnni = use_vnni();
   const int64_t Kp = (K + 63) / 64 * 64;
-  auto q = torch::empty({M, Kp}, torch::kByte);
-  auto sx = torch::empty({M}, torch::kFloat);
-  quantize_rows(x.data_ptr<float>(), M, K, Kp, static_scale, vnni, q.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  const auto [q, sx] = quantize_input(x, Kp, input_scale, vnni);
   auto y = torch::empty({M, N}, torch::kFloat);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -216,17 +227,8 @@ torch::Tensor w8a8_linear_packed(torch::Tensor x_in, torch::Tensor packed, torch
   TORCH_CHECK(row_sum.scalar_type() == torch::kInt && row_sum.numel() == packed.size(0) * 16, "row_sum from w8a8_pack");
   TORCH_CHECK(weight_scale.scalar_type() == torch::kFloat && weight_scale.numel() == N && weight_scale.is_contiguous(),
               "weight_scale must be (N,) fp32");
-  const float* static_scale = nullptr;
-  torch::Tensor s_in;
-  if (input_scale.has_value()) {
-    s_in = input_scale->to(torch::kFloat).contiguous();
-    TORCH_CHECK(s_in.numel() == 1, "input_scale must hold one value");
-    static_scale = s_in.data_ptr<float>();
-  }
   const int64_t Kp = packed.size(1) * 4, blocks = packed.size(0);
-  auto q = torch::empty({M, Kp}, torch::kByte);
-  auto sx = torch::empty({M}, torch::kFloat);
-  quantize_rows(x.data_ptr<float>(), M, K, Kp, static_scale, true, q.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  const auto [q, sx] = quantize_input(x, Kp, input_scale, true);
   auto y = torch::empty({M, N}, torch::kFloat);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const int8_t* wp = packed.data_ptr<int8_t>();
