@@ -77,3 +77,23 @@ def test_a_bad_request_fails_before_it_is_queued(llm):
 
     with pytest.raises(ValueError, match="context"):
         asyncio.run(main())
+
+
+def test_an_engine_failure_reaches_every_waiting_stream(model):
+    llm = AsyncLLM(model, block_size=4)
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    llm.engine.step = broken
+
+    async def main():
+        async for _ in llm.generate([1, 2, 3], PARAMS):
+            pass
+
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        asyncio.run(main())
+    assert isinstance(llm.error, RuntimeError)
+    with pytest.raises(RuntimeError, match="the engine has stopped"):
+        asyncio.run(main())
+    llm.shutdown()
