@@ -4,8 +4,8 @@ On a small model a decode step is mostly overhead: measured on the default model
 nn.Module calls, reshapes and per-call checks cost about as much as streaming the quantized
 weights. For steps where every sequence adds one token, this computes what
 `LlamaForCausalLM.forward` computes (tests hold it to that, logit for logit) by calling each
-submodule's `forward` directly, the fused q/k/v and gate/up projections, and the cache's
-`decode` (paged write + paged attention) on flat (N, hidden) rows. Hooks mean someone watches the
+submodule's `forward` directly, and the cache's `decode` (paged write + paged attention), on flat
+(N, hidden) rows. Hooks mean someone watches the
 modules: then, and for any model that is not tuili's Llama, the engine runs the module's forward.
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.models.attention import rope_cos_sin
-from tuili.models.llama import LlamaForCausalLM, hooked, project
+from tuili.models.llama import LlamaForCausalLM, hooked
 from tuili.kernels import ops as kernels
 
 
@@ -39,14 +39,16 @@ def decode_step(module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, posit
         sub = layer._modules
         attn, mlp, norm1, norm2 = sub["self_attn"], sub["mlp"], sub["input_layernorm"], sub["post_attention_layernorm"]
         a, f = attn._modules, mlp._modules
-        if hooked((layer, attn, mlp, norm1, norm2, a["o_proj"], f["down_proj"])):
-            return None  # project() checks the fused projections' own hooks
+        q_proj, k_proj, v_proj, o_proj = a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"]
+        gate_proj, up_proj, down_proj = f["gate_proj"], f["up_proj"], f["down_proj"]
+        if hooked((layer, attn, mlp, norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)):
+            return None
         heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        q, k, v = project(norm1.forward(x), (a["q_proj"], a["k_proj"], a["v_proj"]))
-        q = kernels.rope(q.view(1, n, heads, dim), cos, sin)[0]
-        k = kernels.rope(k.view(1, n, kv_heads, dim), cos, sin)[0]
-        out = cache.decode(attn.layer_idx, q, k, v.view(n, kv_heads, dim))
-        x = x + a["o_proj"].forward(out.reshape(n, heads * dim))
-        gate, up = project(norm2.forward(x), (f["gate_proj"], f["up_proj"]))
-        x = x + f["down_proj"].forward(F.silu(gate) * up)
+        h = norm1.forward(x)
+        q = kernels.rope(q_proj.forward(h).view(1, n, heads, dim), cos, sin)[0]
+        k = kernels.rope(k_proj.forward(h).view(1, n, kv_heads, dim), cos, sin)[0]
+        out = cache.decode(attn.layer_idx, q, k, v_proj.forward(h).view(n, kv_heads, dim))
+        x = x + o_proj.forward(out.reshape(n, heads * dim))
+        h = norm2.forward(x)
+        x = x + down_proj.forward(F.silu(gate_proj.forward(h)) * up_proj.forward(h))
     return head.forward(final_norm.forward(x)[logits_at])

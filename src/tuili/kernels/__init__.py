@@ -5,7 +5,6 @@ from tuili.kernels.ops import (
     fallback,
     isa,
     linear,
-    linear_multi,
     paged_attention,
     paged_attention_reference,
     paged_write,
@@ -25,7 +24,7 @@ from tuili.kernels.ops import (
     w8a8_linear_reference,
 )
 
-__all__ = ["available", "fallback", "isa", "linear", "linear_multi", "paged_attention", "paged_attention_reference", "paged_write", "paged_write_reference", "rms_norm",
+__all__ = ["available", "fallback", "isa", "linear", "paged_attention", "paged_attention_reference", "paged_write", "paged_write_reference", "rms_norm",
            "rms_norm_reference", "rope", "rope_reference", "w4_linear",
            "w4_linear_reference", "w4a8_linear", "w4a8_linear_reference", "w8_linear", "w8_linear_reference",
            "w8a8_linear", "w8a8_pack", "w8a8_linear_reference"]

@@ -221,21 +221,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return kernel(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_multi(x: Tensor, name: str, parts: list[tuple]) -> list[Tensor] | None:
-    """Kernel `name` (w8_linear, w4_linear, f32_linear) for several weights that read the same rows x
-    (M, K), in one call; `parts` holds each weight's kernel arguments after x (tensors first, then
-    scalars, which must agree). None where no such kernel runs: the caller makes separate calls."""
-    ext = extension() if x.device.type == "cpu" else None
-    kernel = getattr(ext, name + "_multi", None)
-    if kernel is None or (name == "f32_linear" and (x.dtype != torch.float32 or not _has_avx512())):
-        return None
-    tensors = [i for i, a in enumerate(parts[0]) if isinstance(a, Tensor)]
-    scalars = parts[0][len(tensors):]
-    if any(p[len(tensors):] != scalars for p in parts):
-        return None
-    return kernel(x, *([p[i] for p in parts] for i in tensors), *scalars)
-
-
 @functools.cache
 def _has_avx512() -> bool:
     ext = build.extension()

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from tuili.kernels import ops as kernels
 from tuili.models.attention import attention, causal_mask, rope_cos_sin, rope_inv_freq
@@ -49,39 +50,13 @@ class RMSNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) that decodes through tuili's fp32 GEMV kernel."""
 
-    max_rows = kernels.MAX_M_F32
-
     def forward(self, x: Tensor) -> Tensor:
         return kernels.linear(x, self.weight, self.bias)
-
-    def kernel_args(self) -> tuple:
-        """("f32_linear", weight, bias) where tuili's fp32 kernel takes the weight, else ()."""
-        w = self.weight
-        return ("f32_linear", w, self.bias) if w.dtype == torch.float32 and w.is_contiguous() else ()
-
-
-def project(x: Tensor, modules: tuple[nn.Module, ...]) -> list[Tensor]:
-    """The outputs of linear layers that read the same x (q/k/v, gate/up): one kernel call over all
-    their rows when they share a kernel and the batch is small (decoding), else one call each.
-    Autograd and hooks keep the separate calls, so training and calibration see every layer."""
-    rows = x.numel() // x.shape[-1]
-    if torch.is_grad_enabled() or hooked(modules):
-        return [m(x) for m in modules]
-    args = [m.kernel_args() if hasattr(m, "kernel_args") else () for m in modules]
-    name = args[0][0] if args[0] else None
-    if name is None or any(not a or a[0] != name or rows > m.max_rows for a, m in zip(args, modules)):
-        return [m(x) for m in modules]
-    outs = kernels.linear_multi(x.reshape(rows, x.shape[-1]), name, [a[1:-1] for a in args])
-    if outs is None:
-        return [m(x) for m in modules]
-    return [(out if a[-1] is None else out + a[-1]).view(*x.shape[:-1], out.shape[-1]) for out, a in zip(outs, args)]
 
 
 def hooked(modules: tuple[nn.Module, ...]) -> bool:
     """Whether a forward hook (global, or on one of `modules`) watches these calls."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks) or any(
         m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
@@ -102,10 +77,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
                 cache: KVCache | None, return_probs: bool) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = kernels.rope(q.view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = kernels.rope(k.view(b, t, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = kernels.rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = kernels.rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         probs = None
         if cache is not None:
             if return_probs:
@@ -130,8 +104,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

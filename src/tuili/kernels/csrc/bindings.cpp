@@ -6,12 +6,6 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
                         bool flip);
 torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size);
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-std::vector<torch::Tensor> w8_linear_multi(torch::Tensor x, std::vector<torch::Tensor> ws,
-                                           std::vector<torch::Tensor> scales, int64_t group_size);
-std::vector<torch::Tensor> w4_linear_multi(torch::Tensor x, std::vector<torch::Tensor> ws,
-                                           std::vector<torch::Tensor> scales, std::vector<torch::Tensor> zss,
-                                           int64_t group_size, bool flip);
-std::vector<torch::Tensor> f32_linear_multi(torch::Tensor x, std::vector<torch::Tensor> ws);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
                           c10::optional<torch::Tensor> input_scale);
 std::vector<torch::Tensor> w8a8_pack(torch::Tensor w);
@@ -39,9 +33,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4_linear", &tuili::w4_linear, "x · dequant(W4)ᵀ for small M");
   m.def("w8_linear", &tuili::w8_linear, "x · dequant(W8)ᵀ for small M");
   m.def("f32_linear", &tuili::f32_linear, "x · Wᵀ (+ b) in fp32 for small M, AVX-512");
-  m.def("w8_linear_multi", &tuili::w8_linear_multi, "w8_linear for several weights that read the same x");
-  m.def("w4_linear_multi", &tuili::w4_linear_multi, "w4_linear for several weights that read the same x");
-  m.def("f32_linear_multi", &tuili::f32_linear_multi, "f32_linear for several weights that read the same x");
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales");
   m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums");
   m.def("w8a8_linear_packed", &tuili::w8a8_linear_packed, "W8A8 on packed weights: outer-product VNNI for batches");

@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <vector>
 
 namespace tuili {
 
@@ -54,21 +53,6 @@ void for_rows(int64_t M, int64_t N, RowFn fn) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m = 0; m < M; m += MB) fn(m, std::min<int64_t>(MB, M - m), n);
-  });
-}
-
-// for_rows over several weight matrices that read the same activations (q/k/v, gate/up): one
-// parallel region over all their output rows; fn(part, m, rows, n) with n the part's own row.
-template <typename RowFn>
-void for_parts(int64_t M, const std::vector<int64_t>& Ns, RowFn fn) {
-  std::vector<int64_t> start(Ns.size() + 1, 0);
-  for (size_t i = 0; i < Ns.size(); ++i) start[i + 1] = start[i] + Ns[i];
-  at::parallel_for(0, start.back(), 16, [&](int64_t n0, int64_t n1) {
-    size_t part = 0;
-    for (int64_t n = n0; n < n1; ++n) {
-      while (n >= start[part + 1]) ++part;
-      for (int64_t m = 0; m < M; m += MB) fn(part, m, std::min<int64_t>(MB, M - m), n - start[part]);
-    }
   });
 }
 
