@@ -5,8 +5,9 @@ nn.Module calls, reshapes and per-call checks cost about as much as streaming th
 weights. For steps where every sequence adds one token, this computes what
 `LlamaForCausalLM.forward` computes (tests hold it to that, logit for logit) by calling each
 submodule's `forward` directly, and the cache's `decode` (paged write + paged attention), on flat
-(N, hidden) rows. Hooks mean someone watches the
-modules: then, and for any model that is not tuili's Llama, the engine runs the module's forward.
+(N, hidden) rows. Hooks mean someone watches the modules: then, and for any model that is not
+tuili's Llama, the engine runs the module's forward (which rewrites any keys and values this path
+stored before it met the hook with the same values).
 """
 
 from __future__ import annotations
