@@ -78,7 +78,7 @@ def transformers_figures(folder: Path, short, long, mixed, n, repeats) -> dict:
     timed(ids, ones, 4)
     decode = max((n - 1) / (timed(ids, ones, n) - timed(ids, ones, 1)) for _ in range(repeats))
     long_ids = torch.tensor([long])
-    prefill = max(len(long) / _best_time(lambda: hf(long_ids, logits_to_keep=1)) for _ in range(repeats))
+    prefill = max(len(long) / _elapsed(lambda: hf(long_ids, logits_to_keep=1)) for _ in range(repeats))
     width = max(map(len, mixed))
     batch = torch.tensor([[pad] * (width - len(p)) + p for p in mixed])  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in mixed])
@@ -97,7 +97,7 @@ def llama_cpp_figures(python: str, short, long, mixed, n, repeats) -> dict | Non
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _best_time(fn) -> float:
+def _elapsed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

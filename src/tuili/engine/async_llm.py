@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tuili.engine.llm import LLMEngine, Prompt, encode_prompt
+from tuili.engine.llm import LLMEngine, Prompt
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model
@@ -49,8 +49,7 @@ class AsyncLLM:
         """Stream one request's outputs. Bad requests raise ValueError here, before anything runs."""
         if self.error is not None or self._stop.is_set():
             raise RuntimeError(f"the engine has stopped: {self.error or 'shut down'}")
-        prompt_ids = encode_prompt(self.model, prompt)
-        self.engine.validate(prompt_ids, params)
+        prompt_ids = self.engine.prepare(prompt, params)
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -105,7 +104,7 @@ class AsyncLLM:
             if message[0] == "add":
                 _, request_id, prompt_ids, params = message
                 if request_id in self._streams:  # not already abandoned by its caller
-                    self.engine.add_request(prompt_ids, params, request_id)
+                    self.engine.enqueue(prompt_ids, params, request_id)
             elif message[0] == "abort":
                 out = self.engine.abort(message[1])
                 if out is not None:

@@ -119,11 +119,19 @@ class LLMEngine:
                              f"KV cache than the engine has ({self.max_tokens_per_request} tokens): "
                              f"give it a larger kv_cache_bytes or ask for fewer tokens")
 
+    def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        """The prompt's token ids, checked (ValueError, with what to change, if it can never run)."""
+        prompt_ids = encode_prompt(self.model, prompt)
+        self.validate(prompt_ids, params)
+        return prompt_ids
+
     def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
                     request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at the next step with room for it."""
-        prompt_ids = encode_prompt(self.model, prompt)
-        self.validate(prompt_ids, params)
+        return self.enqueue(self.prepare(prompt, params), params, request_id)
+
+    def enqueue(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue token ids that `prepare` returned."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -182,16 +190,13 @@ class LLMEngine:
     def _sample(self, requests: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """Next token per request (greedy ones in one argmax), with log-probabilities if asked for."""
         plain = [i for i, r in enumerate(requests) if r.params.greedy and not r.params.penalized]
-        tokens = [0] * len(requests)
-        if plain:
-            for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
-                tokens[i] = token
+        greedy = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
         results = []
         for i, request in enumerate(requests):
             params, row = request.params, logits[i:i + 1]
             if params.penalized:
                 row = apply_penalties(row, params, [request.prompt_ids], [request.output_ids])
-            token = tokens[i] if i in plain else int(sample(row, params, request.generator)[0])
+            token = greedy[i] if i in greedy else int(sample(row, params, request.generator)[0])
             logprob = None
             if params.logprobs is not None:
                 value, top = token_logprobs(row, torch.tensor([token]), params.logprobs)[0]

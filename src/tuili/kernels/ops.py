@@ -23,6 +23,9 @@ from tuili.kernels import build
 MAX_M = 64  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
 MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
 MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here
+# per kernel, the batch rows up to which it beats its PyTorch twin (layers pick by kernel name)
+MAX_ROWS = {"w4_linear": MAX_M, "w8_linear": MAX_M, "w4a8_linear": MAX_M, "w8a8_linear": MAX_M_INT8,
+            "w8a8_linear_packed": MAX_M_PACKED}
 _forced_fallback = False
 
 

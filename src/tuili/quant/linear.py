@@ -57,7 +57,6 @@ class _KernelLinear(nn.Module, ABC):
     is assigned, loaded or moved, instead of being looked up through nn.Module each time."""
 
     _buffer_names: tuple[str, ...] = ()
-    max_rows = kernels.MAX_M  # batch rows up to which the kernel beats the reference
 
     def kernel_args(self) -> tuple:
         """(kernel name, tensors..., bias), or () where no kernel takes this layer's layout."""
@@ -80,7 +79,7 @@ class _KernelLinear(nn.Module, ABC):
         args = self.__dict__.get("_kernel_args")
         if args is None:
             args = self.kernel_args()
-        native = kernels.native(args[0]) if args and rows.shape[0] <= self.max_rows else None
+        native = kernels.native(args[0]) if args and rows.shape[0] <= kernels.MAX_ROWS[args[0]] else None
         y = native(rows, *args[1:-1]) if native is not None else self._reference(rows)
         bias = self.bias if not args else args[-1]
         if bias is not None:
@@ -238,11 +237,6 @@ class Int8Linear(_KernelLinear):
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """int8 codes of x (N, in) and their scale, (N, 1) per token or () per tensor."""
         return kernels.quantize_rows(x, self.input_scale)
-
-    @property
-    def max_rows(self) -> int:
-        args = self.kernel_args()
-        return kernels.MAX_M_PACKED if args and args[0] == "w8a8_linear_packed" else kernels.MAX_M_INT8
 
     def _make_kernel_args(self) -> tuple:
         packed = kernels.w8a8_pack(self.qweight)  # VNNI: a repacked copy (as many bytes again) for batches
