@@ -1,9 +1,11 @@
 """`AsyncLLM`: the engine on a background thread, with one asyncio stream per request (for the server).
 
-The engine thread owns the `LLMEngine`: requests and aborts reach it through a thread-safe inbox
-and are applied between steps, so a new request joins the running batch at the next step. Each
-step's outputs are handed to the event loop of the coroutine that asked for them. Leaving the
-`async for` early (a client that disconnected) aborts the request and frees its KV blocks.
+The engine thread owns the `LLMEngine` and the model: requests, aborts and other work on the model
+(`call`, for embeddings and scoring) reach it through a thread-safe inbox and run between steps, so
+a new request joins the running batch at the next step and two threads never share the CPU's cores
+for one model. Each step's outputs are handed to the event loops that asked for them, one wake-up per
+loop per step. Leaving the `async for` early (a client that disconnected) aborts the request and
+frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from tuili.engine.llm import LLMEngine, Prompt
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,6 +79,20 @@ class AsyncLLM:
         """Cancel a request; its stream ends with finish_reason "abort"."""
         self._inbox.put(("abort", request_id))
 
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the engine thread between two steps (work on the model that is not
+        generation: embeddings, scoring, warm-up) and return its result or raise its error."""
+        if self.error is not None or self._stop.is_set():
+            raise RuntimeError(f"the engine has stopped: {self.error or 'shut down'}")
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put(("call", future, fn, args))
+        return await future
+
+    @property
+    def alive(self) -> bool:
+        """The engine thread is running and has not failed."""
+        return self._thread.is_alive() and self.error is None
+
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
@@ -90,8 +110,18 @@ class AsyncLLM:
                     self._deliver(self.engine.step())
         except BaseException as error:  # noqa: BLE001 - reported to every waiting stream
             self.error = error
+        reason = self.error or RuntimeError("the engine was shut down")
         for request_id in list(self._streams):
-            self._send(request_id, self.error or RuntimeError("the engine was shut down"))
+            self._send(request_id, reason)
+        while True:  # work handed in after the last step will never run: say so to whoever waits
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if message[0] == "call":
+                future = message[1]
+                future.get_loop().call_soon_threadsafe(
+                    _settle, future, None, RuntimeError(f"the engine has stopped: {reason}"))
 
     def _drain(self, block: bool) -> None:
         """Apply queued adds and aborts; when idle, wait for the next one."""
@@ -109,12 +139,40 @@ class AsyncLLM:
                 out = self.engine.abort(message[1])
                 if out is not None:
                     self._deliver([out])
+            elif message[0] == "call":
+                _, future, fn, args = message
+                try:
+                    with self.engine.no_grad():
+                        result, error = fn(*args), None
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    result, error = None, e
+                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for out in outputs:
-            self._send(out.request_id, out)
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop[stream.loop].append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

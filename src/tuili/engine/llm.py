@@ -96,7 +96,7 @@ class LLMEngine:
         self.fast_decode = fast_decode
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
-        self._no_grad = torch.inference_mode if plain else torch.no_grad
+        self.no_grad = torch.inference_mode if plain else torch.no_grad
 
     @property
     def max_tokens_per_request(self) -> int:
@@ -160,7 +160,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        with self._no_grad():
+        with self.no_grad():
             self.cache.copy_blocks(self.scheduler.take_copies())
             logits = self._forward(chunks)
             sampling = [c.request for c in chunks if c.samples]
@@ -225,11 +225,14 @@ class LLMEngine:
         return RequestOutput.of(request, delta, new_tokens)
 
     def stats(self) -> dict[str, float]:
-        """Gauges and counters for metrics: queue lengths, KV use, prefix-cache hits, preemptions."""
+        """Gauges and counters for metrics: queue lengths, KV use (blocks requests hold; blocks only
+        the prefix cache holds are counted apart), prefix-cache hits, preemptions."""
         allocator, prefix = self.cache.allocator, self.scheduler.prefix
+        cached = prefix.num_evictable() if prefix else 0  # reusable, but free for the taking
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": allocator.num_blocks,
-                "kv_usage": 1 - allocator.num_free / allocator.num_blocks,
+                "kv_usage": 1 - (allocator.num_free + cached) / allocator.num_blocks,
+                "kv_cached_blocks": cached,
                 "prefix_cache_queries": prefix.queries if prefix else 0,
                 "prefix_cache_hits": prefix.hits if prefix else 0,
                 "preemptions": self.scheduler.num_preemptions}

@@ -60,6 +60,10 @@ class PrefixCache:
             if key not in self._blocks:
                 self._blocks[key] = self.allocator.share(block)
 
+    def num_evictable(self) -> int:
+        """Blocks only the index holds: cached for reuse, free the moment room is needed."""
+        return sum(1 for block in self._blocks.values() if self.allocator.refcount(block) == 1)
+
     def evict(self, wanted: int) -> int:
         """Free up to `wanted` blocks that only the index holds, least recently used first."""
         freed = 0

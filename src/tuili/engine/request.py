@@ -42,6 +42,7 @@ class Request:
     num_computed: int = 0  # leading tokens whose keys and values are in the cache
     num_cached: int = 0  # prompt tokens found in the prefix cache at admission
     block_keys: list[int] = field(default_factory=list)  # prefix-cache keys of its full computed blocks
+    scheduled_time: float | None = None  # first admitted to the running batch (queue time ends)
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
@@ -71,6 +72,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob]  # and all so far
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     arrival_time: float  # perf_counter clock
+    scheduled_time: float | None
     first_token_time: float | None
     finished_time: float | None
 
@@ -81,4 +83,5 @@ class RequestOutput:
                    request.text.text, list(request.output_ids), request.prompt_ids,
                    request.status is Status.FINISHED, request.finish_reason,
                    logprobs[len(logprobs) - new_tokens:] if logprobs else [], list(logprobs),
-                   request.num_cached, request.arrival, request.first_token_time, request.finished_time)
+                   request.num_cached, request.arrival, request.scheduled_time, request.first_token_time,
+                   request.finished_time)

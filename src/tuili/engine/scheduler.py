@@ -13,6 +13,8 @@ recompute preemption). Nothing is lost: a preempted request resumes where it sto
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -80,6 +82,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
+            if request.scheduled_time is None:
+                request.scheduled_time = time.perf_counter()
             self.running.append(request)
             chunks.append(Chunk(request, request.num_computed, n))
             budget -= n

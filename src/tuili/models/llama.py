@@ -159,21 +159,9 @@ class LlamaForCausalLM(nn.Module):
         the cache holds. `last_only` computes the head for the last position only (decoding);
         `logits_at` (indices along T) for those positions only (the engine's packed steps).
         """
-        b, t = input_ids.shape
-        if positions is None:
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         hidden, probs_all = [], []
-        for layer in self.model.layers:
-            if output_hidden_states:
-                hidden.append(x)
-            x, probs = layer(x, positions, cos, sin, cache, output_attentions)
-            if output_attentions:
-                probs_all.append(probs)
-        x = self.model.norm(x)
-        if output_hidden_states:
-            hidden.append(x)
+        x = self.final_hidden(input_ids, positions, cache, hidden if output_hidden_states else None,
+                              probs_all if output_attentions else None)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
@@ -183,6 +171,27 @@ class LlamaForCausalLM(nn.Module):
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(probs_all) if output_attentions else None,
         )
+
+    def final_hidden(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                     hidden: list[Tensor] | None = None, attentions: list[Tensor] | None = None) -> Tensor:
+        """The final normed hidden states (B, T, hidden) before the head (what embeddings pool);
+        each layer's input and the normed output are appended to `hidden`, attention
+        probabilities to `attentions`, when given."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.model.layers:
+            if hidden is not None:
+                hidden.append(x)
+            x, probs = layer(x, positions, cos, sin, cache, attentions is not None)
+            if attentions is not None:
+                attentions.append(probs)
+        x = self.model.norm(x)
+        if hidden is not None:
+            hidden.append(x)
+        return x
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,8 @@
+"""The model server: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over the engine, with a
+dynamic batcher for embeddings and scoring, Prometheus metrics, limits and graceful shutdown."""
+
+from tuili.server.app import Server, ServerConfig
+from tuili.server.batcher import DynamicBatcher
+from tuili.server.serve import build_server, serve
+
+__all__ = ["DynamicBatcher", "Server", "ServerConfig", "build_server", "serve"]

@@ -1,0 +1,113 @@
+"""Turning the engine's outputs into OpenAI response objects: choices, stream chunks, log-probabilities
+and usage, for completions and chat completions alike."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from tuili.engine.request import RequestOutput, TokenLogprob
+from tuili.models.tokenizer import Tokenizer
+from tuili.server.errors import error_body
+
+
+class TokenText:
+    """The text of single tokens, as log-probability entries show them (cached: a vocabulary is small)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.of = lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
+
+
+def completion_logprobs(entries: list[TokenLogprob], tokens: TokenText, offset: int = 0) -> dict:
+    """The completions API's form: parallel lists, with text offsets into the completion."""
+    texts = [tokens.of(e.token_id) for e in entries]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{tokens.of(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText) -> dict:
+    """The chat API's form: one object per token with its bytes and its top alternatives."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = tokens.of(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class Formatter:
+    """Response objects for one request; `chat` picks the chat-completions shapes."""
+
+    def __init__(self, request_id: str, model: str, created: int, chat: bool, tokens: TokenText,
+                 logprobs: bool, include_usage: bool):
+        self.id, self.model, self.created, self.chat = request_id, model, created, chat
+        self.tokens, self.logprobs, self.include_usage = tokens, logprobs, include_usage
+        self.object = "chat.completion" if chat else "text_completion"
+        self._offsets: dict[int, int] = {}  # choice index -> characters streamed (completion text offsets)
+
+    def _logprobs(self, entries: list[TokenLogprob], index: int) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(entries, self.tokens)
+        offset = self._offsets.get(index, 0)
+        return completion_logprobs(entries, self.tokens, offset)
+
+    def choice(self, index: int, out: RequestOutput) -> dict:
+        """A finished choice of a non-streaming response."""
+        choice = {"index": index, "logprobs": self._logprobs(out.logprobs, index),
+                  "finish_reason": out.finish_reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": out.text}
+        else:
+            choice["text"] = out.text
+        return choice
+
+    def response(self, choices: list[dict], usage_: dict) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage_}
+
+    def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
+        chunk = {"id": self.id, "object": self.object + ".chunk" if self.chat else self.object,
+                 "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage_
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    def role_chunk(self, index: int) -> str:
+        """Chat streams open each choice with the assistant's role."""
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def delta_chunk(self, index: int, out: RequestOutput) -> str | None:
+        """A stream chunk for one step's output, or None when it carries nothing to show."""
+        if not out.delta and not out.finished and not (self.logprobs and out.new_logprobs):
+            return None
+        logprobs = self._logprobs(out.new_logprobs, index)
+        if not self.chat and logprobs is not None:
+            self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        if self.chat:
+            choice["delta"] = {"content": out.delta} if out.delta or not out.finished else {}
+        else:
+            choice["text"] = out.delta
+        return self._chunk([choice])
+
+    def usage_chunk(self, usage_: dict) -> str:
+        return self._chunk([], usage_)
+
+
+def sse_error(status: int, message: str) -> str:
+    return f"data: {json.dumps(error_body(status, message))}\n\n"
+
+
+DONE = "data: [DONE]\n\n"

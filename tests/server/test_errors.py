@@ -1,0 +1,163 @@
+"""Bad requests get a 4xx with an OpenAI error object that says what is wrong, and the server keeps
+serving; limits, API keys and a full queue answer with their own status codes."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from conftest import MODEL, live_server
+from tuili.server import ServerConfig
+
+GOOD = {"model": MODEL, "prompt": "ok", "max_tokens": 3, "temperature": 0}
+
+
+def post(base, path, body, **kwargs):
+    return httpx.post(f"{base}{path}", json=body, timeout=30, **kwargs)
+
+
+def assert_error(response, status, *words):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error["message"]
+    return error
+
+
+def still_serving(base):
+    r = post(base, "/v1/completions", GOOD)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("content, words", [
+    (b'{"model": "tiny", "prompt": ', ["not valid JSON"]),
+    (b"\xff\xfe{not utf-8}", ["not valid UTF-8"]),
+    (b"[1, 2, 3]", ["must be a JSON object"]),
+    (b"", ["missing"]),
+])
+def test_malformed_bodies(base, content, words):
+    r = httpx.post(f"{base}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert_error(r, 400, *words)
+    still_serving(base)
+
+
+@pytest.mark.parametrize("change, param, words", [
+    ({"max_tokens": "many"}, "max_tokens", ["integer"]),
+    ({"temperature": -1}, "temperature", ["greater than or equal to 0"]),
+    ({"top_p": 0}, "top_p", ["greater than 0"]),
+    ({"n": 0}, "n", ["greater than or equal to 1"]),
+    ({"max_tokens": 0}, "max_tokens", ["greater than or equal to 1"]),
+    ({"presence_penalty": 3}, "presence_penalty", ["less than or equal to 2"]),
+    ({"logprobs": 50}, "logprobs", ["less than or equal to 20"]),
+    ({"stop": [""]}, "stop", ["must not be empty"]),
+    ({"prompt": None}, "prompt", []),
+    ({"echo": True}, None, ["echo is not supported"]),
+    ({"logit_bias": {"5": 1}}, None, ["logit_bias is not supported"]),
+])
+def test_wrong_types_and_values(base, change, param, words):
+    error = assert_error(post(base, "/v1/completions", {**GOOD, **change}), 400, *words)
+    if param:
+        assert error["param"] == param
+    still_serving(base)
+
+
+@pytest.mark.parametrize("raw", ['{"model": "tiny", "prompt": "x", "temperature": NaN}',
+                                 '{"model": "tiny", "prompt": "x", "top_p": Infinity}'])
+def test_nan_and_infinity_are_refused(base, raw):
+    r = httpx.post(f"{base}/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert_error(r, 400, "finite")
+    still_serving(base)
+
+
+def test_unknown_model_is_404(base):
+    error = assert_error(post(base, "/v1/completions", {**GOOD, "model": "gpt-9"}), 404, "gpt-9", MODEL)
+    assert error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]]])
+def test_empty_prompt(base, prompt):
+    assert_error(post(base, "/v1/completions", {**GOOD, "prompt": prompt}), 400, "empty")
+
+
+def test_token_ids_outside_the_vocabulary(base):
+    assert_error(post(base, "/v1/completions", {**GOOD, "prompt": [1, 99999]}), 400, "vocabulary")
+
+
+def test_prompt_beyond_the_context(base, served):
+    context = served[1].context
+    assert_error(post(base, "/v1/completions", {**GOOD, "prompt": "x" * (context + 5)}), 400, "context")
+    r = post(base, "/v1/completions", {**GOOD, "prompt": "x" * (context - 2), "max_tokens": 10})
+    assert_error(r, 400, "exceeds", "context")
+    still_serving(base)
+
+
+def test_chat_errors(base):
+    assert_error(post(base, "/v1/chat/completions", {"model": MODEL, "messages": []}), 400, "messages")
+    assert_error(post(base, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+                 400, "role")
+    assert_error(post(base, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                     "tools": [{"type": "function"}]}), 400, "tools")
+    still_serving(base)
+
+
+def test_tokenize_and_detokenize_round_trip(base):
+    ids = post(base, "/tokenize", {"prompt": "héllo"}).json()
+    assert ids["count"] == len("héllo".encode()) and ids["max_model_len"] == 256
+    assert post(base, "/detokenize", {"tokens": ids["tokens"]}).json() == {"prompt": "héllo"}
+    chat = post(base, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 2
+    assert_error(post(base, "/detokenize", {"tokens": [5, 100000]}), 400, "vocabulary")
+    assert_error(post(base, "/tokenize", {"prompt": "a", "messages": []}), 400, "exactly one")
+
+
+def test_limits_api_key_and_body_size(tiny_model):
+    config = ServerConfig(model_names=(MODEL,), api_key="s3cret", max_prompt_tokens=8, max_tokens=5,
+                          max_body_bytes=2000)
+    with live_server(tiny_model, config) as (base, _):
+        assert_error(post(base, "/v1/completions", GOOD), 401, "API key")
+        key = {"Authorization": "Bearer s3cret"}
+        assert_error(post(base, "/v1/completions", GOOD, headers={"Authorization": "Bearer wrong"}), 401)
+        assert post(base, "/v1/completions", GOOD, headers=key).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 200  # operations stay open
+        assert httpx.get(f"{base}/metrics").status_code == 200
+        assert_error(post(base, "/v1/completions", {**GOOD, "prompt": "x" * 9}, headers=key), 400, "limit of 8")
+        assert_error(post(base, "/v1/completions", {**GOOD, "max_tokens": 6}, headers=key), 400, "limit of 5")
+        assert_error(post(base, "/v1/completions", {**GOOD, "prompt": "x" * 3000}, headers=key), 413, "2000 bytes")
+        assert post(base, "/v1/completions", GOOD, headers=key).status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_model):
+    config = ServerConfig(model_names=(MODEL,), max_queued_requests=4)
+    long = {**GOOD, "max_tokens": 240, "ignore_eos": True, "n": 3}
+
+    async def main(base, server):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            running = asyncio.create_task(client.post("/v1/completions", json=long))
+            while server.in_flight < 3:  # three sequences are in
+                await asyncio.sleep(0.001)
+            refused = await client.post("/v1/completions", json={**GOOD, "n": 2})
+            return refused, await running
+
+    with live_server(tiny_model, config) as (base, server):
+        too_many = post(base, "/v1/completions", {**GOOD, "n": 5})  # more than the limit on its own
+        assert_error(too_many, 429, "busy")
+        refused, done = asyncio.run(main(base, server))
+        assert_error(refused, 429, "busy")
+        assert refused.headers["retry-after"] == "1"
+        assert done.status_code == 200 and len(done.json()["choices"]) == 3
+        assert server.in_flight == 0
+        still_serving(base)
+
+
+def test_requests_before_warm_up_finishes_get_503(tiny_model):
+    from tuili.engine import AsyncLLM
+    from tuili.server import Server
+
+    server = Server(AsyncLLM(tiny_model), ServerConfig(model_names=(MODEL,)))
+    try:
+        with pytest.raises(Exception) as info:
+            server._check_ready_and_model(MODEL)
+        assert info.value.status == 503 and "warming up" in info.value.message
+    finally:
+        server.llm.shutdown()
