@@ -50,7 +50,11 @@ def test_reference_equals_attention_over_a_contiguous_cache():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
 @pytest.mark.parametrize("lens, hq, hkv, d, bs", [([1], 9, 3, 64, 16), ([37, 5, 200], 9, 3, 64, 16),
                                                   ([33], 4, 4, 32, 8), ([129, 64], 8, 1, 128, 32),
-                                                  ([7, 8], 6, 2, 20, 3)])
+                                                  ([7, 8], 6, 2, 20, 3),
+                                                  # every value-pass path: all heads in registers (D=64,
+                                                  # groups up to 6; D=128 up to 3) and head by head beyond
+                                                  ([50, 17], 14, 2, 64, 16), ([3, 90], 6, 1, 64, 16),
+                                                  ([70], 6, 2, 128, 16)])
 def test_kernel_matches_reference(dtype, lens, hq, hkv, d, bs):
     k, v, tables, ctx, ks, vs = paged_cache(lens, hkv, d, bs, dtype)
     q = torch.randn(len(lens), hq, d)

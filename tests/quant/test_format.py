@@ -105,3 +105,15 @@ def test_missing_compressed_tensor_is_named(tmp_path):
     save_file(state, tmp_path / "q" / "model.safetensors")
     with pytest.raises(tuili.ModelFormatError, match="lacks model.layers.1.self_attn.k_proj.weight_scale"):
         tuili.load(tmp_path / "q")
+
+
+def test_a_tied_head_quantized_with_int8_activations_is_saved_apart(tmp_path):
+    # its int8 weight is stored as "lm_head.weight": it must not be mistaken for the tied float copy
+    model = random_tiny("llama-mqa-tied")
+    quantize_(model, Int8DynamicActivation(), calib=CALIB, ignore=[])
+    assert isinstance(model.module.lm_head, Int8Linear)
+    model.save(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is False
+    again = tuili.load(tmp_path / "q")
+    assert isinstance(again.module.lm_head, Int8Linear)
+    assert torch.equal(outputs(model), outputs(again))

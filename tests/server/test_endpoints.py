@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from conftest import MODEL, samples
+from live import MODEL, samples
 from tuili.engine.pooling import loglikelihood
 
 

@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import MODEL, live_server
+from live import MODEL, live_server
 from tuili.server import ServerConfig
 
 GOOD = {"model": MODEL, "prompt": "ok", "max_tokens": 3, "temperature": 0}

@@ -7,7 +7,7 @@ import random
 
 import httpx
 
-from conftest import MODEL, live_server, metric, samples
+from live import MODEL, live_server, metric, samples
 from tuili.engine import LLM, SamplingParams
 
 

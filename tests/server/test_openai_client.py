@@ -7,7 +7,7 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import MODEL
+from live import MODEL
 from tuili.engine import LLM, SamplingParams
 from tuili.engine.pooling import embed
 

@@ -92,3 +92,15 @@ def test_access_log_is_one_json_line_per_request(folder):
     posts = [entry for entry in lines if entry["method"] == "POST"]
     assert [(e["path"], e["status"]) for e in posts] == [("/v1/completions", 200), ("/v1/completions", 404)]
     assert posts[0]["request_id"].startswith("cmpl-") and posts[0]["ms"] > 0
+
+
+def test_a_port_in_use_is_a_clear_error(folder):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-c", "import sys; from tuili.cli import main; sys.exit(main())", "serve",
+                   "--model", str(folder), "--port", str(port), "--no-warmup", "--threads", "1"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "could not start" in done.stderr and "port" in done.stderr

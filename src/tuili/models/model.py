@@ -56,7 +56,9 @@ class Model:
                 state, config["quantization_config"] = FORMATS[method].save(self.module)
             state = {k: v.detach().contiguous() for k, v in state.items()}
             if self.config.tie_word_embeddings:
-                if "lm_head.weight" in state:
+                head = state.get("lm_head.weight")
+                if head is not None and head.dtype == self.module.dtype and \
+                        torch.equal(head, state["model.embed_tokens.weight"]):
                     del state["lm_head.weight"]  # stored once, as the embedding
                 else:  # the head was compressed apart from the embedding: no longer tied on disk
                     config["tie_word_embeddings"] = False

