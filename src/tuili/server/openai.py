@@ -53,6 +53,14 @@ class Formatter:
         self.tokens, self.logprobs, self.include_usage = tokens, logprobs, include_usage
         self.object = "chat.completion" if chat else "text_completion"
         self._offsets: dict[int, int] = {}  # choice index -> characters streamed (completion text offsets)
+        # The common stream chunk (text, no log-probabilities, not the last) is a template around
+        # the JSON of its text: a streaming server writes one per token, and building and encoding
+        # the whole object each time was most of the event loop's work per token.
+        head = json.dumps({"id": self.id, "object": self.object + ".chunk" if chat else self.object,
+                           "created": created, "model": model}, ensure_ascii=False)[:-1]
+        self._head = f'data: {head}, "choices": [{{"index": '
+        self._field, self._close = (', "delta": {"content": ', "}") if chat else (', "text": ', "")
+        self._tail = ', "logprobs": null, "finish_reason": null}]' + (', "usage": null' if include_usage else "") + "}\n\n"
 
     def _logprobs(self, entries: list[TokenLogprob], index: int) -> dict | None:
         if not self.logprobs:
@@ -92,6 +100,9 @@ class Formatter:
         """A stream chunk for one step's output, or None when it carries nothing to show."""
         if not out.delta and not out.finished and not (self.logprobs and out.new_logprobs):
             return None
+        if not out.finished and not self.logprobs:
+            return (f"{self._head}{index}{self._field}{json.dumps(out.delta, ensure_ascii=False)}{self._close}"
+                    f"{self._tail}")
         logprobs = self._logprobs(out.new_logprobs, index)
         if not self.chat and logprobs is not None:
             self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])

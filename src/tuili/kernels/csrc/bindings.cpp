@@ -29,17 +29,24 @@ std::string isa() {
 }
 }  // namespace tuili
 
+// Every kernel lets go of the GIL while it runs: a server's event loop (another thread) can then
+// stream the previous step's tokens while the engine computes, instead of stalling it.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("w4_linear", &tuili::w4_linear, "x · dequant(W4)ᵀ for small M");
-  m.def("w8_linear", &tuili::w8_linear, "x · dequant(W8)ᵀ for small M");
-  m.def("f32_linear", &tuili::f32_linear, "x · Wᵀ (+ b) in fp32 for small M, AVX-512");
-  m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales");
-  m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums");
-  m.def("w8a8_linear_packed", &tuili::w8a8_linear_packed, "W8A8 on packed weights: outer-product VNNI for batches");
-  m.def("w4a8_linear", &tuili::w4a8_linear, "int8(x, per token and group) · W4ᵀ, VNNI");
-  m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)");
-  m.def("paged_write", &tuili::paged_write, "store keys and values at slots of a paged cache (int8: per token and head)");
-  m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim");
-  m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("w4_linear", &tuili::w4_linear, "x · dequant(W4)ᵀ for small M", release());
+  m.def("w8_linear", &tuili::w8_linear, "x · dequant(W8)ᵀ for small M", release());
+  m.def("f32_linear", &tuili::f32_linear, "x · Wᵀ (+ b) in fp32 for small M, AVX-512", release());
+  m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales", release());
+  m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums",
+        release());
+  m.def("w8a8_linear_packed", &tuili::w8a8_linear_packed, "W8A8 on packed weights: outer-product VNNI for batches",
+        release());
+  m.def("w4a8_linear", &tuili::w4a8_linear, "int8(x, per token and group) · W4ᵀ, VNNI", release());
+  m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)",
+        release());
+  m.def("paged_write", &tuili::paged_write, "store keys and values at slots of a paged cache (int8: per token and head)",
+        release());
+  m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim", release());
+  m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout", release());
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
 }
