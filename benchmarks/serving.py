@@ -317,9 +317,10 @@ def main() -> None:
         rows: dict[str, list[dict]] = {server.spec.name: [] for server, _ in running}
         for clients in args.levels:
             per_round: dict[str, list[dict]] = {name: [] for name in rows}
-            for _ in range(args.rounds):
-                for server, _ in running:
-                    row = asyncio.run(load_level(server.port, server.spec.model, clients, max(8, 2 * clients), 120))
+            for round_ in range(args.rounds):
+                for server, _ in running:  # fresh prompts every round: no server reuses a cached prefix
+                    row = asyncio.run(load_level(server.port, server.spec.model, clients, max(8, 2 * clients), 120,
+                                                 seed=1000 * round_))
                     per_round[server.spec.name].append(row)
                     print(f"  {server.spec.name} @ {clients}: {row['tok_s']:.1f} tok/s, errors {row['errors']}",
                           file=sys.stderr, flush=True)
