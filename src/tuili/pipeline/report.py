@@ -41,3 +41,10 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def sparsity_markdown(report) -> str:
+    """A `tuili.prune.SparsityReport` as a table: weights, zeros and sparsity per layer and in all."""
+    rows = [[layer.name, f"{layer.params:,}", f"{layer.zeros:,}", f"{layer.sparsity:.2%}"] for layer in report.layers]
+    rows.append(["**all linear layers**", f"{report.params:,}", f"{report.zeros:,}", f"{report.sparsity:.2%}"])
+    return markdown_table(["layer", "weights", "zeros", "sparsity"], rows)

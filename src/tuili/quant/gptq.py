@@ -32,15 +32,29 @@ class Hessian:
         return (2 * self.h / max(self.count, 1)).float()
 
 
+def dead_inputs_zeroed(w: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
+    """Float copies of W and H; inputs that were always zero (H_jj = 0) get H_jj = 1 and zero weights:
+    what they multiply never mattered, and H must be invertible."""
+    W, H = w.detach().float().clone(), hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
+    """The upper Cholesky factor of (H + damp · mean(diag H) · I)⁻¹: the row i of it holds what
+    OBS needs to spread column i's error over the columns after it (GPTQ and SparseGPT)."""
+    H = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool,
          damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
     """GPTQ, Alg. 1 with lazy batch updates. `act_order` visits columns by decreasing H_jj; its group
     parameters then come from the original weight ("static groups"), so groups stay contiguous."""
     rows, cols = w.shape
-    W, H = w.detach().float().clone(), hessian.float().clone()
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = dead_inputs_zeroed(w, hessian)
     num_groups = -(-cols // group_size)
     scale = torch.ones(rows, num_groups)
     zero = torch.zeros(rows, num_groups)
@@ -51,8 +65,7 @@ def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool
     else:
         perm = torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(cols)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_hessian_factor(H, damp)
 
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block_size):
