@@ -113,3 +113,35 @@ def test_quantize_refuses_bad_smoothquant_options(folder, capsys, tmp_path, argv
         code = main(["quantize", "--model", folder, "--scheme", "w8a8-static", *argv, "--out", str(tmp_path / "x")])
         assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_prune_unstructured_saves_a_sparse_model_that_loads(folder, capsys, tmp_path):
+    out = tmp_path / "sparse"
+    assert main(["prune", "--model", folder, "--method", "wanda", "--sparsity", "0.5", "--calib-samples", "4",
+                 "--calib-len", "32", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    q = next(layer for layer in result["sparsity"]["layers"] if layer["name"].endswith("layers.0.self_attn.q_proj"))
+    assert q["sparsity"] == 0.5
+    import tuili
+    again = tuili.load(out)
+    assert float((again.module.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == 0.5
+    assert any(step.get("step") == "pruned" for step in again.provenance)
+
+
+def test_prune_structured_shrinks_the_saved_model(folder, capsys, tmp_path):
+    out = tmp_path / "small"
+    assert main(["prune", "--model", folder, "--structured", "mlp=0.25,heads=0.5,layers=1", "--importance", "l2",
+                 "--calib-samples", "4", "--calib-len", "32", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_attention_heads"], config["num_hidden_layers"]) == (72, 2, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsity", "1.5"], "[0, 1)"), (["--pattern", "4:2"], "0 < N < M"), (["--pattern", "half"], "N:M"),
+    (["--structured", "mlp=x"], "needs a number"), (["--structured", "experts=0.5"], "mlp=F,heads=F,layers=N"),
+    (["--pattern", "2:4", "--iterations", "3"], "--iterations"),
+])
+def test_prune_bad_requests_exit_2(folder, capsys, tmp_path, argv, message):
+    assert main(["prune", "--model", folder, *argv, "--out", str(tmp_path / "x"), "--calib-samples", "2",
+                 "--calib-len", "16"]) == 2
+    assert message in capsys.readouterr().err
