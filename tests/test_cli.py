@@ -145,3 +145,12 @@ def test_prune_bad_requests_exit_2(folder, capsys, tmp_path, argv, message):
     assert main(["prune", "--model", folder, *argv, "--out", str(tmp_path / "x"), "--calib-samples", "2",
                  "--calib-len", "16"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_optimize_with_a_prune_stage(folder, capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
+    assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
+                 "--max-tokens", "256", "--prune", "2:4", "--prune-method", "magnitude", "--calib-samples", "2",
+                 "--json"]) == 0
+    stages = [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert stages == ["baseline", "prune 2:4 magnitude"]

@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
     p.add_argument("--group-size", type=int)
     p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--prune", metavar="SPEC",
+                   help="add a pruning stage before quantizing: a sparsity (0.5), a pattern (2:4) or "
+                        "structured parts (mlp=0.25,heads=0.34,layers=4)")
+    p.add_argument("--prune-method", default="wanda", choices=["magnitude", "taylor", "wanda", "sparsegpt"])
     p.add_argument("--report", type=Path, help="also write the markdown report to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.set_defaults(run=_optimize)
@@ -207,9 +211,11 @@ def _params(args):
 
 def _optimize(args) -> None:
     from tuili.models.io import atomic_write_text
-    from tuili.pipeline import optimize, quantize_stage
+    from tuili.pipeline import optimize, prune_stage, quantize_stage
 
     stages = []
+    if args.prune:  # before quantizing: pruning works on float linear layers
+        stages.append(prune_stage(args.prune, args.prune_method, args.data, args.calib_samples, args.seq_len))
     if args.scheme:
         stages.append(quantize_stage(args.scheme, args.method, args.group_size, args.data, args.calib_samples,
                                      args.seq_len))
@@ -360,30 +366,18 @@ def _serve(args) -> int:
     return serve(server, args.host, args.port, args.grace, args.log_level)
 
 
-def _structured_spec(text: str) -> dict[str, float]:
-    parts = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in ("mlp", "heads", "layers") or not value:
-            raise ValueError(f"--structured takes mlp=F,heads=F,layers=N; got {item!r}")
-        try:
-            parts[key] = int(value) if key == "layers" else float(value)
-        except ValueError:
-            raise ValueError(f"--structured {key} needs a number, got {value!r}") from None
-    return parts
-
-
 def _prune(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text, perplexity
     from tuili.pipeline.analysis import analyze
     from tuili.pipeline.report import markdown_table, sparsity_markdown
     from tuili.prune import SemiStructured, Unstructured, prune_, sparsity_report
+    from tuili.prune.config import parse_structured
     from tuili.prune.iterative import iterative_prune_
-    from tuili.prune.structured import drop_layers_, prune_heads_, prune_mlp_
+    from tuili.prune.structured import prune_structured_
 
     if not args.out and not args.eval and not args.report:
         raise ValueError("give --out DIR to save the pruned model (or --eval / --report to only measure)")
-    structured = _structured_spec(args.structured) if args.structured else None
+    structured = parse_structured(args.structured) if args.structured else None
     target = None
     if args.sparsity is not None:
         target = Unstructured(args.sparsity, args.scope)
@@ -401,13 +395,7 @@ def _prune(args) -> None:
         result["perplexity_before"] = perplexity(model.module, windows).perplexity
     start = time.perf_counter()
     if structured:
-        if "mlp" in structured:
-            result["intermediate_size"] = prune_mlp_(model, structured["mlp"], args.importance, calib)
-        if "heads" in structured:
-            importance = args.importance if args.importance in ("l2", "activation") else "activation"
-            result["heads"] = prune_heads_(model, structured["heads"], importance, calib, args.whole_groups)
-        if "layers" in structured:
-            result["dropped_layers"] = drop_layers_(model, structured["layers"], calib)
+        result.update(prune_structured_(model, structured, args.importance, calib, args.whole_groups))
     elif args.iterations > 1:
         stages = iterative_prune_(model, target, args.method, args.iterations, calib=calib, train=calib,
                                   steps=args.recovery_steps, eval_windows=windows)

@@ -14,6 +14,9 @@ from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed
 from tuili.pipeline.report import human_bytes, markdown_table
+from tuili.prune import SemiStructured, Unstructured, prune_
+from tuili.prune.config import parse_structured
+from tuili.prune.structured import prune_structured_
 from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
 
 
@@ -79,6 +82,35 @@ def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = No
     return run
 
 
+def prune_stage(spec: str, method: str = "wanda", data: str = "builtin", calib_samples: int = 64,
+                calib_len: int = 512) -> Callable[[Model], str]:
+    """A stage that prunes the model in place: `spec` is a sparsity ("0.5"), an N:M pattern ("2:4")
+    or structured parts ("mlp=0.25,heads=0.34,layers=4")."""
+    if "=" in spec:
+        structured, target = parse_structured(spec), None
+    else:
+        structured = None
+        target = SemiStructured.parse(spec) if ":" in spec else Unstructured(_number(spec))
+
+    def run(model: Model) -> str:
+        calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
+        if structured is not None:
+            prune_structured_(model, structured, "activation", calib)
+            return f"prune {spec}"
+        prune_(model, target, method, calib=calib, progress=False)
+        return f"prune {spec} {method}"
+
+    return run
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"a pruning spec is a sparsity (0.5), a pattern (2:4) or mlp=F,heads=F,layers=N; "
+                         f"got {text!r}") from None
+
+
 def optimize(model: Model, stages: list[Callable[[Model], str]] = (), data: str = "builtin", seq_len: int = 512,
              max_tokens: int | None = 16384, context_len: int = 2048, progress: bool = True) -> OptimizeReport:
     """Analyze `model`, measure it, then apply and measure each stage in turn."""
@@ -92,4 +124,4 @@ def optimize(model: Model, stages: list[Callable[[Model], str]] = (), data: str 
     return report
 
 
-__all__ = ["OptimizeReport", "StageResult", "optimize", "quantize_stage"]
+__all__ = ["OptimizeReport", "StageResult", "optimize", "prune_stage", "quantize_stage"]

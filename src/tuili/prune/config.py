@@ -48,3 +48,18 @@ class SemiStructured:
 
 
 Target = Unstructured | SemiStructured
+
+
+def parse_structured(text: str) -> dict[str, float]:
+    """'mlp=0.25,heads=0.34,layers=4' → {"mlp": 0.25, "heads": 0.34, "layers": 4}: fractions of MLP
+    neurons and of attention heads, and a number of whole layers, to remove."""
+    parts: dict[str, float] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("mlp", "heads", "layers") or not value:
+            raise ValueError(f"structured pruning takes mlp=F,heads=F,layers=N; got {item!r}")
+        try:
+            parts[key] = int(value) if key == "layers" else float(value)
+        except ValueError:
+            raise ValueError(f"structured pruning: {key} needs a number, got {value!r}") from None
+    return parts

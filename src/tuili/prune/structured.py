@@ -215,3 +215,17 @@ def drop_layers_(model: Model, count: int, calib: Tensor) -> list[int]:
     _set_config(model, num_hidden_layers=len(kept))
     model.record("pruned", structure="layers", dropped=dropped, block_influence=[round(float(b), 4) for b in bi])
     return dropped
+
+
+def prune_structured_(model: Model, spec: dict[str, float], importance: str = "activation",
+                      calib: Tensor | None = None, whole_groups: bool = False) -> dict:
+    """Apply a `parse_structured` spec: MLP neurons, then heads, then layers; returns what changed."""
+    changed: dict = {}
+    if "mlp" in spec:
+        changed["intermediate_size"] = prune_mlp_(model, spec["mlp"], importance, calib)
+    if "heads" in spec:
+        head_importance = importance if importance in HEAD_IMPORTANCE else "activation"
+        changed["heads"] = prune_heads_(model, spec["heads"], head_importance, calib, whole_groups)
+    if "layers" in spec:
+        changed["dropped_layers"] = drop_layers_(model, int(spec["layers"]), calib)
+    return changed
