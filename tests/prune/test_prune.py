@@ -104,3 +104,28 @@ def test_report_counts_zeros_per_layer_and_in_all():
     assert data["zeros"] == sum(layer["zeros"] for layer in data["layers"])
     q = next(layer for layer in report.layers if layer.name == "model.layers.0.self_attn.q_proj")
     assert q.sparsity == pytest.approx(0.25, abs=1 / q.params)
+
+
+def test_a_sparse_model_saves_its_sparsity_and_loads_back_identically(tmp_path, calib):
+    import json
+
+    import transformers
+
+    import tuili
+    from tuili.prune import restore_masks
+
+    model = random_tiny("llama-gqa")
+    prune_(model, SemiStructured(2, 4), "wanda", calib=calib, progress=False)
+    model.save(tmp_path / "sparse")
+    sparsity = json.loads((tmp_path / "sparse" / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sparsity["format"] == "dense" and sparsity["sparsity_structure"] == "2:4"
+    assert sparsity["global_sparsity"] == 0.5 and "lm_head" in sparsity["ignore"]
+    again = tuili.load(tmp_path / "sparse")
+    ids = torch.randint(0, 259, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(again.module(ids).logits, model.module(ids).logits)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")  # compressed-tensors' dense format
+        torch.testing.assert_close(hf(ids).logits, model.module(ids).logits, atol=1e-4, rtol=1e-4)
+    assert restore_masks(again) == len(sparsity["targets"])
+    q = again.module.model.layers[0].self_attn.q_proj
+    assert torch.equal(q.weight_mask, q.weight != 0)

@@ -52,6 +52,11 @@ class Model:
             method = format_of(self.module)
             if method is None:
                 state = self.module.state_dict()
+                sparsity = _sparsity_config(self)
+                if sparsity is not None:  # stored dense, described as compressed-tensors does (llm-compressor)
+                    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense",
+                                                     "quantization_status": "compressed", "config_groups": {},
+                                                     "sparsity_config": sparsity}
             else:
                 state, config["quantization_config"] = FORMATS[method].save(self.module)
             state = {k: v.detach().contiguous() for k, v in state.items()}
@@ -70,6 +75,21 @@ class Model:
             write_json(tmp / PROVENANCE_FILE, {"provenance": self.provenance + [
                 {"step": "saved", "time": _now(), "torch": torch.__version__}]})
         return Path(folder).absolute()
+
+
+def _sparsity_config(model: Model) -> dict[str, Any] | None:
+    """compressed-tensors' sparsity_config (dense format) for a model whose linear layers carry
+    pruning masks (`weight_mask`, set by tuili.prune); None if none does."""
+    linears = {n: m for n, m in model.module.named_modules() if isinstance(m, torch.nn.Linear)}
+    masked = {n: m for n, m in linears.items() if hasattr(m, "weight_mask")}
+    if not masked:
+        return None
+    zeros = sum(int((m.weight == 0).sum()) for m in masked.values())
+    total = sum(m.weight.numel() for m in masked.values())
+    pruned = [step for step in model.provenance if step.get("step") == "pruned" and "target" in step]
+    structure = pruned[-1]["target"] if pruned and ":" in str(pruned[-1]["target"]) else "unstructured"
+    return {"format": "dense", "global_sparsity": round(zeros / total, 6), "sparsity_structure": structure,
+            "targets": sorted(masked), "ignore": sorted(set(linears) - set(masked))}
 
 
 def _generation_config(model: Model) -> dict[str, Any]:

@@ -89,3 +89,17 @@ def attach_mask(linear: nn.Linear, mask: Tensor) -> None:
 def reapply_masks() -> None:
     for module in list(_MASKED):
         module.weight.mul_(module.weight_mask)
+
+
+def restore_masks(model) -> int:
+    """After `tuili.load` of a folder saved pruned: mask every layer its sparsity_config names at its
+    zeros, so further fine-tuning keeps them. Returns the number of layers masked (0: not sparse)."""
+    qconfig = model.config.extra.get("quantization_config") or {}
+    sparsity = qconfig.get("sparsity_config") or {}
+    names = sparsity.get("targets") or []
+    modules = dict(model.module.named_modules())
+    for name in names:
+        linear = modules.get(name)
+        if isinstance(linear, nn.Linear):
+            attach_mask(linear, linear.weight != 0)
+    return sum(isinstance(modules.get(n), nn.Linear) for n in names)
