@@ -154,3 +154,12 @@ def test_optimize_with_a_prune_stage(folder, capsys, tmp_path):
                  "--json"]) == 0
     stages = [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]]
     assert stages == ["baseline", "prune 2:4 magnitude"]
+
+
+def test_prune_iteratively_with_recovery_and_evaluation(folder, capsys, tmp_path):
+    assert main(["prune", "--model", folder, "--method", "magnitude", "--sparsity", "0.5", "--iterations", "2",
+                 "--recovery-steps", "1", "--calib-samples", "4", "--calib-len", "32", "--eval", "--eval-tokens",
+                 "128", "--seq-len", "32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [round(s["sparsity"], 2) for s in result["stages"]] == [0.25, 0.5]
+    assert result["perplexity_after"] > 1 and result["perplexity_before"] > 1

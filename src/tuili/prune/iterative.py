@@ -8,6 +8,7 @@ weights are zero (the lowest score), so each stage's mask contains the previous 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,5 +77,5 @@ def iterative_prune_(model: Model, target: Target, method: str, stages: int, *, 
         if progress:
             print(f"stage {k}/{stages}: sparsity {sparsity:.1%}"
                   + (f", perplexity {ppl:.3f}" if ppl is not None else "")
-                  + (f", recovery loss {loss:.3f}" if loss is not None else ""), flush=True)
+                  + (f", recovery loss {loss:.3f}" if loss is not None else ""), file=sys.stderr, flush=True)
     return log
