@@ -75,17 +75,19 @@ def _input_norms(module: LlamaForCausalLM, linears: list[nn.Linear], calib: Tens
     return [s.value() for s in stats]
 
 
-def _need_calib(importance: str, calib: Tensor | None) -> None:
+def _scored_module(model: Model, importance: str, choices: tuple[str, ...], what: str,
+                   calib: Tensor | None) -> LlamaForCausalLM:
+    """The model's module, once the importance is known and has the calibration it needs."""
+    if importance not in choices:
+        raise ValueError(f"unknown {what} importance {importance!r}: choose one of {', '.join(choices)}")
     if importance in ("activation", "taylor") and calib is None:
         raise ValueError(f"{importance} importance needs calibration token ids (calib=...)")
+    return _module(model)
 
 
 def neuron_scores(model: Model, importance: str = "activation", calib: Tensor | None = None) -> list[Tensor]:
     """One score per intermediate neuron, per decoder layer."""
-    if importance not in NEURON_IMPORTANCE:
-        raise ValueError(f"unknown neuron importance {importance!r}: choose one of {', '.join(NEURON_IMPORTANCE)}")
-    _need_calib(importance, calib)
-    module = _module(model)
+    module = _scored_module(model, importance, NEURON_IMPORTANCE, "neuron", calib)
     mlps = [layer.mlp for layer in module.model.layers]
     if importance == "activation":
         norms = _input_norms(module, [m.down_proj for m in mlps], calib)
@@ -122,10 +124,7 @@ def prune_mlp_(model: Model, fraction: float, importance: str = "activation", ca
 
 def head_scores(model: Model, importance: str = "activation", calib: Tensor | None = None) -> list[Tensor]:
     """One score per query head, per decoder layer."""
-    if importance not in HEAD_IMPORTANCE:
-        raise ValueError(f"unknown head importance {importance!r}: choose one of {', '.join(HEAD_IMPORTANCE)}")
-    _need_calib(importance, calib)
-    module = _module(model)
+    module = _scored_module(model, importance, HEAD_IMPORTANCE, "head", calib)
     attns = [layer.self_attn for layer in module.model.layers]
     heads, d = model.config.num_attention_heads, model.config.head_dim
     o_norms = [a.o_proj.weight.detach().float().reshape(-1, heads, d).pow(2).sum((0, 2)).sqrt().cpu() for a in attns]
