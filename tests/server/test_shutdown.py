@@ -63,11 +63,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(folder):
                 if not signalled:  # the first chunk: the request is in flight
                     signalled = True
                     process.send_signal(signal.SIGTERM)
-                    time.sleep(0.3)
-                    try:  # the listening socket is closed: new connections are refused
-                        httpx.get(f"{base}/health", timeout=2)
-                    except httpx.TransportError:
-                        refused = True
+                    deadline = time.monotonic() + 10
+                    while not refused and time.monotonic() < deadline:
+                        try:  # soon the listening socket is closed: new connections are refused
+                            httpx.get(f"{base}/health", timeout=2)
+                            time.sleep(0.05)
+                        except httpx.TransportError:
+                            refused = True
         assert done and refused
         assert all(len(text.encode("utf-8", "surrogatepass")) >= 200 for text in texts)  # every choice ran on
         assert process.wait(timeout=60) == 0
