@@ -66,7 +66,8 @@ def _shrunk(linear: nn.Linear, rows: Tensor | None = None, cols: Tensor | None =
 
 
 @torch.no_grad()
-def _input_norms(module: LlamaForCausalLM, linears: list[nn.Linear], calib: Tensor, batch_size: int = 4) -> list[Tensor]:
+def _input_norms(module: LlamaForCausalLM, linears: list[nn.Linear], calib: Tensor,
+                 batch_size: int = 4) -> list[Tensor]:
     """‖x_j‖₂ over calibration tokens of each linear's input columns (one pass of the whole model)."""
     stats = [InputNorms(m.in_features) for m in linears]
     with input_hooks({str(i): m for i, m in enumerate(linears)}, lambda name, x: stats[int(name)].add(x)):

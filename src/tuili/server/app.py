@@ -150,7 +150,8 @@ class Server:
             ("POST", "/v1/completions", self.completions), ("POST", "/v1/chat/completions", self.chat),
             ("GET", "/v1/models", self.models), ("POST", "/v1/embeddings", self.embeddings),
             ("POST", "/v1/loglikelihood", self.loglikelihood), ("POST", "/tokenize", self.tokenize),
-            ("POST", "/detokenize", self.detokenize), ("GET", "/health", self.health), ("GET", "/ready", self.readiness),
+            ("POST", "/detokenize", self.detokenize), ("GET", "/health", self.health),
+            ("GET", "/ready", self.readiness),
             ("GET", "/metrics", self.metrics_page),
         ]
         for method, path, handler in routes:

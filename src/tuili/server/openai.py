@@ -60,7 +60,8 @@ class Formatter:
                            "created": created, "model": model}, ensure_ascii=False)[:-1]
         self._head = f'data: {head}, "choices": [{{"index": '
         self._field, self._close = (', "delta": {"content": ', "}") if chat else (', "text": ', "")
-        self._tail = ', "logprobs": null, "finish_reason": null}]' + (', "usage": null' if include_usage else "") + "}\n\n"
+        usage_null = ', "usage": null' if include_usage else ""
+        self._tail = ', "logprobs": null, "finish_reason": null}]' + usage_null + "}\n\n"
 
     def _logprobs(self, entries: list[TokenLogprob], index: int) -> dict | None:
         if not self.logprobs:
