@@ -43,7 +43,6 @@ class Result:
     tokens: int = 0
     ttft: float = 0.0
     gaps: list[float] = field(default_factory=list)  # seconds between tokens (a chunk of k tokens: k gaps)
-    seconds: float = 0.0
 
 
 async def _read_chunked(reader: asyncio.StreamReader):
@@ -107,7 +106,6 @@ async def stream_completion(port: int, body: dict) -> Result:
         writer.close()
     result.tokens = result.tokens or chunks_seen  # a server without usage in streams: a token per chunk
     result.ok = done and result.tokens > 0
-    result.seconds = time.perf_counter() - start
     return result
 
 

@@ -86,8 +86,8 @@ def _sparsity_config(model: Model) -> dict[str, Any] | None:
         return None
     zeros = sum(int((m.weight == 0).sum()) for m in masked.values())
     total = sum(m.weight.numel() for m in masked.values())
-    pruned = [step for step in model.provenance if step.get("step") == "pruned" and "target" in step]
-    structure = pruned[-1]["target"] if pruned and ":" in str(pruned[-1]["target"]) else "unstructured"
+    structures = [step["sparsity_structure"] for step in model.provenance if "sparsity_structure" in step]
+    structure = structures[-1] if structures else "unstructured"
     return {"format": "dense", "global_sparsity": round(zeros / total, 6), "sparsity_structure": structure,
             "targets": sorted(masked), "ignore": sorted(set(linears) - set(masked))}
 

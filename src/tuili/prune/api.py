@@ -53,7 +53,9 @@ def prune_(model: Model | nn.Module, target: Target, method: str = "magnitude", 
         for name, mask in masks.items():
             attach_mask(linears[name], mask)
     if isinstance(model, Model):
-        model.record("pruned", method=method, target=_describe(target), layers=len(masks))
+        structure = f"{target.n}:{target.m}" if isinstance(target, SemiStructured) else "unstructured"
+        model.record("pruned", method=method, target=_describe(target), sparsity_structure=structure,
+                     layers=len(masks))
     return masks
 
 

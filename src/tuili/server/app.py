@@ -209,6 +209,9 @@ class Server:
         if not self.ready:
             raise APIError(503, "the server is warming up; retry in a moment (GET /ready says when)",
                            headers={"Retry-After": "1"})
+        self._check_model(model)
+
+    def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.config.model_names:
             raise APIError(404, f"the model {model!r} does not exist here; this server serves "
                                 f"{self.config.model_names[0]!r} (GET /v1/models)", "model", "model_not_found")
@@ -223,12 +226,15 @@ class Server:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
-            ids = list(prompt)
-            vocab = self.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"token ids must be in [0, {vocab}), the model's vocabulary", param)
+            ids = self._in_vocabulary(list(prompt), param)
         if not ids:
             raise APIError(400, f"{param} is empty: give at least one token of text", param)
+        return ids
+
+    def _in_vocabulary(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must be in [0, {vocab}), the model's vocabulary", param)
         return ids
 
     def _render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
@@ -242,7 +248,7 @@ class Server:
                            "messages") from None
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
-        self._check_model_only(body.model)
+        self._check_model(body.model)
         if body.messages is not None:
             ids = self._render_chat([{"role": m.role, "content": m.text()} for m in body.messages],
                                     body.add_generation_prompt)
@@ -251,16 +257,9 @@ class Server:
         return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict:
-        self._check_model_only(body.model)
-        vocab = self.model.config.vocab_size
-        if any(t >= vocab for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {vocab}), the model's vocabulary", "tokens")
+        self._check_model(body.model)
+        self._in_vocabulary(body.tokens, "tokens")
         return {"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)}
-
-    def _check_model_only(self, model: str | None) -> None:
-        if model is not None and model not in self.config.model_names:
-            raise APIError(404, f"the model {model!r} does not exist here; this server serves "
-                                f"{self.config.model_names[0]!r}", "model", "model_not_found")
 
     # ---- generation --------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
