@@ -163,3 +163,55 @@ def test_prune_iteratively_with_recovery_and_evaluation(folder, capsys, tmp_path
     result = json.loads(capsys.readouterr().out)
     assert [round(s["sparsity"], 2) for s in result["stages"]] == [0.25, 0.5]
     assert result["perplexity_after"] > 1 and result["perplexity_before"] > 1
+
+
+def test_distill_a_pruned_student_saves_it_and_resumes(folder, capsys, tmp_path):
+    import tuili
+
+    (tmp_path / "t.txt").write_text("a teacher teaches the student what it knows " * 60)
+    argv = ["distill", "--teacher", folder, "--prune", "mlp=0.5", "--data", str(tmp_path / "t.txt"),
+            "--eval-data", str(tmp_path / "t.txt"), "--seq-len", "32", "--batch-size", "4", "--eval-tokens", "1024",
+            "--eval-every", "2", "--checkpoint-every", "2", "--out", str(tmp_path / "student"), "--json"]
+    assert main(argv + ["--steps", "2"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["steps"] == 2 and first["student_parameters"] < first["teacher_parameters"]
+    assert first["student_perplexity"] > 1 and first["teacher_perplexity"] > 1
+    student = tuili.load(first["out"])
+    assert student.config.intermediate_size == 48
+    assert [s["step"] for s in student.provenance][-3:] == ["distilled", "saved", "loaded"]
+    run = tmp_path / "student.run"
+    assert (run / "log.csv").is_file() and (run / "checkpoints" / "step-000002").is_dir()
+    # resuming with more steps is refused (the schedule depends on them) ...
+    assert main(argv + ["--steps", "4", "--resume"]) == 2
+    assert "other settings (steps)" in capsys.readouterr().err
+
+
+def test_distill_a_student_cut_to_sizes_with_attention_and_hidden_losses(folder, capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("a teacher teaches the student what it knows " * 60)
+    assert main(["distill", "--teacher", folder, "--student", "layers=1,mlp=64", "--data", str(tmp_path / "t.txt"),
+                 "--eval-data", str(tmp_path / "t.txt"), "--seq-len", "32", "--batch-size", "4", "--steps", "2",
+                 "--attention-loss", "kl", "--hidden-loss", "cosine", "--eval-tokens", "1024",
+                 "--out", str(tmp_path / "student")]) == 0
+    captured = capsys.readouterr()
+    assert "student saved to" in captured.out and "teacher layer [1]" in captured.err
+
+
+def test_distill_refuses_a_student_of_another_vocabulary(folder, capsys, tmp_path):
+    from helpers import tiny_config, tiny_tokenizer
+    from tuili.models import LlamaForCausalLM, Model
+
+    config = tiny_config()
+    config.vocab_size = 300
+    Model(LlamaForCausalLM(config), tiny_tokenizer(), config, "random").save(tmp_path / "other")
+    assert main(["distill", "--teacher", folder, "--student", str(tmp_path / "other"), "--steps", "1",
+                 "--out", str(tmp_path / "student")]) == 2
+    assert "259 vocabulary entries and the student 300" in capsys.readouterr().err
+
+
+def test_optimize_with_prune_and_distill_stages(folder, capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
+    assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
+                 "--max-tokens", "256", "--prune", "mlp=0.5", "--calib-samples", "2", "--distill-steps", "2",
+                 "--json"]) == 0
+    stages = [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert stages[1:] == ["prune mlp=0.5", f"distill 2 steps from {folder} (T=2, α=0.5)"]

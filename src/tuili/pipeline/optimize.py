@@ -9,7 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tuili.data import calibration_samples, eval_windows, load_text, perplexity
+from tuili.data.batches import packed_sequences
 from tuili.data.perplexity import Perplexity
+from tuili.distill import DistillConfig, distill
+from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed
@@ -103,6 +106,23 @@ def prune_stage(spec: str, method: str = "wanda", data: str = "builtin", calib_s
     return run
 
 
+def distill_stage(steps: int, teacher: str | None = None, data: str = "builtin", seq_len: int = 256,
+                  **settings) -> Callable[[Model], str]:
+    """A stage that trains the model in place from a teacher (default: the model as loaded from its
+    source, i.e. before this run's pruning) for `steps` steps; `settings` go to `DistillConfig`."""
+    config = DistillConfig(steps=steps, checkpoint_every=0, eval_every=0,
+                           **{"warmup_steps": max(1, steps // 20), **settings})
+
+    def run(model: Model) -> str:
+        spec = teacher or model.source
+        teacher_model = load(spec, dtype=str(model.module.dtype).removeprefix("torch."))
+        train = packed_sequences(model.tokenizer.encode(load_text(data, "calibration")), seq_len)
+        distill(teacher_model, model, train, config, progress=False)
+        return f"distill {steps} steps from {spec} (T={config.temperature:g}, α={config.alpha:g})"
+
+    return run
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -124,4 +144,4 @@ def optimize(model: Model, stages: list[Callable[[Model], str]] = (), data: str 
     return report
 
 
-__all__ = ["OptimizeReport", "StageResult", "optimize", "prune_stage", "quantize_stage"]
+__all__ = ["OptimizeReport", "StageResult", "distill_stage", "optimize", "prune_stage", "quantize_stage"]

@@ -153,6 +153,7 @@ def prune_heads_(model: Model, fraction: float, importance: str = "activation", 
         raise ValueError(f"removing {drop} of {kv if whole_groups else group} "
                          f"{'KV groups' if whole_groups else 'heads per group'} leaves none")
     scores = head_scores(model, importance, calib)
+    kept_per_layer = []
     for layer, s in zip(model.module.model.layers, scores):
         per_group = s.reshape(kv, group)
         if whole_groups:
@@ -169,10 +170,11 @@ def prune_heads_(model: Model, fraction: float, importance: str = "activation", 
         attn.q_proj, attn.o_proj = _shrunk(attn.q_proj, rows=q_rows), _shrunk(attn.o_proj, cols=q_rows)
         attn.k_proj, attn.v_proj = _shrunk(attn.k_proj, rows=kv_rows), _shrunk(attn.v_proj, rows=kv_rows)
         attn.num_heads, attn.num_kv_heads = len(kept_heads), len(kept_groups)
+        kept_per_layer.append(kept_heads.tolist())
     new_heads, new_kv = len(kept_heads), len(kept_groups)
     _set_config(model, num_attention_heads=new_heads, num_key_value_heads=new_kv)
     model.record("pruned", structure="heads", importance=importance, fraction=fraction, whole_groups=whole_groups,
-                 num_attention_heads=new_heads, num_key_value_heads=new_kv)
+                 num_attention_heads=new_heads, num_key_value_heads=new_kv, kept_heads=kept_per_layer)
     return new_heads, new_kv
 
 
@@ -208,13 +210,21 @@ def drop_layers_(model: Model, count: int, calib: Tensor) -> list[int]:
         raise ValueError(f"the number of layers to remove must be in [1, {n - 1}] for a {n}-layer model, got {count}")
     bi = block_influence(model, calib)
     dropped = sorted(torch.topk(-bi, count).indices.tolist())
+    remove_layers_(model, dropped, block_influence=[round(float(b), 4) for b in bi])
+    return dropped
+
+
+def remove_layers_(model: Model, dropped: list[int], **record) -> None:
+    """Remove the decoder layers at the indices `dropped` and record it (with `record`'s details)."""
+    n = model.config.num_hidden_layers
+    if any(not 0 <= i < n for i in dropped) or len(set(dropped)) >= n:
+        raise ValueError(f"cannot remove layers {dropped} of a {n}-layer model (at least one must stay)")
     kept = [layer for i, layer in enumerate(model.module.model.layers) if i not in dropped]
     for i, layer in enumerate(kept):
         layer.self_attn.layer_idx = i  # the KV cache is indexed by position in the stack
     model.module.model.layers = nn.ModuleList(kept)
     _set_config(model, num_hidden_layers=len(kept))
-    model.record("pruned", structure="layers", dropped=dropped, block_influence=[round(float(b), 4) for b in bi])
-    return dropped
+    model.record("pruned", structure="layers", dropped=sorted(dropped), **record)
 
 
 def prune_structured_(model: Model, spec: dict[str, float], importance: str = "activation",
