@@ -147,13 +147,16 @@ def test_prune_bad_requests_exit_2(folder, capsys, tmp_path, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_optimize_with_a_prune_stage(folder, capsys, tmp_path):
+@pytest.mark.parametrize("stages, names", [
+    (["--prune", "2:4", "--prune-method", "magnitude"], ["prune 2:4 magnitude"]),
+    (["--prune", "mlp=0.5", "--distill-steps", "2"], ["prune mlp=0.5", "distill 2 steps from {folder} (T=2, α=0.5)"]),
+])
+def test_optimize_with_prune_and_distill_stages(folder, capsys, tmp_path, stages, names):
     (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
     assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
-                 "--max-tokens", "256", "--prune", "2:4", "--prune-method", "magnitude", "--calib-samples", "2",
-                 "--json"]) == 0
-    stages = [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]]
-    assert stages == ["baseline", "prune 2:4 magnitude"]
+                 "--max-tokens", "256", "--calib-samples", "2", "--json", *stages]) == 0
+    result = [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert result == ["baseline"] + [name.format(folder=folder) for name in names]
 
 
 def test_prune_iteratively_with_recovery_and_evaluation(folder, capsys, tmp_path):
@@ -206,12 +209,3 @@ def test_distill_refuses_a_student_of_another_vocabulary(folder, capsys, tmp_pat
     assert main(["distill", "--teacher", folder, "--student", str(tmp_path / "other"), "--steps", "1",
                  "--out", str(tmp_path / "student")]) == 2
     assert "259 vocabulary entries and the student 300" in capsys.readouterr().err
-
-
-def test_optimize_with_prune_and_distill_stages(folder, capsys, tmp_path):
-    (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
-    assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
-                 "--max-tokens", "256", "--prune", "mlp=0.5", "--calib-samples", "2", "--distill-steps", "2",
-                 "--json"]) == 0
-    stages = [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]]
-    assert stages[1:] == ["prune mlp=0.5", f"distill 2 steps from {folder} (T=2, α=0.5)"]
