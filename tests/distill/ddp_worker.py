@@ -7,9 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from helpers import random_tiny  # noqa: E402
+from helpers import random_tiny
 
-from tuili.distill import DistillConfig, Distiller, student_from_teacher  # noqa: E402
+from tuili.distill import DistillConfig, Distiller, student_from_teacher
 
 CALIB = torch.randint(0, 259, (4, 24), generator=torch.Generator().manual_seed(1))
 TRAIN = torch.randint(0, 259, (16, 24), generator=torch.Generator().manual_seed(2))

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuili.distill import TopKLogits, attention_loss, distillation_loss, hard_loss, hidden_loss, soft_loss
+from tuili.distill import (
+    TopKLogits,
+    attention_loss,
+    distillation_loss,
+    hard_loss,
+    hidden_loss,
+    soft_loss,
+)
 
 
 def _softmax(xs, t=1.0):

@@ -6,7 +6,13 @@ import pytest
 import torch
 from helpers import random_tiny, tiny_config, tiny_tokenizer
 
-from tuili.distill import DistillError, alignment, check_pair, student_from_sizes, student_from_teacher
+from tuili.distill import (
+    DistillError,
+    alignment,
+    check_pair,
+    student_from_sizes,
+    student_from_teacher,
+)
 from tuili.distill.students import evenly_spaced, parse_sizes
 from tuili.models import LlamaForCausalLM, Model
 

@@ -79,7 +79,7 @@ class LogitsCache:
                        "logsumexp": logits.logsumexp[i]}
             tensors = {k: v.detach().float().cpu().contiguous() if k != "indices" else v.cpu().contiguous()
                        for k, v in tensors.items()}
-            _atomic(path, lambda tmp: save_file(tensors, tmp))
+            _atomic(path, lambda tmp, tensors=tensors: save_file(tensors, tmp))
 
 
 def _atomic(path: Path, write) -> None:

@@ -38,8 +38,15 @@ from tqdm import tqdm
 from tuili.data.batches import BatchSampler, shard
 from tuili.data.perplexity import perplexity
 from tuili.distill.cache import LogitsCache
-from tuili.distill.losses import (ATTENTION_LOSSES, HIDDEN_LOSSES, TopKLogits, attention_loss, distillation_loss,
-                                  hard_loss, hidden_loss)
+from tuili.distill.losses import (
+    ATTENTION_LOSSES,
+    HIDDEN_LOSSES,
+    TopKLogits,
+    attention_loss,
+    distillation_loss,
+    hard_loss,
+    hidden_loss,
+)
 from tuili.distill.students import Alignment, DistillError, alignment, check_pair
 from tuili.models.model import Model
 from tuili.prune.structured import QUANTIZED
