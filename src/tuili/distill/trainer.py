@@ -204,9 +204,8 @@ class Distiller:
         self.hidden_pairs = self._hidden_pairs()
         self.wrapper = _Student(student.module, self.hidden_pairs, self._projections(), bool(config.attention_loss))
         self.model = (nn.parallel.DistributedDataParallel(self.wrapper) if self.world > 1 else self.wrapper)
-        params = [p for p in self.wrapper.parameters() if p.requires_grad]
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.params = [p for p in self.wrapper.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.lr_at(s) / config.lr)
         self.sampler = BatchSampler(train.shape[0], config.batch_size * self.world, config.seed)
         self.step = 0
