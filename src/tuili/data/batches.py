@@ -8,7 +8,7 @@ slice of every global batch, so N processes see what one process with N times th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,6 +32,7 @@ class BatchSampler:
     seed: int = 0
     epoch: int = 0
     index: int = 0  # batches already drawn in this epoch
+    _cached: tuple[int, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -47,10 +48,16 @@ class BatchSampler:
     def next(self) -> Tensor:
         if self.index == self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        order = torch.randperm(self.num_sequences, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         start = self.index * self.batch_size
         self.index += 1
-        return order[start:start + self.batch_size]
+        return self._order()[start:start + self.batch_size]
+
+    def _order(self) -> Tensor:
+        """This epoch's permutation, drawn once per epoch (seeded by seed + epoch)."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._cached = (self.epoch, torch.randperm(self.num_sequences, generator=generator))
+        return self._cached[1]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}

@@ -42,6 +42,10 @@ class TopKLogits(NamedTuple):
         values, indices = logits.topk(min(k, logits.shape[-1]), dim=-1)
         return cls(values, indices, torch.logsumexp(logits / temperature, dim=-1))
 
+    def without_last(self) -> TopKLogits:
+        """All positions but the last (the one with no next token to predict)."""
+        return TopKLogits(self.values[:, :-1], self.indices[:, :-1], self.logsumexp[:, :-1])
+
 
 def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over the positions where `mask` is True (all of them without a mask)."""

@@ -49,7 +49,7 @@ from tuili.distill.losses import (
 )
 from tuili.distill.students import Alignment, DistillError, alignment, check_pair
 from tuili.models.model import Model
-from tuili.prune.structured import QUANTIZED
+from tuili.quant.linear import quantized_layers
 
 LOG_FIELDS = ("step", "epoch", "lr", "loss", "soft", "hard", "attention", "hidden", "grad_norm", "tokens",
               "tokens_per_second", "seconds", "student_perplexity", "teacher_perplexity")
@@ -189,7 +189,7 @@ class Distiller:
             if teacher is None:
                 raise DistillError("this run's losses need a teacher (or set alpha=0 for plain fine-tuning)")
             check_pair(teacher, student)
-        quantized = [n for n, m in student.module.named_modules() if isinstance(m, QUANTIZED)]
+        quantized = quantized_layers(student.module)
         if quantized:
             raise DistillError(f"the student's {quantized[0]} is quantized and cannot be trained: distil first, "
                                "then quantize")
@@ -235,7 +235,7 @@ class Distiller:
         cfg = self.config
         cached = self.cache.get(ids) if self.cache is not None else None
         if cached is not None:
-            return TopKLogits(cached.values[:, :-1], cached.indices[:, :-1], cached.logsumexp[:, :-1]), [], None
+            return cached.without_last(), [], None
         t = self.teacher.module
         with torch.no_grad(), self._autocast():
             out = t(ids, output_hidden_states=bool(self.hidden_pairs), output_attentions=bool(cfg.attention_loss))
@@ -243,7 +243,7 @@ class Distiller:
         if self.cache is not None:
             top = TopKLogits.of(logits, cfg.cache_top_k, cfg.temperature)
             self.cache.put(ids, top)
-            logits = TopKLogits(top.values[:, :-1], top.indices[:, :-1], top.logsumexp[:, :-1])
+            logits = top.without_last()
         else:
             logits = logits[:, :-1]
         hidden = [out.hidden_states[t_i] for _, t_i in self.hidden_pairs]

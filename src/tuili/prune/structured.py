@@ -26,16 +26,14 @@ from tuili.models.llama import Linear, LlamaForCausalLM
 from tuili.models.model import Model
 from tuili.prune.importance import InputNorms, taylor
 from tuili.quant.calibration import input_hooks
-from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
-
-QUANTIZED = (Int8Linear, W4A8Linear, WeightOnlyLinear)
+from tuili.quant.linear import quantized_layers
 
 NEURON_IMPORTANCE = ("l1", "l2", "activation", "taylor")
 HEAD_IMPORTANCE = ("l2", "activation")
 
 
 def _module(model: Model) -> LlamaForCausalLM:
-    quantized = [n for n, m in model.module.named_modules() if isinstance(m, QUANTIZED)]
+    quantized = quantized_layers(model.module)
     if quantized:
         raise ValueError(f"{quantized[0]} is quantized: prune structurally before quantizing")
     return model.module

@@ -250,3 +250,9 @@ class Int8Linear(_KernelLinear):
     def extra_repr(self) -> str:
         mode = "static" if self.static else "dynamic"
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={mode}"
+
+
+def quantized_layers(module: nn.Module) -> list[str]:
+    """Names of the quantized linear layers in `module` (they hold integer weights and cannot be
+    pruned structurally or trained)."""
+    return [n for n, m in module.named_modules() if isinstance(m, (Int8Linear, W4A8Linear, WeightOnlyLinear))]
