@@ -2,6 +2,7 @@
 the dense teacher, with the same data, steps, batch, learning rate and schedule, in one run.
 
     .venv/bin/python benchmarks/distillation.py [--prune mlp=0.5] [--steps 60] [--correct-steps 60]
+    .venv/bin/python benchmarks/distillation.py --split --steps 180 --kd 2:0.5 --logits-cache  # docs/distillation.md
 
 Minitron's recipe: the dense model is first fine-tuned on the training text ("teacher
 correction", `--correct-steps`; 0 skips it), so the teacher knows the data's distribution; it is
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 
 import torch
@@ -49,6 +51,9 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--logits-cache", action="store_true",
+                        help="keep the teacher's top-k logits on disk (a temporary folder per run), so epochs "
+                             "after the first skip the teacher's forward pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,17 +68,17 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model.module, windows, progress=False).perplexity
 
-    base = dict(lr=args.lr, min_lr=args.lr / 10, batch_size=args.batch_size, eval_every=args.eval_every,
-                checkpoint_every=0)
+    base = {"lr": args.lr, "min_lr": args.lr / 10, "batch_size": args.batch_size, "eval_every": args.eval_every,
+                "checkpoint_every": 0}
     original_ppl = ppl(teacher)
-    rows = [["the default model (fp32)", f"{teacher.config.num_parameters():,}", f"{original_ppl:.3f}", "", "", ""]]
+    rows = [["the default model (fp32)", f"{teacher.config.num_parameters():,}", f"{original_ppl:.3f}", "", "", "", ""]]
     if args.correct_steps:
         corrected = distill(None, teacher, correct_on, DistillConfig(**base, steps=args.correct_steps, alpha=0.0,
                                                                 warmup_steps=max(1, args.correct_steps // 20)),
                             windows)
-        rows.append([f"teacher: fine-tuned {args.correct_steps} steps (teacher correction"
-                     f"{', first half' if args.split else ''})",
-                     f"{teacher.config.num_parameters():,}", f"{corrected.student_perplexity:.3f}", "",
+        rows.append([(f"teacher: fine-tuned {args.correct_steps} steps (teacher correction"
+                     f"{', first half' if args.split else ''})"),
+                     f"{teacher.config.num_parameters():,}", f"{corrected.student_perplexity:.3f}", "", "",
                      f"{corrected.tokens_per_second:.0f}", f"{corrected.seconds / 60:.1f} min"])
     dense_ppl = ppl(teacher)
     start = time.perf_counter()
@@ -85,7 +90,10 @@ def main() -> None:
     base.update(steps=args.steps, warmup_steps=max(1, args.steps // 20))
     runs = [("fine-tuning (labels only)", DistillConfig(**base, alpha=0.0))]
     pairs = [tuple(float(x) for x in kd.split(":")) for kd in args.kd] or [(args.temperature, a) for a in args.alpha]
-    runs += [(f"distillation (T={t:g}, α={alpha:g})", DistillConfig(**base, alpha=alpha, temperature=t))
+    cache = tempfile.TemporaryDirectory(prefix="tuili-logits-") if args.logits_cache else None
+    runs += [(f"distillation (T={t:g}, α={alpha:g}{', logits cache' if cache else ''})",
+              DistillConfig(**base, alpha=alpha, temperature=t,
+                            logits_cache=f"{cache.name}/T{t:g}" if cache else None))
              for t, alpha in pairs]
     for variant in args.variant:
         kind, _, loss = variant.partition("=")
@@ -93,16 +101,19 @@ def main() -> None:
         runs.append((f"distillation + {kind} {loss}", DistillConfig(**base, alpha=args.alpha[0],
                                                                        temperature=args.temperature, **extra)))
     rows += [[f"pruned {args.prune} (activation importance, {prune_seconds:.0f} s)", f"{params['pruned']:,}",
-             f"{pruned_ppl:.3f}", "0%", "", ""]]
+             f"{pruned_ppl:.3f}", "", "0%", "", ""]]
     curves = []
     for name, config in runs:
         student = copy.deepcopy(pruned)
         result = distill(teacher if config.needs_teacher else None, student, recover_on, config, windows)
         after = result.student_perplexity
         recovered = (pruned_ppl - after) / (pruned_ppl - dense_ppl)
-        rows.append([f"{name}, {args.steps} steps", f"{params['pruned']:,}", f"{after:.3f}", f"{recovered:.0%}",
+        curve = [(r["step"], r["student_perplexity"]) for r in result.log if r["student_perplexity"]]
+        best_step, best = min(curve, key=lambda point: point[1])
+        rows.append([f"{name}, {args.steps} steps", f"{params['pruned']:,}", f"{after:.3f}",
+                     f"{best:.3f} (step {best_step})", f"{recovered:.0%}",
                      f"{result.tokens_per_second:.0f}", f"{result.seconds / 60:.1f} min"])
-        curves.append((name, [(r["step"], r["student_perplexity"]) for r in result.log if r["student_perplexity"]]))
+        curves.append((name, curve))
         print(f"{name}: perplexity {after:.3f} ({recovered:.0%} recovered), "
               f"{result.tokens_per_second:.0f} tok/s, {result.seconds:.0f} s", flush=True)
 
@@ -113,7 +124,8 @@ def main() -> None:
           f"sequences of {args.seq_len} tokens from the calibration split{part}, {args.steps} steps × "
           f"{args.batch_size} sequences ({tokens:,} tokens, {tokens / recover_on.numel():.1f} epochs), AdamW lr {args.lr:g} with "
           f"warm-up and cosine decay; perplexity on {windows.numel():,} evaluation tokens.\n")
-    print(markdown_table(["model", "parameters", "perplexity", "recovered", "training tok/s", "training time"],
+    print(markdown_table(["model", "parameters", "perplexity", "best along the run", "recovered",
+                          "training tok/s", "training time"],
                          rows))
     print(f"\nPerplexity during training (student, every {args.eval_every} steps):\n")
     steps = [s for s, _ in curves[0][1]]
