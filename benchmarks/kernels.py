@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tuili import kernels
 from tuili.models import LlamaConfig
 from tuili.pipeline.report import markdown_table
-from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
+from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear, compute_dtype
 from tuili.quant.primitives import quantize_weight
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -46,6 +46,7 @@ class Impl:
     call: Callable[[Tensor, object], Tensor]
     dtype: torch.dtype = torch.float32
     kernels: bool = True  # False: tuili's PyTorch fallback
+    compute: torch.dtype | None = None  # tuili.quant.linear.compute_dtype (the engine's bf16 activations)
 
 
 def _module(weight: Tensor, factory) -> nn.Module:
@@ -81,6 +82,8 @@ def implementations() -> list[Impl]:
                                   ("W4A8 g64", w4a8, "dequantize + F.linear"), ("W8A8 dynamic", w8a8, "torch._int_mm")):
         impls.append(Impl(f"tuili {label}", make, lambda x, m: m(x)))
         impls.append(Impl(f"tuili {label}, fallback ({fallback})", make, lambda x, m: m(x), kernels=False))
+    for label, make in (("W8A16", w8), ("W4A16 g64", w4)):  # bf16 activations: the AVX512-BF16 kernels
+        impls.append(Impl(f"tuili {label}, bf16 activations", make, lambda x, m: m(x), compute=torch.bfloat16))
     return impls
 
 
@@ -111,7 +114,7 @@ def measure(impl: Impl, shapes, batches, repeats: int, generator: torch.Generato
     weight_bytes = sum(_bytes(s) for s in states)
     context = kernels.fallback() if not impl.kernels else torch.no_grad()
     per_token, per_shape = {}, {}
-    with torch.no_grad(), context:
+    with torch.no_grad(), context, compute_dtype(impl.compute):
         for m in batches:
             xs = {k: torch.randn(m, k, generator=generator).to(impl.dtype) for _, k, _ in shapes}
 

@@ -178,9 +178,9 @@ def _bytes_per_token(model):
     return PagedKVCache.bytes_per_token(model.config, model.module.dtype)
 
 
-def test_bf16_prefill_is_only_for_fp32_models_and_can_be_turned_off(model):
+def test_bf16_activations_are_only_for_fp32_models_and_can_be_turned_off(model):
     from tuili.quant.linear import bf16_is_fast
 
-    assert LLMEngine(model, prefill_bf16=False).prefill_dtype is None
-    assert LLMEngine(model, prefill_bf16=True).prefill_dtype == torch.bfloat16
-    assert (LLMEngine(model).prefill_dtype is not None) == bf16_is_fast()
+    assert LLMEngine(model, bf16_activations=False).compute_dtype is None
+    assert LLMEngine(model, bf16_activations=True).compute_dtype == torch.bfloat16
+    assert (LLMEngine(model).compute_dtype is not None) == bf16_is_fast()

@@ -46,6 +46,49 @@ def test_w8_kernel_matches_reference(m, n, k, group_size):
     torch.testing.assert_close(ext.w8_linear(x, w, scale, group_size), expected, atol=1e-3, rtol=1e-4)
 
 
+needs_bf16 = pytest.mark.skipif(ext is None or not ext.bf16(), reason="the bf16 dot-product kernels need AVX512-BF16")
+
+
+@needs_bf16
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 17, 33, 64])
+@pytest.mark.parametrize("n, k, group_size", [(96, 576, 64), (576, 1536, 128), (7, 576, 32), (33, 100, 32),
+                                              (5, 577, 32), (8, 64, 64), (17, 130, 130), (40, 1536, 1536)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_bf16_w4_kernel_is_the_product_with_bf16_rounded_activations(m, n, k, group_size, flip):
+    w, scale, zs = random_w4(n, k, group_size, flip, seed=m)
+    x = torch.randn(m, k)
+    packed, scale_p, zs_p = ops.pack_w4_bf16(w, k, flip, scale, zs)
+    assert packed.shape == (-(-n // 16), -(-k // 4), 32) and scale_p.shape == (-(-n // 16), scale.shape[1], 16)
+    expected = ops.w4_linear_reference(x.bfloat16().float(), w, scale, zs, group_size, flip)
+    torch.testing.assert_close(ext.w4_linear_bf16(x, packed, scale_p, zs_p, n, group_size), expected,
+                               atol=1e-3, rtol=1e-4)
+
+
+@needs_bf16
+@pytest.mark.parametrize("m", [1, 3, 16, 21, 64])
+@pytest.mark.parametrize("n, k, group_size", [(96, 576, 576), (576, 1536, 1536), (33, 100, 100), (9, 577, 32),
+                                              (4, 1536, 64), (16, 6, 6)])
+def test_bf16_w8_kernel_is_the_product_with_bf16_rounded_activations(m, n, k, group_size):
+    g = torch.Generator().manual_seed(m)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
+    x = torch.randn(m, k, generator=g)
+    packed, scale_p = ops.pack_w8_bf16(w, scale)
+    expected = ops.w8_linear_reference(x.bfloat16().float(), w, scale, group_size)
+    torch.testing.assert_close(ext.w8_linear_bf16(x, packed, scale_p, n, group_size), expected, atol=1e-3, rtol=1e-4)
+    assert ext.w8_linear_bf16(x.bfloat16(), packed, scale_p, n, group_size).dtype == torch.bfloat16
+
+
+@needs_bf16
+def test_bf16_kernels_refuse_weights_packed_for_another_shape():
+    w, scale, zs = random_w4(32, 128, 32, False)
+    packed, scale_p, zs_p = ops.pack_w4_bf16(w, 128, False, scale, zs)
+    with pytest.raises(RuntimeError, match="packed weights"):
+        ext.w4_linear_bf16(torch.randn(2, 256), packed, scale_p, zs_p, 32, 32)
+    with pytest.raises(RuntimeError, match="group_size"):
+        ext.w4_linear_bf16(torch.randn(2, 128), packed, scale_p, zs_p, 32, 64)
+
+
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("n, k", [(96, 576), (7, 577), (33, 100), (1536, 64), (5, 15)])

@@ -84,6 +84,26 @@ def test_kernel_and_fallback_paths_agree(ref, monkeypatch, bits, group_size, sym
     torch.testing.assert_close(q(x), x @ q.dequantize().T + ref.bias, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, False), (4, 64, True), (8, "channel", True)])
+@pytest.mark.parametrize("m", [1, 16, 64, 65])
+def test_bf16_compute_rounds_only_the_activations(ref, bits, group_size, symmetric, m):
+    """Under compute_dtype(bf16), small batches take the bf16 kernels (codes exact, activations
+    rounded to bf16, fp32 sums); large ones a bf16 GEMM; both stay close to the fp32 product."""
+    from tuili.quant.linear import compute_dtype
+
+    q = WeightOnlyLinear.from_float(ref, bits, group_size, symmetric)
+    x = torch.randn(m, 200)
+    with compute_dtype(torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.float32
+    exact = x @ q.dequantize().T + ref.bias
+    torch.testing.assert_close(y, exact, atol=0.05, rtol=0.02)
+    from tuili.kernels import ops
+    if m <= ops.MAX_M and ops.bf16_dot_products():  # the kernels' contract (the bf16 GEMM rounds weights too)
+        rounded = x.bfloat16().float() @ q.dequantize().T + ref.bias
+        torch.testing.assert_close(y, rounded, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("m", [1, 7, 64, 65])
 def test_int8_kernel_and_fallback_paths_are_identical(ref, static, m):
@@ -131,6 +151,7 @@ def test_prefill_in_bf16_stays_close_and_keeps_the_callers_dtype(bits, group):
             small_fast = layer(x[:2])
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
     assert (fast - exact).norm() / exact.norm() < 1e-2  # bf16 activations: about 3 significant digits
-    from tuili.kernels import available
-    if available():  # decoding keeps its fp32 kernels (the forced fallback has none: all rows take the GEMM)
+    from tuili.kernels import ops
+    if ops.available() and not ops.bf16_dot_products():  # no AVX512-BF16: decoding keeps its fp32 kernels
         assert torch.equal(small, small_fast)
+    assert (small_fast - small).norm() / small.norm() < 1e-2  # else the bf16 kernels (or the bf16 GEMM)

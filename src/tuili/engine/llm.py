@@ -65,15 +65,16 @@ class LLMEngine:
     max_num_seqs: requests decoding together; max_num_batched_tokens: tokens per step (prefill
     chunks and decodes together); kv_cache_bytes: the cache's memory (default: 2,048 tokens per
     sequence, or one full context if larger, at most 4 GiB); threads: torch's intra-op threads;
-    prefill_bf16: weight-only quantized layers (W8A16, W4A16) run prefill chunks in bf16 (16-bit
-    activations, fp32 accumulation; about 3× faster where the CPU has AVX512-BF16 or AMX, the
-    default there; decoding keeps its fp32 kernels). fp32 and bf16 models are unaffected.
+    bf16_activations: weight-only quantized layers (W8A16, W4A16) take their activations in bf16
+    (fp32 accumulation): prefill chunks as a bf16 GEMM, decode steps in tuili's AVX512-BF16
+    kernels; about 3× faster at prefill and at 16 rows where the CPU has AVX512-BF16 or AMX, the
+    default there. fp32 and bf16 models are unaffected.
     fast_decode: steps of one token per sequence skip nn.Module dispatch (tuili.engine.decode).
     """
 
     def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
                  block_size: int = 16, kv_cache_bytes: int | None = None, kv_int8: bool = False,
-                 prefix_caching: bool = True, threads: int | None = None, prefill_bf16: bool | None = None,
+                 prefix_caching: bool = True, threads: int | None = None, bf16_activations: bool | None = None,
                  fast_decode: bool = True):
         if threads is not None:
             if threads < 1:
@@ -91,8 +92,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        use_bf16 = bf16_is_fast() if prefill_bf16 is None else prefill_bf16
-        self.prefill_dtype = torch.bfloat16 if use_bf16 and dtype == torch.float32 else None
+        use_bf16 = bf16_is_fast() if bf16_activations is None else bf16_activations
+        self.compute_dtype = torch.bfloat16 if use_bf16 and dtype == torch.float32 else None
         self.fast_decode = fast_decode
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
@@ -181,10 +182,10 @@ class LLMEngine:
         device = self.module.device
         ids_t, positions_t = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
         at = torch.tensor(sample_at, dtype=torch.long, device=device)
-        logits = decode_step(self.module, self.cache, ids_t, positions_t, at) if self.fast_decode else None
-        if logits is not None:
-            return logits
-        with compute_dtype(self.prefill_dtype):
+        with compute_dtype(self.compute_dtype):
+            logits = decode_step(self.module, self.cache, ids_t, positions_t, at) if self.fast_decode else None
+            if logits is not None:
+                return logits
             return self.module(ids_t[None], positions_t[None], self.cache, logits_at=at).logits[0]
 
     def _sample(self, requests: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:

@@ -25,7 +25,7 @@ MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per w
 MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here
 # per kernel, the batch rows up to which it beats its PyTorch twin (layers pick by kernel name)
 MAX_ROWS = {"w4_linear": MAX_M, "w8_linear": MAX_M, "w4a8_linear": MAX_M, "w8a8_linear": MAX_M_INT8,
-            "w8a8_linear_packed": MAX_M_PACKED}
+            "w8a8_linear_packed": MAX_M_PACKED, "w4_linear_bf16": MAX_M, "w8_linear_bf16": MAX_M}
 _forced_fallback = False
 
 
@@ -141,6 +141,44 @@ def w8a8_pack(w: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     packed, row_sum = ext.w8a8_pack(w)
     return packed, row_sum
+
+
+def bf16_dot_products() -> bool:
+    """Whether the weight-only layers take the AVX512-BF16 kernels (csrc/qgemm_bf16.cpp)."""
+    ext = extension()
+    return ext is not None and ext.bf16()
+
+
+def _blocks_of_16(t: Tensor) -> Tensor:
+    """(N, ...) padded with zero rows to a multiple of 16, as (N/16, 16, ...)."""
+    n = t.shape[0]
+    rows = -(-n // 16) * 16
+    return torch.cat((t, t.new_zeros(rows - n, *t.shape[1:]))).view(rows // 16, 16, *t.shape[1:])
+
+
+def _group_vectors(t: Tensor) -> Tensor:
+    """Per-group (N, G) values as (N/16, G, 16): the 16 outputs of a block side by side."""
+    return _blocks_of_16(t.float()).permute(0, 2, 1).contiguous()
+
+
+def pack_w4_bf16(w: Tensor, k: int, flip: bool, scale: Tensor, zs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """W4 row-packed codes (pack_int4) repacked for `w4_linear_bf16`: (N/16, K'/4, 32) bytes, K' = K
+    rounded up to 4, byte j of double pair d holding word j of pair 2d (low nibble) and of pair
+    2d + 1 (high), word j = output j/2 at k = 2p + j%2; scales and zs as (N/16, G, 16)."""
+    codes = _unpack_w4(w, k, flip)
+    kp = -(-k // 4) * 4
+    c = _blocks_of_16(F.pad(codes, (0, kp - k)))  # (B, 16 outputs, K')
+    c = c.view(c.shape[0], 16, kp // 4, 2, 2).permute(0, 2, 3, 1, 4).reshape(c.shape[0], kp // 4, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous(), _group_vectors(scale), _group_vectors(zs)
+
+
+def pack_w8_bf16(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes (N, K) repacked for `w8_linear_bf16`: (N/16, K'/2, 16, 2), pairs of consecutive k
+    for 16 outputs side by side (K' = K rounded up to 4); scales as (N/16, G, 16)."""
+    k = w.shape[1]
+    kp = -(-k // 4) * 4
+    c = _blocks_of_16(F.pad(w, (0, kp - k)))
+    return c.view(c.shape[0], 16, kp // 2, 2).permute(0, 2, 1, 3).contiguous(), _group_vectors(scale)
 
 
 def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,

@@ -34,10 +34,11 @@ _COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.Context
 
 @contextmanager
 def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """Inside the block, weight-only layers run their large-batch (prefill) product in `dtype`:
-    bf16 activations and dequantized weights, fp32 accumulation in oneDNN's GEMM, about 3× faster
-    than fp32 on CPUs with AVX512-BF16 or AMX. The engine uses it; small batches (decoding) keep
-    the fp32 kernels. None: the activations' dtype."""
+    """Inside the block, weight-only layers compute with activations in `dtype` (bf16), fp32
+    accumulation: large batches (prefill) as a bf16 GEMM on dequantized weights (oneDNN), small ones
+    (decoding) in tuili's AVX512-BF16 dot-product kernels; about 3× faster than fp32 at prefill
+    and at 16 rows on CPUs with AVX512-BF16 or AMX. The engine uses it there. None: the
+    activations' dtype (fp32 in, exact fp32 products)."""
     token = _COMPUTE_DTYPE.set(dtype)
     try:
         yield
@@ -66,9 +67,20 @@ class _KernelLinear(nn.Module, ABC):
             args = self.__dict__["_kernel_args"] = self._make_kernel_args() if on_cpu else ()
         return args
 
+    def bf16_kernel_args(self) -> tuple:
+        """Like kernel_args, for bf16 activations (bf16 input, or inside `compute_dtype(torch.bfloat16)`)."""
+        args = self.__dict__.get("_bf16_kernel_args")
+        if args is None:
+            args = self.__dict__["_bf16_kernel_args"] = self._make_bf16_kernel_args()
+        return args
+
     @abstractmethod
     def _make_kernel_args(self) -> tuple:
         """(kernel name, tensors..., bias) for `kernels.native`, or () where no kernel applies."""
+
+    def _make_bf16_kernel_args(self) -> tuple:
+        """The kernel for bf16 activations: by default the same as for fp32 ones."""
+        return self.kernel_args()
 
     @abstractmethod
     def _reference(self, rows: Tensor) -> Tensor:
@@ -76,9 +88,12 @@ class _KernelLinear(nn.Module, ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        args = self.__dict__.get("_kernel_args")
-        if args is None:
-            args = self.kernel_args()
+        if rows.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16:
+            args = self.__dict__.get("_bf16_kernel_args") or self.bf16_kernel_args()
+        else:
+            args = self.__dict__.get("_kernel_args")
+            if args is None:
+                args = self.kernel_args()
         native = kernels.native(args[0]) if args and rows.shape[0] <= kernels.MAX_ROWS[args[0]] else None
         y = native(rows, *args[1:-1]) if native is not None else self._reference(rows)
         bias = self.bias if not args else args[-1]
@@ -90,15 +105,19 @@ class _KernelLinear(nn.Module, ABC):
 
     def __setattr__(self, name, value):
         if name in self._buffer_names:
-            self.__dict__.pop("_kernel_args", None)
+            self._forget_kernel_args()
         super().__setattr__(name, value)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _forget_kernel_args(self) -> None:
         self.__dict__.pop("_kernel_args", None)
+        self.__dict__.pop("_bf16_kernel_args", None)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_kernel_args()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, *args, **kwargs):
-        self.__dict__.pop("_kernel_args", None)
+        self._forget_kernel_args()
         return super()._apply(*args, **kwargs)
 
 
@@ -159,6 +178,17 @@ class WeightOnlyLinear(_KernelLinear):
             return "w8_linear", self.qweight, self.scale, self.group_size, self.bias
         return ()
 
+    def _make_bf16_kernel_args(self) -> tuple:
+        # a repacked copy of the codes (as many bytes again), made on the first bf16 call
+        args = self.kernel_args()
+        if not args or not kernels.bf16_dot_products() or (self.group_size % 4 and self.group_size < self.in_features):
+            return args
+        if self.bits == 4:
+            packed = kernels.pack_w4_bf16(self.qweight, self.in_features, self.symmetric, self.scale, args[3])
+            return ("w4_linear_bf16", *packed, self.out_features, self.group_size, self.bias)
+        return ("w8_linear_bf16", *kernels.pack_w8_bf16(self.qweight, self.scale), self.out_features,
+                self.group_size, self.bias)
+
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = _COMPUTE_DTYPE.get() or rows.dtype
         return F.linear(self._activations(rows).to(dtype), self.dequantize().to(dtype)).to(rows.dtype)
@@ -184,6 +214,9 @@ class W4A8Linear(WeightOnlyLinear):
 
     def _make_kernel_args(self) -> tuple:
         return ("w4a8_linear",) + super()._make_kernel_args()[1:]
+
+    def _make_bf16_kernel_args(self) -> tuple:
+        return self.kernel_args()  # W4A8 rounds activations to int8 whatever their dtype
 
     def _activations(self, rows: Tensor) -> Tensor:
         return kernels.quantize_groups(rows, self.group_size).to(rows.dtype)
