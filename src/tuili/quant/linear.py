@@ -184,7 +184,8 @@ class WeightOnlyLinear(_KernelLinear):
         if not args or not kernels.bf16_dot_products() or (self.group_size % 4 and self.group_size < self.in_features):
             return args
         if self.bits == 4:
-            packed = kernels.pack_w4_bf16(self.qweight, self.in_features, self.symmetric, self.scale, args[3])
+            _, qweight, scale, zs = args[:4]  # the fp32 kernel's codes, scales and scale · zero
+            packed = kernels.pack_w4_bf16(qweight, self.in_features, self.symmetric, scale, zs)
             return ("w4_linear_bf16", *packed, self.out_features, self.group_size, self.bias)
         return ("w8_linear_bf16", *kernels.pack_w8_bf16(self.qweight, self.scale), self.out_features,
                 self.group_size, self.bias)
