@@ -55,9 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-steps", type=int, default=0,
                    help="add a distillation stage after pruning (before quantizing): the model as loaded teaches")
     p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--recipe", metavar="NAME|FILE",
+                   help="run a recipe's stages instead of the flags above: a shipped one (tuili recipes) or a "
+                        ".yaml/.toml file")
     p.add_argument("--report", type=Path, help="also write the markdown report to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.set_defaults(run=_optimize)
+
+    p = sub.add_parser("recipes", help="list the recipes shipped with tuili (for tuili optimize --recipe)")
+    p.set_defaults(run=_recipes)
 
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it (compressed-tensors)")
     _model_args(p)
@@ -254,8 +260,13 @@ def _params(args):
 def _optimize(args) -> None:
     from tuili.models.io import atomic_write_text
     from tuili.pipeline import distill_stage, optimize, prune_stage, quantize_stage
+    from tuili.pipeline.recipe import load_recipe
 
     stages = []
+    if args.recipe:
+        if args.prune or args.distill_steps or args.scheme:
+            raise TuiliError("give either --recipe or the stage flags (--prune, --distill-steps, --scheme), not both")
+        stages = load_recipe(args.recipe)
     if args.prune:  # before quantizing: pruning works on float linear layers
         stages.append(prune_stage(args.prune, args.prune_method, args.data, args.calib_samples, args.seq_len))
     if args.distill_steps:
@@ -269,6 +280,14 @@ def _optimize(args) -> None:
         atomic_write_text(args.report, markdown)
         print(f"report written to {args.report}", file=sys.stderr)
     print(json.dumps(report.to_dict(), indent=2) if args.json else markdown)
+
+
+def _recipes(args) -> None:
+    from tuili.pipeline.recipe import load_recipe, shipped
+
+    for name, path in shipped().items():
+        recipe = load_recipe(path)
+        print(f"{name}\n    {recipe.description}\n    stages: {', '.join(s.kind for s in recipe.stages)}")
 
 
 def _quantize(args) -> None:

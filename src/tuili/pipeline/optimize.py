@@ -5,8 +5,9 @@ uncompressed baseline from the same run."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tuili.data import calibration_samples, eval_windows, load_text, perplexity
 from tuili.data.batches import packed_sequences
@@ -16,11 +17,14 @@ from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed
+from tuili.pipeline.recipe import Recipe, load_recipe
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.prune import SemiStructured, Unstructured, prune_
+from tuili.prune.api import METHODS as PRUNE_METHODS
 from tuili.prune.config import parse_structured
 from tuili.prune.structured import prune_structured_
 from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
+from tuili.quant.api import check_combination
 
 
 @dataclass
@@ -42,10 +46,12 @@ class OptimizeReport:
     data: str
     analysis: Analysis
     stages: list[StageResult] = field(default_factory=list)
+    recipe: str | None = None
+    saved_to: str | None = None
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "data": self.data, "analysis": self.analysis.to_dict(),
-                "stages": [s.to_dict() for s in self.stages]}
+        return {"model": self.model, "data": self.data, "recipe": self.recipe, "saved_to": self.saved_to,
+                "analysis": self.analysis.to_dict(), "stages": [s.to_dict() for s in self.stages]}
 
     def to_markdown(self) -> str:
         base = self.stages[0]
@@ -58,10 +64,12 @@ class OptimizeReport:
                          f"{1000 * s.speed.time_to_first_token:.0f} ms", f"{s.seconds:.1f} s"])
         stages = markdown_table(["stage", "weights", "perplexity", "Δ perplexity", "prefill tok/s",
                                  "decode tok/s", "decode vs baseline", "time to first token", "stage time"], rows)
-        return (f"# tuili optimize: {self.model}\n\n## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
+        recipe = f"Recipe: {self.recipe}\n\n" if self.recipe else ""
+        saved = f"\nSaved to {self.saved_to}\n" if self.saved_to else ""
+        return (f"# tuili optimize: {self.model}\n\n{recipe}## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
                 f"## Stages\n\nPerplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, "
                 f"{q.num_tokens:,} scored); prefill of {base.speed.prefill_tokens} tokens; decode at batch 1.\n\n"
-                f"{stages}\n")
+                f"{stages}\n{saved}")
 
 
 def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0.0) -> StageResult:
@@ -73,7 +81,10 @@ def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = No
                    calib_samples: int = 64, calib_len: int = 512) -> Callable[[Model], str]:
     """A stage that quantizes the model in place (calibrating on `data`'s calibration split)."""
     config = scheme_from_name(scheme, group_size)
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")
     algorithm = METHODS[method]()
+    check_combination(config, algorithm)
 
     def run(model: Model) -> str:
         calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
@@ -89,6 +100,8 @@ def prune_stage(spec: str, method: str = "wanda", data: str = "builtin", calib_s
                 calib_len: int = 512) -> Callable[[Model], str]:
     """A stage that prunes the model in place: `spec` is a sparsity ("0.5"), an N:M pattern ("2:4")
     or structured parts ("mlp=0.25,heads=0.34,layers=4")."""
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"unknown pruning method {method!r}: choose one of {', '.join(PRUNE_METHODS)}")
     if "=" in spec:
         structured, target = parse_structured(spec), None
     else:
@@ -131,16 +144,33 @@ def _number(text: str) -> float:
                          f"got {text!r}") from None
 
 
-def optimize(model: Model, stages: list[Callable[[Model], str]] = (), data: str = "builtin", seq_len: int = 512,
-             max_tokens: int | None = 16384, context_len: int = 2048, progress: bool = True) -> OptimizeReport:
-    """Analyze `model`, measure it, then apply and measure each stage in turn."""
+def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Model], str]] = (),
+             data: str = "builtin", seq_len: int = 512, max_tokens: int | None = 16384, context_len: int = 2048,
+             progress: bool = True) -> OptimizeReport:
+    """Analyze `model`, measure it, then apply and measure each stage in turn.
+
+    `recipe`: a Recipe, a recipe file or the name of a shipped one (tuili.pipeline.recipe), or
+    stage callables (`quantize_stage(...)`, ...). A recipe's analyze and benchmark settings replace
+    `context_len`, `seq_len` and `max_tokens`; its save stage writes the model at the end."""
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    save_to = None
+    if isinstance(recipe, Recipe):
+        context_len = recipe.settings("analyze").get("context_len", context_len)
+        bench = recipe.settings("benchmark")
+        seq_len, max_tokens = bench.get("seq_len", seq_len), bench.get("max_tokens", max_tokens)
+        stages, save_to, name = recipe.transforms(data), recipe.save_path, recipe.name
+    else:
+        stages, name = list(recipe), None
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
-    report = OptimizeReport(model.source, data, analyze(model, context_len=context_len))
+    report = OptimizeReport(model.source, data, analyze(model, context_len=context_len), recipe=name)
     report.stages.append(measure(model, "baseline", windows, progress))
     for stage in stages:
         start = time.perf_counter()
-        name = stage(model)
-        report.stages.append(measure(model, name, windows, progress, time.perf_counter() - start))
+        stage_name = stage(model)
+        report.stages.append(measure(model, stage_name, windows, progress, time.perf_counter() - start))
+    if save_to:
+        report.saved_to = str(model.save(save_to))
     return report
 
 

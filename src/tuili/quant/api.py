@@ -130,13 +130,18 @@ def quantize_(model: Model | nn.Module, scheme: QuantScheme, method: Method = RT
     return model
 
 
-def _check_combination(scheme: QuantScheme, method: Method, calib: Tensor | None) -> None:
+def check_combination(scheme: QuantScheme, method: Method) -> None:
+    """Refuse a method that does not apply to the scheme (GPTQ/AWQ: weight-only; SmoothQuant: W8A8)."""
     weight_only = isinstance(scheme, (Int8WeightOnly, Int4WeightOnly))
     if isinstance(method, (GPTQ, AWQ)) and not weight_only:
         raise ValueError(f"{method.name} quantizes weights only: use it with w4a16 or w8a16, "
                          "and SmoothQuant for w8a8")
     if isinstance(method, SmoothQuant) and weight_only:
         raise ValueError("SmoothQuant prepares activations for int8: use it with w8a8-dynamic or w8a8-static")
+
+
+def _check_combination(scheme: QuantScheme, method: Method, calib: Tensor | None) -> None:
+    check_combination(scheme, method)
     needs_data = not isinstance(method, RTN) or isinstance(scheme, Int8StaticActivation)
     if needs_data and calib is None:
         raise ValueError(f"{method.name} with {scheme.scheme} needs calibration samples: pass calib=(N, T) token ids "
