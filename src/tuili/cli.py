@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="add a quantization stage")
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
     p.add_argument("--group-size", type=int)
+    p.add_argument("--lm-head", default="float", choices=["float", "int8", "same"],
+                   help="the quantization stage's head: float, int8 weight-only, or the scheme itself")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--prune", metavar="SPEC",
                    help="add a pruning stage before quantizing: a sparsity (0.5), a pattern (2:4) or "
@@ -273,7 +275,7 @@ def _optimize(args) -> None:
         stages.append(distill_stage(args.distill_steps, data=args.data, lr=args.distill_lr))
     if args.scheme:
         stages.append(quantize_stage(args.scheme, args.method, args.group_size, args.data, args.calib_samples,
-                                     args.seq_len))
+                                     args.seq_len, args.lm_head))
     report = optimize(_load(args), stages, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens)
     markdown = report.to_markdown()
     if args.report:

@@ -10,6 +10,7 @@ import torch
 from tuili.engine.generate import generate
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model
+from tuili.quant.linear import bf16_is_fast, compute_dtype
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,12 @@ def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, 
     prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     generate(model, prompt[:16], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    activations = torch.bfloat16 if bf16_is_fast() and model.module.dtype == torch.float32 else None
     prefill, decode, ttft = 0.0, 0.0, float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        model.module(torch.tensor([prompt]), last_only=True)
+        with compute_dtype(activations):  # as the engine runs prefill (generate below runs on it)
+            model.module(torch.tensor([prompt]), last_only=True)
         prefill = max(prefill, prompt_tokens / (time.perf_counter() - start))
         done = generate(model, prompt, params)
         decode = max(decode, done.decode_tokens_per_second)

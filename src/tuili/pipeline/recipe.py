@@ -52,8 +52,8 @@ KINDS: dict[str, _Kind] = {
     "prune": _Kind("spec", {"spec": str, "method": str, "calib_samples": int, "calib_len": int}, ("spec",),
                    rank=1, once=False),
     "distill": _Kind("steps", _DISTILL_FIELDS, ("steps",), rank=1, once=False),
-    "quantize": _Kind("scheme", {"scheme": str, "method": str, "group_size": int, "calib_samples": int,
-                                 "calib_len": int}, ("scheme",), rank=2),
+    "quantize": _Kind("scheme", {"scheme": str, "method": str, "group_size": int, "lm_head": str,
+                                 "calib_samples": int, "calib_len": int}, ("scheme",), rank=2),
     "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int}, rank=3),
     "save": _Kind("path", {"path": str}, ("path",), rank=4),
 }
