@@ -23,7 +23,13 @@ from tuili.prune import SemiStructured, Unstructured, prune_
 from tuili.prune.api import METHODS as PRUNE_METHODS
 from tuili.prune.config import parse_structured
 from tuili.prune.structured import prune_structured_
-from tuili.quant import METHODS, Int8StaticActivation, Int8WeightOnly, quantize_, scheme_from_name
+from tuili.quant import (
+    METHODS,
+    Int8StaticActivation,
+    Int8WeightOnly,
+    quantize_,
+    scheme_from_name,
+)
 from tuili.quant.api import DEFAULT_IGNORE, check_combination
 
 
