@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-steps", type=int, default=0,
                    help="add a distillation stage after pruning (before quantizing): the model as loaded teaches")
     p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[], metavar="N",
+                   help="also measure the output tokens/s of N concurrent requests through the engine")
     p.add_argument("--recipe", metavar="NAME|FILE",
                    help="run a recipe's stages instead of the flags above: a shipped one (tuili recipes) or a "
                         ".yaml/.toml file")
@@ -276,7 +278,8 @@ def _optimize(args) -> None:
     if args.scheme:
         stages.append(quantize_stage(args.scheme, args.method, args.group_size, args.data, args.calib_samples,
                                      args.seq_len, args.lm_head))
-    report = optimize(_load(args), stages, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    report = optimize(_load(args), stages, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                      batch_sizes=args.batch_sizes)
     markdown = report.to_markdown()
     if args.report:
         atomic_write_text(args.report, markdown)

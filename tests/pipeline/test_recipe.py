@@ -47,6 +47,7 @@ BAD = [
     ("stages:\n  - analyze: 3\n", "r.yaml, line 2: analyze takes settings as a mapping"),
     ("stages:\n  - {quantize: w8a16, prune: 0.5}\n", "r.yaml, line 2: a stage is a name"),
     ("stages: []\n", "'stages' must be a non-empty list"),
+    ("stages:\n  - benchmark: {batch_sizes: [1, 0]}\n", "r.yaml, line 2: benchmark.batch_sizes must be a list"),
     ("name: r\nstage:\n  - analyze\n", "unknown key(s) stage"),
     ("stages:\n  - quantize: {scheme: w4a16\n", "not valid YAML"),
 ]
@@ -89,7 +90,7 @@ def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: small\nstages:\n  - analyze: {{context_len: 64}}\n"
                       f"  - prune: {{spec: mlp=0.5, calib_samples: 2, calib_len: 32}}\n"
-                      f"  - quantize: {{scheme: w8a16}}\n  - benchmark: {{max_tokens: 256, seq_len: 64}}\n"
+                      f"  - quantize: {{scheme: w8a16}}\n  - benchmark: {{max_tokens: 256, seq_len: 64, batch_sizes: [1, 3]}}\n"
                       f"  - save: {tmp_path / 'out'}\n")
     model = random_tiny()
     width = model.config.intermediate_size
@@ -101,6 +102,10 @@ def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     saved = tuili.load(report.saved_to)
     assert saved.config.intermediate_size == width // 2 and quantized_layers(saved.module)
     assert "Recipe: small" in report.to_markdown() and json.dumps(report.to_dict())
+    for stage in report.stages:  # every stage measured at every batch size, with its peak memory
+        assert set(stage.speed.throughput) == {1, 3} and all(v > 0 for v in stage.speed.throughput.values())
+        assert stage.speed.peak_memory_bytes is None or stage.speed.peak_memory_bytes > stage.num_bytes
+    assert "3 concurrent, out tok/s" in report.to_markdown()
 
 
 def test_cli_runs_a_recipe_and_refuses_it_beside_stage_flags(tmp_path, capsys):

@@ -65,11 +65,17 @@ class OptimizeReport:
         rows = []
         for s in self.stages:
             ppl, dec, pre = s.quality.perplexity, s.speed.decode_tokens_per_second, s.speed.prefill_tokens_per_second
+            concurrent = [f"{s.speed.throughput[b]:.1f} ({s.speed.throughput[b] / base.speed.throughput[b]:.2f}×)"
+                          for b in base.speed.throughput]
+            peak = s.speed.peak_memory_bytes
             rows.append([s.name, human_bytes(s.num_bytes), f"{ppl:.3f}", f"{100 * (ppl / q.perplexity - 1):+.2f}%",
                          f"{pre:.0f}", f"{dec:.1f}", f"{dec / base.speed.decode_tokens_per_second:.2f}×",
-                         f"{1000 * s.speed.time_to_first_token:.0f} ms", f"{s.seconds:.1f} s"])
+                         *concurrent, f"{1000 * s.speed.time_to_first_token:.0f} ms",
+                         human_bytes(peak) if peak else "n/a", f"{s.seconds:.1f} s"])
         stages = markdown_table(["stage", "weights", "perplexity", "Δ perplexity", "prefill tok/s",
-                                 "decode tok/s", "decode vs baseline", "time to first token", "stage time"], rows)
+                                 "decode tok/s", "decode vs baseline",
+                                 *[f"{b} concurrent, out tok/s" for b in base.speed.throughput],
+                                 "time to first token", "peak memory", "stage time"], rows)
         recipe = f"Recipe: {self.recipe}\n\n" if self.recipe else ""
         saved = f"\nSaved to {self.saved_to}\n" if self.saved_to else ""
         return (f"# tuili optimize: {self.model}\n\n{recipe}## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
@@ -78,9 +84,10 @@ class OptimizeReport:
                 f"{stages}\n{saved}")
 
 
-def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0.0) -> StageResult:
+def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0.0,
+            batch_sizes: Sequence[int] = ()) -> StageResult:
     return StageResult(name, analyze(model).num_bytes, perplexity(model.module, windows, progress=progress),
-                       measure_speed(model), seconds)
+                       measure_speed(model, batch_sizes=batch_sizes), seconds)
 
 
 LM_HEADS = ("float", "int8", "same")
@@ -161,12 +168,13 @@ def _number(text: str) -> float:
 
 def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Model], str]] = (),
              data: str = "builtin", seq_len: int = 512, max_tokens: int | None = 16384, context_len: int = 2048,
-             progress: bool = True) -> OptimizeReport:
+             progress: bool = True, batch_sizes: Sequence[int] = ()) -> OptimizeReport:
     """Analyze `model`, measure it, then apply and measure each stage in turn.
 
     `recipe`: a Recipe, a recipe file or the name of a shipped one (tuili.pipeline.recipe), or
     stage callables (`quantize_stage(...)`, ...). A recipe's analyze and benchmark settings replace
-    `context_len`, `seq_len` and `max_tokens`; its save stage writes the model at the end."""
+    `context_len`, `seq_len`, `max_tokens` and `batch_sizes` (concurrent requests whose output
+    tokens/s are measured too); its save stage writes the model at the end."""
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     save_to = None
@@ -174,16 +182,18 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
         context_len = recipe.settings("analyze").get("context_len", context_len)
         bench = recipe.settings("benchmark")
         seq_len, max_tokens = bench.get("seq_len", seq_len), bench.get("max_tokens", max_tokens)
+        batch_sizes = bench.get("batch_sizes", batch_sizes)
         stages, save_to, name = recipe.transforms(data), recipe.save_path, recipe.name
     else:
         stages, name = list(recipe), None
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
     report = OptimizeReport(model.source, data, analyze(model, context_len=context_len), recipe=name)
-    report.stages.append(measure(model, "baseline", windows, progress))
+    report.stages.append(measure(model, "baseline", windows, progress, batch_sizes=batch_sizes))
     for stage in stages:
         start = time.perf_counter()
         stage_name = stage(model)
-        report.stages.append(measure(model, stage_name, windows, progress, time.perf_counter() - start))
+        report.stages.append(measure(model, stage_name, windows, progress, time.perf_counter() - start,
+                                     batch_sizes))
     if save_to:
         report.saved_to = str(model.save(save_to))
     return report

@@ -54,7 +54,7 @@ KINDS: dict[str, _Kind] = {
     "distill": _Kind("steps", _DISTILL_FIELDS, ("steps",), rank=1, once=False),
     "quantize": _Kind("scheme", {"scheme": str, "method": str, "group_size": int, "lm_head": str,
                                  "calib_samples": int, "calib_len": int}, ("scheme",), rank=2),
-    "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int}, rank=3),
+    "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int, "batch_sizes": list}, rank=3),
     "save": _Kind("path", {"path": str}, ("path",), rank=4),
 }
 
@@ -110,6 +110,11 @@ def _build(stage: Stage, data: str, source: str) -> Callable[[Model], str]:
 
 def _check_value(kind: str, key: str, value: Any, where: str) -> Any:
     expected = KINDS[kind].fields[key]
+    if expected is list:  # batch sizes: whole numbers from 1
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            raise RecipeError(f"{where}: {kind}.{key} must be a list of whole numbers from 1, got {value!r}")
+        return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("spec", "path"):
