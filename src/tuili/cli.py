@@ -288,10 +288,9 @@ def _optimize(args) -> None:
 
 
 def _recipes(args) -> None:
-    from tuili.pipeline.recipe import load_recipe, shipped
+    from tuili.pipeline.recipe import shipped
 
-    for name, path in shipped().items():
-        recipe = load_recipe(path)
+    for name, recipe in shipped().items():
         print(f"{name}\n    {recipe.description}\n    stages: {', '.join(s.kind for s in recipe.stages)}")
 
 
@@ -299,7 +298,8 @@ def _quantize(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text, perplexity
     from tuili.pipeline.analysis import analyze
     from tuili.pipeline.report import human_bytes, markdown_table
-    from tuili.quant import METHODS, Int8StaticActivation, Int8WeightOnly, SmoothQuant, quantize_, scheme_from_name
+    from tuili.quant import METHODS, Int8StaticActivation, SmoothQuant, quantize_, scheme_from_name
+    from tuili.quant.api import lm_head_plan
     from tuili.quant.sensitivity import layer_errors
 
     if not args.out and not args.analyze:
@@ -332,8 +332,7 @@ def _quantize(args) -> None:
         if args.eval:
             result["perplexity_before"] = perplexity(model.module, windows).perplexity
         start = time.perf_counter()
-        ignore = [e for e in args.exclude if e != "lm_head" or args.lm_head == "float"]
-        overrides = {"lm_head": Int8WeightOnly()} if args.lm_head == "int8" else None
+        ignore, overrides = lm_head_plan(args.lm_head, args.exclude)
         quantize_(model, scheme, method, calib=calib, ignore=ignore, overrides=overrides)
         result["seconds"] = round(time.perf_counter() - start, 1)
         if args.eval:

@@ -23,14 +23,8 @@ from tuili.prune import SemiStructured, Unstructured, prune_
 from tuili.prune.api import METHODS as PRUNE_METHODS
 from tuili.prune.config import parse_structured
 from tuili.prune.structured import prune_structured_
-from tuili.quant import (
-    METHODS,
-    Int8StaticActivation,
-    Int8WeightOnly,
-    quantize_,
-    scheme_from_name,
-)
-from tuili.quant.api import DEFAULT_IGNORE, check_combination
+from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
+from tuili.quant.api import check_combination, lm_head_plan
 
 
 @dataclass
@@ -90,15 +84,11 @@ def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0
                        measure_speed(model, batch_sizes=batch_sizes), seconds)
 
 
-LM_HEADS = ("float", "int8", "same")
-
-
 def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = None, data: str = "builtin",
                    calib_samples: int = 64, calib_len: int = 512, lm_head: str = "float") -> Callable[[Model], str]:
     """A stage that quantizes the model in place (calibrating on `data`'s calibration split);
     `lm_head`: keep the head float, make it int8 weight-only, or give it the scheme too ("same")."""
-    if lm_head not in LM_HEADS:
-        raise ValueError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+    ignore, overrides = lm_head_plan(lm_head)
     config = scheme_from_name(scheme, group_size)
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")
@@ -108,9 +98,8 @@ def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = No
     def run(model: Model) -> str:
         calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
         needs_calib = not isinstance(algorithm, METHODS["rtn"]) or isinstance(config, Int8StaticActivation)
-        overrides = {"lm_head": Int8WeightOnly()} if lm_head == "int8" else None
-        quantize_(model, config, algorithm, calib=calib if needs_calib else None,
-                  ignore=DEFAULT_IGNORE if lm_head == "float" else (), overrides=overrides)
+        quantize_(model, config, algorithm, calib=calib if needs_calib else None, ignore=ignore,
+                  overrides=overrides)
         detail = f" g{config.group_size}" if getattr(config, "group_size", None) else ""
         head = "" if lm_head == "float" else f", {'int8' if lm_head == 'int8' else scheme} head"
         return f"quantize {scheme}{detail} {method}{head}"

@@ -243,15 +243,16 @@ def _toml_stage_lines(text: str, items: Any) -> list[tuple[int, dict[str, int]]]
     return out
 
 
-def shipped() -> dict[str, Path]:
-    """The recipes that come with tuili, by name."""
+def shipped() -> dict[str, Recipe]:
+    """The recipes that come with tuili (tuili/recipes/), by name."""
     folder = resources.files("tuili") / "recipes"
-    found = {}
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith((".yaml", ".yml", ".toml")):
-            path = Path(str(entry))
-            found[load_recipe(path).name] = path
-    return found
+    recipes = [_load_file(Path(str(entry))) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+               if entry.name.endswith((".yaml", ".yml", ".toml"))]
+    return {recipe.name: recipe for recipe in recipes}
+
+
+def _load_file(path: Path) -> Recipe:
+    return parse_recipe(path.read_text(), str(path), "toml" if path.suffix == ".toml" else "yaml")
 
 
 def load_recipe(recipe: str | Path) -> Recipe:
@@ -260,12 +261,12 @@ def load_recipe(recipe: str | Path) -> Recipe:
     if path.suffix in (".yaml", ".yml", ".toml") or path.exists():
         if not path.is_file():
             raise RecipeError(f"no recipe file at {path}; shipped recipes: {', '.join(shipped())}")
-        return parse_recipe(path.read_text(), str(path), "toml" if path.suffix == ".toml" else "yaml")
+        return _load_file(path)
     recipes = shipped()
     if str(recipe) not in recipes:
         raise RecipeError(f"no recipe named {str(recipe)!r}: give a .yaml or .toml file, or one of "
                           f"{', '.join(recipes)}")
-    return load_recipe(recipes[str(recipe)])
+    return recipes[str(recipe)]
 
 
 __all__ = ["KINDS", "Recipe", "RecipeError", "Stage", "load_recipe", "parse_recipe", "shipped"]

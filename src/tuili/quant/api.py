@@ -130,6 +130,18 @@ def quantize_(model: Model | nn.Module, scheme: QuantScheme, method: Method = RT
     return model
 
 
+LM_HEADS = ("float", "int8", "same")
+
+
+def lm_head_plan(lm_head: str, ignore: Sequence[str] = DEFAULT_IGNORE) -> tuple[list[str], dict | None]:
+    """`quantize_`'s ignore and overrides for the language-model head: kept float (the field's
+    default), int8 weight-only (decoding reads it every token), or quantized like the rest ("same")."""
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+    kept = [name for name in ignore if name != "lm_head" or lm_head == "float"]
+    return kept, ({"lm_head": Int8WeightOnly()} if lm_head == "int8" else None)
+
+
 def check_combination(scheme: QuantScheme, method: Method) -> None:
     """Refuse a method that does not apply to the scheme (GPTQ/AWQ: weight-only; SmoothQuant: W8A8)."""
     weight_only = isinstance(scheme, (Int8WeightOnly, Int4WeightOnly))
