@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the recipes shipped with tuili (for tuili optimize --recipe)")
     p.set_defaults(run=_recipes)
 
+    p = sub.add_parser("export", help="export a model (float or quantized) to ONNX and check it in onnxruntime")
+    _model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write (atomically)")
+    p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime")
+    p.set_defaults(run=_export)
+
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it (compressed-tensors)")
     _model_args(p)
     p.add_argument("--scheme", required=True, choices=list(SCHEMES))
@@ -292,6 +298,19 @@ def _recipes(args) -> None:
 
     for name, recipe in shipped().items():
         print(f"{name}\n    {recipe.description}\n    stages: {', '.join(s.kind for s in recipe.stages)}")
+
+
+def _export(args) -> None:
+    from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
+
+    if args.out.suffix != ".onnx":
+        raise TuiliError(f"--out must name a .onnx file, got {args.out}")
+    model = _load(args)
+    start = time.perf_counter()
+    path = export_onnx(model, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    if not args.no_check:
+        print(f"onnxruntime logits vs tuili's, 2 × 32 tokens: max abs diff {check_onnx(path, model, sample_ids(model)):.2e}")
 
 
 def _quantize(args) -> None:

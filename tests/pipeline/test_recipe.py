@@ -77,7 +77,7 @@ def test_unknown_names_and_missing_files_say_what_exists(tmp_path):
 
 def test_every_stage_kind_is_documented_in_the_error_for_an_unknown_one():
     with pytest.raises(RecipeError) as e:
-        parse_recipe("stages:\n  - export\n", "r.yaml")
+        parse_recipe("stages:\n  - train\n", "r.yaml")
     assert all(kind in str(e.value) for kind in KINDS)
 
 

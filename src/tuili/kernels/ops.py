@@ -126,6 +126,8 @@ def quantize_rows(x: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor,
 def w8a8_linear_reference(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
     """(q_x · q_wᵀ) · s_x · s_w in torch._int_mm (int8 × int8 → int32; its transposed view is VNNI's path)."""
     qx, sx = quantize_rows(x, input_scale)
+    if torch.compiler.is_exporting():  # ONNX has no _int_mm: integer codes multiplied as floats (exact below 2^24)
+        return (qx.float() @ w.float().t() * sx * weight_scale).to(x.dtype)
     return (torch._int_mm(qx, w.t()).float() * sx * weight_scale).to(x.dtype)
 
 

@@ -17,6 +17,7 @@ from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed
+from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
 from tuili.pipeline.recipe import Recipe, load_recipe
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.prune import SemiStructured, Unstructured, prune_
@@ -48,10 +49,12 @@ class OptimizeReport:
     stages: list[StageResult] = field(default_factory=list)
     recipe: str | None = None
     saved_to: str | None = None
+    exports: list[dict] = field(default_factory=list)  # {"path", "max_abs_diff"} per ONNX file written
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "recipe": self.recipe, "saved_to": self.saved_to,
-                "analysis": self.analysis.to_dict(), "stages": [s.to_dict() for s in self.stages]}
+                "exports": self.exports, "analysis": self.analysis.to_dict(),
+                "stages": [s.to_dict() for s in self.stages]}
 
     def to_markdown(self) -> str:
         base = self.stages[0]
@@ -72,6 +75,8 @@ class OptimizeReport:
                                  "time to first token", "peak memory", "stage time"], rows)
         recipe = f"Recipe: {self.recipe}\n\n" if self.recipe else ""
         saved = f"\nSaved to {self.saved_to}\n" if self.saved_to else ""
+        saved += "".join(f"\nExported to {e['path']} (onnxruntime's logits within {e['max_abs_diff']:.1e} of tuili's)\n"
+                         for e in self.exports)
         return (f"# tuili optimize: {self.model}\n\n{recipe}## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
                 f"## Stages\n\nPerplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, "
                 f"{q.num_tokens:,} scored); prefill of {base.speed.prefill_tokens} tokens; decode at batch 1.\n\n"
@@ -163,16 +168,16 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
     `recipe`: a Recipe, a recipe file or the name of a shipped one (tuili.pipeline.recipe), or
     stage callables (`quantize_stage(...)`, ...). A recipe's analyze and benchmark settings replace
     `context_len`, `seq_len`, `max_tokens` and `batch_sizes` (concurrent requests whose output
-    tokens/s are measured too); its save stage writes the model at the end."""
+    tokens/s are measured too); its save and export stages write the model at the end."""
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
-    save_to = None
+    save_to, exports = None, []
     if isinstance(recipe, Recipe):
         context_len = recipe.settings("analyze").get("context_len", context_len)
         bench = recipe.settings("benchmark")
         seq_len, max_tokens = bench.get("seq_len", seq_len), bench.get("max_tokens", max_tokens)
         batch_sizes = bench.get("batch_sizes", batch_sizes)
-        stages, save_to, name = recipe.transforms(data), recipe.save_path, recipe.name
+        stages, save_to, exports, name = recipe.transforms(data), recipe.save_path, recipe.export_paths, recipe.name
     else:
         stages, name = list(recipe), None
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
@@ -185,6 +190,9 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
                                      batch_sizes))
     if save_to:
         report.saved_to = str(model.save(save_to))
+    for path in exports:
+        written = export_onnx(model, path)
+        report.exports.append({"path": str(written), "max_abs_diff": check_onnx(written, model, sample_ids(model))})
     return report
 
 

@@ -8,9 +8,10 @@
       - quantize: {scheme: w4a16, method: gptq, group_size: 128}
       - benchmark: {max_tokens: 16384}      # how every stage is measured
       - save: out/model
+      - export: out/model.onnx              # ONNX, checked against tuili's logits in onnxruntime
 
 Stages run in this order (prune and distill may alternate): analyze first, transformations, then
-quantize (a quantized model can no longer be pruned or trained), benchmark, save last. Every error
+quantize (a quantized model can no longer be pruned or trained), benchmark, then save and export. Every error
 names the file and line and what is allowed there. Recipes shipped with tuili sit in
 `tuili/recipes/` and are found by name (`tuili recipes` lists them).
 """
@@ -56,6 +57,7 @@ KINDS: dict[str, _Kind] = {
                                  "calib_samples": int, "calib_len": int}, ("scheme",), rank=2),
     "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int, "batch_sizes": list}, rank=3),
     "save": _Kind("path", {"path": str}, ("path",), rank=4),
+    "export": _Kind("path", {"path": str}, ("path",), rank=4, once=False),  # .onnx, checked in onnxruntime
 }
 
 
@@ -86,6 +88,10 @@ class Recipe:
     @property
     def save_path(self) -> str | None:
         return self.settings("save").get("path")
+
+    @property
+    def export_paths(self) -> list[str]:
+        return [s.settings["path"] for s in self.stages if s.kind == "export"]
 
 
 def _where(source: str, line: int | None) -> str:
@@ -155,6 +161,8 @@ def _stage(item: Any, line: int | None, key_lines: dict[str, int], source: str) 
     missing = [k for k in spec.required if k not in settings]
     if missing:
         raise RecipeError(f"{where}: {kind} needs {', '.join(missing)}")
+    if kind == "export" and not settings["path"].endswith(".onnx"):
+        raise RecipeError(f"{where}: export writes ONNX: its path must end in .onnx, got {settings['path']!r}")
     return Stage(kind, settings, line)
 
 
@@ -171,7 +179,7 @@ def _check_order(stages: list[Stage], source: str) -> None:
             why = (" (a quantized model has integer weights: prune and distill before quantizing)"
                    if later.kind == "quantize" else "")
             raise RecipeError(f"{where}: {stage.kind} cannot come after {later.kind} (line {later.line}){why}; "
-                              f"the order is analyze, prune/distill, quantize, benchmark, save")
+                              f"the order is analyze, prune/distill, quantize, benchmark, save/export")
 
 
 def parse_recipe(text: str, source: str = "<recipe>", fmt: str = "yaml") -> Recipe:

@@ -88,13 +88,16 @@ class _KernelLinear(nn.Module, ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16:
+        ext = kernels.extension()
+        if ext is None:  # no kernels, or forced off (tests, export): nothing is packed or cached
+            args = ()
+        elif rows.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16:
             args = self.__dict__.get("_bf16_kernel_args") or self.bf16_kernel_args()
         else:
             args = self.__dict__.get("_kernel_args")
             if args is None:
                 args = self.kernel_args()
-        native = kernels.native(args[0]) if args and rows.shape[0] <= kernels.MAX_ROWS[args[0]] else None
+        native = getattr(ext, args[0]) if args and rows.shape[0] <= kernels.MAX_ROWS[args[0]] else None
         y = native(rows, *args[1:-1]) if native is not None else self._reference(rows)
         bias = self.bias if not args else args[-1]
         if bias is not None:
