@@ -16,6 +16,7 @@ not run at all, which makes the fair baseline for what distillation adds.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import json
@@ -171,8 +172,20 @@ def init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # at exit, wait for every process, then tear the group down: a process leaving while another
+        # still works (rank 0 saving) aborted now and then in gloo ("terminate called without an
+        # active exception"; 1 run in 10 of the 2-process test, none in 15 with this)
+        atexit.register(_leave_group)
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 class Distiller:
