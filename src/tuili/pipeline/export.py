@@ -60,8 +60,6 @@ def export_onnx(model: Model, path: str | Path, max_tokens: int | None = None) -
                                         dynamic_shapes={"ids": {0: batch, 1: tokens}})
         program.save(tmp)
         os.replace(tmp, path)
-    except ExportError:
-        raise
     except Exception as e:  # the exporter's own errors are long; keep their first line
         raise ExportError(f"ONNX export of {model.source} failed: {str(e).splitlines()[0][:300]}") from e
     finally:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,6 @@ class Recipe:
     stages: tuple[Stage, ...]
     description: str = ""
     source: str = "<recipe>"
-    _lines: dict = field(default_factory=dict, compare=False, repr=False)
 
     def settings(self, kind: str) -> dict[str, Any]:
         """The settings of the (single) stage of this kind, {} when the recipe has none."""
