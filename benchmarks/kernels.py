@@ -82,8 +82,9 @@ def implementations() -> list[Impl]:
                                   ("W4A8 g64", w4a8, "dequantize + F.linear"), ("W8A8 dynamic", w8a8, "torch._int_mm")):
         impls.append(Impl(f"tuili {label}", make, lambda x, m: m(x)))
         impls.append(Impl(f"tuili {label}, fallback ({fallback})", make, lambda x, m: m(x), kernels=False))
-    for label, make in (("W8A16", w8), ("W4A16 g64", w4)):  # bf16 activations: the AVX512-BF16 kernels
-        impls.append(Impl(f"tuili {label}, bf16 activations", make, lambda x, m: m(x), compute=torch.bfloat16))
+    # the engine's 16-bit activations (compute_dtype(bf16)): W8 × int16 (VNNI), W4 × bf16 (AVX512-BF16)
+    for label, make in (("W8A16, int16 activations", w8), ("W4A16 g64, bf16 activations", w4)):
+        impls.append(Impl(f"tuili {label}", make, lambda x, m: m(x), compute=torch.bfloat16))
     return impls
 
 

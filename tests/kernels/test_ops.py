@@ -64,19 +64,43 @@ def test_bf16_w4_kernel_is_the_product_with_bf16_rounded_activations(m, n, k, gr
                                atol=1e-3, rtol=1e-4)
 
 
-@needs_bf16
+needs_vnni = pytest.mark.skipif(ext is None or ext.isa() != "avx512-vnni", reason="the int16 W8 kernel needs AVX512-VNNI")
+
+
+@needs_vnni
 @pytest.mark.parametrize("m", [1, 3, 16, 21, 64])
 @pytest.mark.parametrize("n, k, group_size", [(96, 576, 576), (576, 1536, 1536), (33, 100, 100), (9, 577, 32),
-                                              (4, 1536, 64), (16, 6, 6)])
-def test_bf16_w8_kernel_is_the_product_with_bf16_rounded_activations(m, n, k, group_size):
+                                              (4, 1536, 64), (16, 6, 6), (20, 2052, 2052), (18, 1040, 520)])
+def test_int16_w8_kernel_is_the_product_with_int16_rounded_activations(m, n, k, group_size):
+    # k = 2052 and groups of 520 are longer than one int32 chunk (512 products): the chunks must add up
     g = torch.Generator().manual_seed(m)
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
-    x = torch.randn(m, k, generator=g)
-    packed, scale_p = ops.pack_w8_bf16(w, scale)
-    expected = ops.w8_linear_reference(x.bfloat16().float(), w, scale, group_size)
-    torch.testing.assert_close(ext.w8_linear_bf16(x, packed, scale_p, n, group_size), expected, atol=1e-3, rtol=1e-4)
-    assert ext.w8_linear_bf16(x.bfloat16(), packed, scale_p, n, group_size).dtype == torch.bfloat16
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+    packed, scale_p = ops.pack_w8_i16(w, scale)
+    expected = ops.w8_linear_reference(ops.quantize_rows_i16(x), w, scale, group_size)
+    torch.testing.assert_close(ext.w8_linear_i16(x, packed, scale_p, n, group_size), expected, atol=1e-3, rtol=1e-4)
+    assert ext.w8_linear_i16(x.bfloat16(), packed, scale_p, n, group_size).dtype == torch.bfloat16
+
+
+@needs_vnni
+def test_int16_w8_kernel_saturated_activations_do_not_overflow():
+    # every product at its largest (32767 · -128) for 2,048 k: four int32 chunks, each near 2^31
+    n, k = 16, 2048
+    w = torch.full((n, k), -128, dtype=torch.int8)
+    scale = torch.ones(n, 1)
+    x = torch.full((2, k), 3.0)
+    packed, scale_p = ops.pack_w8_i16(w, scale)
+    torch.testing.assert_close(ext.w8_linear_i16(x, packed, scale_p, n, k), torch.full((2, n), -128.0 * 3 * k))
+
+
+@needs_vnni
+def test_int16_rounding_is_finer_than_bf16_for_typical_activations():
+    x = torch.randn(64, 576)
+    x[:, 0] = 20.0  # an outlier channel, as LLM activations have
+    err_i16 = (ops.quantize_rows_i16(x) - x).abs().mean()
+    err_bf16 = (x.bfloat16().float() - x).abs().mean()
+    assert err_i16 < err_bf16 / 4
 
 
 @needs_bf16

@@ -87,8 +87,9 @@ def test_kernel_and_fallback_paths_agree(ref, monkeypatch, bits, group_size, sym
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, False), (4, 64, True), (8, "channel", True)])
 @pytest.mark.parametrize("m", [1, 16, 64, 65])
 def test_bf16_compute_rounds_only_the_activations(ref, bits, group_size, symmetric, m):
-    """Under compute_dtype(bf16), small batches take the bf16 kernels (codes exact, activations
-    rounded to bf16, fp32 sums); large ones a bf16 GEMM; both stay close to the fp32 product."""
+    """Under compute_dtype(bf16), small batches take the 16-bit dot-product kernels (codes exact,
+    activations rounded to bf16 for W4 and to int16 per token for W8, fp32 sums); large ones a
+    bf16 GEMM; both stay close to the fp32 product."""
     from tuili.quant.linear import compute_dtype
 
     q = WeightOnlyLinear.from_float(ref, bits, group_size, symmetric)
@@ -100,7 +101,7 @@ def test_bf16_compute_rounds_only_the_activations(ref, bits, group_size, symmetr
     torch.testing.assert_close(y, exact, atol=0.05, rtol=0.02)
     from tuili.kernels import ops
     if m <= ops.MAX_M and ops.bf16_dot_products():  # the kernels' contract (the bf16 GEMM rounds weights too)
-        rounded = x.bfloat16().float() @ q.dequantize().T + ref.bias
+        rounded = (ops.quantize_rows_i16(x) if bits == 8 else x.bfloat16().float()) @ q.dequantize().T + ref.bias
         torch.testing.assert_close(y, rounded, atol=1e-4, rtol=1e-4)
 
 

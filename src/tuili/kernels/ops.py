@@ -25,7 +25,7 @@ MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per w
 MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here
 # per kernel, the batch rows up to which it beats its PyTorch twin (layers pick by kernel name)
 MAX_ROWS = {"w4_linear": MAX_M, "w8_linear": MAX_M, "w4a8_linear": MAX_M, "w8a8_linear": MAX_M_INT8,
-            "w8a8_linear_packed": MAX_M_PACKED, "w4_linear_bf16": MAX_M, "w8_linear_bf16": MAX_M}
+            "w8a8_linear_packed": MAX_M_PACKED, "w4_linear_bf16": MAX_M, "w8_linear_i16": MAX_M}
 _forced_fallback = False
 
 
@@ -116,6 +116,14 @@ def w4a8_linear(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int
     return _run("w4a8_linear", w4a8_linear_reference, x, MAX_M, w, scale, zs, group_size, flip)
 
 
+def quantize_rows_i16(x: Tensor) -> Tensor:
+    """x (M, K) rounded through int16 per token, s = max|x_m| / 32767, x̂ = round(x / s) · s, as float
+    (the activations of `w8_linear_i16`)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 32767
+    return (x / scale).round() * scale
+
+
 def quantize_rows(x: Tensor, input_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """int8 codes of x (M, K) and their scale: (M, 1) per token, s = max|x_m| / 127, or the static one."""
     x = x.float()
@@ -146,7 +154,8 @@ def w8a8_pack(w: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def bf16_dot_products() -> bool:
-    """Whether the weight-only layers take the AVX512-BF16 kernels (csrc/qgemm_bf16.cpp)."""
+    """Whether weight-only layers under 16-bit activations take the dot-product kernels
+    (csrc/qgemm_nmajor.cpp: W4 × bf16 with AVX512-BF16, W8 × int16 with VNNI)."""
     ext = extension()
     return ext is not None and ext.bf16()
 
@@ -174,8 +183,8 @@ def pack_w4_bf16(w: Tensor, k: int, flip: bool, scale: Tensor, zs: Tensor) -> tu
     return (c[:, :, 0] | (c[:, :, 1] << 4)).contiguous(), _group_vectors(scale), _group_vectors(zs)
 
 
-def pack_w8_bf16(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 codes (N, K) repacked for `w8_linear_bf16`: (N/16, K'/2, 16, 2), pairs of consecutive k
+def pack_w8_i16(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes (N, K) repacked for `w8_linear_i16`: (N/16, K'/2, 16, 2), pairs of consecutive k
     for 16 outputs side by side (K' = K rounded up to 4); scales as (N/16, G, 16)."""
     k = w.shape[1]
     kp = -(-k // 4) * 4

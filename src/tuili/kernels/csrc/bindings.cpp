@@ -7,7 +7,7 @@ torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
 torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size);
 torch::Tensor w4_linear_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zs, int64_t N,
                              int64_t group_size);
-torch::Tensor w8_linear_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N, int64_t group_size);
+torch::Tensor w8_linear_i16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N, int64_t group_size);
 bool use_bf16();
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
@@ -39,10 +39,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("w4_linear", &tuili::w4_linear, "x · dequant(W4)ᵀ for small M", release());
   m.def("w8_linear", &tuili::w8_linear, "x · dequant(W8)ᵀ for small M", release());
-  m.def("w4_linear_bf16", &tuili::w4_linear_bf16, "x · dequant(W4)ᵀ on bf16-packed weights, vdpbf16ps, 1-64 rows",
+  m.def("w4_linear_bf16", &tuili::w4_linear_bf16, "bf16(x) · dequant(W4)ᵀ on N-major packed weights, vdpbf16ps, 1-64 rows",
         release());
-  m.def("w8_linear_bf16", &tuili::w8_linear_bf16, "x · dequant(W8)ᵀ on bf16-packed weights, vdpbf16ps, 1-64 rows",
-        release());
+  m.def("w8_linear_i16", &tuili::w8_linear_i16,
+        "int16(x, per token) · W8ᵀ on N-major packed weights, vpdpwssd, 1-64 rows", release());
   m.def("f32_linear", &tuili::f32_linear, "x · Wᵀ (+ b) in fp32 for small M, AVX-512", release());
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales", release());
   m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums",
@@ -57,5 +57,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim", release());
   m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout", release());
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
-  m.def("bf16", &tuili::use_bf16, "whether this CPU takes the AVX512-BF16 dot-product kernels");
+  m.def("bf16", &tuili::use_bf16, "whether this CPU takes the 16-bit dot-product kernels (AVX512-BF16 and VNNI)");
 }

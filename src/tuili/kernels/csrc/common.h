@@ -56,14 +56,14 @@ void for_rows(int64_t M, int64_t N, RowFn fn) {
   });
 }
 
-// Calls body.template operator()<R>() with R = rows (1..MB) as a compile-time constant.
-template <typename Body>
+// Calls body(std::integral_constant<int, R>) with R = rows (1..Max) as a compile-time constant.
+template <int Max = MB, int R = 1, typename Body>
 inline void with_rows(int64_t rows, Body&& body) {
-  switch (rows) {
-    case 1: body(std::integral_constant<int, 1>{}); break;
-    case 2: body(std::integral_constant<int, 2>{}); break;
-    case 3: body(std::integral_constant<int, 3>{}); break;
-    default: body(std::integral_constant<int, 4>{});
+  if constexpr (R >= Max) {
+    body(std::integral_constant<int, Max>{});
+  } else {
+    if (rows == R) return body(std::integral_constant<int, R>{});
+    with_rows<Max, R + 1>(rows, std::forward<Body>(body));
   }
 }
 
