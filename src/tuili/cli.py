@@ -62,9 +62,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="NAME|FILE",
                    help="run a recipe's stages instead of the flags above: a shipped one (tuili recipes) or a "
                         ".yaml/.toml file")
-    p.add_argument("--report", type=Path, help="also write the markdown report to this file")
+    p.add_argument("--report", type=Path, default=Path("tuili-report"), metavar="DIR",
+                   help="write report.html (tables and plots) and report.md here (default: ./tuili-report)")
+    p.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the per-layer sensitivity measurement (the report's sensitivity plot)")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.set_defaults(run=_optimize)
+
+    p = sub.add_parser("search", help="choose per-layer int8/int4/float formats that meet a budget, apply, measure")
+    _model_args(p)
+    _data_args(p, max_tokens=16384)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-bytes", type=_byte_size, metavar="B",
+                        help="weights at most this size: bytes, or with KB/MB/GB (KiB/MiB/GiB)")
+    budget.add_argument("--min-speedup", type=float, metavar="S",
+                        help="batch-1 decode at least S times the float model's, measured")
+    p.add_argument("--max-ppl-increase", type=float, metavar="P", help="perplexity at most P percent above the float model's")
+    p.add_argument("--calib-samples", type=int, default=8, help="samples for the sensitivity (one backward pass each)")
+    p.add_argument("--out", type=Path, help="save the compressed model here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.set_defaults(run=_search)
 
     p = sub.add_parser("recipes", help="list the recipes shipped with tuili (for tuili optimize --recipe)")
     p.set_defaults(run=_recipes)
@@ -268,8 +285,8 @@ def _params(args):
 
 
 def _optimize(args) -> None:
-    from tuili.models.io import atomic_write_text
     from tuili.pipeline import distill_stage, optimize, prune_stage, quantize_stage
+    from tuili.pipeline.html_report import write_report
     from tuili.pipeline.recipe import load_recipe
 
     stages = []
@@ -285,12 +302,36 @@ def _optimize(args) -> None:
         stages.append(quantize_stage(args.scheme, args.method, args.group_size, args.data, args.calib_samples,
                                      args.seq_len, args.lm_head))
     report = optimize(_load(args), stages, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                      batch_sizes=args.batch_sizes)
-    markdown = report.to_markdown()
-    if args.report:
-        atomic_write_text(args.report, markdown)
-        print(f"report written to {args.report}", file=sys.stderr)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else markdown)
+                      batch_sizes=args.batch_sizes, sensitivity=not args.no_sensitivity)
+    page, summary = write_report(report, args.report)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
+    print(f"report: {page}\nsummary: {summary}", file=sys.stderr)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _byte_size(text: str) -> int:
+    """'200MiB', '0.2 GB', '209715200' -> bytes."""
+    number = text.strip().rstrip("BbIiKkMmGg ")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"a size is a number of bytes, optionally with KB, MB, GB, KiB, MiB or "
+                                         f"GiB (200MiB), got {text!r}") from None
+    return int(value)
+
+
+def _search(args) -> None:
+    from tuili.pipeline.search import search
+
+    model, result = search(_load(args), max_bytes=args.max_bytes, min_speedup=args.min_speedup,
+                           max_ppl_increase=args.max_ppl_increase, data=args.data, seq_len=args.seq_len,
+                           max_tokens=args.max_tokens, calib_samples=args.calib_samples)
+    if args.out:
+        print(f"saved to {model.save(args.out)}", file=sys.stderr)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
 
 
 def _recipes(args) -> None:

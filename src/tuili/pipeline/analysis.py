@@ -99,23 +99,29 @@ def _unique_tensors(module: nn.Module):
         yield name, t
 
 
-def analysis_markdown(a: Analysis) -> str:
-    """The analysis as markdown tables: by kind, by dtype, then compute and memory."""
-    from tuili.pipeline.report import human_bytes, human_count, markdown_table
+def analysis_tables(a: Analysis) -> list[tuple[list[str], list[list[str]]]]:
+    """The analysis as (headers, rows) tables: by kind, by dtype, then compute and memory."""
+    from tuili.pipeline.report import human_bytes, human_count
 
-    kinds = markdown_table(
-        ["part", "parameters", "bytes", "share"],
-        [[k, f"{n:,}", human_bytes(a.bytes_by_kind[k]), f"{100 * n / a.num_parameters:.1f}%"]
-         for k, n in sorted(a.parameters_by_kind.items(), key=lambda kv: -kv[1])]
-        + [["total", f"{a.num_parameters:,}", human_bytes(a.num_bytes), "100.0%"]])
-    dtypes = markdown_table(["dtype", "parameters", "bytes"],
-                            [[d, f"{n:,}", human_bytes(a.bytes_by_dtype[d])] for d, n in a.parameters_by_dtype.items()])
+    kinds = (["part", "parameters", "bytes", "share"],
+             [[k, f"{n:,}", human_bytes(a.bytes_by_kind[k]), f"{100 * n / a.num_parameters:.1f}%"]
+              for k, n in sorted(a.parameters_by_kind.items(), key=lambda kv: -kv[1])]
+             + [["total", f"{a.num_parameters:,}", human_bytes(a.num_bytes), "100.0%"]])
+    dtypes = (["dtype", "parameters", "bytes"],
+              [[d, f"{n:,}", human_bytes(a.bytes_by_dtype[d])] for d, n in a.parameters_by_dtype.items()])
     ctx = f"{a.context_len:,}"
-    compute = markdown_table(["quantity", "value"], [
+    compute = (["quantity", "value"], [
         [f"prefill FLOPs/token (prompt of {ctx})", human_count(a.prefill_flops_per_token, "FLOP")],
         [f"decode FLOPs/token (context {ctx})", human_count(a.decode_flops_per_token, "FLOP")],
         [f"KV cache per token ({a.kv_dtype})", human_bytes(a.kv_bytes_per_token)],
         [f"KV cache, batch {a.batch_size} × {ctx} tokens", human_bytes(a.kv_cache_bytes)],
         ["weights + KV cache", human_bytes(a.memory_bytes)],
     ])
-    return f"{kinds}\n\n{dtypes}\n\n{compute}"
+    return [kinds, dtypes, compute]
+
+
+def analysis_markdown(a: Analysis) -> str:
+    """The analysis as markdown tables: by kind, by dtype, then compute and memory."""
+    from tuili.pipeline.report import markdown_table
+
+    return "\n\n".join(markdown_table(h, r) for h, r in analysis_tables(a))

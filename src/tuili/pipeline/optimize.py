@@ -20,12 +20,14 @@ from tuili.pipeline.bench import Speed, measure_speed
 from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
 from tuili.pipeline.recipe import Recipe, load_recipe
 from tuili.pipeline.report import human_bytes, markdown_table
+from tuili.pipeline.sensitivity import LayerCost, layer_costs
 from tuili.prune import SemiStructured, Unstructured, prune_
 from tuili.prune.api import METHODS as PRUNE_METHODS
 from tuili.prune.config import parse_structured
 from tuili.prune.structured import prune_structured_
 from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
 from tuili.quant.api import check_combination, lm_head_plan
+from tuili.quant.linear import quantized_layers
 
 
 @dataclass
@@ -50,13 +52,16 @@ class OptimizeReport:
     recipe: str | None = None
     saved_to: str | None = None
     exports: list[dict] = field(default_factory=list)  # {"path", "max_abs_diff"} per ONNX file written
+    sensitivity: list[LayerCost] = field(default_factory=list)  # per linear layer, measured on the input model
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "recipe": self.recipe, "saved_to": self.saved_to,
                 "exports": self.exports, "analysis": self.analysis.to_dict(),
+                "sensitivity": [c.to_dict() for c in self.sensitivity],
                 "stages": [s.to_dict() for s in self.stages]}
 
-    def to_markdown(self) -> str:
+    def stage_table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows of the per-stage table, every figure beside the baseline's."""
         base = self.stages[0]
         q = base.quality
         rows = []
@@ -69,18 +74,27 @@ class OptimizeReport:
                          f"{pre:.0f}", f"{dec:.1f}", f"{dec / base.speed.decode_tokens_per_second:.2f}×",
                          *concurrent, f"{1000 * s.speed.time_to_first_token:.0f} ms",
                          human_bytes(peak) if peak else "n/a", f"{s.seconds:.1f} s"])
-        stages = markdown_table(["stage", "weights", "perplexity", "Δ perplexity", "prefill tok/s",
-                                 "decode tok/s", "decode vs baseline",
-                                 *[f"{b} concurrent, out tok/s" for b in base.speed.throughput],
-                                 "time to first token", "peak memory", "stage time"], rows)
+        headers = ["stage", "weights", "perplexity", "Δ perplexity", "prefill tok/s", "decode tok/s",
+                   "decode vs baseline", *[f"{b} concurrent, out tok/s" for b in base.speed.throughput],
+                   "time to first token", "peak memory", "stage time"]
+        return headers, rows
+
+    def measured_on(self) -> str:
+        q, speed = self.stages[0].quality, self.stages[0].speed
+        return (f"Perplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, {q.num_tokens:,} scored); "
+                f"prefill of {speed.prefill_tokens} tokens; decode at batch 1.")
+
+    def notes(self) -> list[str]:
+        """Where the model was saved and exported."""
+        lines = [f"Saved to {self.saved_to}"] if self.saved_to else []
+        return lines + [f"Exported to {e['path']} (onnxruntime's logits within {e['max_abs_diff']:.1e} of tuili's)"
+                        for e in self.exports]
+
+    def to_markdown(self) -> str:
         recipe = f"Recipe: {self.recipe}\n\n" if self.recipe else ""
-        saved = f"\nSaved to {self.saved_to}\n" if self.saved_to else ""
-        saved += "".join(f"\nExported to {e['path']} (onnxruntime's logits within {e['max_abs_diff']:.1e} of tuili's)\n"
-                         for e in self.exports)
+        notes = "".join(f"\n{line}\n" for line in self.notes())
         return (f"# tuili optimize: {self.model}\n\n{recipe}## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
-                f"## Stages\n\nPerplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, "
-                f"{q.num_tokens:,} scored); prefill of {base.speed.prefill_tokens} tokens; decode at batch 1.\n\n"
-                f"{stages}\n{saved}")
+                f"## Stages\n\n{self.measured_on()}\n\n{markdown_table(*self.stage_table())}\n{notes}")
 
 
 def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0.0,
@@ -162,18 +176,21 @@ def _number(text: str) -> float:
 
 def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Model], str]] = (),
              data: str = "builtin", seq_len: int = 512, max_tokens: int | None = 16384, context_len: int = 2048,
-             progress: bool = True, batch_sizes: Sequence[int] = ()) -> OptimizeReport:
+             progress: bool = True, batch_sizes: Sequence[int] = (), sensitivity: bool = True) -> OptimizeReport:
     """Analyze `model`, measure it, then apply and measure each stage in turn.
 
     `recipe`: a Recipe, a recipe file or the name of a shipped one (tuili.pipeline.recipe), or
     stage callables (`quantize_stage(...)`, ...). A recipe's analyze and benchmark settings replace
     `context_len`, `seq_len`, `max_tokens` and `batch_sizes` (concurrent requests whose output
-    tokens/s are measured too); its save and export stages write the model at the end."""
+    tokens/s are measured too); its save and export stages write the model at the end.
+    `sensitivity`: also measure each linear layer's sensitivity to int8/int4 (tuili.pipeline.sensitivity,
+    for the report's plot; about 20 s on the default model)."""
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     save_to, exports = None, []
     if isinstance(recipe, Recipe):
         context_len = recipe.settings("analyze").get("context_len", context_len)
+        sensitivity = recipe.settings("analyze").get("sensitivity", sensitivity)
         bench = recipe.settings("benchmark")
         seq_len, max_tokens = bench.get("seq_len", seq_len), bench.get("max_tokens", max_tokens)
         batch_sizes = bench.get("batch_sizes", batch_sizes)
@@ -182,6 +199,9 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
         stages, name = list(recipe), None
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
     report = OptimizeReport(model.source, data, analyze(model, context_len=context_len), recipe=name)
+    if sensitivity and not quantized_layers(model.module):
+        calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), 8, min(256, seq_len))
+        report.sensitivity = layer_costs(model, calib, time_layers=False)
     report.stages.append(measure(model, "baseline", windows, progress, batch_sizes=batch_sizes))
     for stage in stages:
         start = time.perf_counter()

@@ -49,7 +49,7 @@ _DISTILL_FIELDS = {"steps": int, "teacher": str, "seq_len": int, "lr": float, "m
                    "batch_size": int, "grad_accum": int, "temperature": float, "alpha": float,
                    "attention_loss": str, "hidden_loss": str, "logits_cache": str, "seed": int}
 KINDS: dict[str, _Kind] = {
-    "analyze": _Kind(None, {"context_len": int}, rank=0),
+    "analyze": _Kind(None, {"context_len": int, "sensitivity": bool}, rank=0),
     "prune": _Kind("spec", {"spec": str, "method": str, "calib_samples": int, "calib_len": int}, ("spec",),
                    rank=1, once=False),
     "distill": _Kind("steps", _DISTILL_FIELDS, ("steps",), rank=1, once=False),
@@ -124,6 +124,10 @@ def _check_value(kind: str, key: str, value: Any, where: str) -> Any:
         return float(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("spec", "path"):
         return str(value)  # prune: 0.5 (a sparsity) reads as a number
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: {kind}.{key} must be true or false, got {value!r}")
+        return value
     if not isinstance(value, expected) or isinstance(value, bool):
         raise RecipeError(f"{where}: {kind}.{key} must be {_TYPE_NAMES[expected]}, got {value!r}")
     return value

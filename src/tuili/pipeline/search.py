@@ -1,0 +1,239 @@
+"""`tuili search`: the per-layer formats that meet a budget with the least quality lost.
+
+Each linear layer may stay float or become int8 or int4 (tuili.pipeline.sensitivity.OPTIONS), at a
+measured cost (bytes, or batch-1 seconds) and a predicted loss increase. Choosing one option per
+layer to minimise Σ ΔL subject to Σ cost ≤ budget is a multiple-choice knapsack; `plan` solves it
+greedily on each layer's lower convex hull (cost against ΔL), taking upgrades in order of loss
+saved per unit of cost, which is optimal up to the last upgrade that no longer fits. The plan is
+then applied and measured: a budget is reported met only when the measurement says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tuili.data import calibration_samples, eval_windows, load_text, perplexity
+from tuili.data.perplexity import Perplexity
+from tuili.errors import TuiliError
+from tuili.models.model import Model
+from tuili.pipeline.analysis import analyze
+from tuili.pipeline.bench import Speed, measure_speed
+from tuili.pipeline.report import human_bytes, markdown_table
+from tuili.pipeline.sensitivity import OPTIONS, LayerCost, layer_costs
+from tuili.quant import quantize_
+from tuili.quant.config import Int8WeightOnly
+from tuili.quant.linear import quantized_layers
+
+
+class SearchError(TuiliError, ValueError):
+    """A budget no plan can meet, or settings that do not make a search."""
+
+
+def _hull(cost: LayerCost, key: str) -> list[str]:
+    """The layer's options on the lower convex hull of (cost, ΔL), cheapest first: an option that
+    costs more and loses more than another, or lies above the segment between two, is never worth it."""
+    by_cost = sorted(cost.delta, key=lambda o: (getattr(cost, key)[o], cost.delta[o]))
+    hull: list[str] = []
+    for o in by_cost:
+        c, d = getattr(cost, key)[o], cost.delta[o]
+        if hull and d >= cost.delta[hull[-1]]:
+            continue  # no cheaper in loss than a cheaper option
+        while len(hull) >= 2:
+            (c1, d1), (c2, d2) = ((getattr(cost, key)[h], cost.delta[h]) for h in hull[-2:])
+            if (d1 - d2) * (c - c2) <= (d2 - d) * (c2 - c1):  # hull[-1] is not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def plan(costs: Sequence[LayerCost], budget: float, key: str = "num_bytes") -> dict[str, str]:
+    """Layer name -> option with Σ cost[key] ≤ budget and Σ ΔL as small as the greedy finds.
+    Raises SearchError if even the cheapest plan does not fit."""
+    hulls = {c.name: _hull(c, key) for c in costs}
+    by_name = {c.name: c for c in costs}
+    choice = {name: 0 for name in hulls}  # index into the hull
+    total = sum(getattr(by_name[n], key)[h[0]] for n, h in hulls.items())
+    if total > budget:
+        raise SearchError(f"the budget ({_show(budget, key)}) is below the cheapest plan, every layer at its "
+                          f"cheapest format ({_show(total, key)}): raise it")
+    heap: list[tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        i, hull = choice[name], hulls[name]
+        if i + 1 < len(hull):
+            c = by_name[name]
+            extra = getattr(c, key)[hull[i + 1]] - getattr(c, key)[hull[i]]
+            saved = c.delta[hull[i]] - c.delta[hull[i + 1]]
+            heapq.heappush(heap, (-saved / max(extra, 1e-30), name))
+
+    for name in hulls:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        c, hull, i = by_name[name], hulls[name], choice[name]
+        extra = getattr(c, key)[hull[i + 1]] - getattr(c, key)[hull[i]]
+        if total + extra <= budget:
+            total += extra
+            choice[name] = i + 1
+            push(name)
+    return {name: hulls[name][i] for name, i in choice.items()}
+
+
+def _show(value: float, key: str) -> str:
+    return human_bytes(value) if key == "num_bytes" else f"{1000 * value:.2f} ms/token"
+
+
+def apply_plan(model: Model, choice: dict[str, str]) -> Model:
+    """Quantize each layer to its chosen option (round to nearest); float ones stay."""
+    quantized = {name: OPTIONS[o] for name, o in choice.items() if OPTIONS[o] is not None}
+    if quantized:
+        quantize_(model, Int8WeightOnly(), targets=list(quantized), ignore=(), overrides=quantized, progress=False)
+    model.record("searched", plan=dict(Counter(choice.values())))
+    return model
+
+
+@dataclass
+class Measured:
+    num_bytes: int
+    quality: Perplexity
+    speed: Speed
+
+    def to_dict(self) -> dict:
+        return {"num_bytes": self.num_bytes, "quality": self.quality.to_dict(), "speed": self.speed.to_dict()}
+
+
+@dataclass
+class SearchResult:
+    budget: dict  # max_bytes / min_speedup / max_ppl_increase as asked
+    baseline: Measured
+    result: Measured
+    choice: dict[str, str]
+    predicted_delta: float  # Σ predicted ΔL of the plan (Fisher), nats/token
+    met: dict[str, bool]  # per budget, from the measurement
+    attempts: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ppl_increase(self) -> float:
+        return 100 * (self.result.quality.perplexity / self.baseline.quality.perplexity - 1)
+
+    @property
+    def speedup(self) -> float:
+        return self.result.speed.decode_tokens_per_second / self.baseline.speed.decode_tokens_per_second
+
+    def to_dict(self) -> dict:
+        return {"budget": self.budget, "baseline": self.baseline.to_dict(), "result": self.result.to_dict(),
+                "choice": self.choice, "predicted_delta": self.predicted_delta, "met": self.met,
+                "attempts": self.attempts, "seconds": self.seconds}
+
+    def to_markdown(self) -> str:
+        b, r = self.baseline, self.result
+        rows = [[name, human_bytes(m.num_bytes), f"{m.quality.perplexity:.3f}",
+                 f"{100 * (m.quality.perplexity / b.quality.perplexity - 1):+.2f}%",
+                 f"{m.speed.decode_tokens_per_second:.1f}",
+                 f"{m.speed.decode_tokens_per_second / b.speed.decode_tokens_per_second:.2f}×"]
+                for name, m in (("baseline", b), ("searched plan", r))]
+        table = markdown_table(["model", "weights", "perplexity", "Δ perplexity", "decode tok/s", "speed-up"], rows)
+        kinds: dict[str, Counter] = {}
+        for name, option in self.choice.items():
+            kinds.setdefault(name.rsplit(".", 1)[-1], Counter())[option] += 1
+        options = list(OPTIONS)
+        plan_table = markdown_table(["layer kind", *options],
+                                    [[k, *(str(c[o]) for o in options)] for k, c in kinds.items()])
+        asked = {"max_bytes": lambda v: f"weights ≤ {human_bytes(v)} (measured {human_bytes(r.num_bytes)})",
+                 "min_speedup": lambda v: f"decode ≥ {v:.2f}× the baseline (measured {self.speedup:.2f}×)",
+                 "max_ppl_increase": lambda v: f"perplexity ≤ +{v:.2f}% (measured {self.ppl_increase:+.2f}%)"}
+        budgets = "\n".join(f"- {asked[k](v)}: **{'met' if self.met[k] else 'NOT met'}**"
+                            for k, v in self.budget.items() if v is not None)
+        tries = "".join(f"\n- attempt {i + 1}: budget {a['budget']}, measured {a['measured']}"
+                        for i, a in enumerate(self.attempts))
+        return (f"# tuili search\n\n{budgets}\n\n{table}\n\nLayers per format:\n\n{plan_table}\n\n"
+                f"Predicted loss increase of the plan (Fisher): {self.predicted_delta:.2e} nats/token. "
+                f"Search took {self.seconds:.0f} s.\n\nAttempts:{tries}\n")
+
+
+def _measure(model: Model, windows) -> Measured:
+    return Measured(analyze(model).num_bytes, perplexity(model.module, windows, progress=False),
+                    measure_speed(model))
+
+
+def _time_budget(original: Model, costs: Sequence[LayerCost], baseline: Measured, min_speedup: float) -> float:
+    """The layers' time budget (their timed seconds) for decoding `min_speedup` times faster than the
+    baseline. A step takes r + k · Σ t: the layers' times as timed alone, scaled by k (caches, the
+    engine's activations), plus the rest r (attention, norms, Python). Two measured points fix k and
+    r: the float model and the fastest plan (every layer at its quickest format), itself measured;
+    if that plan falls short no plan can meet the budget, and SearchError says so."""
+    fastest = {c.name: min(c.seconds, key=c.seconds.get) for c in costs}
+    speed = measure_speed(apply_plan(copy.deepcopy(original), fastest)).decode_tokens_per_second
+    best = speed / baseline.speed.decode_tokens_per_second
+    if best < min_speedup:
+        raise SearchError(f"the fastest plan (every layer at its quickest format) decodes {best:.2f}× the float "
+                          f"model, measured, below the {min_speedup:.2f}× asked: ask for at most that")
+    step_float, step_fast = 1 / baseline.speed.decode_tokens_per_second, 1 / speed
+    t_float = sum(c.seconds["float"] for c in costs)
+    t_fast = sum(c.seconds[fastest[c.name]] for c in costs)
+    k = max((step_float - step_fast) / max(t_float - t_fast, 1e-12), 1e-6)
+    rest = step_float - k * t_float
+    return (step_float / min_speedup - rest) / k
+
+
+def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | None = None,
+           max_ppl_increase: float | None = None, data: str = "builtin", seq_len: int = 512,
+           max_tokens: int | None = 16384, calib_samples: int = 8, calib_len: int = 256,
+           attempts: int = 3) -> tuple[Model, SearchResult]:
+    """Choose per-layer formats for `model` (float) to meet the budget, apply them and measure.
+
+    Exactly one of `max_bytes` (weights) or `min_speedup` (batch-1 decode against the float model,
+    measured) sets the cost; `max_ppl_increase` (percent) is checked on the result. With a speed
+    budget the plan is re-made with a tighter time budget when the measurement falls short, up to
+    `attempts` times. Returns the compressed model and the result."""
+    if (max_bytes is None) == (min_speedup is None):
+        raise SearchError("give one budget to search under: --max-bytes B or --min-speedup S")
+    if max_bytes is not None and max_bytes <= 0 or min_speedup is not None and min_speedup <= 1:
+        raise SearchError("--max-bytes must be positive and --min-speedup above 1 (the float model is 1×)")
+    if quantized_layers(model.module):
+        raise SearchError("the model is already quantized: search starts from a float model")
+    start = time.perf_counter()
+    windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
+    calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
+    baseline = _measure(model, windows)
+    costs = layer_costs(model, calib, time_layers=min_speedup is not None)
+    key = "num_bytes" if max_bytes is not None else "seconds"
+    fixed_bytes = baseline.num_bytes - sum(c.num_bytes["float"] for c in costs)
+    if max_bytes is not None:
+        budget = max_bytes - fixed_bytes
+    original = copy.deepcopy(model)
+    if min_speedup is not None:
+        budget = _time_budget(original, costs, baseline, min_speedup)
+    tries = []
+    for attempt in range(attempts):
+        choice = plan(costs, budget, key)
+        candidate = apply_plan(copy.deepcopy(original) if attempt else model, choice)
+        measured = _measure(candidate, windows)
+        speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
+        tries.append({"budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
+                      "measured": f"{human_bytes(measured.num_bytes)}, {speedup:.2f}×"})
+        model = candidate
+        if max_bytes is not None or speedup >= min_speedup:
+            break
+        budget *= speedup / min_speedup  # the measured shortfall, applied to the layers' time budget
+    ppl_up = 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1)
+    met = {"max_bytes": max_bytes is not None and measured.num_bytes <= max_bytes,
+           "min_speedup": min_speedup is not None and speedup >= min_speedup,
+           "max_ppl_increase": max_ppl_increase is not None and ppl_up <= max_ppl_increase}
+    asked = {"max_bytes": max_bytes, "min_speedup": min_speedup, "max_ppl_increase": max_ppl_increase}
+    result = SearchResult(asked, baseline, measured, choice,
+                          sum(c.delta[choice[c.name]] for c in costs), {k: met[k] for k, v in asked.items()
+                                                                         if v is not None},
+                          tries, time.perf_counter() - start)
+    return model, result
+
+
+__all__ = ["SearchError", "SearchResult", "apply_plan", "plan", "search"]
