@@ -158,7 +158,7 @@ def test_prune_bad_requests_exit_2(folder, capsys, tmp_path, argv, message):
 def test_optimize_with_prune_and_distill_stages(folder, capsys, tmp_path, stages, names):
     (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
     assert main(["optimize", "--model", folder, "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
-                 "--max-tokens", "256", "--calib-samples", "2", "--json", *stages]) == 0
+                 "--max-tokens", "256", "--calib-samples", "2", "--json", "--report", str(tmp_path / "r"), *stages]) == 0
     result = [s["name"] for s in json.loads(capsys.readouterr().out)["stages"]]
     assert result == ["baseline"] + [name.format(folder=folder) for name in names]
 

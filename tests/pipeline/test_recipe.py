@@ -116,7 +116,8 @@ def test_cli_runs_a_recipe_and_refuses_it_beside_stage_flags(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
     recipe = tmp_path / "r.toml"
     recipe.write_text('name = "cli"\nstages = [{ quantize = "w8a16" }, { benchmark = { max_tokens = 128 } }]\n')
-    common = ["optimize", "--model", str(folder), "--data", str(tmp_path / "t.txt"), "--seq-len", "64"]
+    common = ["optimize", "--model", str(folder), "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
+              "--report", str(tmp_path / "report")]
     assert main([*common, "--recipe", str(recipe), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recipe"] == "cli" and [s["name"] for s in out["stages"]] == ["baseline", "quantize w8a16 rtn"]

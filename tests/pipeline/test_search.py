@@ -80,6 +80,7 @@ def test_search_meets_a_byte_budget_as_measured_and_the_result_saves_and_loads(t
     assert result.met == {"max_bytes": True} and result.result.num_bytes <= budget
     assert analyze(searched).num_bytes == result.result.num_bytes
     assert set(result.choice.values()) - {"float"} and quantized_layers(searched.module)
+    assert not quantized_layers(model.module)  # the plan went to a copy
     assert "**met**" in result.to_markdown() and json.dumps(result.to_dict())
     saved = searched.save(tmp_path / "m")
     ids = torch.randint(3, 200, (1, 12))
@@ -102,10 +103,10 @@ def test_search_refuses_bad_budgets_and_quantized_models(text):
     with pytest.raises(SearchError, match="above 1"):
         search(random_tiny(), min_speedup=0.5, data=text)
     model = random_tiny()
-    search(model, max_bytes=int(analyze(model).num_bytes * 0.5), data=text, seq_len=64, max_tokens=256,
-           calib_samples=1, calib_len=16)
+    searched, _ = search(model, max_bytes=int(analyze(model).num_bytes * 0.5), data=text, seq_len=64,
+                         max_tokens=256, calib_samples=1, calib_len=16)
     with pytest.raises(SearchError, match="already quantized"):
-        search(model, max_bytes=10**6, data=text)
+        search(searched, max_bytes=10**6, data=text)
 
 
 def test_search_cli(text, tmp_path, capsys):

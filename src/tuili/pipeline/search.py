@@ -193,7 +193,7 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
     Exactly one of `max_bytes` (weights) or `min_speedup` (batch-1 decode against the float model,
     measured) sets the cost; `max_ppl_increase` (percent) is checked on the result. With a speed
     budget the plan is re-made with a tighter time budget when the measurement falls short, up to
-    `attempts` times. Returns the compressed model and the result."""
+    `attempts` times. Returns the compressed model (a copy: `model` is left float) and the result."""
     if (max_bytes is None) == (min_speedup is None):
         raise SearchError("give one budget to search under: --max-bytes B or --min-speedup S")
     if max_bytes is not None and max_bytes <= 0 or min_speedup is not None and min_speedup <= 1:
@@ -209,13 +209,13 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
     fixed_bytes = baseline.num_bytes - sum(c.num_bytes["float"] for c in costs)
     if max_bytes is not None:
         budget = max_bytes - fixed_bytes
-    original = copy.deepcopy(model)
+    original = model  # every plan is applied to a copy: the caller's model stays as it was
     if min_speedup is not None:
         budget = _time_budget(original, costs, baseline, min_speedup)
     tries = []
     for attempt in range(attempts):
         choice = plan(costs, budget, key)
-        candidate = apply_plan(copy.deepcopy(original) if attempt else model, choice)
+        candidate = apply_plan(copy.deepcopy(original), choice)
         measured = _measure(candidate, windows)
         speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
         tries.append({"budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
