@@ -86,10 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the recipes shipped with tuili (for tuili optimize --recipe)")
     p.set_defaults(run=_recipes)
 
-    p = sub.add_parser("export", help="export a model (float or quantized) to ONNX and check it in onnxruntime")
+    p = sub.add_parser("export", help="export a model (float or quantized) to ONNX or GGUF and check it")
     _model_args(p)
-    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write (atomically)")
-    p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the .onnx or .gguf file to write (atomically); the suffix picks the format")
+    p.add_argument("--gguf-float", default="f16", choices=["f16", "f32"], help="GGUF: the type of float weights")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the check (ONNX: run in onnxruntime; GGUF: read back and compare logits)")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("quantize", help="quantize a model's linear layers and save it (compressed-tensors)")
@@ -343,15 +346,28 @@ def _recipes(args) -> None:
 
 def _export(args) -> None:
     from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
+    from tuili.pipeline.gguf_export import check_gguf, export_gguf
 
-    if args.out.suffix != ".onnx":
-        raise TuiliError(f"--out must name a .onnx file, got {args.out}")
+    if args.out.suffix not in (".onnx", ".gguf"):
+        raise TuiliError(f"--out must name a .onnx or .gguf file, got {args.out}")
     model = _load(args)
     start = time.perf_counter()
-    path = export_onnx(model, args.out)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    if args.out.suffix == ".gguf":
+        written = export_gguf(model, args.out, args.gguf_float)
+        path = written.path
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(written.tensor_types.items()))
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; tensors: {kinds}) in "
+              f"{time.perf_counter() - start:.1f} s")
+        if written.dequantized:
+            print(f"{len(written.dequantized)} quantized layers have no GGUF block type of their format and were "
+                  f"written dequantized (F16): {', '.join(written.dequantized[:3])}, ...")
+        check, what = check_gguf, "the GGUF file read back"
+    else:
+        path = export_onnx(model, args.out)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+        check, what = check_onnx, "onnxruntime"
     if not args.no_check:
-        print(f"onnxruntime logits vs tuili's, 2 × 32 tokens: max abs diff {check_onnx(path, model, sample_ids(model)):.2e}")
+        print(f"logits of {what} vs tuili's, 2 × 32 tokens: max abs diff {check(path, model, sample_ids(model)):.2e}")
 
 
 def _quantize(args) -> None:

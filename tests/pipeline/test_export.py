@@ -55,13 +55,13 @@ def test_cli_export_writes_and_checks(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote" in out and "max abs diff" in out
     assert main(["export", "--model", str(folder), "--out", str(tmp_path / "m.bin")]) == 2
-    assert "must name a .onnx file" in capsys.readouterr().err
+    assert "must name a .onnx or .gguf file" in capsys.readouterr().err
 
 
 def test_export_stage_needs_an_onnx_path():
     from tuili.pipeline.recipe import RecipeError, parse_recipe
 
-    with pytest.raises(RecipeError, match="line 2: export writes ONNX"):
+    with pytest.raises(RecipeError, match="line 2: export writes ONNX or GGUF"):
         parse_recipe("stages:\n  - export: model.bin\n", "r.yaml")
     with pytest.raises(RecipeError, match="line 3: quantize cannot come after export"):
         parse_recipe("stages:\n  - export: m.onnx\n  - quantize: w8a16\n", "r.yaml")

@@ -136,6 +136,25 @@ def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return byte_level  # GPT-2's own split
 
 
+def gguf_pre_name(tokenizer: Tokenizer) -> str:
+    """The GGUF `tokenizer.ggml.pre` name of the tokenizer's pre-tokenizer (the inverse of
+    `_gguf_pre_tokenizer`); ModelFormatError for a split llama.cpp would not reproduce."""
+    pre = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "default"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return _DIGITS_THEN_GPT2[0]
+    if kinds == ["Split", "ByteLevel"]:
+        regex = steps[0].get("pattern", {}).get("Regex")
+        for name, split in _SPLITS.items():
+            if regex == split:
+                return name
+    raise ModelFormatError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no GGUF name that "
+                           "tuili knows; llama.cpp would split text differently")
+
+
 def _token_at(tokens: list[str], index: int | None) -> str | None:
     return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 

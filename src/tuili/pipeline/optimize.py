@@ -18,6 +18,7 @@ from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed
 from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
+from tuili.pipeline.gguf_export import check_gguf, export_gguf
 from tuili.pipeline.recipe import Recipe, load_recipe
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.pipeline.sensitivity import LayerCost, layer_costs
@@ -87,7 +88,7 @@ class OptimizeReport:
     def notes(self) -> list[str]:
         """Where the model was saved and exported."""
         lines = [f"Saved to {self.saved_to}"] if self.saved_to else []
-        return lines + [f"Exported to {e['path']} (onnxruntime's logits within {e['max_abs_diff']:.1e} of tuili's)"
+        return lines + [f"Exported to {e['path']} (its logits within {e['max_abs_diff']:.1e} of tuili's)"
                         for e in self.exports]
 
     def to_markdown(self) -> str:
@@ -211,8 +212,11 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
     if save_to:
         report.saved_to = str(model.save(save_to))
     for path in exports:
-        written = export_onnx(model, path)
-        report.exports.append({"path": str(written), "max_abs_diff": check_onnx(written, model, sample_ids(model))})
+        if str(path).endswith(".gguf"):
+            written, check = export_gguf(model, path).path, check_gguf
+        else:
+            written, check = export_onnx(model, path), check_onnx
+        report.exports.append({"path": str(written), "max_abs_diff": check(written, model, sample_ids(model))})
     return report
 
 

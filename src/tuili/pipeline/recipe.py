@@ -8,7 +8,7 @@
       - quantize: {scheme: w4a16, method: gptq, group_size: 128}
       - benchmark: {max_tokens: 16384}      # how every stage is measured
       - save: out/model
-      - export: out/model.onnx              # ONNX, checked against tuili's logits in onnxruntime
+      - export: out/model.onnx              # ONNX (checked in onnxruntime) or .gguf (read back), vs tuili's logits
 
 Stages run in this order (prune and distill may alternate): analyze first, transformations, then
 quantize (a quantized model can no longer be pruned or trained), benchmark, then save and export. Every error
@@ -57,7 +57,7 @@ KINDS: dict[str, _Kind] = {
                                  "calib_samples": int, "calib_len": int}, ("scheme",), rank=2),
     "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int, "batch_sizes": list}, rank=3),
     "save": _Kind("path", {"path": str}, ("path",), rank=4),
-    "export": _Kind("path", {"path": str}, ("path",), rank=4, once=False),  # .onnx, checked in onnxruntime
+    "export": _Kind("path", {"path": str}, ("path",), rank=4, once=False),  # .onnx or .gguf, each checked
 }
 
 
@@ -164,8 +164,9 @@ def _stage(item: Any, line: int | None, key_lines: dict[str, int], source: str) 
     missing = [k for k in spec.required if k not in settings]
     if missing:
         raise RecipeError(f"{where}: {kind} needs {', '.join(missing)}")
-    if kind == "export" and not settings["path"].endswith(".onnx"):
-        raise RecipeError(f"{where}: export writes ONNX: its path must end in .onnx, got {settings['path']!r}")
+    if kind == "export" and not settings["path"].endswith((".onnx", ".gguf")):
+        raise RecipeError(f"{where}: export writes ONNX or GGUF: its path must end in .onnx or .gguf, "
+                          f"got {settings['path']!r}")
     return Stage(kind, settings, line)
 
 

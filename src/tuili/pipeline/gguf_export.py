@@ -1,0 +1,222 @@
+"""Export a Llama-family model to GGUF, llama.cpp's format, with the `gguf` package's writer.
+
+Float weights are written as F16 (or F32); norms as F32. Quantized layers keep their codes where a
+GGUF block type is the same format, with its scales rounded to fp16 (GGUF stores them so):
+  int8 symmetric, groups of 32                  -> Q8_0   w = d · q
+  int4 symmetric, groups of 32                  -> Q4_0   w = d · (u − 8)
+  int4 asymmetric (zero point), groups of 32    -> Q4_1   w = d · u + m,  m = −scale · zero
+Any other layout (per-channel int8, other group sizes, W8A8) has no GGUF twin and is written
+dequantized, as F16; the result lists those layers. llama.cpp stores query and key rows
+interleaved for its RoPE, so those rows are permuted as its converter does (tuili's reader undoes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tuili.models.gguf import _GLOBAL, _PER_LAYER
+from tuili.models.model import Model
+from tuili.models.tokenizer import gguf_pre_name
+from tuili.pipeline.export import ExportError
+from tuili.quant.linear import WeightOnlyLinear
+
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_TO_GGUF = {**{hf: g for g, hf in _GLOBAL.items()}, **{hf: g for g, hf in _PER_LAYER.items()}}
+_BLOCK = 32
+_NORMAL, _CONTROL = 1, 3
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    tensor_types: dict[str, int] = field(default_factory=dict)  # GGUF type name -> tensors
+    dequantized: list[str] = field(default_factory=list)  # quantized layers with no GGUF twin, written as F16
+
+
+def _gguf_name(hf: str) -> str:
+    stem, _, kind = hf.rpartition(".")
+    if stem in _TO_GGUF:
+        return f"{_TO_GGUF[stem]}.{kind}"
+    parts = stem.split(".")  # model.layers.{i}.self_attn.q_proj
+    if len(parts) >= 4 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _TO_GGUF:
+        return f"blk.{parts[2]}.{_TO_GGUF['.'.join(parts[3:])]}.{kind}"
+    raise ExportError(f"tensor {hf!r} has no GGUF name (tuili exports Llama-family models)")
+
+
+def _rope_rows(name: str, rows: int, model: Model) -> Tensor | None:
+    """The row order llama.cpp's converter gives q/k projections: (h, 2, d/2) -> (h, d/2, 2)."""
+    if _ARCH[model.config.model_type] != "llama" or not name.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+        return None
+    heads = model.config.num_attention_heads if name.endswith("q_proj") else model.config.num_key_value_heads
+    d = model.config.head_dim
+    return torch.arange(rows).reshape(heads, 2, d // 2).transpose(1, 2).reshape(-1)
+
+
+def _fp16(t: Tensor) -> np.ndarray:
+    return t.to(torch.float16).numpy().view(np.uint8).reshape(*t.shape, 2)
+
+
+def _blocks(layer: WeightOnlyLinear, rows: Tensor | None) -> tuple[np.ndarray, gguf.GGMLQuantizationType] | None:
+    """The layer's codes as GGUF blocks, or None if its format has no GGUF twin."""
+    if layer.group_size != _BLOCK or layer.in_features % _BLOCK or layer.bits not in (4, 8):
+        return None
+    if layer.bits == 8 and not layer.symmetric:
+        return None
+    codes, scale = layer.codes(), layer.scale
+    zero = layer.zero
+    if rows is not None:
+        codes, scale, zero = codes[rows], scale[rows], None if zero is None else zero[rows]
+    n, k = codes.shape
+    groups = codes.reshape(n, k // _BLOCK, _BLOCK)
+    d = _fp16(scale)  # (n, g, 2)
+    if layer.bits == 8:
+        qs = groups.to(torch.int8).numpy().view(np.uint8)
+        return np.concatenate([d, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q8_0
+    u = (groups.to(torch.int16) + 8 if layer.symmetric else groups.to(torch.int16)).to(torch.uint8)
+    qs = (u[..., :16] | (u[..., 16:] << 4)).numpy()
+    if layer.symmetric:
+        return np.concatenate([d, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_0
+    m = _fp16(-(scale * zero.float()))
+    return np.concatenate([d, m, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_1
+
+
+def _float_weight(module: nn.Module) -> Tensor:
+    if hasattr(module, "dequantize"):
+        return module.dequantize()
+    return module.weight.detach().float()
+
+
+def export_gguf(model: Model, path: str | Path, float_type: str = "f16") -> GGUFExport:
+    """Write `model` as a GGUF file at `path` (atomically) and say which block types it used."""
+    if float_type not in ("f16", "f32"):
+        raise ExportError(f"float_type must be 'f16' or 'f32', got {float_type!r}")
+    cfg = model.config
+    if cfg.model_type not in _ARCH:
+        raise ExportError(f"GGUF export covers Llama-family models ({', '.join(_ARCH)}), not {cfg.model_type!r}")
+    if cfg.mlp_bias:
+        raise ExportError("the model's MLP has biases, which llama.cpp's Llama graph does not take")
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise ExportError(f"the GGUF file's name must end in .gguf, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    result = GGUFExport(path)
+    arch = _ARCH[cfg.model_type]
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        _write_metadata(writer, model, arch)
+        module = model.module
+        float_dtype = np.float16 if float_type == "f16" else np.float32
+
+        def add(name: str, array: np.ndarray, raw: gguf.GGMLQuantizationType | None = None) -> None:
+            writer.add_tensor(name, array, raw_dtype=raw)
+            kind = raw.name if raw is not None else ("F32" if array.dtype == np.float32 else "F16")
+            result.tensor_types[kind] = result.tensor_types.get(kind, 0) + 1
+
+        for hf_name, sub in module.named_modules():
+            has_weight = isinstance(getattr(sub, "weight", None), Tensor) or hasattr(sub, "qweight")
+            if not hf_name or not has_weight or any(c for c in sub.children()):
+                continue
+            if hf_name == "lm_head" and cfg.tie_word_embeddings and not hasattr(sub, "qweight"):
+                continue  # tied: llama.cpp reuses token_embd
+            name = _gguf_name(f"{hf_name}.weight")
+            weight = getattr(sub, "weight", None)
+            if isinstance(weight, Tensor) and weight.dim() == 1:
+                add(name, weight.detach().float().numpy())  # norms stay F32
+                continue
+            rows = _rope_rows(hf_name, getattr(sub, "out_features", 0), model)
+            blocks = _blocks(sub, rows) if isinstance(sub, WeightOnlyLinear) else None
+            if blocks is not None:
+                add(name, *blocks)
+            else:
+                if hasattr(sub, "qweight"):
+                    result.dequantized.append(hf_name)
+                w = _float_weight(sub)
+                add(name, (w[rows] if rows is not None else w).numpy().astype(float_dtype))
+            bias = getattr(sub, "bias", None)
+            if isinstance(bias, Tensor):
+                b = bias.detach().float()
+                add(_gguf_name(f"{hf_name}.bias"), (b[rows] if rows is not None else b).numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def check_gguf(path: str | Path, model: Model, ids: Tensor) -> float:
+    """Largest |logit difference| between `model` and the GGUF file read back by tuili's reader
+    (llama.cpp's layout, its block types dequantized by the `gguf` package) on token ids (B, T)."""
+    from tuili.models.loading import load
+
+    written = load(str(path))
+    with torch.no_grad():
+        return float((written.module(ids).logits - model.module(ids).logits).abs().max())
+
+
+def _write_metadata(writer: gguf.GGUFWriter, model: Model, arch: str) -> None:
+    cfg = model.config
+    writer.add_name(Path(str(model.source)).stem)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    elif cfg.rope_scaling:
+        raise ExportError(f"rope scaling {cfg.rope_scaling} has no GGUF form tuili writes")
+    if cfg.sliding_window:
+        writer.add_sliding_window(cfg.sliding_window)
+    tok = model.tokenizer
+    backend = tok.backend
+    vocab = backend.get_vocab(with_added_tokens=True)
+    tokens = [""] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    merges = _merges(backend)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(gguf_pre_name(tok))
+    writer.add_token_list(tokens)
+    writer.add_token_types([_CONTROL if t in special else _NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    for token, add in ((tok.bos_token, writer.add_bos_token_id), (tok.eos_token, writer.add_eos_token_id)):
+        if token is not None and token in vocab:
+            add(vocab[token])
+    if cfg.pad_token_id is not None:
+        writer.add_pad_token_id(cfg.pad_token_id)
+    writer.add_add_bos_token(bool(tok.encode("a") and tok.bos_token and tok.encode("a")[0] == vocab.get(tok.bos_token)))
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+
+def _merges(backend) -> list[str]:
+    model = json.loads(backend.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise ExportError(f"GGUF export writes byte-level BPE tokenizers, not {model.get('type')!r}")
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+__all__ = ["GGUFExport", "check_gguf", "export_gguf"]

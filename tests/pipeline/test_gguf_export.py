@@ -1,0 +1,68 @@
+"""GGUF export: quantized layers keep their codes in the GGUF block type of the same format
+(Q8_0, Q4_0, Q4_1), others are written dequantized and listed, and the file read back gives
+tuili's logits (up to fp16 scales and F16 float weights)."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import random_tiny
+from tuili.cli import main
+from tuili.models import load
+from tuili.pipeline.export import ExportError
+from tuili.pipeline.gguf_export import check_gguf, export_gguf
+from tuili.quant import quantize_
+from tuili.quant.config import Int4WeightOnly, Int8WeightOnly
+
+CASES = [(None, None), (Int4WeightOnly(32), "Q4_1"), (Int4WeightOnly(32, symmetric=True), "Q4_0"),
+         (Int8WeightOnly(32), "Q8_0"), (Int8WeightOnly(), None)]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "qwen2", "mistral-sliding"])
+@pytest.mark.parametrize("scheme, block", CASES)
+def test_gguf_round_trip_keeps_the_logits(tmp_path, name, scheme, block):
+    model = random_tiny(name)
+    if scheme is not None:
+        quantize_(model, scheme, progress=False)
+    result = export_gguf(model, tmp_path / "m.gguf", "f32")
+    assert result.path.exists() and not (tmp_path / ".m.gguf.tmp").exists()
+    if block:
+        assert result.tensor_types[block] == 7 * model.config.num_hidden_layers and not result.dequantized
+    elif scheme is not None:  # per-channel int8: no GGUF twin, listed
+        assert len(result.dequantized) == 7 * model.config.num_hidden_layers
+    ids = torch.randint(3, 200, (2, 12))
+    assert check_gguf(result.path, model, ids) < 2e-3  # fp16 scales (and zero points) of the blocks
+
+
+def test_q4_1_blocks_are_the_codes_with_fp16_scale_and_minimum(tmp_path):
+    model = quantize_(random_tiny(), Int4WeightOnly(32), progress=False)
+    layer = model.module.model.layers[0].mlp.up_proj
+    export_gguf(model, tmp_path / "m.gguf")
+    tensor = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.ffn_up.weight")
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(layer.out_features, layer.in_features)
+    scale = layer.scale.half().float()
+    m = (-(layer.scale * layer.zero.float())).half().float()
+    expected = layer.codes().float().view(layer.out_features, -1, 32) * scale[..., None] + m[..., None]
+    np.testing.assert_allclose(got, expected.flatten(1).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_gguf_keeps_the_tokenizer_and_chat_template(tmp_path):
+    model = random_tiny()
+    export_gguf(model, tmp_path / "m.gguf")
+    back = load(str(tmp_path / "m.gguf"))
+    text = "a tokenizer 123 round trip"
+    assert back.tokenizer.encode(text) == model.tokenizer.encode(text)
+    assert back.tokenizer.chat_template == model.tokenizer.chat_template
+
+
+def test_gguf_export_refuses_bad_paths_and_cli_checks(tmp_path, capsys):
+    with pytest.raises(ExportError, match="must end in .gguf"):
+        export_gguf(random_tiny(), tmp_path / "m.bin")
+    with pytest.raises(ExportError, match="MLP has biases"):
+        export_gguf(random_tiny("llama-mha-untied-bias"), tmp_path / "m.gguf")
+    folder = random_tiny().save(tmp_path / "tiny")
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "m.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "F16" in out and "the GGUF file read back vs tuili's" in out and "max abs diff" in out
