@@ -52,7 +52,7 @@ class OptimizeReport:
     stages: list[StageResult] = field(default_factory=list)
     recipe: str | None = None
     saved_to: str | None = None
-    exports: list[dict] = field(default_factory=list)  # {"path", "max_abs_diff"} per ONNX file written
+    exports: list[dict] = field(default_factory=list)  # {"path", "max_abs_diff"} per file exported (ONNX, GGUF)
     sensitivity: list[LayerCost] = field(default_factory=list)  # per linear layer, measured on the input model
 
     def to_dict(self) -> dict:
