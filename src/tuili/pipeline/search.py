@@ -164,14 +164,14 @@ def _measure(model: Model, windows) -> Measured:
                     measure_speed(model))
 
 
-def _time_budget(original: Model, costs: Sequence[LayerCost], baseline: Measured, min_speedup: float) -> float:
+def _time_budget(model: Model, costs: Sequence[LayerCost], baseline: Measured, min_speedup: float) -> float:
     """The layers' time budget (their timed seconds) for decoding `min_speedup` times faster than the
     baseline. A step takes r + k · Σ t: the layers' times as timed alone, scaled by k (caches, the
     engine's activations), plus the rest r (attention, norms, Python). Two measured points fix k and
     r: the float model and the fastest plan (every layer at its quickest format), itself measured;
     if that plan falls short no plan can meet the budget, and SearchError says so."""
     fastest = {c.name: min(c.seconds, key=c.seconds.get) for c in costs}
-    speed = measure_speed(apply_plan(copy.deepcopy(original), fastest)).decode_tokens_per_second
+    speed = measure_speed(apply_plan(copy.deepcopy(model), fastest)).decode_tokens_per_second
     best = speed / baseline.speed.decode_tokens_per_second
     if best < min_speedup:
         raise SearchError(f"the fastest plan (every layer at its quickest format) decodes {best:.2f}× the float "
@@ -209,18 +209,16 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
     fixed_bytes = baseline.num_bytes - sum(c.num_bytes["float"] for c in costs)
     if max_bytes is not None:
         budget = max_bytes - fixed_bytes
-    original = model  # every plan is applied to a copy: the caller's model stays as it was
     if min_speedup is not None:
-        budget = _time_budget(original, costs, baseline, min_speedup)
+        budget = _time_budget(model, costs, baseline, min_speedup)
     tries = []
     for attempt in range(attempts):
         choice = plan(costs, budget, key)
-        candidate = apply_plan(copy.deepcopy(original), choice)
-        measured = _measure(candidate, windows)
+        compressed = apply_plan(copy.deepcopy(model), choice)  # the caller's model stays as it was
+        measured = _measure(compressed, windows)
         speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
         tries.append({"budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
                       "measured": f"{human_bytes(measured.num_bytes)}, {speedup:.2f}×"})
-        model = candidate
         if max_bytes is not None or speedup >= min_speedup:
             break
         budget *= speedup / min_speedup  # the measured shortfall, applied to the layers' time budget
@@ -233,7 +231,7 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
                           sum(c.delta[choice[c.name]] for c in costs), {k: met[k] for k, v in asked.items()
                                                                          if v is not None},
                           tries, time.perf_counter() - start)
-    return model, result
+    return compressed, result
 
 
 __all__ = ["SearchError", "SearchResult", "apply_plan", "plan", "search"]

@@ -7,6 +7,10 @@ quantizing W to Ŵ raises the loss by about ΔL ≈ ½ Σ F ⊙ (W − Ŵ)². On
 measures F for every layer at once; each option's Ŵ is the layer tuili would build (round to
 nearest). Bytes: the quantized layer's tensors. Time: the layer's kernel at one row (batch-1
 decode), timed on this CPU under the engine's activations, once per distinct shape.
+
+`tuili.quant.sensitivity` measures one scheme's per-layer output error (and, slowly, perplexity
+with one layer quantized) for `tuili quantize --analyze`; this module gives the planner a
+loss-scaled figure for every option at once, from one pass of gradients.
 """
 
 from __future__ import annotations
