@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 from tuili.data import eval_windows, load_text, perplexity
 from tuili.models.loading import load
@@ -44,7 +45,7 @@ def main() -> None:
         start = time.perf_counter()
         _, result = search(load(args.model), max_bytes=size, max_tokens=args.max_tokens)
         r = result.result
-        counts = ", ".join(f"{o} {n}" for o, n in sorted(_count(result.choice).items()))
+        counts = ", ".join(f"{o} {n}" for o, n in sorted(Counter(result.choice.values()).items()))
         rows.append([name, human_bytes(size), f"{ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f}%)",
                      human_bytes(r.num_bytes), f"{r.quality.perplexity:.3f} ({result.ppl_increase:+.2f}%)",
                      "yes" if result.met["max_bytes"] else "NO",
@@ -56,17 +57,10 @@ def main() -> None:
         _, result = search(load(args.model), min_speedup=speedup, max_ppl_increase=5.0, max_tokens=args.max_tokens)
         speed_rows.append([f"{speedup:.2f}×", f"{result.speedup:.2f}×", f"{result.ppl_increase:+.2f}%",
                            human_bytes(result.result.num_bytes), len(result.attempts),
-                           ", ".join(f"{o} {n}" for o, n in sorted(_count(result.choice).items()))])
+                           ", ".join(f"{o} {n}" for o, n in sorted(Counter(result.choice.values()).items()))])
         print(markdown_table(["asked speed-up", "measured", "Δ perplexity", "weights", "attempts", "plan"],
                              speed_rows), flush=True)
     print(f"\nfloat model: perplexity {base_ppl:.3f}, weights {human_bytes(analyze(base).num_bytes)}")
-
-
-def _count(choice: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for option in choice.values():
-        counts[option] = counts.get(option, 0) + 1
-    return counts
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ def analyze(model: Model, context_len: int = 2048, batch_size: int = 1,
     )
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of the module's persistent tensors, each storage counted once (as `analyze` counts them)."""
+    return sum(t.numel() * t.element_size() for _, t in _unique_tensors(module))
+
+
 def _unique_tensors(module: nn.Module):
     """Persistent parameters and buffers, each storage counted once (tied embeddings share one)."""
     seen = set()

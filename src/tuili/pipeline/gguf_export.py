@@ -31,7 +31,6 @@ from tuili.quant.linear import WeightOnlyLinear
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _TO_GGUF = {**{hf: g for g, hf in _GLOBAL.items()}, **{hf: g for g, hf in _PER_LAYER.items()}}
 _BLOCK = 32
-_NORMAL, _CONTROL = 1, 3
 
 
 @dataclass
@@ -200,14 +199,15 @@ def _write_metadata(writer: gguf.GGUFWriter, model: Model, arch: str) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(gguf_pre_name(tok))
     writer.add_token_list(tokens)
-    writer.add_token_types([_CONTROL if t in special else _NORMAL for t in tokens])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)
     for token, add in ((tok.bos_token, writer.add_bos_token_id), (tok.eos_token, writer.add_eos_token_id)):
         if token is not None and token in vocab:
             add(vocab[token])
     if cfg.pad_token_id is not None:
         writer.add_pad_token_id(cfg.pad_token_id)
-    writer.add_add_bos_token(bool(tok.encode("a") and tok.bos_token and tok.encode("a")[0] == vocab.get(tok.bos_token)))
+    first = tok.encode("a")[:1]  # whether the tokenizer puts BOS in front of the text
+    writer.add_add_bos_token(bool(first) and tok.bos_token is not None and first[0] == vocab.get(tok.bos_token))
     if tok.chat_template:
         writer.add_chat_template(tok.chat_template)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuili.models.model import Model
+from tuili.pipeline.analysis import module_bytes
 from tuili.quant.api import quantize_layer, select_linears
 from tuili.quant.config import Int4WeightOnly, Int8WeightOnly, QuantScheme
 from tuili.quant.linear import bf16_is_fast, compute_dtype
@@ -84,14 +85,10 @@ def fisher_diagonal(module: nn.Module, names: list[str], samples: Tensor) -> dic
     return {name: f.div_(len(samples)) for name, f in fisher.items()}
 
 
-def _layer_bytes(layer: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
-
-
 def _seconds_per_call(layer: nn.Module, in_features: int, stream_bytes: int = 64 * 2**20) -> float:
     """Batch-1 seconds of `layer` with its weights coming from memory, as in decoding (a model's
     layers do not fit in cache): copies of it totalling `stream_bytes` are called in turn."""
-    copies = [layer] + [copy.deepcopy(layer) for _ in range(min(63, stream_bytes // max(1, _layer_bytes(layer))))]
+    copies = [layer] + [copy.deepcopy(layer) for _ in range(min(63, stream_bytes // max(1, module_bytes(layer))))]
     x = torch.randn(1, in_features)
     with torch.no_grad(), compute_dtype(torch.bfloat16 if bf16_is_fast() else None):
         for c in copies[:3]:
@@ -125,10 +122,10 @@ def layer_costs(model: Model, samples: Tensor, options: dict[str, QuantScheme | 
             layer = linear if scheme is None else quantize_layer(linear, scheme)
             if scheme is None:
                 cost.delta[option] = 0.0
-                cost.num_bytes[option] = 0 if is_tied(module, name) else _layer_bytes(linear)
+                cost.num_bytes[option] = 0 if is_tied(module, name) else module_bytes(linear)
             else:
                 cost.delta[option] = 0.5 * float((fisher[name] * (w - layer.dequantize()).square()).sum())
-                cost.num_bytes[option] = _layer_bytes(layer)
+                cost.num_bytes[option] = module_bytes(layer)
             if time_layers:
                 key = (cost.shape, option)
                 if key not in timed:
