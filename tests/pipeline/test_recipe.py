@@ -31,7 +31,7 @@ def test_yaml_and_toml_give_the_same_recipe():
 
 
 BAD = [
-    ("stages:\n  - analyze\n  - compile\n", "r.yaml, line 3: unknown stage 'compile'"),
+    ("stages:\n  - analyze\n  - compiler\n", "r.yaml, line 3: unknown stage 'compiler'"),
     ("stages:\n  - quantize:\n      scheme: w4a16\n      group_size: many\n",
      "r.yaml, line 4: quantize.group_size must be a whole number, got 'many'"),
     ("stages:\n  - quantize: {scheme: w4a16, bits: 3}\n", "r.yaml, line 2: quantize has no setting 'bits'"),
@@ -39,6 +39,8 @@ BAD = [
     ("stages:\n  - quantize: w4a16\n  - prune: mlp=0.25\n", "r.yaml, line 3: prune cannot come after quantize (line 2)"),
     ("stages:\n  - save: out\n  - analyze\n", "r.yaml, line 3: analyze cannot come after save (line 2)"),
     ("stages:\n  - quantize: w8a16\n  - quantize: w4a16\n", "r.yaml, line 3: a second quantize stage"),
+    ("stages:\n  - compile\n  - quantize: w8a16\n", "r.yaml, line 3: quantize cannot come after compile (line 2)"),
+    ("stages:\n  - compile: {mode: fast}\n", "r.yaml, line 2: compile has no setting 'mode'"),
     ("stages:\n  - quantize: w9a9\n", "r.yaml, line 2: quantize: unknown scheme 'w9a9'"),
     ("stages:\n  - quantize: {scheme: w8a8-dynamic, method: gptq}\n", "r.yaml, line 2: quantize: gptq quantizes weights only"),
     ("stages:\n  - prune: {spec: '0.5', method: random}\n", "r.yaml, line 2: prune: unknown pruning method 'random'"),
@@ -84,18 +86,22 @@ def test_every_stage_kind_is_documented_in_the_error_for_an_unknown_one():
 def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     import tuili
     from tuili.pipeline import optimize
+    from tuili.engine.compiled import compiled_decode
     from tuili.quant.linear import quantized_layers
 
     (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: small\nstages:\n  - analyze: {{context_len: 64}}\n"
                       f"  - prune: {{spec: mlp=0.5, calib_samples: 2, calib_len: 32}}\n"
-                      f"  - quantize: {{scheme: w8a16}}\n  - benchmark: {{max_tokens: 256, seq_len: 64, batch_sizes: [1, 3]}}\n"
+                      f"  - quantize: {{scheme: w8a16}}\n  - compile\n"
+                      f"  - benchmark: {{max_tokens: 256, seq_len: 64, batch_sizes: [1, 3]}}\n"
                       f"  - save: {tmp_path / 'out'}\n")
     model = random_tiny()
     width = model.config.intermediate_size
     report = optimize(model, recipe, data=str(tmp_path / "t.txt"), progress=False)
-    assert [s.name for s in report.stages] == ["baseline", "prune mlp=0.5", "quantize w8a16 rtn"]
+    assert [s.name for s in report.stages][:3] == ["baseline", "prune mlp=0.5", "quantize w8a16 rtn"]
+    assert report.stages[3].name.startswith("compile decode step")  # measured with the compiled step
+    assert compiled_decode(model.module) is not None and report.stages[3].num_bytes == report.stages[2].num_bytes
     assert report.stages[1].num_bytes < report.stages[0].num_bytes  # the quantize stage got the pruned model
     assert report.stages[2].num_bytes < report.stages[1].num_bytes
     assert report.stages[0].quality.num_tokens <= 256 and report.recipe == "small"

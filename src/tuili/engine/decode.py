@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tuili.engine.compiled import compiled_decode
 from tuili.engine.paged_cache import PagedKVCache
+from tuili.kernels import ops as kernels
 from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import LlamaForCausalLM, hooked
-from tuili.kernels import ops as kernels
+from tuili.quant.linear import current_compute_dtype
 
 
 def decode_step(module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, positions: Tensor,
@@ -28,6 +30,12 @@ def decode_step(module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, posit
     bound step; None where this path does not apply (the caller runs the module instead)."""
     if type(module) is not LlamaForCausalLM or torch.is_grad_enabled() or not cache.decoding:
         return None
+    compiled = compiled_decode(module)
+    if compiled is not None:
+        bf16 = torch.bfloat16 in (current_compute_dtype(), module.dtype)
+        logits = compiled(cache, ids, positions, logits_at, bf16)
+        if logits is not None:
+            return logits
     backbone = module._modules["model"]  # _modules lookups: nn.Module.__getattr__ costs ~0.5 µs a name
     parts = backbone._modules
     embed, final_norm, head = parts["embed_tokens"], parts["norm"], module._modules["lm_head"]

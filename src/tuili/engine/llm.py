@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tuili.engine.compiled import compile_
 from tuili.engine.decode import decode_step
 from tuili.engine.detokenize import OutputText
 from tuili.engine.paged_cache import PagedKVCache
@@ -70,12 +71,14 @@ class LLMEngine:
     kernels; about 3× faster at prefill and at 16 rows where the CPU has AVX512-BF16 or AMX, the
     default there. fp32 and bf16 models are unaffected.
     fast_decode: steps of one token per sequence skip nn.Module dispatch (tuili.engine.decode).
+    compile: run decode steps as one compiled graph (tuili.engine.compiled), compiled here, before
+    the first request (about two minutes for the default model, then cached on disk by Inductor).
     """
 
     def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
                  block_size: int = 16, kv_cache_bytes: int | None = None, kv_int8: bool = False,
                  prefix_caching: bool = True, threads: int | None = None, bf16_activations: bool | None = None,
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, compile: bool = False):
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be at least 1, got {threads}")
@@ -98,6 +101,8 @@ class LLMEngine:
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
         self.no_grad = torch.inference_mode if plain else torch.no_grad
+        if compile:
+            compile_(model).warm_up(self.cache, self.compute_dtype is not None or dtype == torch.bfloat16)
 
     @property
     def max_tokens_per_request(self) -> int:

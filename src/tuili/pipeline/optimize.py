@@ -13,6 +13,7 @@ from tuili.data import calibration_samples, eval_windows, load_text, perplexity
 from tuili.data.batches import packed_sequences
 from tuili.data.perplexity import Perplexity
 from tuili.distill import DistillConfig, distill
+from tuili.engine.compiled import compile_, uncompile_
 from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
@@ -167,6 +168,20 @@ def distill_stage(steps: int, teacher: str | None = None, data: str = "builtin",
     return run
 
 
+def compile_stage() -> Callable[[Model], str]:
+    """A stage that makes the engine run the model's decode steps as one compiled graph
+    (tuili.engine.compiled), compiled here so that the benchmark after it times only steps."""
+
+    def run(model: Model) -> str:
+        compiled = compile_(model)
+        if not compiled.warm_up():
+            uncompile_(model)
+            return "compile: not applicable to this model (eager decode step kept)"
+        return f"compile decode step ({compiled.compile_seconds:.0f} s)"
+
+    return run
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -220,4 +235,5 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
     return report
 
 
-__all__ = ["OptimizeReport", "StageResult", "distill_stage", "optimize", "prune_stage", "quantize_stage"]
+__all__ = ["OptimizeReport", "StageResult", "compile_stage", "distill_stage", "optimize", "prune_stage",
+           "quantize_stage"]

@@ -47,6 +47,11 @@ def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         _COMPUTE_DTYPE.reset(token)
 
 
+def current_compute_dtype() -> torch.dtype | None:
+    """The dtype `compute_dtype` set for this context (None: the activations' own)."""
+    return _COMPUTE_DTYPE.get()
+
+
 def bf16_is_fast() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 GEMMs beat fp32."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
