@@ -40,13 +40,11 @@ TENSOR = "tensor"  # in a _LinearSpec's args: the next tensor of the step's weig
 @dataclass(frozen=True)
 class _LinearSpec:
     """One linear layer's call: a tuili operator and its arguments after x (TENSOR for each tensor,
-    constants as they are), or a float weight (`F.linear`, or tuili's fp32 GEMV up to `gemv_rows`
-    rows); then the bias if any."""
+    constants as they are), then the bias if any."""
 
-    op: str | None
+    op: str
     args: tuple
     bias: bool
-    gemv_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,13 +59,12 @@ class _Spec:
     eps: float
     window: int  # sliding window (0: none)
     max_rows: int  # sequences per step up to which every layer's kernel applies
-    gemv_rows: int  # float layers change kernel above this many rows (0: no float layer does)
 
 
 class CompiledDecode:
-    """The decode step of one LlamaForCausalLM, compiled for each kind of step it meets: bf16 or
-    fp32 activations, an int8 or float KV cache, and (where float layers pick a kernel by rows)
-    up to MAX_M_F32 sequences or more."""
+    """The decode step of one LlamaForCausalLM, compiled for each kind of step it meets (bf16 or
+    fp32 activations, an int8 or float KV cache); one graph serves any number of sequences up to
+    the rows every layer's kernel takes, and any context length."""
 
     def __init__(self, module: LlamaForCausalLM):
         self.module = module
@@ -116,13 +113,12 @@ class CompiledDecode:
 
     def _graph(self, spec: _Spec, tensors: list[Tensor], bf16: bool, args: tuple) -> Callable:
         """The compiled graph for this kind of step, traced and compiled on first use."""
-        ids, k_cache, scales = args[0], args[3], args[-1]
-        few = ids.shape[0] <= spec.gemv_rows
-        key = (bf16, bool(scales), k_cache.dtype, few)
+        k_cache, scales = args[3], args[-1]
+        key = (bf16, bool(scales), k_cache.dtype)
         graph = self._graphs.get(key)
         if graph is None:
             start = time.perf_counter()
-            example = _example_step(args, 2 if few or not spec.gemv_rows else spec.gemv_rows + 1)
+            example = _example_step(args, 2)
             graph = self._graphs[key] = _compile(_step_function(spec), tensors, example)
             self.compile_seconds += time.perf_counter() - start
         return graph
@@ -165,13 +161,6 @@ def _step_function(spec: _Spec) -> Callable:
     heads, kv_heads, dim, eps, window = spec.heads, spec.kv_heads, spec.head_dim, spec.eps, spec.window
 
     def linear(s: _LinearSpec, w: list[Tensor], at: int, x: Tensor) -> tuple[Tensor, int]:
-        if s.op is None:
-            weight, bias = w[at], (w[at + 1] if s.bias else None)
-            if x.dtype == torch.float32 and x.shape[0] <= s.gemv_rows:
-                y = torch.ops.tuili.f32_linear(x, weight, bias)
-            else:
-                y = F.linear(x, weight, bias)
-            return y, at + 1 + s.bias
         args = []
         for a in s.args:
             if a == TENSOR:
@@ -233,10 +222,12 @@ def _linear_plan(module: nn.Module, bf16: bool) -> tuple[_LinearSpec, list[Tenso
         tensors = [a for a in rest if isinstance(a, Tensor)] + ([bias] if bias is not None else [])
         layout = tuple(TENSOR if isinstance(a, Tensor) else a for a in rest)
         return _LinearSpec(name, layout, bias is not None), tensors, kernels.MAX_ROWS[name]
-    if type(module) in (Linear, nn.Linear) and module.weight.is_contiguous():
-        fp32 = module.weight.dtype == torch.float32 and kernels.f32_gemv()
-        spec = _LinearSpec(None, (TENSOR,), module.bias is not None, kernels.MAX_M_F32 if fp32 else 0)
-        return spec, [module.weight] + ([module.bias] if module.bias is not None else []), 1 << 30
+    # float layers: tuili's fp32 GEMV, which is what the eager step runs up to MAX_M_F32 rows (above
+    # that, F.linear inside the graph measured 5× slower than eager oneDNN: those steps run eagerly)
+    if (type(module) in (Linear, nn.Linear) and module.weight.dtype == torch.float32
+            and module.weight.is_contiguous() and kernels.f32_gemv()):
+        spec = _LinearSpec("f32_linear", (TENSOR, None), module.bias is not None)
+        return spec, [module.weight] + ([module.bias] if module.bias is not None else []), kernels.MAX_M_F32
     return None
 
 
@@ -255,7 +246,7 @@ def _build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[list, _Spec, list
     checks += [(layer_list._modules, name, layer, None) for name, layer in layer_list._modules.items()]
     checks.append((layer_list._modules, str(len(layer_list)), None, None))  # no layer appended
     tensors: list[Tensor] = [embed.weight, module.inv_freq, final_norm.weight]
-    max_rows, gemv_rows = 1 << 30, [0]
+    max_rows = 1 << 30
 
     def linear(parent: nn.Module, name: str) -> _LinearSpec | None:
         nonlocal max_rows
@@ -266,7 +257,6 @@ def _build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[list, _Spec, list
         checks.append((parent._modules, name, child, _args_key(child, bf16)))
         tensors.extend(made[1])
         max_rows = min(max_rows, made[2])
-        gemv_rows.append(made[0].gemv_rows)
         return made[0]
 
     layers = []
@@ -285,7 +275,7 @@ def _build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[list, _Spec, list
         return None
     attn = layer_list[0]._modules["self_attn"]
     spec = _Spec(tuple(layers), head, attn.num_heads, attn.num_kv_heads, attn.head_dim, final_norm.eps,
-                 module.config.sliding_window or 0, max_rows, max(gemv_rows))
+                 module.config.sliding_window or 0, max_rows)
     if not _still(checks):  # a hook watches one of the modules: the eager path calls them
         return None
     return checks, spec, tensors

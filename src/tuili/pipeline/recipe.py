@@ -101,7 +101,12 @@ def _where(source: str, line: int | None) -> str:
 
 def _build(stage: Stage, data: str, source: str) -> Callable[[Model], str]:
     """The stage's callable; the stage constructors check their values (scheme names, specs, ...)."""
-    from tuili.pipeline.optimize import compile_stage, distill_stage, prune_stage, quantize_stage
+    from tuili.pipeline.optimize import (
+        compile_stage,
+        distill_stage,
+        prune_stage,
+        quantize_stage,
+    )
 
     s = dict(stage.settings)
     try:
