@@ -182,7 +182,7 @@ def _step_function(spec: _Spec) -> Callable:
         at = 3
         for i, (q_s, k_s, v_s, o_s, gate_s, up_s, down_s) in enumerate(spec.layers):
             norm1, norm2, at = w[at], w[at + 1], at + 2
-            h = _rms_norm(x, norm1, eps)
+            h = kernels.rms_norm_reference(x, norm1, eps)
             q, at = linear(q_s, w, at, h)
             k, at = linear(k_s, w, at, h)
             v, at = linear(v_s, w, at, h)
@@ -194,21 +194,15 @@ def _step_function(spec: _Spec) -> Callable:
             out = ops.paged_attention(q, k_cache[i], v_cache[i], tables, lens, sm_scale, ks, vs, window)
             o, at = linear(o_s, w, at, out.reshape(n, heads * dim))
             x = x + o
-            h = _rms_norm(x, norm2, eps)
+            h = kernels.rms_norm_reference(x, norm2, eps)
             gate, at = linear(gate_s, w, at, h)
             up, at = linear(up_s, w, at, h)
             down, at = linear(down_s, w, at, F.silu(gate) * up)
             x = x + down
-        logits, _ = linear(spec.head, w, at, _rms_norm(x, final_norm, eps)[logits_at])
+        logits, _ = linear(spec.head, w, at, kernels.rms_norm_reference(x, final_norm, eps)[logits_at])
         return logits
 
     return step
-
-
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """As tuili's RMSNorm: x / sqrt(mean(x²) + eps) · w, statistics in fp32 (fused by Inductor)."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _linear_plan(module: nn.Module, bf16: bool) -> tuple[_LinearSpec, list[Tensor], int] | None:
