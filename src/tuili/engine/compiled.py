@@ -84,10 +84,10 @@ class CompiledDecode:
         args = (ids, positions, logits_at, cache.k, cache.v, step.slots, step.tables, step.decode_lens, scales)
         return self._graph(spec, tensors, bf16, args)(tensors, *args)
 
-    def warm_up(self, cache: PagedKVCache | None = None, bf16: bool | None = None, rows: int = 1) -> bool:
-        """Compile the step for `rows` sequences over a cache like `cache` (default: the model's
-        dtype, not int8) with bf16 activations or not (default: as `LLMEngine` decides) now,
-        rather than on the first decode step; False where the compiled step does not apply."""
+    def warm_up(self, cache: PagedKVCache | None = None, bf16: bool | None = None) -> bool:
+        """Compile the step for a cache like `cache` (default: the model's dtype, not int8) and
+        bf16 activations or not (default: as `LLMEngine` decides) now, rather than on the first
+        decode step; False where the compiled step does not apply."""
         dtype = self.module.dtype
         if cache is None:
             cache = PagedKVCache(self.module.config, 4, dtype=dtype)
@@ -97,7 +97,7 @@ class CompiledDecode:
         if planned is None:
             return False
         _, spec, tensors = planned
-        self._graph(spec, tensors, bf16, _example_step(cache, rows))
+        self._graph(spec, tensors, bf16, _example_step(cache))
         return True
 
     def _plan(self, bf16: bool) -> tuple[list, _Spec, list[Tensor]] | None:
@@ -118,15 +118,16 @@ class CompiledDecode:
         graph = self._graphs.get(key)
         if graph is None:
             start = time.perf_counter()
-            example = _example_step(args, 2)
+            example = _example_step(args)
             graph = self._graphs[key] = _compile(_step_function(spec), tensors, example)
             self.compile_seconds += time.perf_counter() - start
         return graph
 
 
-def _example_step(source, rows: int) -> tuple:
+def _example_step(source, rows: int = 2) -> tuple:
     """Step inputs of `rows` sequences, 3 blocks each, over the caches of `source` (a cache or the
-    arguments of a step): only their shapes matter, tracing runs on fake tensors."""
+    arguments of a step): only their shapes matter, tracing runs on fake tensors. Sizes above 1,
+    which the tracer would fix as constants."""
     if isinstance(source, PagedKVCache):
         k, v, scales = source.k, source.v, [source.k_scale, source.v_scale] if source.kv_int8 else []
     else:
