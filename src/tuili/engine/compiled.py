@@ -152,9 +152,10 @@ def _compile(step: Callable, tensors: list[Tensor], example: tuple) -> Callable:
 
     with fx_config.patch(use_duck_shape=False):  # equal example sizes must not become one symbol
         graph = make_fx(step, tracing_mode="symbolic")(tensors, *example)
-    fakes = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
+    # the traced inputs (fake tensors with symbolic sizes) tell Inductor which sizes may vary
+    symbolic_inputs = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
     with inductor_config.patch(cpp_wrapper=True):
-        return compile_fx(graph, fakes)
+        return compile_fx(graph, symbolic_inputs)
 
 
 def _step_function(spec: _Spec) -> Callable:
