@@ -76,12 +76,16 @@ def test_bad_data_exits_2(folder, capsys, tmp_path):
 def test_quantize_saves_a_model_that_loads(folder, capsys, tmp_path):
     out = tmp_path / "q"
     assert main(["quantize", "--model", folder, "--scheme", "w4a16", "--group-size", "32", "--method", "gptq",
-                 "--calib-samples", "4", "--calib-len", "16", "--lm-head", "int8", "--out", str(out), "--json"]) == 0
+                 "--calib-samples", "4", "--calib-len", "16", "--lm-head", "int8", "--kv-cache", "int8",
+                 "--out", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["bytes_after"] < result["bytes_before"] / 2
-    config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == {4, 8}
+    config = json.loads((out / "config.json").read_text())
+    assert {g["weights"]["num_bits"] for g in config["quantization_config"]["config_groups"].values()} == {4, 8}
+    assert config["kv_cache_dtype"] == "int8"
     assert main(["eval", "--model", str(out), "--data", "builtin", "--max-tokens", "256", "--seq-len", "64"]) == 0
+    # the saved format is the default; --kv-cache-dtype overrides it
+    assert main(["generate", "hi", "--model", str(out), "--max-tokens", "3", "--kv-cache-dtype", "bfloat16"]) == 0
 
 
 def test_quantize_analyze_ranks_layers(folder, capsys):

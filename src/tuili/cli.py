@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int)
     p.add_argument("--lm-head", default="float", choices=["float", "int8", "same"],
                    help="the quantization stage's head: float, int8 weight-only, or the scheme itself")
+    p.add_argument("--kv-cache", default="float", choices=["float", "bfloat16", "int8"],
+                   help="the quantization stage's KV cache: the model's dtype, bf16 (half the bytes) or int8")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--prune", metavar="SPEC",
                    help="add a pruning stage before quantizing: a sparsity (0.5), a pattern (2:4) or "
@@ -104,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-head", default="float", choices=["float", "int8", "same"],
                    help="the language-model head: keep it float (the field's default), int8 weight-only "
                         "(decoding reads it every token: the fastest trade), or the scheme itself")
+    p.add_argument("--kv-cache", default="float", choices=["float", "bfloat16", "int8"],
+                   help="what the saved model's KV cache stores: its dtype, bf16 (half the bytes) or int8")
     p.add_argument("--observer", default="minmax", help="w8a8-static: minmax, moving-average, percentile, mse, entropy")
     p.add_argument("--alpha", type=_alpha, default=0.5,
                    help="smoothquant: migration strength in [0, 1], or 'auto' to search it per layer group")
@@ -222,7 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding together")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
     p.add_argument("--kv-cache-gb", type=float, help="KV-cache memory (default: 2,048 tokens per sequence)")
-    p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"), default="auto",
+                   help="what the KV cache stores (auto: the model's choice, saved by a recipe's kv_cache, else its dtype)")
     p.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (400)")
     p.add_argument("--max-tokens", type=int, help="refuse requests asking for more tokens (400)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="refuse larger request bodies (413)")
@@ -264,7 +269,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeat for several)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--kv-int8", action="store_true", help="keep the KV cache in int8 (half of bf16's memory)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"), default="auto",
+                   help="what the KV cache stores (auto: the model's choice, saved by a recipe's kv_cache, else its dtype)")
 
 
 def _load(args):
@@ -303,7 +309,7 @@ def _optimize(args) -> None:
         stages.append(distill_stage(args.distill_steps, data=args.data, lr=args.distill_lr))
     if args.scheme:
         stages.append(quantize_stage(args.scheme, args.method, args.group_size, args.data, args.calib_samples,
-                                     args.seq_len, args.lm_head))
+                                     args.seq_len, args.lm_head, args.kv_cache))
     report = optimize(_load(args), stages, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                       batch_sizes=args.batch_sizes, sensitivity=not args.no_sensitivity)
     page, summary = write_report(report, args.report)
@@ -374,7 +380,7 @@ def _quantize(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text, perplexity
     from tuili.pipeline.analysis import analyze
     from tuili.pipeline.report import human_bytes, markdown_table
-    from tuili.quant import METHODS, Int8StaticActivation, SmoothQuant, quantize_, scheme_from_name
+    from tuili.quant import METHODS, Int8StaticActivation, SmoothQuant, quantize_, quantize_kv_cache_, scheme_from_name
     from tuili.quant.api import lm_head_plan
     from tuili.quant.sensitivity import layer_errors
 
@@ -410,6 +416,7 @@ def _quantize(args) -> None:
         start = time.perf_counter()
         ignore, overrides = lm_head_plan(args.lm_head, args.exclude)
         quantize_(model, scheme, method, calib=calib, ignore=ignore, overrides=overrides)
+        quantize_kv_cache_(model, args.kv_cache)
         result["seconds"] = round(time.perf_counter() - start, 1)
         if args.eval:
             result["perplexity_after"] = perplexity(model.module, windows).perplexity
@@ -509,7 +516,7 @@ def _analyze(args) -> None:
 def _generate(args) -> None:
     from tuili.engine import LLM
 
-    llm = LLM(_load(args), max_num_seqs=1, kv_int8=args.kv_int8)
+    llm = LLM(_load(args), max_num_seqs=1, kv_cache_dtype=args.kv_cache_dtype)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     _print_stream(llm, prompt, _params(args))
 
@@ -517,7 +524,7 @@ def _generate(args) -> None:
 def _chat(args) -> None:
     from tuili.engine import LLM
 
-    llm = LLM(_load(args), max_num_seqs=1, kv_int8=args.kv_int8)  # one engine: earlier turns stay cached
+    llm = LLM(_load(args), max_num_seqs=1, kv_cache_dtype=args.kv_cache_dtype)  # one engine: earlier turns stay cached
     messages = [{"role": "system", "content": args.system}] if args.system else []
     params = _params(args)
     while True:
@@ -566,7 +573,7 @@ def _serve(args) -> int:
     kv_bytes = int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None
     server = build_server(_load(args), config, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv_bytes,
-                          kv_int8=args.kv_int8, threads=args.threads)
+                          kv_cache_dtype=args.kv_cache_dtype, threads=args.threads)
     return serve(server, args.host, args.port, args.grace, args.log_level)
 
 

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="the compiled st
 PROMPTS = [[5, 9, 100, 7, 3], list(range(20, 33)), [44]]
 
 
-def both_steps(model, kv_int8=False, prompts=PROMPTS, dtype=None):
+def both_steps(model, kv_dtype=torch.float32, prompts=PROMPTS, dtype=None):
     """Logits and caches of one decode step, compiled and eager, from the same prefilled caches."""
     n = len(prompts)
     ids, positions, at = torch.arange(7, 7 + n), torch.tensor([len(p) for p in prompts]), torch.arange(n)
-    cache = prefilled(model.module, model.config, prompts, kv_int8)
+    cache = prefilled(model.module, model.config, prompts, kv_dtype)
     twin = copy.deepcopy(cache)
     with torch.inference_mode(), compute_dtype(dtype):
         compile_(model)
@@ -33,14 +33,14 @@ def both_steps(model, kv_int8=False, prompts=PROMPTS, dtype=None):
     return fast, eager, cache, twin
 
 
-@pytest.mark.parametrize("arch, kv_int8", [("llama-gqa", False), ("mistral-sliding", False),
-                                           ("llama-mha-untied-bias", True)])
-def test_the_compiled_step_equals_the_eager_one(arch, kv_int8):
+@pytest.mark.parametrize("arch, kv_dtype", [("llama-gqa", torch.float32), ("mistral-sliding", torch.bfloat16),
+                                            ("llama-mha-untied-bias", torch.int8)])
+def test_the_compiled_step_equals_the_eager_one(arch, kv_dtype):
     model = random_tiny(arch)
-    fast, eager, cache, twin = both_steps(model, kv_int8)
+    fast, eager, cache, twin = both_steps(model, kv_dtype)
     torch.testing.assert_close(fast, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cache.k.float(), twin.k.float(), atol=1e-5, rtol=0)  # the same keys stored
-    if kv_int8:
+    if kv_dtype == torch.int8:
         torch.testing.assert_close(cache.k_scale, twin.k_scale)
 
 

@@ -14,9 +14,9 @@ SCHEMES = {"fp32": None, "w8a16": Int8WeightOnly(), "w4a16": Int4WeightOnly(grou
            "w4a8": Int4WeightInt8Activation(group_size=32), "w8a8": Int8DynamicActivation()}
 
 
-def prefilled(module, config, prompts, kv_int8=False):
+def prefilled(module, config, prompts, kv_dtype=torch.float32):
     """A cache holding each prompt, bound for a decode step of one more token per sequence."""
-    cache = PagedKVCache(config, num_blocks=32, block_size=4, kv_int8=kv_int8)
+    cache = PagedKVCache(config, num_blocks=32, block_size=4, dtype=kv_dtype)
     tables = []
     for prompt in prompts:
         table = cache.new_sequence()

@@ -167,7 +167,7 @@ def test_requests_the_engine_cannot_run_are_refused_with_the_reason(model):
 
 
 def test_int8_kv_cache_runs_the_same_requests(model):
-    outs = LLM(model, kv_int8=True, block_size=4).generate(PROMPTS, GREEDY)
+    outs = LLM(model, kv_cache_dtype="int8", block_size=4).generate(PROMPTS, GREEDY)
     reference = [reference_greedy(model.module, p, 12) for p in PROMPTS]
     agree = sum(a == b for o, r in zip(outs, reference) for a, b in zip(o.token_ids, r))
     assert agree >= 0.8 * 12 * len(PROMPTS)  # int8 keys and values may flip a near-tie, rarely
@@ -175,7 +175,7 @@ def test_int8_kv_cache_runs_the_same_requests(model):
 
 def _bytes_per_token(model):
     from tuili.engine.paged_cache import PagedKVCache
-    return PagedKVCache.bytes_per_token(model.config, model.module.dtype)
+    return PagedKVCache.bytes_per_token_of(model)
 
 
 def test_bf16_activations_are_only_for_fp32_models_and_can_be_turned_off(model):
@@ -184,3 +184,52 @@ def test_bf16_activations_are_only_for_fp32_models_and_can_be_turned_off(model):
     assert LLMEngine(model, bf16_activations=False).compute_dtype is None
     assert LLMEngine(model, bf16_activations=True).compute_dtype == torch.bfloat16
     assert (LLMEngine(model).compute_dtype is not None) == bf16_is_fast()
+
+
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_a_model_that_keeps_a_smaller_kv_cache_scores_the_same_without_one(kv):
+    """quantize_kv_cache_ sets what every engine's cache stores, and the model's own forward without
+    a cache (what perplexity runs) rounds keys and values the same way: the engine's log-probs are
+    the uncached model's, not those of the float model."""
+    from tuili.quant import quantize_kv_cache_
+
+    model = random_tiny("llama-gqa")
+    prompt = [3, 4, 5] + list(range(30, 50))
+    float_logits = _logits(model.module, prompt)
+    quantize_kv_cache_(model, kv)
+    llm = LLM(model, block_size=4)
+    assert llm.engine.cache.dtype == getattr(torch, kv)
+    out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1))[0]
+    engine = torch.tensor([e.logprob for e in out.logprobs])
+    rounded = _scored(model.module, prompt, out.token_ids)
+    quantize_kv_cache_(model, "float")
+    unrounded = _scored(model.module, prompt, out.token_ids)
+    quantize_kv_cache_(model, kv)
+    assert (engine - rounded).abs().max() < (engine - unrounded).abs().max() / 4  # measured: 5e-7 against 1e-3
+    # an explicit engine setting overrides the model's; "auto" follows it
+    assert LLMEngine(model, kv_cache_dtype="float32").cache.dtype == torch.float32
+    quantize_kv_cache_(model, "float")
+    assert LLMEngine(model, kv_cache_dtype="auto").cache.dtype == torch.float32
+    assert torch.equal(_logits(model.module, prompt), float_logits)  # "float" undoes it
+
+
+def test_a_kv_cache_format_tuili_cannot_store_is_refused(model):
+    from tuili.quant import quantize_kv_cache_
+
+    with pytest.raises(ValueError, match="unknown KV cache dtype 'float16': choose auto, float32, bfloat16, int8"):
+        LLMEngine(model, kv_cache_dtype="float16")
+    with pytest.raises(ValueError, match="unknown KV cache format 'fp8': choose one of float, bfloat16, int8"):
+        quantize_kv_cache_(model, "fp8")
+    with pytest.raises(ValueError, match="tuili's Llama models"):
+        quantize_kv_cache_(torch.nn.Linear(2, 2), "int8")
+
+
+@torch.no_grad()
+def _logits(module, seq):
+    return module(torch.tensor([seq])).logits[0].float()
+
+
+def _scored(module, prompt, tokens):
+    """The uncached model's log-probabilities of `tokens` following `prompt`."""
+    logprobs = torch.log_softmax(_logits(module, prompt + tokens)[len(prompt) - 1:-1], dim=-1)
+    return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]

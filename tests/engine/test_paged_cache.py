@@ -57,7 +57,7 @@ def test_int8_kv_stays_close_to_fp32():
     model = random_tiny("llama-gqa")
     prompts = [[5, 9, 100, 7, 3, 44, 45]]
     seqs, exact, _ = run_paged(model.module, prompts, 8, PagedKVCache(model.config, 16, 4))
-    _, approx, _ = run_paged(model.module, [seqs[0][:7]], 8, PagedKVCache(model.config, 16, 4, kv_int8=True))
+    _, approx, _ = run_paged(model.module, [seqs[0][:7]], 8, PagedKVCache(model.config, 16, 4, torch.int8))
     exact, approx = torch.stack(exact[0]), torch.stack(approx[0])
     assert (approx - exact).norm() / exact.norm() < 0.02  # int8 with a scale per token and head
 

@@ -242,3 +242,27 @@ def test_default_model_missing_prints_the_install_command(monkeypatch):
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="dtype must be one of"):
         tuili.load("default", dtype="int3")
+
+
+def test_the_kv_cache_format_is_saved_with_the_model(tmp_path):
+    from tuili.engine import LLMEngine
+    from tuili.quant import quantize_kv_cache_
+
+    model = random_tiny()
+    quantize_kv_cache_(model, "bfloat16")
+    model.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["kv_cache_dtype"] == "bfloat16"
+    again = tuili.load(tmp_path / "m")
+    assert LLMEngine(again).cache.dtype == torch.bfloat16
+    ids = torch.randint(0, 259, (1, 16))
+    assert torch.equal(model.module(ids).logits, again.module(ids).logits)
+    random_tiny().save(tmp_path / "plain")  # a float cache writes no key at all
+    assert "kv_cache_dtype" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+
+def test_an_unknown_kv_cache_format_in_config_json(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["kv_cache_dtype"] = "fp8_e4m3"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="unsupported kv_cache_dtype 'fp8_e4m3': choose one of float32, bfloat16, int8"):
+        tuili.load(folder)

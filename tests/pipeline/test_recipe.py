@@ -42,6 +42,8 @@ BAD = [
     ("stages:\n  - compile\n  - quantize: w8a16\n", "r.yaml, line 3: quantize cannot come after compile (line 2)"),
     ("stages:\n  - compile: {mode: fast}\n", "r.yaml, line 2: compile has no setting 'mode'"),
     ("stages:\n  - quantize: w9a9\n", "r.yaml, line 2: quantize: unknown scheme 'w9a9'"),
+    ("stages:\n  - quantize: {scheme: w8a16, kv_cache: fp8}\n",
+     "r.yaml, line 2: quantize: unknown KV cache format 'fp8': choose one of float, bfloat16, int8"),
     ("stages:\n  - quantize: {scheme: w8a8-dynamic, method: gptq}\n", "r.yaml, line 2: quantize: gptq quantizes weights only"),
     ("stages:\n  - prune: {spec: '0.5', method: random}\n", "r.yaml, line 2: prune: unknown pruning method 'random'"),
     ("stages:\n  - prune: half\n", "r.yaml, line 2: prune: a pruning spec is a sparsity"),
@@ -93,13 +95,14 @@ def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: small\nstages:\n  - analyze: {{context_len: 64}}\n"
                       f"  - prune: {{spec: mlp=0.5, calib_samples: 2, calib_len: 32}}\n"
-                      f"  - quantize: {{scheme: w8a16}}\n  - compile\n"
+                      f"  - quantize: {{scheme: w8a16, kv_cache: bfloat16}}\n  - compile\n"
                       f"  - benchmark: {{max_tokens: 256, seq_len: 64, batch_sizes: [1, 3]}}\n"
                       f"  - save: {tmp_path / 'out'}\n")
     model = random_tiny()
     width = model.config.intermediate_size
     report = optimize(model, recipe, data=str(tmp_path / "t.txt"), progress=False)
-    assert [s.name for s in report.stages][:3] == ["baseline", "prune mlp=0.5", "quantize w8a16 rtn"]
+    assert [s.name for s in report.stages][:3] == ["baseline", "prune mlp=0.5",
+                                                      "quantize w8a16 rtn, bf16 KV cache"]
     assert report.stages[3].name.startswith("compile decode step")  # measured with the compiled step
     assert compiled_decode(model.module) is not None and report.stages[3].num_bytes == report.stages[2].num_bytes
     assert report.stages[1].num_bytes < report.stages[0].num_bytes  # the quantize stage got the pruned model
@@ -107,6 +110,7 @@ def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     assert report.stages[0].quality.num_tokens <= 256 and report.recipe == "small"
     saved = tuili.load(report.saved_to)
     assert saved.config.intermediate_size == width // 2 and quantized_layers(saved.module)
+    assert saved.config.kv_cache_dtype == "bfloat16"
     assert "Recipe: small" in report.to_markdown() and json.dumps(report.to_dict())
     for stage in report.stages:  # every stage measured at every batch size, with its peak memory
         assert set(stage.speed.throughput) == {1, 3} and all(v > 0 for v in stage.speed.throughput.values())

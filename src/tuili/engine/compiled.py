@@ -85,12 +85,12 @@ class CompiledDecode:
         return self._graph(spec, tensors, bf16, args)(tensors, *args)
 
     def warm_up(self, cache: PagedKVCache | None = None, bf16: bool | None = None) -> bool:
-        """Compile the step for a cache like `cache` (default: the model's dtype, not int8) and
+        """Compile the step for a cache like `cache` (default: the one an engine makes for the model) and
         bf16 activations or not (default: as `LLMEngine` decides) now, rather than on the first
         decode step; False where the compiled step does not apply."""
         dtype = self.module.dtype
         if cache is None:
-            cache = PagedKVCache(self.module.config, 4, dtype=dtype)
+            cache = PagedKVCache(self.module.config, 4, dtype=PagedKVCache.dtype_for(self.module.config, dtype))
         if bf16 is None:
             bf16 = dtype == torch.bfloat16 or (dtype == torch.float32 and bf16_is_fast())
         planned = self._plan(bf16)

@@ -32,7 +32,7 @@ def _one_shot(model: Model, prompt_ids: list[int], params: SamplingParams) -> LL
     tokens = len(prompt_ids) + params.max_tokens
     if tokens > model.config.max_position_embeddings:  # the engine says why; size nothing for it
         tokens = BLOCK_SIZE
-    per_token = PagedKVCache.bytes_per_token(model.config, model.module.dtype)
+    per_token = PagedKVCache.bytes_per_token_of(model)
     blocks = -(-tokens // BLOCK_SIZE)
     return LLM(model, max_num_seqs=1, block_size=BLOCK_SIZE, kv_cache_bytes=blocks * BLOCK_SIZE * per_token,
                prefix_caching=False, max_num_batched_tokens=max(512, len(prompt_ids)))

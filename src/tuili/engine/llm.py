@@ -65,7 +65,9 @@ class LLMEngine:
 
     max_num_seqs: requests decoding together; max_num_batched_tokens: tokens per step (prefill
     chunks and decodes together); kv_cache_bytes: the cache's memory (default: 2,048 tokens per
-    sequence, or one full context if larger, at most 4 GiB); threads: torch's intra-op threads;
+    sequence, or one full context if larger, at most 4 GiB); kv_cache_dtype: what the cache stores,
+    "float32", "bfloat16" or "int8" (default "auto": the model's own choice, set by
+    tuili.quant.quantize_kv_cache_, else its dtype); threads: torch's intra-op threads;
     bf16_activations: weight-only quantized layers (W8A16, W4A16) take their activations in bf16
     (fp32 accumulation): prefill chunks as a bf16 GEMM, decode steps in tuili's AVX512-BF16
     kernels; about 3× faster at prefill and at 16 rows where the CPU has AVX512-BF16 or AMX, the
@@ -76,7 +78,7 @@ class LLMEngine:
     """
 
     def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
-                 block_size: int = 16, kv_cache_bytes: int | None = None, kv_int8: bool = False,
+                 block_size: int = 16, kv_cache_bytes: int | None = None, kv_cache_dtype: str | None = None,
                  prefix_caching: bool = True, threads: int | None = None, bf16_activations: bool | None = None,
                  fast_decode: bool = True, compile: bool = False):
         if threads is not None:
@@ -86,12 +88,13 @@ class LLMEngine:
         self.model, self.module = model, model.module
         config = model.config
         dtype = self.module.dtype
+        kv_dtype = PagedKVCache.dtype_for(config, dtype, kv_cache_dtype)
         if kv_cache_bytes is None:
-            per_token = PagedKVCache.bytes_per_token(config, dtype, kv_int8)
+            per_token = PagedKVCache.bytes_per_token(config, kv_dtype)
             context = config.max_position_embeddings
             tokens = max(context, max_num_seqs * min(context, DEFAULT_KV_TOKENS_PER_SEQ))
             kv_cache_bytes = min(MAX_DEFAULT_KV_BYTES, tokens * per_token)
-        self.cache = PagedKVCache.from_budget(config, kv_cache_bytes, block_size, dtype, kv_int8)
+        self.cache = PagedKVCache.from_budget(config, kv_cache_bytes, block_size, kv_dtype)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

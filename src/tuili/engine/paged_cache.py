@@ -24,6 +24,9 @@ from tuili.models.attention import attention, causal_mask
 from tuili.models.config import LlamaConfig
 
 
+STORE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # what tuili's kernels read and write
+
+
 @dataclass
 class _Step:
     """Where a step's tokens go and what they see, worked out once per step for every layer."""
@@ -38,38 +41,62 @@ class _Step:
 
 
 class PagedKVCache:
-    """Blocks for `num_blocks × block_size` tokens, handed to sequences through `new_sequence()`."""
+    """Blocks for `num_blocks × block_size` tokens, handed to sequences through `new_sequence()`.
+
+    `dtype`: what the blocks store, float32, bfloat16 or int8 (codes, plus one fp32 scale per
+    token and head: tuili.quant.kv)."""
 
     def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, kv_int8: bool = False):
-        self.config, self.block_size, self.kv_int8 = config, block_size, kv_int8
+                 dtype: torch.dtype = torch.float32):
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"a KV cache stores {', '.join(str(d).removeprefix('torch.') for d in STORE_DTYPES)}; "
+                             f"got {dtype}")
+        self.config, self.block_size, self.dtype = config, block_size, dtype
+        self.kv_int8 = dtype == torch.int8
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        store = torch.int8 if kv_int8 else dtype
-        self.k, self.v = torch.zeros(shape, dtype=store), torch.zeros(shape, dtype=store)
-        self.k_scale = torch.zeros(shape[:-1]) if kv_int8 else None
-        self.v_scale = torch.zeros(shape[:-1]) if kv_int8 else None
+        self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.k_scale = torch.zeros(shape[:-1]) if self.kv_int8 else None
+        self.v_scale = torch.zeros(shape[:-1]) if self.kv_int8 else None
         self.allocator = BlockAllocator(num_blocks)
         self.scale = config.head_dim ** -0.5
         self._tables: Tensor | None = None
         self._step: _Step | None = None
 
     @staticmethod
-    def bytes_per_token(config: LlamaConfig, dtype: torch.dtype = torch.float32, kv_int8: bool = False) -> int:
+    def dtype_for(config: LlamaConfig, model_dtype: torch.dtype, requested: str | None = None) -> torch.dtype:
+        """What a cache for this model stores: `requested` ("float32", "bfloat16", "int8"; None or
+        "auto": the model's `kv_cache_dtype`, set by tuili.quant.quantize_kv_cache_, else its dtype)."""
+        name = config.kv_cache_dtype if requested in (None, "auto") else requested
+        if name is None:
+            return model_dtype if model_dtype in STORE_DTYPES else torch.float32
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown KV cache dtype {name!r}: choose auto, "
+                             f"{', '.join(str(d).removeprefix('torch.') for d in STORE_DTYPES)}")
+        return dtype
+
+    @staticmethod
+    def bytes_per_token(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> int:
         """Keys and values of one token in every layer (and their int8 scales)."""
-        width = 1 if kv_int8 else torch.empty((), dtype=dtype).element_size()
+        int8 = dtype == torch.int8
         return config.num_hidden_layers * config.num_key_value_heads * (
-            2 * config.head_dim * width + (8 if kv_int8 else 0))
+            2 * config.head_dim * dtype.itemsize + (8 if int8 else 0))
+
+    @classmethod
+    def bytes_per_token_of(cls, model, requested: str | None = None) -> int:
+        """`bytes_per_token` of the cache an engine makes for `model` (a Model) by default."""
+        return cls.bytes_per_token(model.config, cls.dtype_for(model.config, model.module.dtype, requested))
 
     @classmethod
     def from_budget(cls, config: LlamaConfig, num_bytes: int, block_size: int = 16,
-                    dtype: torch.dtype = torch.float32, kv_int8: bool = False) -> PagedKVCache:
+                    dtype: torch.dtype = torch.float32) -> PagedKVCache:
         """As many blocks as `num_bytes` of keys, values (and int8 scales) hold."""
-        per_block = cls.bytes_per_token(config, dtype, kv_int8) * block_size
+        per_block = cls.bytes_per_token(config, dtype) * block_size
         num_blocks = num_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"{num_bytes} bytes hold no block of {block_size} tokens "
                              f"({per_block} bytes each): give the KV cache more memory")
-        return cls(config, num_blocks, block_size, dtype, kv_int8)
+        return cls(config, num_blocks, block_size, dtype)
 
     @property
     def num_bytes(self) -> int:

@@ -43,6 +43,20 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tup
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def as_cached(x: Tensor, kv_dtype: str) -> Tensor:
+    """Keys or values (…, H, T, D) as a KV cache storing `kv_dtype` hands them back: rounded to
+    bf16, or int8 codes with one scale per token and head (tuili.quant.kv). Evaluation without a
+    cache runs through this, so a model's perplexity includes what its cache format costs. Under
+    autograd the rounding passes gradients straight through (training stays possible)."""
+    if kv_dtype == "int8":
+        from tuili.quant.kv import dequantize_kv, quantize_kv  # the engine's cache format, one definition
+
+        rounded = dequantize_kv(*quantize_kv(x.detach(), "token"), x.dtype)
+    else:
+        rounded = x.detach().to(getattr(torch, kv_dtype)).to(x.dtype)
+    return x + (rounded - x).detach() if x.requires_grad else rounded
+
+
 def causal_mask(q_pos: Tensor, k_pos: Tensor, sliding_window: int | None) -> Tensor:
     """Boolean (B, 1, T, S): query at position p sees key at position j iff j ≤ p (and p − j < window)."""
     q, k = q_pos[:, :, None], k_pos[:, None, :]

@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+KV_CACHE_DTYPES = (None, "float32", "bfloat16", "int8")  # what tuili's caches and kernels store
 
 
 @dataclass
@@ -44,6 +45,9 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    # what a KV cache stores ("bfloat16", "int8"; None: the model's dtype). tuili's own key, set by
+    # tuili.quant.quantize_kv_cache_ and saved in config.json; transformers ignores it
+    kv_cache_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -62,6 +66,11 @@ class LlamaConfig:
             raise ModelFormatError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ModelFormatError(
+                f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}: choose one of "
+                f"{', '.join(d for d in KV_CACHE_DTYPES if d)} (or leave it out)"
             )
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
@@ -127,6 +136,8 @@ class LlamaConfig:
         out["hidden_act"] = "silu"
         if self.sliding_window is None:
             out.pop("sliding_window")
+        if self.kv_cache_dtype is None:
+            out.pop("kv_cache_dtype")
         if self.model_type == "qwen2":
             out["use_sliding_window"] = self.sliding_window is not None
         return out

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from tuili.kernels import ops as kernels
-from tuili.models.attention import attention, causal_mask, rope_cos_sin, rope_inv_freq
+from tuili.models.attention import as_cached, attention, causal_mask, rope_cos_sin, rope_inv_freq
 from tuili.models.config import LlamaConfig
 
 
@@ -64,6 +64,7 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
+        self.config = config  # shared with the model: its kv_cache_dtype says how keys are stored
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, d)
@@ -86,6 +87,9 @@ class Attention(nn.Module):
                 raise ValueError("attention probabilities are only returned without a KV cache")
             out = cache.attend(self.layer_idx, q, k, v, positions)
         else:
+            kv_dtype = self.config.kv_cache_dtype
+            if kv_dtype is not None:  # what a cache of that dtype would hand back
+                k, v = as_cached(k, kv_dtype), as_cached(v, kv_dtype)
             window = self.sliding_window
             mask = causal_mask(positions, positions, window) if window and t > window else None
             out, probs = attention(q, k, v, mask, is_causal=t > 1, return_probs=return_probs)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from tuili.engine.paged_cache import PagedKVCache
 from tuili.models.model import Model
 
 
@@ -72,8 +73,8 @@ def analyze(model: Model, context_len: int = 2048, batch_size: int = 1,
                            if isinstance(m, nn.Linear) or hasattr(m, "in_features"))
     # scores q·kᵀ and the weighted sum of v: 2 · 2 · H · D multiply-adds per cached key, per layer
     attn_per_key = 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
-    kv_dtype = kv_dtype or module.dtype
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * kv_dtype.itemsize
+    kv_dtype = kv_dtype or PagedKVCache.dtype_for(cfg, module.dtype)  # what the engine's cache stores
+    kv_per_token = PagedKVCache.bytes_per_token(cfg, kv_dtype)
     kv_cache = kv_per_token * context_len * batch_size
     weights = sum(bytes_dtype.values())
     return Analysis(

@@ -87,7 +87,7 @@ def _concurrent(model: Model, requests: int, new_tokens: int, repeats: int) -> f
     length = min(CONCURRENT_PROMPT_TOKENS, model.config.max_position_embeddings - new_tokens)
     g = torch.Generator().manual_seed(requests)
     prompts = [torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist() for _ in range(requests)]
-    per_token = PagedKVCache.bytes_per_token(model.config, model.module.dtype)
+    per_token = PagedKVCache.bytes_per_token_of(model)
     blocks = requests * -(-(length + new_tokens) // 16)  # the cache these requests need, not the default 2k each
     llm = LLM(model, max_num_seqs=requests, block_size=16, kv_cache_bytes=blocks * 16 * per_token,
               prefix_caching=False)

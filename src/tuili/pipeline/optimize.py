@@ -29,6 +29,7 @@ from tuili.prune.config import parse_structured
 from tuili.prune.structured import prune_structured_
 from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
 from tuili.quant.api import check_combination, lm_head_plan
+from tuili.quant.kv import KV_CACHE_FORMATS, quantize_kv_cache_
 from tuili.quant.linear import quantized_layers
 
 
@@ -105,11 +106,18 @@ def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0
                        measure_speed(model, batch_sizes=batch_sizes), seconds)
 
 
+KV_LABELS = {"bfloat16": "bf16", "int8": "int8"}
+
+
 def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = None, data: str = "builtin",
-                   calib_samples: int = 64, calib_len: int = 512, lm_head: str = "float") -> Callable[[Model], str]:
+                   calib_samples: int = 64, calib_len: int = 512, lm_head: str = "float",
+                   kv_cache: str = "float") -> Callable[[Model], str]:
     """A stage that quantizes the model in place (calibrating on `data`'s calibration split);
-    `lm_head`: keep the head float, make it int8 weight-only, or give it the scheme too ("same")."""
+    `lm_head`: keep the head float, make it int8 weight-only, or give it the scheme too ("same");
+    `kv_cache`: what the engine's KV cache stores, "float" (the model's dtype), "bfloat16" or "int8"."""
     ignore, overrides = lm_head_plan(lm_head)
+    if kv_cache not in KV_CACHE_FORMATS:
+        raise ValueError(f"unknown KV cache format {kv_cache!r}: choose one of {', '.join(KV_CACHE_FORMATS)}")
     config = scheme_from_name(scheme, group_size)
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")
@@ -121,9 +129,11 @@ def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = No
         needs_calib = not isinstance(algorithm, METHODS["rtn"]) or isinstance(config, Int8StaticActivation)
         quantize_(model, config, algorithm, calib=calib if needs_calib else None, ignore=ignore,
                   overrides=overrides)
+        quantize_kv_cache_(model, kv_cache)
         detail = f" g{config.group_size}" if getattr(config, "group_size", None) else ""
         head = "" if lm_head == "float" else f", {'int8' if lm_head == 'int8' else scheme} head"
-        return f"quantize {scheme}{detail} {method}{head}"
+        kv = "" if kv_cache == "float" else f", {KV_LABELS[kv_cache]} KV cache"
+        return f"quantize {scheme}{detail} {method}{head}{kv}"
 
     return run
 

@@ -54,7 +54,7 @@ KINDS: dict[str, _Kind] = {
                    rank=1, once=False),
     "distill": _Kind("steps", _DISTILL_FIELDS, ("steps",), rank=1, once=False),
     "quantize": _Kind("scheme", {"scheme": str, "method": str, "group_size": int, "lm_head": str,
-                                 "calib_samples": int, "calib_len": int}, ("scheme",), rank=2),
+                                 "kv_cache": str, "calib_samples": int, "calib_len": int}, ("scheme",), rank=2),
     "compile": _Kind(None, {}, rank=3),  # the engine's decode step as one compiled graph (tuili.engine.compiled)
     "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int, "batch_sizes": list}, rank=4),
     "save": _Kind("path", {"path": str}, ("path",), rank=5),

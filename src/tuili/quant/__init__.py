@@ -9,9 +9,10 @@ from tuili.quant.config import (
     Int8WeightOnly,
     scheme_from_name,
 )
+from tuili.quant.kv import quantize_kv_cache_
 from tuili.quant import format as _format  # registers the compressed-tensors checkpoint format
 from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 
 __all__ = ["AWQ", "GPTQ", "METHODS", "RTN", "Int4WeightInt8Activation", "Int4WeightOnly", "Int8DynamicActivation", "Int8Linear",
            "Int8StaticActivation", "Int8WeightOnly", "SmoothQuant", "W4A8Linear", "WeightOnlyLinear", "quantize_",
-           "scheme_from_name", "select_linears"]
+           "quantize_kv_cache_", "scheme_from_name", "select_linears"]

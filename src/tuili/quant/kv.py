@@ -1,5 +1,6 @@
-"""Int8 KV-cache quantization for the engine: symmetric codes with one scale per token (per head)
-or per head (over a block of tokens). Keys and values are (…, H, T, D)."""
+"""KV-cache formats: int8 codes for the engine (symmetric, one scale per token per head, or per head
+over a block of tokens; keys and values are (…, H, T, D)), and `quantize_kv_cache_`, which sets
+the format a model's caches use."""
 
 from __future__ import annotations
 
@@ -28,3 +29,23 @@ def quantize_kv(x: Tensor, granularity: str = "token") -> tuple[Tensor, Tensor]:
 
 def dequantize_kv(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return (q.float() * scale).to(dtype)
+
+
+KV_CACHE_FORMATS = ("float", "bfloat16", "int8")  # "float": the model's own dtype
+
+
+def quantize_kv_cache_(model, kv_dtype: str) -> None:
+    """Make `model` (a Model or tuili's LlamaForCausalLM) keep its KV cache in `kv_dtype`:
+    "bfloat16" (half of fp32's bytes, keys rounded to 8 mantissa bits), "int8" (a quarter, plus a
+    scale per token and head) or "float" (the model's dtype). Every engine over the model then
+    stores that format, its evaluation without a cache rounds keys and values the same way (so
+    perplexity includes the cost), and `Model.save` records it in config.json (vLLM's
+    `kv_cache_dtype`, decided by the model rather than the server)."""
+    module = getattr(model, "module", model)
+    config = getattr(module, "config", None)
+    if not hasattr(config, "kv_cache_dtype"):
+        raise ValueError(f"the KV cache format is a setting of tuili's Llama models (tuili.load); "
+                         f"got {type(module).__name__}")
+    if kv_dtype not in KV_CACHE_FORMATS:
+        raise ValueError(f"unknown KV cache format {kv_dtype!r}: choose one of {', '.join(KV_CACHE_FORMATS)}")
+    config.kv_cache_dtype = None if kv_dtype == "float" else kv_dtype
