@@ -8,7 +8,9 @@ import torch
 from helpers import CONFIGS, random_tiny
 from tuili.engine.decode import decode_step
 from tuili.engine.paged_cache import PagedKVCache
+from tuili.kernels import ops as kernels
 from tuili.quant import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
+from tuili.quant.linear import compute_dtype
 
 SCHEMES = {"fp32": None, "w8a16": Int8WeightOnly(), "w4a16": Int4WeightOnly(group_size=32),
            "w4a8": Int4WeightInt8Activation(group_size=32), "w8a8": Int8DynamicActivation()}
@@ -59,3 +61,25 @@ def test_hooks_or_prefill_steps_take_the_module_forward():
     table.append(2)
     cache.bind([table], [0], [2])  # a prefill chunk
     assert decode_step(model.module, cache, torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([1])) is None
+
+
+@pytest.mark.skipif(not kernels.bf16_dot_products(), reason="the one-call path is the int16 W8 kernel's (VNNI)")
+@pytest.mark.parametrize("arch", ["llama-gqa", "llama-mha-untied-bias"])  # the second: q, k, v and MLP biases
+@torch.inference_mode()
+def test_w8_layers_sharing_an_input_run_in_one_kernel_call(arch, monkeypatch):
+    """Under 16-bit activations a layer's q, k, v (and gate, up) are one call of the multi-layer W8
+    kernel, and the step's logits equal the module forward's, which calls each layer on its own."""
+    model = random_tiny(arch)
+    quantize_(model, Int8WeightOnly(), ignore=(), progress=False)
+    ext, calls = kernels.extension(), []
+    multi = ext.w8_linear_i16_multi
+    monkeypatch.setattr(ext, "w8_linear_i16_multi", lambda x, *a: calls.append(len(a[0])) or multi(x, *a))
+    prompts = [[5, 9, 100, 7, 3], list(range(20, 33))]
+    ids, positions, at = torch.tensor([7, 8]), torch.tensor([5, 13]), torch.arange(2)
+    cache = prefilled(model.module, model.config, prompts)
+    twin = copy.deepcopy(cache)
+    with compute_dtype(torch.bfloat16):
+        fast = decode_step(model.module, cache, ids, positions, at)
+        slow = model.module(ids[None], positions[None], twin, logits_at=at).logits[0]
+    assert calls == [3, 2] * model.config.num_hidden_layers
+    assert torch.equal(fast, slow) and torch.equal(cache.k, twin.k)

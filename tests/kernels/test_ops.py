@@ -84,6 +84,29 @@ def test_int16_w8_kernel_is_the_product_with_int16_rounded_activations(m, n, k, 
 
 
 @needs_vnni
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_several_w8_layers_on_one_input_equal_one_call_each(m):
+    # q, k, v-like shapes, one of them not a multiple of 16 and one grouped: each layer keeps its own layout
+    g = torch.Generator().manual_seed(m)
+    k = 576
+    layers = []
+    for n, group_size in ((576, k), (40, 64), (192, k)):
+        w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
+        layers.append((*ops.pack_w8_i16(w, scale), n, group_size))
+    x = torch.randn(m, k, generator=g) * 4
+    outs = ext.w8_linear_i16_multi(x, *[list(column) for column in zip(*layers)])
+    assert [o.shape for o in outs] == [(m, 576), (m, 40), (m, 192)]
+    for out, layer in zip(outs, layers):
+        assert torch.equal(out, ext.w8_linear_i16(x, *layer))  # the same blocks, bit for bit
+    assert all(o.dtype == torch.bfloat16 for o in ext.w8_linear_i16_multi(x.bfloat16(), *[list(c) for c in zip(*layers)]))
+    with pytest.raises(RuntimeError, match="one packed weight, scale, N and group size per layer"):
+        ext.w8_linear_i16_multi(x, [layers[0][0]], [], [576], [k])
+    with pytest.raises(RuntimeError, match="N-major packing"):
+        ext.w8_linear_i16_multi(x[:, :100], [layers[0][0]], [layers[0][1]], [576], [k])
+
+
+@needs_vnni
 def test_int16_w8_kernel_saturated_activations_do_not_overflow():
     # every product at its largest (32767 · -128) for 2,048 k: four int32 chunks, each near 2^31
     n, k = 16, 2048

@@ -21,7 +21,7 @@ from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops as kernels
 from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import LlamaForCausalLM, hooked
-from tuili.quant.linear import current_compute_dtype
+from tuili.quant.linear import current_compute_dtype, shared_input
 
 
 def decode_step(module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, positions: Tensor,
@@ -54,10 +54,11 @@ def decode_step(module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, posit
             return None
         heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         h = norm1.forward(x)
-        q = kernels.rope(q_proj.forward(h).view(1, n, heads, dim), cos, sin)[0]
-        k = kernels.rope(k_proj.forward(h).view(1, n, kv_heads, dim), cos, sin)[0]
-        out = cache.decode(attn.layer_idx, q, k, v_proj.forward(h).view(n, kv_heads, dim))
+        q, k, v = shared_input((q_proj, k_proj, v_proj), h)
+        q = kernels.rope(q.view(1, n, heads, dim), cos, sin)[0]
+        k = kernels.rope(k.view(1, n, kv_heads, dim), cos, sin)[0]
+        out = cache.decode(attn.layer_idx, q, k, v.view(n, kv_heads, dim))
         x = x + o_proj.forward(out.reshape(n, heads * dim))
-        h = norm2.forward(x)
-        x = x + down_proj.forward(F.silu(gate_proj.forward(h)) * up_proj.forward(h))
+        gate, up = shared_input((gate_proj, up_proj), norm2.forward(x))
+        x = x + down_proj.forward(F.silu(gate) * up)
     return head.forward(final_norm.forward(x)[logits_at])

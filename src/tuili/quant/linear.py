@@ -130,6 +130,24 @@ class _KernelLinear(nn.Module, ABC):
         return super()._apply(*args, **kwargs)
 
 
+def shared_input(layers: tuple[nn.Module, ...], x: Tensor) -> list[Tensor]:
+    """Each layer's output for the same input rows x (M, in): what `[layer(x) for layer in layers]`
+    gives. Where every layer is W8 under 16-bit activations (the engine's decode steps), one kernel
+    call computes them all (`w8_linear_i16_multi`: the input rounded once, one parallel loop over
+    every layer's blocks, about half the time of separate calls for a layer's q, k, v). Calls
+    `forward`, not the module: hooks do not run (the engine's decode step checks for them first)."""
+    ext = kernels.extension()
+    if ext is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_M and (
+            x.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16):
+        args = [layer.__dict__.get("_bf16_kernel_args") or layer.bf16_kernel_args()
+                if isinstance(layer, _KernelLinear) else () for layer in layers]
+        if all(a and a[0] == "w8_linear_i16" for a in args):
+            packed, scales, widths, groups, biases = zip(*(a[1:] for a in args))
+            outs = ext.w8_linear_i16_multi(x, list(packed), list(scales), list(widths), list(groups))
+            return [(y if b is None else y + b).to(x.dtype) for y, b in zip(outs, biases)]
+    return [layer.forward(x) for layer in layers]
+
+
 class WeightOnlyLinear(_KernelLinear):
     """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales."""
 

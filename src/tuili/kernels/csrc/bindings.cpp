@@ -8,6 +8,9 @@ torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, i
 torch::Tensor w4_linear_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zs, int64_t N,
                              int64_t group_size);
 torch::Tensor w8_linear_i16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N, int64_t group_size);
+std::vector<torch::Tensor> w8_linear_i16_multi(torch::Tensor x, std::vector<torch::Tensor> packed,
+                                               std::vector<torch::Tensor> scale, std::vector<int64_t> N,
+                                               std::vector<int64_t> group_size);
 bool use_bf16();
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
@@ -54,6 +57,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("w8_linear_i16", &tuili::w8_linear_i16,
         "int16(x, per token) · W8ᵀ on N-major packed weights, vpdpwssd, 1-64 rows", release());
+  m.def("w8_linear_i16_multi", &tuili::w8_linear_i16_multi,
+        "w8_linear_i16 of several layers on one input, in one parallel loop; one output each", release());
   m.def("f32_linear", &tuili::f32_linear, "x · Wᵀ (+ b) in fp32 for small M, AVX-512", release());
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales", release());
   m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums",

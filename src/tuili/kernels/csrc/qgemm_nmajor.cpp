@@ -298,4 +298,56 @@ torch::Tensor w8_linear_i16(torch::Tensor x_in, torch::Tensor packed, torch::Ten
   return y.to(x_in.scalar_type());
 }
 
+// Several W8 layers that read the same input (a layer's q, k and v projections; gate and up) in one
+// call: the input is rounded once, and one parallel loop runs over the blocks of all of them. On the
+// default model's 576 → 576 + 192 + 192 projections that is 6.5 µs a layer instead of 14 in three
+// calls (fork/join, rounding and allocation per call, and the smaller layers too short to keep both
+// threads streaming). Each layer keeps its own packing, scales and group size; outputs are separate.
+std::vector<torch::Tensor> w8_linear_i16_multi(torch::Tensor x_in, std::vector<torch::Tensor> packed,
+                                               std::vector<torch::Tensor> scale, std::vector<int64_t> N,
+                                               std::vector<int64_t> group_size) {
+  TORCH_CHECK(use_vnni(), "the int16-activation W8 kernel needs AVX512-VNNI");
+  const size_t L = packed.size();
+  TORCH_CHECK(L > 0 && scale.size() == L && N.size() == L && group_size.size() == L,
+              "one packed weight, scale, N and group size per layer");
+  const torch::Tensor x = as_float(x_in);
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 3) / 4 * 4, Kp2 = Kp / 2;
+  struct Layer {
+    const uint8_t* w;
+    const float* s;
+    int64_t G, group_pairs, N, first_block;
+    float* y;
+  };
+  std::vector<Layer> layers(L);
+  std::vector<torch::Tensor> outs(L);
+  int64_t blocks = 0;
+  for (size_t i = 0; i < L; ++i) {
+    const int64_t G = check_packed(x, packed[i], scale[i], N[i], group_size[i], false);
+    outs[i] = torch::empty({M, N[i]}, torch::kFloat);
+    layers[i] = {reinterpret_cast<const uint8_t*>(packed[i].data_ptr<int8_t>()), scale[i].data_ptr<float>(), G,
+                 G == 1 ? Kp2 : group_size[i] / 2, N[i], blocks, outs[i].data_ptr<float>()};
+    blocks += (N[i] + 15) / 16;
+  }
+  std::vector<int16_t> q(M * Kp);
+  std::vector<float> xscale(M);
+  round_rows_i16(x.data_ptr<float>(), M, K, Kp, q.data(), xscale.data());
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(q.data());
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    size_t i = 0;
+    for (int64_t block = b0; block < b1; ++block) {
+      while (i + 1 < L && block >= layers[i + 1].first_block) ++i;
+      const Layer& l = layers[i];
+      const int64_t b = block - l.first_block;
+      for (int64_t m = 0; m < M; m += 16)
+        with_rows<16>(std::min<int64_t>(16, M - m), [&](auto R) {
+          w8_block<decltype(R)::value>(xp + m * Kp2, Kp2, xscale.data() + m, l.w + b * Kp * 16, l.s + b * l.G * 16,
+                                       l.G, l.group_pairs, l.y + m * l.N, l.N, b * 16);
+        });
+    }
+  });
+  if (x_in.scalar_type() != torch::kFloat)
+    for (auto& out : outs) out = out.to(x_in.scalar_type());
+  return outs;
+}
+
 }  // namespace tuili
