@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.set_defaults(run=_optimize)
 
-    p = sub.add_parser("search", help="choose per-layer int8/int4/float formats that meet a budget, apply, measure")
+    p = sub.add_parser("search", help="choose per-layer int8/int4/float formats and MLP sparsity that meet a budget, "
+                                      "apply, measure")
     _model_args(p)
     _data_args(p, max_tokens=16384)
     budget = p.add_mutually_exclusive_group(required=True)
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--min-speedup", type=float, metavar="S",
                         help="batch-1 decode at least S times the float model's, measured")
     p.add_argument("--max-ppl-increase", type=float, metavar="P", help="perplexity at most P percent above the float model's")
+    p.add_argument("--mlp-sparsity", type=float, nargs="+", default=[0.0, 0.125, 0.25], metavar="F",
+                   help="fractions of every MLP's neurons to try removing first (structured), each with its own "
+                        "plan; the best measured wins (default: 0 0.125 0.25; 0 alone: formats only)")
     p.add_argument("--calib-samples", type=int, default=8, help="samples for the sensitivity (one backward pass each)")
     p.add_argument("--out", type=Path, help="save the compressed model here")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
@@ -337,7 +341,8 @@ def _search(args) -> None:
 
     model, result = search(_load(args), max_bytes=args.max_bytes, min_speedup=args.min_speedup,
                            max_ppl_increase=args.max_ppl_increase, data=args.data, seq_len=args.seq_len,
-                           max_tokens=args.max_tokens, calib_samples=args.calib_samples)
+                           max_tokens=args.max_tokens, calib_samples=args.calib_samples,
+                           mlp_sparsity=args.mlp_sparsity)
     if args.out:
         print(f"saved to {model.save(args.out)}", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())
@@ -380,7 +385,14 @@ def _quantize(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text, perplexity
     from tuili.pipeline.analysis import analyze
     from tuili.pipeline.report import human_bytes, markdown_table
-    from tuili.quant import METHODS, Int8StaticActivation, SmoothQuant, quantize_, quantize_kv_cache_, scheme_from_name
+    from tuili.quant import (
+        METHODS,
+        Int8StaticActivation,
+        SmoothQuant,
+        quantize_,
+        quantize_kv_cache_,
+        scheme_from_name,
+    )
     from tuili.quant.api import lm_head_plan
     from tuili.quant.sensitivity import layer_errors
 
@@ -434,7 +446,12 @@ def _quantize(args) -> None:
 def _distill(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text
     from tuili.data.batches import packed_sequences
-    from tuili.distill import DistillConfig, Distiller, student_from_sizes, student_from_teacher
+    from tuili.distill import (
+        DistillConfig,
+        Distiller,
+        student_from_sizes,
+        student_from_teacher,
+    )
     from tuili.distill.students import parse_sizes
     from tuili.distill.trainer import init_distributed
     from tuili.models import load

@@ -4,6 +4,7 @@ search applies the plan and reports a budget met only when the measurement says 
 import itertools
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -112,9 +113,11 @@ def test_search_refuses_bad_budgets_and_quantized_models(text):
 def test_search_cli(text, tmp_path, capsys):
     folder = random_tiny().save(tmp_path / "tiny")
     assert main(["search", "--model", str(folder), "--data", text, "--seq-len", "64", "--max-tokens", "512",
-                 "--max-bytes", "200KiB", "--calib-samples", "2", "--out", str(tmp_path / "out")]) == 0
+                 "--max-bytes", "200KiB", "--calib-samples", "2", "--mlp-sparsity", "0", "0.25",
+                 "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "weights ≤ 200.0 KiB" in out and "**met**" in out and (tmp_path / "out").is_dir()
+    assert "Sparsities tried" in out and re.search(r"\|\s+25\.0% \|", out)
     with pytest.raises(SystemExit) as exit_:
         main(["search", "--model", str(folder), "--max-bytes", "lots"])
     assert exit_.value.code == 2
@@ -125,3 +128,49 @@ def test_a_speed_no_plan_can_reach_is_refused_after_measuring_the_fastest_plan(t
     with pytest.raises(SearchError, match=r"the fastest plan .* decodes .* below the 1000.00× asked"):
         search(random_tiny(), min_speedup=1000.0, data=text, seq_len=64, max_tokens=256, calib_samples=1,
                calib_len=16)
+
+
+def _cheapest_bytes(model, text):
+    """Weights of the smallest plan the search can make without pruning (every layer at its cheapest format)."""
+    from tuili.data import calibration_samples, load_text
+    from tuili.pipeline.sensitivity import layer_costs
+
+    calib = calibration_samples(model.tokenizer.encode(load_text(text, "calibration")), 1, 16)
+    costs = layer_costs(model, calib, time_layers=False)
+    fixed = analyze(model).num_bytes - sum(c.num_bytes["float"] for c in costs)
+    return fixed + sum(min(c.num_bytes.values()) for c in costs)
+
+
+def test_a_budget_only_a_sparser_model_meets_is_met_by_removing_mlp_neurons(text, tmp_path):
+    model = random_tiny()
+    width = model.config.intermediate_size
+    budget = _cheapest_bytes(model, text) - 1  # no plan of formats alone fits
+    searched, result = search(model, max_bytes=budget, mlp_sparsity=(0.0, 0.5), data=text, seq_len=64,
+                              max_tokens=512, calib_samples=2, calib_len=32)
+    assert result.mlp_sparsity == 0.5 and result.met == {"max_bytes": True}
+    assert searched.config.intermediate_size == width // 2 and model.config.intermediate_size == width
+    assert analyze(searched).num_bytes == result.result.num_bytes <= budget
+    assert "below the cheapest plan" in result.candidates[0]["skipped"]
+    assert "MLP neurons removed first: 50.0%" in result.to_markdown()
+    saved = load(searched.save(tmp_path / "m"))
+    assert saved.config.intermediate_size == width // 2 and quantized_layers(saved.module)
+
+
+def test_each_sparsity_gets_a_measured_plan_and_the_best_that_meets_the_budget_wins(text):
+    model = random_tiny()
+    budget = int(analyze(model).num_bytes * 0.5)
+    _, result = search(model, max_bytes=budget, mlp_sparsity=(0.25, 0.0), data=text, seq_len=64, max_tokens=512,
+                       calib_samples=2, calib_len=32)
+    assert [c["mlp_sparsity"] for c in result.candidates] == [0.0, 0.25]
+    assert all(c["met"] and c["num_bytes"] <= budget for c in result.candidates)
+    best = min(result.candidates, key=lambda c: c["perplexity"])
+    assert result.mlp_sparsity == best["mlp_sparsity"]
+    assert result.result.quality.perplexity == best["perplexity"]
+    assert {a["mlp_sparsity"] for a in result.attempts} == {0.0, 0.25}
+    assert "Sparsities tried" in result.to_markdown()
+
+
+def test_sparsities_must_be_fractions(text):
+    for bad in ((), (0.0, 1.0), (-0.1,)):
+        with pytest.raises(SearchError, match=r"MLP sparsities are fractions in \[0, 1\)"):
+            search(random_tiny(), max_bytes=10**6, mlp_sparsity=bad, data=text)

@@ -6,6 +6,13 @@ layer to minimise Σ ΔL subject to Σ cost ≤ budget is a multiple-choice knap
 greedily on each layer's lower convex hull (cost against ΔL), taking upgrades in order of loss
 saved per unit of cost, which is optimal up to the last upgrade that no longer fits. The plan is
 then applied and measured: a budget is reported met only when the measurement says so.
+
+Sparsity: the search also tries removing a fraction of every MLP's intermediate neurons first
+(structured pruning, activation importance: tuili.prune.structured), the one kind of sparsity that
+makes a model smaller and faster on a CPU without sparse kernels, and that the Hugging Face format
+keeps (one intermediate size for every layer, so the fraction is the model's, not each layer's).
+Each fraction gets its own sensitivities and plan; the plans are measured and the one that meets
+the budget with the lowest measured perplexity wins.
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ from tuili.pipeline.analysis import analyze
 from tuili.pipeline.bench import Speed, measure_speed
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.pipeline.sensitivity import OPTIONS, LayerCost, layer_costs
+from tuili.prune.structured import prune_mlp_
 from tuili.quant import quantize_
 from tuili.quant.config import Int8WeightOnly
 from tuili.quant.linear import quantized_layers
+
+
+MLP_SPARSITIES = (0.0, 0.125, 0.25)  # fractions of MLP neurons tried by default
 
 
 class SearchError(TuiliError, ValueError):
@@ -119,6 +130,8 @@ class SearchResult:
     met: dict[str, bool]  # per budget, from the measurement
     attempts: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    mlp_sparsity: float = 0.0  # the fraction of MLP neurons the chosen plan removed
+    candidates: list[dict] = field(default_factory=list)  # one per sparsity tried, measured
 
     @property
     def ppl_increase(self) -> float:
@@ -131,7 +144,8 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {"budget": self.budget, "baseline": self.baseline.to_dict(), "result": self.result.to_dict(),
                 "choice": self.choice, "predicted_delta": self.predicted_delta, "met": self.met,
-                "attempts": self.attempts, "seconds": self.seconds}
+                "attempts": self.attempts, "seconds": self.seconds, "mlp_sparsity": self.mlp_sparsity,
+                "candidates": self.candidates}
 
     def to_markdown(self) -> str:
         b, r = self.baseline, self.result
@@ -152,11 +166,21 @@ class SearchResult:
                  "max_ppl_increase": lambda v: f"perplexity ≤ +{v:.2f}% (measured {self.ppl_increase:+.2f}%)"}
         budgets = "\n".join(f"- {asked[k](v)}: **{'met' if self.met[k] else 'NOT met'}**"
                             for k, v in self.budget.items() if v is not None)
-        tries = "".join(f"\n- attempt {i + 1}: budget {a['budget']}, measured {a['measured']}"
-                        for i, a in enumerate(self.attempts))
-        return (f"# tuili search\n\n{budgets}\n\n{table}\n\nLayers per format:\n\n{plan_table}\n\n"
-                f"Predicted loss increase of the plan (Fisher): {self.predicted_delta:.2e} nats/token. "
-                f"Search took {self.seconds:.0f} s.\n\nAttempts:{tries}\n")
+        tries = "".join(f"\n- attempt {i + 1}: {a['mlp_sparsity']:.1%} of MLP neurons removed, budget {a['budget']}, "
+                        f"measured {a['measured']}" for i, a in enumerate(self.attempts))
+        pruned = (f"MLP neurons removed first: {self.mlp_sparsity:.1%} of every layer's (structured).\n\n"
+                  if self.mlp_sparsity else "")
+        tried = ""
+        if len(self.candidates) > 1:
+            rows = [[f"{c['mlp_sparsity']:.1%}", *([human_bytes(c["num_bytes"]), f"{c['perplexity']:.3f}",
+                                                   f"{c['ppl_increase']:+.2f}%", f"{c['speedup']:.2f}×",
+                                                   "yes" if c["met"] else "no"] if "perplexity" in c
+                                                 else ["", "", "", "", c["skipped"]])] for c in self.candidates]
+            tried = "Sparsities tried (each with its own plan, measured):\n\n" + markdown_table(
+                ["MLP neurons removed", "weights", "perplexity", "Δ perplexity", "speed-up", "budget met"], rows) + "\n\n"
+        return (f"# tuili search\n\n{budgets}\n\n{table}\n\n{pruned}Layers per format:\n\n{plan_table}\n\n"
+                f"{tried}Predicted loss increase of the plan's formats (Fisher): {self.predicted_delta:.2e} "
+                f"nats/token. Search took {self.seconds:.0f} s.\n\nAttempts:{tries}\n")
 
 
 def _measure(model: Model, windows) -> Measured:
@@ -164,64 +188,76 @@ def _measure(model: Model, windows) -> Measured:
                     measure_speed(model))
 
 
-def _time_budget(model: Model, costs: Sequence[LayerCost], baseline: Measured, min_speedup: float) -> float:
+def _time_budget(model: Model, costs: Sequence[LayerCost], float_speed: float, baseline_speed: float,
+                 min_speedup: float) -> float:
     """The layers' time budget (their timed seconds) for decoding `min_speedup` times faster than the
     baseline. A step takes r + k · Σ t: the layers' times as timed alone, scaled by k (caches, the
     engine's activations), plus the rest r (attention, norms, Python). Two measured points fix k and
-    r: the float model and the fastest plan (every layer at its quickest format), itself measured;
-    if that plan falls short no plan can meet the budget, and SearchError says so."""
+    r: `model` float (`float_speed` tokens/s) and the fastest plan (every layer at its quickest
+    format), itself measured; if that plan falls short no plan can meet the budget, and
+    SearchError says so."""
     fastest = {c.name: min(c.seconds, key=c.seconds.get) for c in costs}
     speed = measure_speed(apply_plan(copy.deepcopy(model), fastest)).decode_tokens_per_second
-    best = speed / baseline.speed.decode_tokens_per_second
+    best = speed / baseline_speed
     if best < min_speedup:
         raise SearchError(f"the fastest plan (every layer at its quickest format) decodes {best:.2f}× the float "
                           f"model, measured, below the {min_speedup:.2f}× asked: ask for at most that")
-    step_float, step_fast = 1 / baseline.speed.decode_tokens_per_second, 1 / speed
+    step_float, step_fast = 1 / float_speed, 1 / speed
     t_float = sum(c.seconds["float"] for c in costs)
     t_fast = sum(c.seconds[fastest[c.name]] for c in costs)
     k = max((step_float - step_fast) / max(t_float - t_fast, 1e-12), 1e-6)
     rest = step_float - k * t_float
-    return (step_float / min_speedup - rest) / k
+    return (1 / (baseline_speed * min_speedup) - rest) / k
 
 
 def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | None = None,
-           max_ppl_increase: float | None = None, data: str = "builtin", seq_len: int = 512,
-           max_tokens: int | None = 16384, calib_samples: int = 8, calib_len: int = 256,
+           max_ppl_increase: float | None = None, mlp_sparsity: Sequence[float] = MLP_SPARSITIES, data: str = "builtin",
+           seq_len: int = 512, max_tokens: int | None = 16384, calib_samples: int = 8, calib_len: int = 256,
            attempts: int = 3) -> tuple[Model, SearchResult]:
-    """Choose per-layer formats for `model` (float) to meet the budget, apply them and measure.
+    """Choose per-layer formats (and a fraction of MLP neurons to remove) for `model` (float) to
+    meet the budget, apply them and measure.
 
     Exactly one of `max_bytes` (weights) or `min_speedup` (batch-1 decode against the float model,
-    measured) sets the cost; `max_ppl_increase` (percent) is checked on the result. With a speed
-    budget the plan is re-made with a tighter time budget when the measurement falls short, up to
-    `attempts` times. Returns the compressed model (a copy: `model` is left float) and the result."""
+    measured) sets the cost; `max_ppl_increase` (percent) is checked on the result. `mlp_sparsity`:
+    the fractions of every MLP's neurons to try removing before quantizing (0: none); each gets
+    its own plan, and the measured plan that meets the budget with the lowest perplexity wins. With
+    a speed budget a plan is re-made with a tighter time budget when the measurement falls short,
+    up to `attempts` times. Returns the compressed model (a copy: `model` is left as it was) and
+    the result."""
     if (max_bytes is None) == (min_speedup is None):
         raise SearchError("give one budget to search under: --max-bytes B or --min-speedup S")
     if max_bytes is not None and max_bytes <= 0 or min_speedup is not None and min_speedup <= 1:
         raise SearchError("--max-bytes must be positive and --min-speedup above 1 (the float model is 1×)")
+    levels = sorted(set(mlp_sparsity))
+    if not levels or not all(0 <= f < 1 for f in levels):
+        raise SearchError(f"MLP sparsities are fractions in [0, 1), at least one; got {list(mlp_sparsity)}")
     if quantized_layers(model.module):
         raise SearchError("the model is already quantized: search starts from a float model")
     start = time.perf_counter()
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
     calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
     baseline = _measure(model, windows)
-    costs = layer_costs(model, calib, time_layers=min_speedup is not None)
-    key = "num_bytes" if max_bytes is not None else "seconds"
-    fixed_bytes = baseline.num_bytes - sum(c.num_bytes["float"] for c in costs)
-    if max_bytes is not None:
-        budget = max_bytes - fixed_bytes
-    if min_speedup is not None:
-        budget = _time_budget(model, costs, baseline, min_speedup)
-    tries = []
-    for attempt in range(attempts):
-        choice = plan(costs, budget, key)
-        compressed = apply_plan(copy.deepcopy(model), choice)  # the caller's model stays as it was
-        measured = _measure(compressed, windows)
+    found, candidates, last_error = [], [], None
+    for fraction in levels:
+        try:
+            outcome = _search_at(model, fraction, baseline, windows, calib, max_bytes, min_speedup, attempts)
+        except SearchError as e:  # this sparsity cannot meet the budget: another may
+            last_error = e
+            candidates.append({"mlp_sparsity": fraction, "skipped": str(e)})
+            continue
+        compressed, measured, choice, costs, tries = outcome
         speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
-        tries.append({"budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
-                      "measured": f"{human_bytes(measured.num_bytes)}, {speedup:.2f}×"})
-        if max_bytes is not None or speedup >= min_speedup:
-            break
-        budget *= speedup / min_speedup  # the measured shortfall, applied to the layers' time budget
+        met = measured.num_bytes <= max_bytes if max_bytes is not None else speedup >= min_speedup
+        candidates.append({"mlp_sparsity": fraction, "num_bytes": measured.num_bytes, "attempts": tries,
+                           "perplexity": measured.quality.perplexity, "speedup": speedup, "met": met,
+                           "ppl_increase": 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1)})
+        found.append((not met, measured.quality.perplexity, fraction, outcome))
+    if not found:
+        raise last_error
+    # the plans that meet the budget first, then the lowest measured perplexity, then the less pruned
+    _, _, fraction, (compressed, measured, choice, costs, _) = min(found, key=lambda f: f[:3])
+    tries = [t for c in candidates for t in c.pop("attempts", [])]
+    speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
     ppl_up = 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1)
     met = {"max_bytes": max_bytes is not None and measured.num_bytes <= max_bytes,
            "min_speedup": min_speedup is not None and speedup >= min_speedup,
@@ -230,8 +266,39 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
     result = SearchResult(asked, baseline, measured, choice,
                           sum(c.delta[choice[c.name]] for c in costs), {k: met[k] for k, v in asked.items()
                                                                          if v is not None},
-                          tries, time.perf_counter() - start)
+                          tries, time.perf_counter() - start, fraction, candidates)
     return compressed, result
 
 
-__all__ = ["SearchError", "SearchResult", "apply_plan", "plan", "search"]
+def _search_at(model: Model, fraction: float, baseline: Measured, windows, calib, max_bytes: int | None,
+               min_speedup: float | None, attempts: int) -> tuple:
+    """Plan, apply and measure with `fraction` of every MLP's neurons removed first: (compressed
+    model, its measurement, the plan, the layers' costs, the attempts)."""
+    work = copy.deepcopy(model)  # the caller's model stays as it was
+    if fraction:
+        prune_mlp_(work, fraction, "activation", calib)
+    costs = layer_costs(work, calib, time_layers=min_speedup is not None)
+    key = "num_bytes" if max_bytes is not None else "seconds"
+    fixed_bytes = analyze(work).num_bytes - sum(c.num_bytes["float"] for c in costs)
+    baseline_speed = baseline.speed.decode_tokens_per_second
+    if max_bytes is not None:
+        budget = max_bytes - fixed_bytes
+    else:
+        float_speed = measure_speed(work).decode_tokens_per_second if fraction else baseline_speed
+        budget = _time_budget(work, costs, float_speed, baseline_speed, min_speedup)
+    tries = []
+    for _ in range(attempts):
+        choice = plan(costs, budget, key)
+        compressed = apply_plan(copy.deepcopy(work), choice)
+        measured = _measure(compressed, windows)
+        speedup = measured.speed.decode_tokens_per_second / baseline_speed
+        tries.append({"mlp_sparsity": fraction,
+                      "budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
+                      "measured": f"{human_bytes(measured.num_bytes)}, {speedup:.2f}×"})
+        if max_bytes is not None or speedup >= min_speedup:
+            break
+        budget *= speedup / min_speedup  # the measured shortfall, applied to the layers' time budget
+    return compressed, measured, choice, costs, tries
+
+
+__all__ = ["MLP_SPARSITIES", "SearchError", "SearchResult", "apply_plan", "plan", "search"]
