@@ -213,6 +213,19 @@ def test_a_model_that_keeps_a_smaller_kv_cache_scores_the_same_without_one(kv):
     assert torch.equal(_logits(model.module, prompt), float_logits)  # "float" undoes it
 
 
+def test_the_kv_cache_format_reaches_the_attention_layers_of_a_pruned_model():
+    from tuili.prune.structured import prune_structured_
+    from tuili.quant import quantize_kv_cache_
+
+    model = random_tiny("llama-gqa")
+    prune_structured_(model, {"mlp": 0.25, "layers": 1}, "l2", calib=torch.randint(3, 200, (2, 16)))
+    prompt = list(range(30, 50))
+    before = _logits(model.module, prompt)
+    quantize_kv_cache_(model, "int8")
+    assert model.module.model.layers[0].self_attn.config is model.config
+    assert not torch.equal(_logits(model.module, prompt), before)
+
+
 def test_a_kv_cache_format_tuili_cannot_store_is_refused(model):
     from tuili.quant import quantize_kv_cache_
 

@@ -40,8 +40,11 @@ def _module(model: Model) -> LlamaForCausalLM:
 
 
 def _set_config(model: Model, **changes) -> None:
-    """The model's config (and its module's) with the new sizes."""
-    model.config = dataclasses.replace(model.config, **changes)
+    """The new sizes, checked, written into the model's config object itself: the model, its module
+    and its attention layers (which read the KV cache format from it) share that one object."""
+    checked = dataclasses.replace(model.config, **changes)
+    for f in dataclasses.fields(checked):
+        setattr(model.config, f.name, getattr(checked, f.name))
     model.module.config = model.config
 
 
