@@ -150,8 +150,9 @@ def test_a_budget_only_a_sparser_model_meets_is_met_by_removing_mlp_neurons(text
     assert result.mlp_sparsity == 0.5 and result.met == {"max_bytes": True}
     assert searched.config.intermediate_size == width // 2 and model.config.intermediate_size == width
     assert analyze(searched).num_bytes == result.result.num_bytes <= budget
-    assert "below the cheapest plan" in result.candidates[0]["skipped"]
+    assert "with 0.0% of MLP neurons removed the smallest plan" in result.candidates[0]["skipped"]
     assert "MLP neurons removed first: 50.0%" in result.to_markdown()
+    assert "no: its smallest plan weighs" in result.to_markdown()  # the sparsity that could not meet it
     saved = load(searched.save(tmp_path / "m"))
     assert saved.config.intermediate_size == width // 2 and quantized_layers(saved.module)
 
@@ -168,6 +169,13 @@ def test_each_sparsity_gets_a_measured_plan_and_the_best_that_meets_the_budget_w
     assert result.result.quality.perplexity == best["perplexity"]
     assert {a["mlp_sparsity"] for a in result.attempts} == {0.0, 0.25}
     assert "Sparsities tried" in result.to_markdown()
+
+
+def test_a_budget_no_sparsity_meets_says_what_each_would_weigh(text):
+    model = random_tiny()
+    with pytest.raises(SearchError, match=r"no plan meets the budget: with 0\.0% .* weighs .*; with 50\.0% .* weighs"):
+        search(model, max_bytes=1000, mlp_sparsity=(0.0, 0.5), data=text, seq_len=64, max_tokens=256,
+               calib_samples=1, calib_len=16)
 
 
 def test_sparsities_must_be_fractions(text):

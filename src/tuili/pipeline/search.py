@@ -37,7 +37,6 @@ from tuili.quant import quantize_
 from tuili.quant.config import Int8WeightOnly
 from tuili.quant.linear import quantized_layers
 
-
 MLP_SPARSITIES = (0.0, 0.125, 0.25)  # fractions of MLP neurons tried by default
 
 
@@ -172,15 +171,25 @@ class SearchResult:
                   if self.mlp_sparsity else "")
         tried = ""
         if len(self.candidates) > 1:
-            rows = [[f"{c['mlp_sparsity']:.1%}", *([human_bytes(c["num_bytes"]), f"{c['perplexity']:.3f}",
-                                                   f"{c['ppl_increase']:+.2f}%", f"{c['speedup']:.2f}×",
-                                                   "yes" if c["met"] else "no"] if "perplexity" in c
-                                                 else ["", "", "", "", c["skipped"]])] for c in self.candidates]
-            tried = "Sparsities tried (each with its own plan, measured):\n\n" + markdown_table(
-                ["MLP neurons removed", "weights", "perplexity", "Δ perplexity", "speed-up", "budget met"], rows) + "\n\n"
+            tried = ("Sparsities tried (each with its own plan, measured):\n\n"
+                     + markdown_table(CANDIDATE_HEADERS, [candidate_row(c) for c in self.candidates]) + "\n\n")
         return (f"# tuili search\n\n{budgets}\n\n{table}\n\n{pruned}Layers per format:\n\n{plan_table}\n\n"
                 f"{tried}Predicted loss increase of the plan's formats (Fisher): {self.predicted_delta:.2e} "
                 f"nats/token. Search took {self.seconds:.0f} s.\n\nAttempts:{tries}\n")
+
+
+CANDIDATE_HEADERS = ["MLP neurons removed", "weights", "perplexity", "Δ perplexity", "speed-up", "budget met"]
+
+
+def candidate_row(candidate: dict) -> list[str]:
+    """One sparsity the search tried (`SearchResult.candidates`), as a row under CANDIDATE_HEADERS."""
+    c = candidate
+    if "perplexity" not in c:  # no plan at this sparsity
+        why = (f"its smallest plan weighs {human_bytes(c['smallest_bytes'])}" if c.get("smallest_bytes") is not None
+               else c["skipped"])
+        return [f"{c['mlp_sparsity']:.1%}", "", "", "", "", f"no: {why}"]
+    return [f"{c['mlp_sparsity']:.1%}", human_bytes(c["num_bytes"]), f"{c['perplexity']:.3f}",
+            f"{c['ppl_increase']:+.2f}%", f"{c['speedup']:.2f}×", "yes" if c["met"] else "no"]
 
 
 def _measure(model: Model, windows) -> Measured:
@@ -243,7 +252,8 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
             outcome = _search_at(model, fraction, baseline, windows, calib, max_bytes, min_speedup, attempts)
         except SearchError as e:  # this sparsity cannot meet the budget: another may
             last_error = e
-            candidates.append({"mlp_sparsity": fraction, "skipped": str(e)})
+            candidates.append({"mlp_sparsity": fraction, "skipped": str(e),
+                               "smallest_bytes": getattr(e, "smallest_bytes", None)})
             continue
         compressed, measured, choice, costs, tries = outcome
         speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
@@ -253,7 +263,10 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
                            "ppl_increase": 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1)})
         found.append((not met, measured.quality.perplexity, fraction, outcome))
     if not found:
-        raise last_error
+        if len(candidates) == 1:
+            raise last_error
+        raise SearchError("no plan meets the budget: " + "; ".join(c["skipped"] for c in candidates)
+                          + " (raise the budget, or try larger --mlp-sparsity)")
     # the plans that meet the budget first, then the lowest measured perplexity, then the less pruned
     _, _, fraction, (compressed, measured, choice, costs, _) = min(found, key=lambda f: f[:3])
     tries = [t for c in candidates for t in c.pop("attempts", [])]
@@ -283,6 +296,13 @@ def _search_at(model: Model, fraction: float, baseline: Measured, windows, calib
     baseline_speed = baseline.speed.decode_tokens_per_second
     if max_bytes is not None:
         budget = max_bytes - fixed_bytes
+        smallest = fixed_bytes + sum(min(c.num_bytes.values()) for c in costs)
+        if smallest > max_bytes:
+            error = SearchError(f"with {fraction:.1%} of MLP neurons removed the smallest plan (every layer at "
+                                f"its cheapest format, and {human_bytes(fixed_bytes)} of embeddings and norms) "
+                                f"weighs {human_bytes(smallest)}, over the {human_bytes(max_bytes)} asked")
+            error.smallest_bytes = smallest
+            raise error
     else:
         float_speed = measure_speed(work).decode_tokens_per_second if fraction else baseline_speed
         budget = _time_budget(work, costs, float_speed, baseline_speed, min_speedup)
@@ -301,4 +321,4 @@ def _search_at(model: Model, fraction: float, baseline: Measured, windows, calib
     return compressed, measured, choice, costs, tries
 
 
-__all__ = ["MLP_SPARSITIES", "SearchError", "SearchResult", "apply_plan", "plan", "search"]
+__all__ = ["CANDIDATE_HEADERS", "MLP_SPARSITIES", "SearchError", "SearchResult", "apply_plan", "candidate_row", "plan", "search"]
