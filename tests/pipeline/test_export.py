@@ -25,6 +25,16 @@ def test_onnx_export_matches_tuili_logits(tmp_path, scheme):
         assert check_onnx(path, model, sample_ids(model, batch, tokens)) < 1e-4
 
 
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_a_model_with_a_smaller_kv_cache_exports_its_rounding_too(tmp_path, kv):
+    from tuili.quant import quantize_kv_cache_
+
+    model = random_tiny()
+    quantize_kv_cache_(model, kv)  # the forward rounds keys and values: the graph must too
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert check_onnx(path, model, sample_ids(model, 2, 11)) < 1e-4
+
+
 def test_the_graph_takes_input_ids_and_gives_logits(tmp_path):
     model = random_tiny()
     session = ort.InferenceSession(str(export_onnx(model, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])

@@ -51,7 +51,7 @@ def as_cached(x: Tensor, kv_dtype: str) -> Tensor:
     if kv_dtype == "int8":
         from tuili.quant.kv import dequantize_kv, quantize_kv  # the engine's cache format, one definition
 
-        rounded = dequantize_kv(*quantize_kv(x.detach(), "token"), x.dtype)
+        rounded = dequantize_kv(*quantize_kv(x.detach(), "token", check=False), x.dtype)
     else:
         rounded = x.detach().to(getattr(torch, kv_dtype)).to(x.dtype)
     return x + (rounded - x).detach() if x.requires_grad else rounded

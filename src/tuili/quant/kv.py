@@ -12,7 +12,7 @@ from tuili.quant.primitives import check_finite, qrange
 GRANULARITIES = ("token", "head")
 
 
-def quantize_kv(x: Tensor, granularity: str = "token") -> tuple[Tensor, Tensor]:
+def quantize_kv(x: Tensor, granularity: str = "token", check: bool = True) -> tuple[Tensor, Tensor]:
     """int8 codes and fp32 scales: "token" → scale (…, H, T, 1) over D; "head" → (…, H, 1, 1) over T and D.
 
     Per-token scales never need rescaling when tokens are appended; per-head scales are smaller
@@ -20,7 +20,8 @@ def quantize_kv(x: Tensor, granularity: str = "token") -> tuple[Tensor, Tensor]:
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    check_finite(x, "KV cache tensor")
+    if check:  # off inside a model's forward: no data-dependent branch (torch.export, ONNX)
+        check_finite(x, "KV cache tensor")
     qmax = qrange(8, symmetric=True)[1]
     dims = (-1,) if granularity == "token" else (-2, -1)
     scale = x.float().abs().amax(dim=dims, keepdim=True).clamp(min=1e-8) / qmax
