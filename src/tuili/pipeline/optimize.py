@@ -29,7 +29,7 @@ from tuili.prune.config import parse_structured
 from tuili.prune.structured import prune_structured_
 from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
 from tuili.quant.api import check_combination, lm_head_plan
-from tuili.quant.kv import KV_CACHE_FORMATS, quantize_kv_cache_
+from tuili.quant.kv import check_kv_cache_format, quantize_kv_cache_
 from tuili.quant.linear import quantized_layers
 
 
@@ -116,8 +116,7 @@ def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = No
     `lm_head`: keep the head float, make it int8 weight-only, or give it the scheme too ("same");
     `kv_cache`: what the engine's KV cache stores, "float" (the model's dtype), "bfloat16" or "int8"."""
     ignore, overrides = lm_head_plan(lm_head)
-    if kv_cache not in KV_CACHE_FORMATS:
-        raise ValueError(f"unknown KV cache format {kv_cache!r}: choose one of {', '.join(KV_CACHE_FORMATS)}")
+    check_kv_cache_format(kv_cache)  # now: a recipe is refused before anything runs
     config = scheme_from_name(scheme, group_size)
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")

@@ -35,6 +35,11 @@ def dequantize_kv(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) 
 KV_CACHE_FORMATS = ("float", "bfloat16", "int8")  # "float": the model's own dtype
 
 
+def check_kv_cache_format(kv_dtype: str) -> None:
+    if kv_dtype not in KV_CACHE_FORMATS:
+        raise ValueError(f"unknown KV cache format {kv_dtype!r}: choose one of {', '.join(KV_CACHE_FORMATS)}")
+
+
 def quantize_kv_cache_(model, kv_dtype: str) -> None:
     """Make `model` (a Model or tuili's LlamaForCausalLM) keep its KV cache in `kv_dtype`:
     "bfloat16" (half of fp32's bytes, keys rounded to 8 mantissa bits), "int8" (a quarter, plus a
@@ -47,6 +52,5 @@ def quantize_kv_cache_(model, kv_dtype: str) -> None:
     if not hasattr(config, "kv_cache_dtype"):
         raise ValueError(f"the KV cache format is a setting of tuili's Llama models (tuili.load); "
                          f"got {type(module).__name__}")
-    if kv_dtype not in KV_CACHE_FORMATS:
-        raise ValueError(f"unknown KV cache format {kv_dtype!r}: choose one of {', '.join(KV_CACHE_FORMATS)}")
+    check_kv_cache_format(kv_dtype)
     config.kv_cache_dtype = None if kv_dtype == "float" else kv_dtype
