@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-sparsity", type=float, nargs="+", default=[0.0, 0.125, 0.25], metavar="F",
                    help="fractions of every MLP's neurons to try removing first (structured), each with its own "
                         "plan; the best measured wins (default: 0 0.125 0.25; 0 alone: formats only)")
+    p.add_argument("--kv-cache", default="float", choices=["float", "bfloat16", "int8"],
+                   help="the KV cache format every plan gets, measured with it (saved with --out)")
     p.add_argument("--calib-samples", type=int, default=8, help="samples for the sensitivity (one backward pass each)")
     p.add_argument("--out", type=Path, help="save the compressed model here")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
@@ -342,7 +344,7 @@ def _search(args) -> None:
     model, result = search(_load(args), max_bytes=args.max_bytes, min_speedup=args.min_speedup,
                            max_ppl_increase=args.max_ppl_increase, data=args.data, seq_len=args.seq_len,
                            max_tokens=args.max_tokens, calib_samples=args.calib_samples,
-                           mlp_sparsity=args.mlp_sparsity)
+                           mlp_sparsity=args.mlp_sparsity, kv_cache=args.kv_cache)
     if args.out:
         print(f"saved to {model.save(args.out)}", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown())

@@ -11,6 +11,7 @@ import torch
 
 from tests.helpers import random_tiny
 from tuili.cli import main
+from tuili.data import eval_windows, load_text, perplexity
 from tuili.models import load
 from tuili.pipeline.analysis import analyze
 from tuili.pipeline.search import SearchError, plan, search
@@ -176,6 +177,18 @@ def test_a_budget_no_sparsity_meets_says_what_each_would_weigh(text):
     with pytest.raises(SearchError, match=r"no plan meets the budget: with 0\.0% .* weighs .*; with 50\.0% .* weighs"):
         search(model, max_bytes=1000, mlp_sparsity=(0.0, 0.5), data=text, seq_len=64, max_tokens=256,
                calib_samples=1, calib_len=16)
+
+
+def test_every_plan_gets_the_kv_cache_format_asked_and_is_measured_with_it(text, tmp_path):
+    model = random_tiny()
+    searched, result = search(model, max_bytes=int(analyze(model).num_bytes * 0.5), mlp_sparsity=(0.0,),
+                              kv_cache="int8", data=text, seq_len=64, max_tokens=512, calib_samples=2, calib_len=32)
+    assert searched.config.kv_cache_dtype == "int8" and model.config.kv_cache_dtype is None
+    windows = eval_windows(searched.tokenizer.encode(load_text(text, "evaluation")), 64, 512)
+    assert perplexity(searched.module, windows, progress=False).perplexity == result.result.quality.perplexity
+    assert load(searched.save(tmp_path / "m")).config.kv_cache_dtype == "int8"
+    with pytest.raises(SearchError, match="unknown KV cache format 'fp8'"):
+        search(model, max_bytes=10**6, kv_cache="fp8", data=text)
 
 
 def test_sparsities_must_be_fractions(text):

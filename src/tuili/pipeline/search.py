@@ -35,6 +35,7 @@ from tuili.pipeline.sensitivity import OPTIONS, LayerCost, layer_costs
 from tuili.prune.structured import prune_mlp_
 from tuili.quant import quantize_
 from tuili.quant.config import Int8WeightOnly
+from tuili.quant.kv import check_kv_cache_format, quantize_kv_cache_
 from tuili.quant.linear import quantized_layers
 
 MLP_SPARSITIES = (0.0, 0.125, 0.25)  # fractions of MLP neurons tried by default
@@ -220,16 +221,17 @@ def _time_budget(model: Model, costs: Sequence[LayerCost], float_speed: float, b
 
 
 def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | None = None,
-           max_ppl_increase: float | None = None, mlp_sparsity: Sequence[float] = MLP_SPARSITIES, data: str = "builtin",
-           seq_len: int = 512, max_tokens: int | None = 16384, calib_samples: int = 8, calib_len: int = 256,
-           attempts: int = 3) -> tuple[Model, SearchResult]:
+           max_ppl_increase: float | None = None, mlp_sparsity: Sequence[float] = MLP_SPARSITIES,
+           kv_cache: str = "float", data: str = "builtin", seq_len: int = 512, max_tokens: int | None = 16384,
+           calib_samples: int = 8, calib_len: int = 256, attempts: int = 3) -> tuple[Model, SearchResult]:
     """Choose per-layer formats (and a fraction of MLP neurons to remove) for `model` (float) to
     meet the budget, apply them and measure.
 
     Exactly one of `max_bytes` (weights) or `min_speedup` (batch-1 decode against the float model,
     measured) sets the cost; `max_ppl_increase` (percent) is checked on the result. `mlp_sparsity`:
     the fractions of every MLP's neurons to try removing before quantizing (0: none); each gets
-    its own plan, and the measured plan that meets the budget with the lowest perplexity wins. With
+    its own plan, and the measured plan that meets the budget with the lowest perplexity wins.
+    `kv_cache`: the KV cache format every plan gets (tuili.quant.quantize_kv_cache_), measured with it. With
     a speed budget a plan is re-made with a tighter time budget when the measurement falls short,
     up to `attempts` times. Returns the compressed model (a copy: `model` is left as it was) and
     the result."""
@@ -242,6 +244,10 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
         raise SearchError(f"MLP sparsities are fractions in [0, 1), at least one; got {list(mlp_sparsity)}")
     if quantized_layers(model.module):
         raise SearchError("the model is already quantized: search starts from a float model")
+    try:
+        check_kv_cache_format(kv_cache)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
     start = time.perf_counter()
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
     calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
@@ -249,7 +255,8 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
     found, candidates, last_error = [], [], None
     for fraction in levels:
         try:
-            outcome = _search_at(model, fraction, baseline, windows, calib, max_bytes, min_speedup, attempts)
+            outcome = _search_at(model, fraction, kv_cache, baseline, windows, calib, max_bytes, min_speedup,
+                                 attempts)
         except SearchError as e:  # this sparsity cannot meet the budget: another may
             last_error = e
             candidates.append({"mlp_sparsity": fraction, "skipped": str(e),
@@ -283,13 +290,14 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
     return compressed, result
 
 
-def _search_at(model: Model, fraction: float, baseline: Measured, windows, calib, max_bytes: int | None,
-               min_speedup: float | None, attempts: int) -> tuple:
-    """Plan, apply and measure with `fraction` of every MLP's neurons removed first: (compressed
-    model, its measurement, the plan, the layers' costs, the attempts)."""
+def _search_at(model: Model, fraction: float, kv_cache: str, baseline: Measured, windows, calib,
+               max_bytes: int | None, min_speedup: float | None, attempts: int) -> tuple:
+    """Plan, apply and measure with `fraction` of every MLP's neurons removed first and the KV cache
+    in `kv_cache`: (compressed model, its measurement, the plan, the layers' costs, the attempts)."""
     work = copy.deepcopy(model)  # the caller's model stays as it was
     if fraction:
         prune_mlp_(work, fraction, "activation", calib)
+    quantize_kv_cache_(work, kv_cache)
     costs = layer_costs(work, calib, time_layers=min_speedup is not None)
     key = "num_bytes" if max_bytes is not None else "seconds"
     fixed_bytes = analyze(work).num_bytes - sum(c.num_bytes["float"] for c in costs)
@@ -304,7 +312,8 @@ def _search_at(model: Model, fraction: float, baseline: Measured, windows, calib
             error.smallest_bytes = smallest
             raise error
     else:
-        float_speed = measure_speed(work).decode_tokens_per_second if fraction else baseline_speed
+        changed = fraction or kv_cache != "float"  # then the float point of the time model is this one's
+        float_speed = measure_speed(work).decode_tokens_per_second if changed else baseline_speed
         budget = _time_budget(work, costs, float_speed, baseline_speed, min_speedup)
     tries = []
     for _ in range(attempts):
