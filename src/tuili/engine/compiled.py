@@ -29,7 +29,7 @@ from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops as kernels
 from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import Linear, LlamaForCausalLM, hooked
-from tuili.quant.linear import _KernelLinear, bf16_is_fast
+from tuili.quant.linear import _KernelLinear, engine_compute_dtype
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, CompiledDecode] = weakref.WeakKeyDictionary()
 
@@ -79,10 +79,10 @@ class CompiledDecode:
         if planned is None or ids.shape[0] > planned[1].max_rows:
             return None
         _, spec, tensors = planned
-        step = cache._step
-        scales = [cache.k_scale, cache.v_scale] if cache.kv_int8 else []
-        args = (ids, positions, logits_at, cache.k, cache.v, step.slots, step.tables, step.decode_lens, scales)
-        return self._graph(spec, tensors, bf16, args)(tensors, *args)
+        step, scales = cache._step, _scales(cache)
+        graph = self._graph(spec, tensors, bf16, cache.k, cache.v, scales)
+        return graph(tensors, ids, positions, logits_at, cache.k, cache.v, step.slots, step.tables, step.decode_lens,
+                     scales)
 
     def warm_up(self, cache: PagedKVCache | None = None, bf16: bool | None = None) -> bool:
         """Compile the step for a cache like `cache` (default: the one an engine makes for the model) and
@@ -92,12 +92,12 @@ class CompiledDecode:
         if cache is None:
             cache = PagedKVCache(self.module.config, 4, dtype=PagedKVCache.dtype_for(self.module.config, dtype))
         if bf16 is None:
-            bf16 = dtype == torch.bfloat16 or (dtype == torch.float32 and bf16_is_fast())
+            bf16 = torch.bfloat16 in (engine_compute_dtype(dtype), dtype)
         planned = self._plan(bf16)
         if planned is None:
             return False
         _, spec, tensors = planned
-        self._graph(spec, tensors, bf16, _example_step(cache))
+        self._graph(spec, tensors, bf16, cache.k, cache.v, _scales(cache))
         return True
 
     def _plan(self, bf16: bool) -> tuple[list, _Spec, list[Tensor]] | None:
@@ -111,30 +111,31 @@ class CompiledDecode:
             self._plans[bf16] = planned
         return planned
 
-    def _graph(self, spec: _Spec, tensors: list[Tensor], bf16: bool, args: tuple) -> Callable:
-        """The compiled graph for this kind of step, traced and compiled on first use."""
-        k_cache, scales = args[3], args[-1]
+    def _graph(self, spec: _Spec, tensors: list[Tensor], bf16: bool, k_cache: Tensor, v_cache: Tensor,
+               scales: list[Tensor]) -> Callable:
+        """The compiled graph for this kind of step (over caches like these), traced and compiled on first use."""
         key = (bf16, bool(scales), k_cache.dtype)
         graph = self._graphs.get(key)
         if graph is None:
             start = time.perf_counter()
-            example = _example_step(args)
+            example = _example_step(k_cache, v_cache, scales)
             graph = self._graphs[key] = _compile(_step_function(spec), tensors, example)
             self.compile_seconds += time.perf_counter() - start
         return graph
 
 
-def _example_step(source, rows: int = 2) -> tuple:
-    """Step inputs of `rows` sequences, 3 blocks each, over the caches of `source` (a cache or the
-    arguments of a step): only their shapes matter, tracing runs on fake tensors. Sizes above 1,
-    which the tracer would fix as constants."""
-    if isinstance(source, PagedKVCache):
-        k, v, scales = source.k, source.v, [source.k_scale, source.v_scale] if source.kv_int8 else []
-    else:
-        k, v, scales = source[3], source[4], source[-1]
+def _scales(cache: PagedKVCache) -> list[Tensor]:
+    """The int8 cache's scales for keys and values ([] for a float cache)."""
+    return [cache.k_scale, cache.v_scale] if cache.kv_int8 else []
+
+
+def _example_step(k_cache: Tensor, v_cache: Tensor, scales: list[Tensor], rows: int = 2) -> tuple:
+    """Step inputs of `rows` sequences, 3 blocks each, over these caches: only their shapes matter,
+    tracing runs on fake tensors. Sizes above 1, which the tracer would fix as constants."""
     ids = torch.zeros(rows, dtype=torch.long)
     tables = torch.zeros(rows, 3, dtype=torch.int32)
-    return ids, ids.clone(), torch.arange(rows), k, v, ids.clone(), tables, torch.ones(rows, dtype=torch.int32), scales
+    return (ids, ids.clone(), torch.arange(rows), k_cache, v_cache, ids.clone(), tables,
+            torch.ones(rows, dtype=torch.int32), scales)
 
 
 def _compile(step: Callable, tensors: list[Tensor], example: tuple) -> Callable:
@@ -152,7 +153,8 @@ def _compile(step: Callable, tensors: list[Tensor], example: tuple) -> Callable:
 
     with fx_config.patch(use_duck_shape=False):  # equal example sizes must not become one symbol
         graph = make_fx(step, tracing_mode="symbolic")(tensors, *example)
-    # the traced inputs (fake tensors with symbolic sizes) tell Inductor which sizes may vary
+    # the graph's inputs (FX names them "placeholder" nodes) carry fake tensors with symbolic sizes:
+    # they tell Inductor which sizes may vary
     symbolic_inputs = [node.meta["val"] for node in graph.graph.nodes if node.op == "placeholder"]
     with inductor_config.patch(cpp_wrapper=True):
         return compile_fx(graph, symbolic_inputs)

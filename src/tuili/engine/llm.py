@@ -23,7 +23,7 @@ from tuili.engine.request import Request, RequestOutput, TokenLogprob
 from tuili.engine.sampling import SamplingParams, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.models.model import Model
-from tuili.quant.linear import bf16_is_fast, compute_dtype
+from tuili.quant.linear import compute_dtype, engine_compute_dtype
 
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
 MAX_DEFAULT_KV_BYTES = 4 << 30
@@ -98,14 +98,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        use_bf16 = bf16_is_fast() if bf16_activations is None else bf16_activations
-        self.compute_dtype = torch.bfloat16 if use_bf16 and dtype == torch.float32 else None
+        self.compute_dtype = engine_compute_dtype(dtype, bf16_activations)
         self.fast_decode = fast_decode
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
         self.no_grad = torch.inference_mode if plain else torch.no_grad
         if compile:
-            compile_(model).warm_up(self.cache, self.compute_dtype is not None or dtype == torch.bfloat16)
+            compile_(model).warm_up(self.cache, torch.bfloat16 in (self.compute_dtype, dtype))
 
     @property
     def max_tokens_per_request(self) -> int:

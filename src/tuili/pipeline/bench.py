@@ -15,7 +15,7 @@ from tuili.engine.llm import LLM
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model
-from tuili.quant.linear import bf16_is_fast, compute_dtype
+from tuili.quant.linear import compute_dtype, engine_compute_dtype
 
 CONCURRENT_PROMPT_TOKENS = 128  # each concurrent request: a prompt this long, then new_tokens
 
@@ -66,7 +66,7 @@ def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     tracked = _reset_peak_rss()
     generate(model, prompt[:16], SamplingParams(max_tokens=4, temperature=0))  # warm-up
-    activations = torch.bfloat16 if bf16_is_fast() and model.module.dtype == torch.float32 else None
+    activations = engine_compute_dtype(model.module.dtype)
     prefill, decode, ttft = 0.0, 0.0, float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

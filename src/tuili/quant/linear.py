@@ -57,6 +57,13 @@ def bf16_is_fast() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def engine_compute_dtype(model_dtype: torch.dtype, bf16_activations: bool | None = None) -> torch.dtype | None:
+    """The `compute_dtype` the engine runs an fp32 model's weight-only layers under: bf16 where
+    asked, or by default where this CPU multiplies bf16 natively; None (the activations' own) else."""
+    use_bf16 = bf16_is_fast() if bf16_activations is None else bf16_activations
+    return torch.bfloat16 if use_bf16 and model_dtype == torch.float32 else None
+
+
 class _KernelLinear(nn.Module, ABC):
     """A quantized linear layer whose forward calls one of tuili's kernels for small batches and its
     PyTorch path (`_reference`) otherwise. Decoding calls every layer once per token, so the call
