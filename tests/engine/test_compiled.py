@@ -11,6 +11,7 @@ from test_decode import prefilled
 from tuili.engine import LLM, SamplingParams
 from tuili.engine.compiled import compile_, compiled_decode, uncompile_
 from tuili.engine.decode import decode_step
+from tuili.engine.fused import python_decode
 from tuili.kernels import ops as kernels
 from tuili.quant import Int8DynamicActivation, Int8WeightOnly, quantize_
 from tuili.quant.linear import compute_dtype
@@ -29,7 +30,8 @@ def both_steps(model, kv_dtype=torch.float32, prompts=PROMPTS, dtype=None):
         compile_(model)
         fast = decode_step(model.module, cache, ids, positions, at)
         uncompile_(model)
-        eager = decode_step(model.module, twin, ids, positions, at)
+        with python_decode():
+            eager = decode_step(model.module, twin, ids, positions, at)
     return fast, eager, cache, twin
 
 

@@ -1,4 +1,6 @@
-"""The engine's fast decode step computes exactly what the model's forward computes."""
+"""The engine's fast decode step computes exactly what the model's forward computes (the C++ step
+by default, the Python loop inside `python_decode()`; tests/engine/test_fused_step.py holds the two to
+each other)."""
 
 import copy
 
@@ -7,6 +9,7 @@ import torch
 
 from helpers import CONFIGS, random_tiny
 from tuili.engine.decode import decode_step
+from tuili.engine.fused import python_decode
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops as kernels
 from tuili.quant import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
@@ -78,7 +81,7 @@ def test_w8_layers_sharing_an_input_run_in_one_kernel_call(arch, monkeypatch):
     ids, positions, at = torch.tensor([7, 8]), torch.tensor([5, 13]), torch.arange(2)
     cache = prefilled(model.module, model.config, prompts)
     twin = copy.deepcopy(cache)
-    with compute_dtype(torch.bfloat16):
+    with compute_dtype(torch.bfloat16), python_decode():
         fast = decode_step(model.module, cache, ids, positions, at)
         slow = model.module(ids[None], positions[None], twin, logits_at=at).logits[0]
     assert calls == [3, 2] * model.config.num_hidden_layers

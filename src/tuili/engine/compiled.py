@@ -19,46 +19,19 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuili.engine.paged_cache import PagedKVCache
+from tuili.engine.plan import TENSOR, Checks, LinearSpec, StepSpec, build_plan
 from tuili.kernels import ops as kernels
 from tuili.models.attention import rope_cos_sin
-from tuili.models.llama import Linear, LlamaForCausalLM, hooked
-from tuili.quant.linear import _KernelLinear, engine_compute_dtype
+from tuili.models.llama import LlamaForCausalLM
+from tuili.quant.linear import engine_compute_dtype
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, CompiledDecode] = weakref.WeakKeyDictionary()
-
-
-TENSOR = "tensor"  # in a _LinearSpec's args: the next tensor of the step's weights
-
-
-@dataclass(frozen=True)
-class _LinearSpec:
-    """One linear layer's call: a tuili operator and its arguments after x (TENSOR for each tensor,
-    constants as they are), then the bias if any."""
-
-    op: str
-    args: tuple
-    bias: bool
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """The step's layout: everything but the tensors, baked into the traced code as constants."""
-
-    layers: tuple[tuple[_LinearSpec, ...], ...]  # q, k, v, o, gate, up, down per layer
-    head: _LinearSpec
-    heads: int
-    kv_heads: int
-    head_dim: int
-    eps: float
-    window: int  # sliding window (0: none)
-    max_rows: int  # sequences per step up to which every layer's kernel applies
 
 
 class CompiledDecode:
@@ -68,14 +41,14 @@ class CompiledDecode:
 
     def __init__(self, module: LlamaForCausalLM):
         self.module = module
-        self._plans: dict[bool, tuple[list, _Spec, list[Tensor]]] = {}
+        self._plans: dict[bool, tuple[Checks, StepSpec, list[Tensor]]] = {}
         self._graphs: dict[tuple, Callable] = {}
         self.compile_seconds = 0.0  # time spent compiling so far
 
     def __call__(self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor,
-                 bf16: bool) -> Tensor | None:
+                 bf16: bool, check: bool = True) -> Tensor | None:
         """Logits as `decode_step` computes them, or None where this step must run eagerly."""
-        planned = self._plan(bf16)
+        planned = self._plan(bf16, check)
         if planned is None or ids.shape[0] > planned[1].max_rows:
             return None
         _, spec, tensors = planned
@@ -100,18 +73,19 @@ class CompiledDecode:
         self._graph(spec, tensors, bf16, cache.k, cache.v, _scales(cache))
         return True
 
-    def _plan(self, bf16: bool) -> tuple[list, _Spec, list[Tensor]] | None:
+    def _plan(self, bf16: bool, check: bool = True) -> tuple[Checks, StepSpec, list[Tensor]] | None:
+        """This kind of step's plan, rebuilt where the model changed; None where it cannot run."""
         planned = self._plans.get(bf16)
-        if planned is None or not _still(planned[0]):
+        if planned is None or (check and not planned[0].still()):
             self._plans.pop(bf16, None)
             self._graphs = {key: g for key, g in self._graphs.items() if key[0] != bf16}
-            planned = _build_plan(self.module, bf16)
+            planned = build_plan(self.module, bf16) if kernels.register_fakes() else None
             if planned is None:
                 return None
             self._plans[bf16] = planned
-        return planned
+        return planned if planned[1] is not None else None
 
-    def _graph(self, spec: _Spec, tensors: list[Tensor], bf16: bool, k_cache: Tensor, v_cache: Tensor,
+    def _graph(self, spec: StepSpec, tensors: list[Tensor], bf16: bool, k_cache: Tensor, v_cache: Tensor,
                scales: list[Tensor]) -> Callable:
         """The compiled graph for this kind of step (over caches like these), traced and compiled on first use."""
         key = (bf16, bool(scales), k_cache.dtype)
@@ -160,11 +134,11 @@ def _compile(step: Callable, tensors: list[Tensor], example: tuple) -> Callable:
         return compile_fx(graph, symbolic_inputs)
 
 
-def _step_function(spec: _Spec) -> Callable:
-    """The decode step for one layout; `w` holds the weights in the order `_build_plan` lists them."""
+def _step_function(spec: StepSpec) -> Callable:
+    """The decode step for one layout; `w` holds the weights in the order `build_plan` lists them."""
     heads, kv_heads, dim, eps, window = spec.heads, spec.kv_heads, spec.head_dim, spec.eps, spec.window
 
-    def linear(s: _LinearSpec, w: list[Tensor], at: int, x: Tensor) -> tuple[Tensor, int]:
+    def linear(s: LinearSpec, w: list[Tensor], at: int, x: Tensor) -> tuple[Tensor, int]:
         args = []
         for a in s.args:
             if a == TENSOR:
@@ -207,98 +181,6 @@ def _step_function(spec: _Spec) -> Callable:
         return logits
 
     return step
-
-
-def _linear_plan(module: nn.Module, bf16: bool) -> tuple[_LinearSpec, list[Tensor], int] | None:
-    """A layer's call, its tensors and the rows up to which it applies; None for a layer the
-    compiled step cannot make (then the eager path runs)."""
-    if isinstance(module, _KernelLinear):
-        args = module.bf16_kernel_args() if bf16 else module.kernel_args()
-        if not args:
-            return None
-        name, rest, bias = args[0], args[1:-1], args[-1]
-        tensors = [a for a in rest if isinstance(a, Tensor)] + ([bias] if bias is not None else [])
-        layout = tuple(TENSOR if isinstance(a, Tensor) else a for a in rest)
-        return _LinearSpec(name, layout, bias is not None), tensors, kernels.MAX_ROWS[name]
-    # float layers: tuili's fp32 GEMV, which is what the eager step runs up to MAX_M_F32 rows (above
-    # that, F.linear inside the graph measured 5× slower than eager oneDNN: those steps run eagerly)
-    if (type(module) in (Linear, nn.Linear) and module.weight.dtype == torch.float32
-            and module.weight.is_contiguous() and kernels.f32_gemv()):
-        spec = _LinearSpec("f32_linear", (TENSOR, None), module.bias is not None)
-        return spec, [module.weight] + ([module.bias] if module.bias is not None else []), kernels.MAX_M_F32
-    return None
-
-
-def _build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[list, _Spec, list[Tensor]] | None:
-    """The layout, the flat weights, and what must still hold for them to apply: (parent's
-    modules, name, module, (key, cached kernel args) or None) for every module the step reads."""
-    if kernels.extension() is None or not kernels.register_fakes() or hooked(()):
-        return None
-    backbone = module._modules["model"]
-    parts = backbone._modules
-    embed, final_norm, layer_list = parts["embed_tokens"], parts["norm"], parts["layers"]
-    if type(embed) is not nn.Embedding:
-        return None
-    checks = [({"": module}, "", module, None), (module._modules, "model", backbone, None),
-              (parts, "embed_tokens", embed, None), (parts, "norm", final_norm, None)]
-    checks += [(layer_list._modules, name, layer, None) for name, layer in layer_list._modules.items()]
-    checks.append((layer_list._modules, str(len(layer_list)), None, None))  # no layer appended
-    tensors: list[Tensor] = [embed.weight, module.inv_freq, final_norm.weight]
-    max_rows = 1 << 30
-
-    def linear(parent: nn.Module, name: str) -> _LinearSpec | None:
-        nonlocal max_rows
-        child = parent._modules[name]
-        made = _linear_plan(child, bf16)
-        if made is None:
-            return None
-        checks.append((parent._modules, name, child, _args_key(child, bf16)))
-        tensors.extend(made[1])
-        max_rows = min(max_rows, made[2])
-        return made[0]
-
-    layers = []
-    for layer in layer_list:
-        sub = layer._modules
-        attn, mlp = sub["self_attn"], sub["mlp"]
-        checks.extend((sub, name, child, None) for name, child in sub.items())
-        tensors += [sub["input_layernorm"].weight, sub["post_attention_layernorm"].weight]
-        specs = tuple([linear(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-                      + [linear(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")])
-        if None in specs:
-            return None
-        layers.append(specs)
-    head = linear(module, "lm_head")
-    if head is None:
-        return None
-    attn = layer_list[0]._modules["self_attn"]
-    spec = _Spec(tuple(layers), head, attn.num_heads, attn.num_kv_heads, attn.head_dim, final_norm.eps,
-                 module.config.sliding_window or 0, max_rows)
-    if not _still(checks):  # a hook watches one of the modules: the eager path calls them
-        return None
-    return checks, spec, tensors
-
-
-def _args_key(module: nn.Module, bf16: bool) -> tuple[str, object] | None:
-    """Where a quantized layer caches its kernel's arguments (dropped when its buffers change)."""
-    if not isinstance(module, _KernelLinear):
-        return None
-    key = "_bf16_kernel_args" if bf16 else "_kernel_args"
-    return key, module.__dict__.get(key)
-
-
-def _still(checks: list) -> bool:
-    """The plan's modules are still in place, unhooked, and their kernels' arguments unchanged."""
-    if hooked(()):
-        return False
-    for modules, name, child, args in checks:
-        if modules.get(name) is not child:
-            return False
-        if child is not None and (child._forward_hooks or child._forward_pre_hooks):
-            return False
-        if args is not None and child.__dict__.get(args[0]) is not args[1]:
-            return False
-    return True
 
 
 def compile_(model) -> CompiledDecode:

@@ -72,7 +72,9 @@ class LLMEngine:
     (fp32 accumulation): prefill chunks as a bf16 GEMM, decode steps in tuili's AVX512-BF16
     kernels; about 3× faster at prefill and at 16 rows where the CPU has AVX512-BF16 or AMX, the
     default there. fp32 and bf16 models are unaffected.
-    fast_decode: steps of one token per sequence skip nn.Module dispatch (tuili.engine.decode).
+    fast_decode: steps of one token per sequence skip nn.Module dispatch (tuili.engine.decode): one
+        C++ call for tuili's Llama models. The model must not change while requests run: a new
+        module, packed weights or hook is picked up when the next request is added.
     compile: run decode steps as one compiled graph (tuili.engine.compiled), compiled here, before
     the first request (about two minutes for the default model, then cached on disk by Inductor).
     """
@@ -100,6 +102,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.compute_dtype = engine_compute_dtype(dtype, bf16_activations)
         self.fast_decode = fast_decode
+        self._check_model = True  # look again whether the fast decode paths' plans fit the model
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
         self.no_grad = torch.inference_mode if plain else torch.no_grad
@@ -150,6 +153,7 @@ class LLMEngine:
                           generator)
         self.requests[request_id] = request
         self.scheduler.add(request)
+        self._check_model = True  # a change to the model between requests is picked up from here
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -190,8 +194,11 @@ class LLMEngine:
         ids_t, positions_t = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
         at = torch.tensor(sample_at, dtype=torch.long, device=device)
         with compute_dtype(self.compute_dtype):
-            logits = decode_step(self.module, self.cache, ids_t, positions_t, at) if self.fast_decode else None
+            logits = None
+            if self.fast_decode:
+                logits = decode_step(self.module, self.cache, ids_t, positions_t, at, self._check_model)
             if logits is not None:
+                self._check_model = False
                 return logits
             return self.module(ids_t[None], positions_t[None], self.cache, logits_at=at).logits[0]
 

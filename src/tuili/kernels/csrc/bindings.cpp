@@ -1,34 +1,7 @@
 // The Python face of tuili's kernels: one extension module, one function per kernel.
-#include "common.h"
+#include "ops.h"
 
 namespace tuili {
-torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t group_size,
-                        bool flip);
-torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size);
-torch::Tensor w4_linear_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zs, int64_t N,
-                             int64_t group_size);
-torch::Tensor w8_linear_i16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N, int64_t group_size);
-std::vector<torch::Tensor> w8_linear_i16_multi(torch::Tensor x, std::vector<torch::Tensor> packed,
-                                               std::vector<torch::Tensor> scale, std::vector<int64_t> N,
-                                               std::vector<int64_t> group_size);
-bool use_bf16();
-torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
-torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
-                          c10::optional<torch::Tensor> input_scale);
-std::vector<torch::Tensor> w8a8_pack(torch::Tensor w);
-torch::Tensor w8a8_linear_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor row_sum,
-                                 torch::Tensor weight_scale, c10::optional<torch::Tensor> input_scale, int64_t N);
-torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
-                          int64_t group_size, bool flip);
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                              torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
-                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                              int64_t window);
-void paged_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
-                 c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-
 // The paged cache's write as an operator takes the whole (layers, ...) cache and a layer: a mutated
 // view of a graph input is something Inductor's re-inplacing has been seen to mis-place (its offset).
 void paged_write_layer(torch::Tensor k_cache, torch::Tensor v_cache, int64_t layer, torch::Tensor slots,
@@ -39,6 +12,8 @@ void paged_write_layer(torch::Tensor k_cache, torch::Tensor v_cache, int64_t lay
   };
   paged_write(k_cache.select(0, layer), v_cache.select(0, layer), slots, k, v, at(k_scale), at(v_scale));
 }
+
+void bind_decode_plan(py::module_& m);  // decode_step.cpp
 
 std::string isa() {
   if (use_vnni()) return "avx512-vnni";
@@ -73,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim", release());
   m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout", release());
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
+  tuili::bind_decode_plan(m);
   m.def("bf16", &tuili::use_bf16, "whether this CPU takes the 16-bit dot-product kernels (AVX512-BF16 and VNNI)");
 }
 

@@ -1,0 +1,34 @@
+// Every kernel's C++ entry point, for the bindings and for kernels that call other kernels
+// (decode_step.cpp runs a whole decode step through them).
+#pragma once
+#include "common.h"
+
+namespace tuili {
+torch::Tensor w4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t group_size,
+                        bool flip);
+torch::Tensor w8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t group_size);
+torch::Tensor w4_linear_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zs, int64_t N,
+                             int64_t group_size);
+torch::Tensor w8_linear_i16(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t N, int64_t group_size);
+std::vector<torch::Tensor> w8_linear_i16_multi(torch::Tensor x, std::vector<torch::Tensor> packed,
+                                               std::vector<torch::Tensor> scale, std::vector<int64_t> N,
+                                               std::vector<int64_t> group_size);
+bool use_bf16();
+torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
+                          c10::optional<torch::Tensor> input_scale);
+std::vector<torch::Tensor> w8a8_pack(torch::Tensor w);
+torch::Tensor w8a8_linear_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor row_sum,
+                                 torch::Tensor weight_scale, c10::optional<torch::Tensor> input_scale, int64_t N);
+torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
+                          int64_t group_size, bool flip);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
+                              c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                              int64_t window);
+void paged_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
+                 c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+}  // namespace tuili
+
