@@ -3,6 +3,8 @@ caches are the Python step's bit for bit; it follows the model when the engine i
 again, and steps aside where it does not apply."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 import tuili.engine.fused as fused_module
 from tuili.engine import LLM, SamplingParams
+from tuili.engine.compiled import compile_
 from tuili.engine.decode import decode_step
 from tuili.engine.fused import fused_decode, python_decode
 from tuili.kernels import ops as kernels
@@ -159,3 +162,15 @@ def test_a_decode_plan_refuses_what_it_cannot_call():
         plan(["f32_linear"] * 2, [[w, None]] * 2, [[]] * 2, [None] * 2, [norm], 2, 1, 8, 1e-5, 0)
     with pytest.raises(RuntimeError, match="two norms per layer and a final one"):
         plan(["f32_linear"] * 8, [[w, None]] * 8, [[]] * 8, [None] * 8, [norm], 2, 1, 8, 1e-5, 0)
+
+
+def test_a_planned_model_can_still_be_freed():
+    """The plans are kept per model but hold it weakly: an engine's model (513 MiB for the default
+    one) is freed when the user drops it."""
+    model = random_tiny("llama-gqa")
+    fused_and_python(model)
+    assert compile_(model)._plan(False) is not None  # a compiled step's plan too (not compiled here)
+    ref = weakref.ref(model.module)
+    del model
+    gc.collect()
+    assert ref() is None

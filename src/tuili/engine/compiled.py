@@ -40,10 +40,14 @@ class CompiledDecode:
     the rows every layer's kernel takes, and any context length."""
 
     def __init__(self, module: LlamaForCausalLM):
-        self.module = module
+        self._module = weakref.ref(module)  # held weakly: the registry is keyed by the module
         self._plans: dict[bool, tuple[Checks, StepSpec, list[Tensor]]] = {}
         self._graphs: dict[tuple, Callable] = {}
         self.compile_seconds = 0.0  # time spent compiling so far
+
+    @property
+    def module(self) -> LlamaForCausalLM:
+        return self._module()
 
     def __call__(self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor,
                  bf16: bool, check: bool = True) -> Tensor | None:

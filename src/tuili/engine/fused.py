@@ -34,8 +34,12 @@ class FusedDecode:
     or fp32: which kernel each quantized layer runs)."""
 
     def __init__(self, module: LlamaForCausalLM):
-        self.module = module
+        self._module = weakref.ref(module)  # held weakly: the registry is keyed by the module
         self._plans: dict[bool, tuple[Checks, StepSpec | None, Tensor | None, object]] = {}
+
+    @property
+    def module(self) -> LlamaForCausalLM:
+        return self._module()
 
     def __call__(self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor,
                  bf16: bool, check: bool = True) -> Tensor | None:

@@ -69,16 +69,17 @@ def linear_plan(module: nn.Module, bf16: bool) -> tuple[LinearSpec, list[Tensor]
 
 
 class Checks:
-    """What must still hold for a plan to apply, checked before every step: each module and float
-    weight the step reads still sits where it sat (`parent[name] is child`), no hook watches a
-    module, and no quantized layer's cached kernel arguments were dropped. Kept as parallel lists
+    """What must still hold for a plan to apply, checked when the engine asks (once per new
+    request): each module and float weight the step reads still sits where it sat (`parent[name]
+    is child`), no hook watches a module, and no quantized layer's cached kernel arguments were
+    dropped. Kept as parallel lists
     so that one check of ~500 entries is a few C-level `map`s (~40 µs), not a Python loop (~370 µs)."""
 
     def __init__(self):
         self.parents: list[dict] = []
         self.names: list[str] = []
         self.children: list[object] = []
-        self.modules: list[nn.Module] = []  # watched for hooks
+        self.hooks: list[dict] = []  # every module's forward (pre-)hook dicts
         self.owners: list[dict] = []  # quantized layers' __dict__ ...
         self.keys: list[str] = []  # ... where their kernel arguments are cached ...
         self.args: list[object] = []  # ... and what was cached there
@@ -90,22 +91,23 @@ class Checks:
         self.names.append(name)
         self.children.append(child)
         if isinstance(child, nn.Module):
-            self.modules.append(child)
+            self.watch(child)
             if bf16 is not None and isinstance(child, _KernelLinear):
                 key = "_bf16_kernel_args" if bf16 else "_kernel_args"
                 self.owners.append(child.__dict__)
                 self.keys.append(key)
                 self.args.append(child.__dict__.get(key))
 
+    def watch(self, module: nn.Module) -> None:
+        """No hook may be added to `module`."""
+        self.hooks += (module._forward_hooks, module._forward_pre_hooks)
+
     def still(self) -> bool:
         if hooked(()):
             return False
         return (all(map(operator.is_, map(dict.get, self.parents, self.names), self.children))
-                and not any(map(_HOOKS, self.modules)) and not any(map(_PRE_HOOKS, self.modules))
+                and not any(self.hooks)
                 and all(map(operator.is_, map(dict.get, self.owners, self.keys), self.args)))
-
-
-_HOOKS, _PRE_HOOKS = operator.attrgetter("_forward_hooks"), operator.attrgetter("_forward_pre_hooks")
 
 
 def build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[Checks, StepSpec | None, list[Tensor]] | None:
@@ -118,7 +120,7 @@ def build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[Checks, StepSpec |
     parts = backbone._modules
     embed, final_norm, layer_list = parts["embed_tokens"], parts["norm"], parts["layers"]
     checks = Checks()
-    checks.add({"": module}, "", module)
+    checks.watch(module)  # the root: only its hooks (the checks must not keep it alive)
     checks.add(module._modules, "model", backbone)
     checks.add(parts, "embed_tokens", embed)
     checks.add(parts, "norm", final_norm)
