@@ -88,3 +88,21 @@ def test_forward_without_bind_is_refused():
     cache = PagedKVCache(model.config, num_blocks=4, block_size=4)
     with pytest.raises(RuntimeError, match="bind"):
         model.module(torch.tensor([[1, 2]]), torch.arange(2)[None], cache)
+
+
+def test_a_decode_step_is_planned_like_any_other_step():
+    """bind() works out a step of one token per sequence in plain Python (it runs every token):
+    the same slots, lengths and tables as the general plan of the same step."""
+    cache = PagedKVCache(tiny_config(), num_blocks=16, block_size=4)
+    tables = []
+    for length in (3, 8, 1):  # a partly filled block, a full one, a first token
+        table = cache.new_sequence()
+        table.append(length + 1)
+        tables.append(table)
+    starts = [3, 8, 1]
+    cache.bind(tables, starts, [1, 1, 1])
+    fast = cache._step
+    general = cache._plan(starts, [1, 1, 1])
+    assert fast.slots.dtype == general.slots.dtype and torch.equal(fast.slots, general.slots)
+    assert torch.equal(fast.decode_lens, general.decode_lens) and torch.equal(fast.tables, general.tables)
+    assert fast.num_decode == general.num_decode == 3 and fast.gathers == general.gathers == []

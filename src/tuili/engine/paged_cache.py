@@ -116,12 +116,16 @@ class PagedKVCache:
         """
         width = max(1, max(len(t.blocks) for t in tables))
         self._tables = torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.int32)
-        self._step = None if starts is None else self._plan(starts, lengths)
+        self._step = None if starts is None else self._plan(starts, lengths, tables)
 
-    def _plan(self, starts: list[int], lengths: list[int]) -> _Step:
+    def _plan(self, starts: list[int], lengths: list[int], block_tables: list[BlockTable] | None = None) -> _Step:
         tables, size = self._tables, self.block_size
         if len(starts) != tables.shape[0] or len(lengths) != len(starts):
             raise ValueError("bind() needs one start and one length per block table")
+        if block_tables is not None and all(n == 1 for n in lengths):  # a decode step: every token's slot in Python
+            slots = [t.blocks[s // size] * size + s % size for t, s in zip(block_tables, starts)]
+            return _Step(tables, list(starts), list(lengths), torch.tensor(slots), len(starts),
+                         torch.tensor([s + 1 for s in starts], dtype=torch.int32), [])
         seg = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(lengths))
         pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
         slots = tables.long()[seg, pos // size] * size + pos % size
