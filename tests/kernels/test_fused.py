@@ -51,3 +51,30 @@ def test_ops_take_the_reference_when_autograd_records():
     assert x.grad is not None and w.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.skipif(ext is None or not ext.isa().startswith("avx512"), reason="the argmax kernel is AVX-512")
+@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 49157])
+def test_argmax_is_torchs_first_maximum(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    rows = torch.randn(6, vocab, generator=g)
+    rows[1] = rows[1].round()  # many ties: the first one wins
+    rows[2, -1] = float("nan")  # NaN counts as the largest, the first one wins
+    rows[2, vocab // 2] = float("nan")
+    rows[3] = float("-inf")
+    rows[4, vocab - 1] = float("inf")
+    rows[5] = 7.0
+    assert torch.equal(ext.argmax_rows(rows), rows.argmax(dim=-1))
+    assert torch.equal(ops.argmax(rows), rows.argmax(dim=-1))
+
+
+def test_argmax_takes_torch_for_what_the_kernel_does_not_take():
+    logits = torch.randn(3, 40)
+    for x in (logits.to(torch.bfloat16), logits[:, ::2], logits[0], logits.double()):
+        assert torch.equal(ops.argmax(x), x.argmax(dim=-1))
+
+
+@needs_kernels
+def test_argmax_kernel_refuses_what_it_cannot_read():
+    with pytest.raises(RuntimeError, match=r"\(rows, V\) fp32"):
+        ext.argmax_rows(torch.randn(3, 40).double())

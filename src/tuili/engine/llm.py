@@ -22,6 +22,7 @@ from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput, TokenLogprob
 from tuili.engine.sampling import SamplingParams, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
+from tuili.kernels import ops as kernels
 from tuili.models.model import Model
 from tuili.quant.linear import compute_dtype, engine_compute_dtype
 
@@ -205,7 +206,8 @@ class LLMEngine:
     def _sample(self, requests: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """Next token per request (greedy ones in one argmax), with log-probabilities if asked for."""
         plain = [i for i, r in enumerate(requests) if r.params.greedy and not r.params.penalized]
-        greedy = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
+        rows = logits if len(plain) == len(requests) else logits[plain]
+        greedy = dict(zip(plain, kernels.argmax(rows).tolist())) if plain else {}
         results = []
         for i, request in enumerate(requests):
             params, row = request.params, logits[i:i + 1]

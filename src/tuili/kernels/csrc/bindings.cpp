@@ -47,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         release());
   m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim", release());
   m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout", release());
+  m.def("argmax_rows", &tuili::argmax_rows, "each row's first largest value's index (NaN largest), as torch.argmax",
+        release());
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
   tuili::bind_decode_plan(m);
   m.def("bf16", &tuili::use_bf16, "whether this CPU takes the 16-bit dot-product kernels (AVX512-BF16 and VNNI)");

@@ -116,13 +116,14 @@ class DecodePlan {
     for (size_t k = 0; k < n; ++k) linears_.emplace_back(ops[k], std::move(tensors[k]), std::move(ints[k]), biases[k]);
   }
 
-  // x (M, hidden) fp32: the new tokens' embeddings; cos, sin (1, M, head_dim) of their positions;
+  // x (M, hidden) fp32: the new tokens' embeddings (the residual stream: overwritten); cos, sin (1, M, head_dim) of their positions;
   // the caches (layers, blocks, block_size, Hkv, D) and int8 scales; slots (M,) where each token's keys
   // go; tables (M, W) int32 and lens (M,) int32 of each sequence. Returns the logits of rows logits_at.
   torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                      torch::Tensor v_cache, c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                      torch::Tensor slots, torch::Tensor tables, torch::Tensor lens, torch::Tensor logits_at) const {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "DecodePlan.step: x must be (M, hidden) fp32");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+                "DecodePlan.step: x must be (M, hidden) fp32, contiguous");
     TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == layers_, "DecodePlan.step: the cache must hold ", layers_,
                 " layers");
     const int64_t M = x.size(0);
@@ -140,9 +141,9 @@ class DecodePlan {
       const auto ks = layer_of(k_scale, i), vs = layer_of(v_scale, i);
       paged_write(kc, vc, slots, k, qkv[2].view({M, kv_heads_, dim_}), ks, vs);
       const torch::Tensor out = paged_attention(q, kc, vc, tables, lens, sm_scale, ks, vs, window_);
-      x = x + l[3](out.reshape({M, heads_ * dim_}));
+      x.add_(l[3](out.reshape({M, heads_ * dim_})));  // in place: the same sums, no new tensor
       auto gate_up = shared_input({l + 4, l + 5}, rms_norm(x, norms_[2 * i + 1], eps_));
-      x = x + l[6](at::silu(gate_up[0]) * gate_up[1]);
+      x.add_(l[6](at::silu_(gate_up[0]).mul_(gate_up[1])));
     }
     return linears_.back()(rms_norm(x, norms_.back(), eps_).index_select(0, logits_at));
   }

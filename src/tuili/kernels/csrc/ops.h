@@ -30,5 +30,6 @@ void paged_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slo
                  c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor argmax_rows(torch::Tensor x);
 }  // namespace tuili
 
