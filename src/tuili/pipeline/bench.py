@@ -54,9 +54,10 @@ def _peak_rss() -> int | None:
 
 
 @torch.no_grad()
-def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, repeats: int = 3,
+def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, repeats: int = 5,
                   batch_sizes: Sequence[int] = ()) -> Speed:
-    """Best of `repeats` runs (the machine is shared: the minimum time is the least disturbed one).
+    """Best of `repeats` runs (the machine is shared: the minimum time is the least disturbed one;
+    five, because a neighbour's burst of memory traffic can outlast three back-to-back decodes).
     `batch_sizes`: also the output tokens/s of that many requests submitted together (each a
     CONCURRENT_PROMPT_TOKENS prompt and `new_tokens` new tokens), through one engine."""
     vocab = model.config.vocab_size
