@@ -174,3 +174,17 @@ def test_a_planned_model_can_still_be_freed():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_an_idle_engine_lets_go_of_the_weights_it_planned_with():
+    """A model quantized in place after a generate frees its float weights at once: the engine drops
+    the C++ step's plan (which holds them) when its last request finishes."""
+    model = random_tiny("llama-gqa")
+    llm = LLM(model)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    llm.generate([[1, 2, 3]], params)
+    old = weakref.ref(model.module.model.layers[0].mlp.up_proj.weight)
+    quantize_(model, Int8WeightOnly(), ignore=(), progress=False)
+    gc.collect()
+    assert old() is None
+    assert llm.generate([[1, 2, 3]], params)[0].token_ids  # and the next request plans again

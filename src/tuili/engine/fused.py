@@ -70,6 +70,20 @@ class FusedDecode:
         return planned if planned[1] is not None else None
 
 
+    def release(self) -> None:
+        """Drop the plans, and with them their hold on the weights they read: a model quantized or
+        pruned in place after this frees its old weights at once, not at its next decode step."""
+        self._plans.clear()
+
+
+def release_plans(module: nn.Module) -> None:
+    """`FusedDecode.release` for this module's C++ step, if it has one (the engine calls it when it
+    runs out of requests: the next one checks the model anyway, and building a plan takes ~2 ms)."""
+    fused = _FUSED.get(module)
+    if fused is not None:
+        fused.release()
+
+
 def _decode_plan(spec: StepSpec, tensors: list[Tensor]):
     """The C++ DecodePlan for a spec and its weights in `build_plan`'s order (embedding, RoPE
     frequencies, final norm; per layer two norms and seven linear layers; the head)."""

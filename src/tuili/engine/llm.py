@@ -18,6 +18,7 @@ from torch import Tensor
 from tuili.engine.compiled import compile_
 from tuili.engine.decode import decode_step
 from tuili.engine.detokenize import OutputText
+from tuili.engine.fused import release_plans
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput, TokenLogprob
 from tuili.engine.sampling import SamplingParams, apply_penalties, sample, token_logprobs
@@ -239,6 +240,8 @@ class LLMEngine:
         self.scheduler.finish(request)
         request.finish_reason, request.finished_time = reason, time.perf_counter()
         del self.requests[request.id]
+        if not self.requests:  # idle: let go of the weights the C++ step's plan holds
+            release_plans(self.module)
         return RequestOutput.of(request, delta, new_tokens)
 
     def stats(self) -> dict[str, float]:
