@@ -24,6 +24,7 @@ from tuili.engine.plan import TENSOR, Checks, LinearSpec, StepSpec, build_plan
 from tuili.kernels import ops as kernels
 from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import LlamaForCausalLM
+from tuili.quant.linear import engine_compute_dtype
 
 _FUSED: weakref.WeakKeyDictionary[nn.Module, FusedDecode] = weakref.WeakKeyDictionary()
 _disabled = False
@@ -74,6 +75,17 @@ class FusedDecode:
         """Drop the plans, and with them their hold on the weights they read: a model quantized or
         pruned in place after this frees its old weights at once, not at its next decode step."""
         self._plans.clear()
+
+
+def cpp_step_applies(module: nn.Module) -> bool:
+    """Whether the engine's decode steps over `module` run the C++ step (with the activations the
+    engine chooses for it), looked at now and not kept."""
+    fused = fused_decode(module)
+    if fused is None:
+        return False
+    applies = fused._plan(torch.bfloat16 in (engine_compute_dtype(module.dtype), module.dtype)) is not None
+    fused.release()
+    return applies
 
 
 def release_plans(module: nn.Module) -> None:
@@ -133,7 +145,8 @@ def fused_decode(module: nn.Module) -> FusedDecode | None:
 
 @contextmanager
 def python_decode() -> Iterator[None]:
-    """Decode steps run the Python loop inside the block (tests and benchmarks compare the two)."""
+    """The C++ step stands aside inside the block: decode steps run the compiled graph where
+    `compile_` made one, else the Python loop (tests and benchmarks compare them)."""
     global _disabled
     before, _disabled = _disabled, True
     try:

@@ -18,7 +18,7 @@ from torch import Tensor
 from tuili.engine.compiled import compile_
 from tuili.engine.decode import decode_step
 from tuili.engine.detokenize import OutputText
-from tuili.engine.fused import release_plans
+from tuili.engine.fused import cpp_step_applies, release_plans
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput, TokenLogprob
 from tuili.engine.sampling import SamplingParams, apply_penalties, sample, token_logprobs
@@ -78,7 +78,8 @@ class LLMEngine:
         C++ call for tuili's Llama models. The model must not change while requests run: a new
         module, packed weights or hook is picked up when the next request is added.
     compile: run decode steps as one compiled graph (tuili.engine.compiled), compiled here, before
-    the first request (about two minutes for the default model, then cached on disk by Inductor).
+    the first request (about two minutes for the default model, then cached on disk by Inductor);
+    only where the C++ step does not apply (bf16 models), since it measured faster.
     """
 
     def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
@@ -108,7 +109,7 @@ class LLMEngine:
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
         self.no_grad = torch.inference_mode if plain else torch.no_grad
-        if compile:
+        if compile and not cpp_step_applies(self.module):  # the C++ step measured faster where it applies
             compile_(model).warm_up(self.cache, torch.bfloat16 in (self.compute_dtype, dtype))
 
     @property

@@ -14,6 +14,7 @@ from tuili.data.batches import packed_sequences
 from tuili.data.perplexity import Perplexity
 from tuili.distill import DistillConfig, distill
 from tuili.engine.compiled import compile_, uncompile_
+from tuili.engine.fused import cpp_step_applies
 from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
@@ -179,9 +180,12 @@ def distill_stage(steps: int, teacher: str | None = None, data: str = "builtin",
 
 def compile_stage() -> Callable[[Model], str]:
     """A stage that makes the engine run the model's decode steps as one compiled graph
-    (tuili.engine.compiled), compiled here so that the benchmark after it times only steps."""
+    (tuili.engine.compiled), compiled here so that the benchmark after it times only steps; skipped
+    where the engine's C++ decode step (tuili.engine.fused) applies, which is faster."""
 
     def run(model: Model) -> str:
+        if cpp_step_applies(model.module):  # it measured faster than the compiled graph (docs/engine.md)
+            return "compile: skipped, the engine's C++ decode step applies"
         compiled = compile_(model)
         if not compiled.warm_up():
             uncompile_(model)
