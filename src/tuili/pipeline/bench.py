@@ -3,6 +3,7 @@ throughput of several concurrent requests through the engine, and the peak memor
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,9 +30,37 @@ class Speed:
     time_to_first_token: float  # seconds, for a prompt of prefill_tokens
     throughput: dict[int, float] = field(default_factory=dict)  # concurrent requests -> output tokens/s
     peak_memory_bytes: int | None = None  # resident memory high-water mark while measuring (Linux)
+    # the baseline's batch-1 decode timed in turns with this one (best of the same rounds), if it was
+    baseline_decode_tokens_per_second: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def decode_speedup(self, baseline: Speed) -> float:
+        """Batch-1 decode against the baseline: against its runs in turns with this one where there
+        were any (a shared machine's memory bus drifts over the minutes between stages), else
+        against `baseline`'s own measurement."""
+        base = self.baseline_decode_tokens_per_second or baseline.decode_tokens_per_second
+        return self.decode_tokens_per_second / base
+
+
+def speed_reference(model: Model, headroom: float = 3.0) -> Model | None:
+    """A copy of `model` to time in turns with the stages applied to it in place, or None where
+    `headroom` times its size would not fit in the memory available now (Linux: MemAvailable)."""
+    available = _available_memory()
+    if available is None or headroom * sum(t.numel() * t.element_size() for t in model.module.state_dict().values()) > available:
+        return None
+    return copy.deepcopy(model)
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _reset_peak_rss() -> bool:
@@ -55,21 +84,25 @@ def _peak_rss() -> int | None:
 
 @torch.no_grad()
 def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, repeats: int = 5,
-                  batch_sizes: Sequence[int] = ()) -> Speed:
+                  batch_sizes: Sequence[int] = (), reference: Model | None = None) -> Speed:
     """Best of `repeats` runs (the machine is shared: the minimum time is the least disturbed one;
     five, because a neighbour's burst of memory traffic can outlast three back-to-back decodes).
     `batch_sizes`: also the output tokens/s of that many requests submitted together (each a
-    CONCURRENT_PROMPT_TOKENS prompt and `new_tokens` new tokens), through one engine."""
+    CONCURRENT_PROMPT_TOKENS prompt and `new_tokens` new tokens), through one engine.
+    `reference`: a model (the baseline) whose batch-1 decode is timed in turns with this one's."""
     vocab = model.config.vocab_size
     # a model with a short context gets the longest prompt that still leaves room to decode
     prompt_tokens = min(prompt_tokens, model.config.max_position_embeddings - new_tokens)
     prompt = torch.randint(3, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     tracked = _reset_peak_rss()
-    generate(model, prompt[:16], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    for warm in (model, reference) if reference is not None else (model,):
+        generate(warm, prompt[:16], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     activations = engine_compute_dtype(model.module.dtype)
-    prefill, decode, ttft = 0.0, 0.0, float("inf")
+    prefill, decode, ttft, base = 0.0, 0.0, float("inf"), None
     for _ in range(repeats):
+        if reference is not None:
+            base = max(base or 0.0, generate(reference, prompt, params).decode_tokens_per_second)
         start = time.perf_counter()
         with compute_dtype(activations):  # as the engine runs prefill (generate below runs on it)
             model.module(torch.tensor([prompt]), last_only=True)
@@ -78,7 +111,8 @@ def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, 
         decode = max(decode, done.decode_tokens_per_second)
         ttft = min(ttft, done.time_to_first_token)
     throughput = {b: _concurrent(model, b, new_tokens, repeats) for b in batch_sizes}
-    return Speed(prompt_tokens, prefill, new_tokens, decode, ttft, throughput, _peak_rss() if tracked else None)
+    return Speed(prompt_tokens, prefill, new_tokens, decode, ttft, throughput, _peak_rss() if tracked else None,
+                 base)
 
 
 def _concurrent(model: Model, requests: int, new_tokens: int, repeats: int) -> float:

@@ -18,7 +18,7 @@ from tuili.engine.fused import cpp_step_applies
 from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
-from tuili.pipeline.bench import Speed, measure_speed
+from tuili.pipeline.bench import Speed, measure_speed, speed_reference
 from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
 from tuili.pipeline.gguf_export import check_gguf, export_gguf
 from tuili.pipeline.recipe import Recipe, load_recipe
@@ -75,7 +75,7 @@ class OptimizeReport:
                           for b in base.speed.throughput]
             peak = s.speed.peak_memory_bytes
             rows.append([s.name, human_bytes(s.num_bytes), f"{ppl:.3f}", f"{100 * (ppl / q.perplexity - 1):+.2f}%",
-                         f"{pre:.0f}", f"{dec:.1f}", f"{dec / base.speed.decode_tokens_per_second:.2f}×",
+                         f"{pre:.0f}", f"{dec:.1f}", f"{s.speed.decode_speedup(base.speed):.2f}×",
                          *concurrent, f"{1000 * s.speed.time_to_first_token:.0f} ms",
                          human_bytes(peak) if peak else "n/a", f"{s.seconds:.1f} s"])
         headers = ["stage", "weights", "perplexity", "Δ perplexity", "prefill tok/s", "decode tok/s",
@@ -85,8 +85,10 @@ class OptimizeReport:
 
     def measured_on(self) -> str:
         q, speed = self.stages[0].quality, self.stages[0].speed
+        paired = any(s.speed.baseline_decode_tokens_per_second for s in self.stages[1:])
         return (f"Perplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, {q.num_tokens:,} scored); "
-                f"prefill of {speed.prefill_tokens} tokens; decode at batch 1.")
+                f"prefill of {speed.prefill_tokens} tokens; decode at batch 1"
+                + (", each stage's against the baseline timed in turns with it." if paired else "."))
 
     def notes(self) -> list[str]:
         """Where the model was saved and exported."""
@@ -102,9 +104,9 @@ class OptimizeReport:
 
 
 def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0.0,
-            batch_sizes: Sequence[int] = ()) -> StageResult:
+            batch_sizes: Sequence[int] = (), reference: Model | None = None) -> StageResult:
     return StageResult(name, analyze(model).num_bytes, perplexity(model.module, windows, progress=progress),
-                       measure_speed(model, batch_sizes=batch_sizes), seconds)
+                       measure_speed(model, batch_sizes=batch_sizes, reference=reference), seconds)
 
 
 KV_LABELS = {"bfloat16": "bf16", "int8": "int8"}
@@ -232,11 +234,13 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
         calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), 8, min(256, seq_len))
         report.sensitivity = layer_costs(model, calib, time_layers=False)
     report.stages.append(measure(model, "baseline", windows, progress, batch_sizes=batch_sizes))
+    reference = speed_reference(model) if stages else None  # the baseline, timed in turns with each stage
     for stage in stages:
         start = time.perf_counter()
         stage_name = stage(model)
         report.stages.append(measure(model, stage_name, windows, progress, time.perf_counter() - start,
-                                     batch_sizes))
+                                     batch_sizes, reference))
+    del reference
     if save_to:
         report.saved_to = str(model.save(save_to))
     for path in exports:
