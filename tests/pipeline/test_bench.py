@@ -50,3 +50,21 @@ def test_optimize_times_every_stage_in_turns_with_the_baseline(tmp_path, monkeyp
                       max_tokens=256, progress=False, sensitivity=False)
     assert report.stages[1].speed.baseline_decode_tokens_per_second is None
     assert "timed in turns" not in report.to_markdown()
+
+
+
+def test_the_peak_memory_leaves_out_the_baseline_copy(monkeypatch):
+    model = random_tiny()
+    reference = speed_reference(model)
+    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: True)
+    monkeypatch.setattr(bench, "_peak_rss", lambda: 1 << 30)
+    paired = measure_speed(model, prompt_tokens=16, new_tokens=4, repeats=1, reference=reference)
+    assert paired.peak_memory_bytes == (1 << 30) - bench._resident_bytes(reference)
+
+
+def test_resident_bytes_count_a_tied_head_once():
+    tied = random_tiny("llama-mqa-tied")
+    embedding = tied.module.model.embed_tokens.weight
+    assert tied.module.lm_head.weight.data_ptr() == embedding.data_ptr()
+    total = sum(t.numel() * t.element_size() for t in tied.module.state_dict().values())
+    assert bench._resident_bytes(tied) == total - embedding.numel() * embedding.element_size()

@@ -48,9 +48,15 @@ def speed_reference(model: Model, headroom: float = 3.0) -> Model | None:
     """A copy of `model` to time in turns with the stages applied to it in place, or None where
     `headroom` times its size would not fit in the memory available now (Linux: MemAvailable)."""
     available = _available_memory()
-    if available is None or headroom * sum(t.numel() * t.element_size() for t in model.module.state_dict().values()) > available:
+    if available is None or headroom * _resident_bytes(model) > available:
         return None
     return copy.deepcopy(model)
+
+
+def _resident_bytes(model: Model) -> int:
+    """The bytes of the model's tensors, each storage once (a tied head shares the embedding's)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.module.state_dict().values()}
+    return sum(storages.values())
 
 
 def _available_memory() -> int | None:
@@ -89,7 +95,8 @@ def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, 
     five, because a neighbour's burst of memory traffic can outlast three back-to-back decodes).
     `batch_sizes`: also the output tokens/s of that many requests submitted together (each a
     CONCURRENT_PROMPT_TOKENS prompt and `new_tokens` new tokens), through one engine.
-    `reference`: a model (the baseline) whose batch-1 decode is timed in turns with this one's."""
+    `reference`: a model (the baseline) whose batch-1 decode is timed in turns with this one's (its
+    tensors' bytes are left out of the peak memory reported)."""
     vocab = model.config.vocab_size
     # a model with a short context gets the longest prompt that still leaves room to decode
     prompt_tokens = min(prompt_tokens, model.config.max_position_embeddings - new_tokens)
@@ -111,8 +118,10 @@ def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, 
         decode = max(decode, done.decode_tokens_per_second)
         ttft = min(ttft, done.time_to_first_token)
     throughput = {b: _concurrent(model, b, new_tokens, repeats) for b in batch_sizes}
-    return Speed(prompt_tokens, prefill, new_tokens, decode, ttft, throughput, _peak_rss() if tracked else None,
-                 base)
+    peak = _peak_rss() if tracked else None
+    if peak is not None and reference is not None:  # the baseline copy is not this model's footprint
+        peak -= _resident_bytes(reference)
+    return Speed(prompt_tokens, prefill, new_tokens, decode, ttft, throughput, peak, base)
 
 
 def _concurrent(model: Model, requests: int, new_tokens: int, repeats: int) -> float:
