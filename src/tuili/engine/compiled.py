@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuili.engine.paged_cache import PagedKVCache
-from tuili.engine.plan import TENSOR, Checks, LinearSpec, StepSpec, build_plan
+from tuili.engine.plan import (
+    TENSOR,
+    Checks,
+    LinearSpec,
+    ModelStep,
+    StepSpec,
+    build_plan,
+)
 from tuili.kernels import ops as kernels
 from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import LlamaForCausalLM
@@ -34,20 +41,16 @@ from tuili.quant.linear import engine_compute_dtype
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, CompiledDecode] = weakref.WeakKeyDictionary()
 
 
-class CompiledDecode:
+class CompiledDecode(ModelStep):
     """The decode step of one LlamaForCausalLM, compiled for each kind of step it meets (bf16 or
     fp32 activations, an int8 or float KV cache); one graph serves any number of sequences up to
     the rows every layer's kernel takes, and any context length."""
 
     def __init__(self, module: LlamaForCausalLM):
-        self._module = weakref.ref(module)  # held weakly: the registry is keyed by the module
+        super().__init__(module)
         self._plans: dict[bool, tuple[Checks, StepSpec, list[Tensor]]] = {}
         self._graphs: dict[tuple, Callable] = {}
         self.compile_seconds = 0.0  # time spent compiling so far
-
-    @property
-    def module(self) -> LlamaForCausalLM:
-        return self._module()
 
     def __call__(self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor,
                  bf16: bool, check: bool = True) -> Tensor | None:

@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuili.engine.paged_cache import PagedKVCache
-from tuili.engine.plan import TENSOR, Checks, LinearSpec, StepSpec, build_plan
+from tuili.engine.plan import (
+    TENSOR,
+    Checks,
+    LinearSpec,
+    ModelStep,
+    StepSpec,
+    build_plan,
+)
 from tuili.kernels import ops as kernels
 from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import LlamaForCausalLM
@@ -30,17 +37,13 @@ _FUSED: weakref.WeakKeyDictionary[nn.Module, FusedDecode] = weakref.WeakKeyDicti
 _disabled = False
 
 
-class FusedDecode:
+class FusedDecode(ModelStep):
     """The C++ decode step of one fp32 LlamaForCausalLM, a plan for each kind of activations (bf16
     or fp32: which kernel each quantized layer runs)."""
 
     def __init__(self, module: LlamaForCausalLM):
-        self._module = weakref.ref(module)  # held weakly: the registry is keyed by the module
+        super().__init__(module)
         self._plans: dict[bool, tuple[Checks, StepSpec | None, Tensor | None, object]] = {}
-
-    @property
-    def module(self) -> LlamaForCausalLM:
-        return self._module()
 
     def __call__(self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor,
                  bf16: bool, check: bool = True) -> Tensor | None:

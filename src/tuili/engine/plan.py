@@ -12,6 +12,7 @@ path runs them).
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,19 @@ from torch import Tensor, nn
 from tuili.kernels import ops as kernels
 from tuili.models.llama import Linear, LlamaForCausalLM, hooked
 from tuili.quant.linear import _KernelLinear
+
+
+class ModelStep:
+    """A fast decode step of one model. It holds the model weakly: the registries that map models
+    to their steps are keyed by the model, and a strong hold would keep every model alive."""
+
+    def __init__(self, module: LlamaForCausalLM):
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> LlamaForCausalLM:
+        return self._module()
+
 
 TENSOR = "tensor"  # in a LinearSpec's args: the next tensor of the step's weights
 

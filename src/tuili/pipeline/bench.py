@@ -60,9 +60,14 @@ def _resident_bytes(model: Model) -> int:
 
 
 def _available_memory() -> int | None:
+    return _proc_bytes("/proc/meminfo", "MemAvailable:")
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "key: N kB" line of a Linux /proc file, in bytes (None elsewhere)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -79,13 +84,7 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/self/status", "VmHWM:")
 
 
 @torch.no_grad()
