@@ -8,6 +8,10 @@ submodule's `forward` directly, and the cache's `decode` (paged write + paged at
 (N, hidden) rows. Hooks mean someone watches the modules: then, and for any model that is not
 tuili's Llama, the engine runs the module's forward (which rewrites any keys and values this path
 stored before it met the hook with the same values).
+
+Where they apply, two faster versions of the same step run instead, in this order: the whole step
+as one C++ call (tuili.engine.fused, the default) and a compiled graph (tuili.engine.compiled,
+after `compile_`); this Python loop is what they are tested against.
 """
 
 from __future__ import annotations

@@ -73,7 +73,6 @@ class FusedDecode(ModelStep):
                                            _decode_plan(spec, tensors) if fits else None)
         return planned if planned[1] is not None else None
 
-
     def release(self) -> None:
         """Drop the plans, and with them their hold on the weights they read: a model quantized or
         pruned in place after this frees its old weights at once, not at its next decode step."""
