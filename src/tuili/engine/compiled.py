@@ -31,6 +31,7 @@ from tuili.engine.plan import (
     LinearSpec,
     ModelStep,
     StepSpec,
+    bf16_step,
     build_plan,
 )
 from tuili.kernels import ops as kernels
@@ -72,7 +73,7 @@ class CompiledDecode(ModelStep):
         if cache is None:
             cache = PagedKVCache(self.module.config, 4, dtype=PagedKVCache.dtype_for(self.module.config, dtype))
         if bf16 is None:
-            bf16 = torch.bfloat16 in (engine_compute_dtype(dtype), dtype)
+            bf16 = bf16_step(dtype, engine_compute_dtype(dtype))
         planned = self._plan(bf16)
         if planned is None:
             return False

@@ -26,6 +26,7 @@ from tuili.engine.plan import (
     LinearSpec,
     ModelStep,
     StepSpec,
+    bf16_step,
     build_plan,
 )
 from tuili.kernels import ops as kernels
@@ -79,13 +80,15 @@ class FusedDecode(ModelStep):
         self._plans.clear()
 
 
-def cpp_step_applies(module: nn.Module) -> bool:
-    """Whether the engine's decode steps over `module` run the C++ step (with the activations the
-    engine chooses for it), looked at now and not kept."""
+def cpp_step_applies(module: nn.Module, bf16: bool | None = None) -> bool:
+    """Whether the engine's decode steps over `module` run the C++ step (`bf16`: with bf16
+    activations; default: as the engine chooses), looked at now and not kept."""
     fused = fused_decode(module)
     if fused is None:
         return False
-    applies = fused._plan(torch.bfloat16 in (engine_compute_dtype(module.dtype), module.dtype)) is not None
+    if bf16 is None:
+        bf16 = bf16_step(module.dtype, engine_compute_dtype(module.dtype))
+    applies = fused._plan(bf16) is not None
     fused.release()
     return applies
 

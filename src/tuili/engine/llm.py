@@ -20,8 +20,14 @@ from tuili.engine.decode import decode_step
 from tuili.engine.detokenize import OutputText
 from tuili.engine.fused import cpp_step_applies, release_plans
 from tuili.engine.paged_cache import PagedKVCache
+from tuili.engine.plan import bf16_step
 from tuili.engine.request import Request, RequestOutput, TokenLogprob
-from tuili.engine.sampling import SamplingParams, apply_penalties, sample, token_logprobs
+from tuili.engine.sampling import (
+    SamplingParams,
+    apply_penalties,
+    sample,
+    token_logprobs,
+)
 from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.kernels import ops as kernels
 from tuili.models.model import Model
@@ -109,8 +115,9 @@ class LLMEngine:
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
         self.no_grad = torch.inference_mode if plain else torch.no_grad
-        if compile and not cpp_step_applies(self.module):  # the C++ step measured faster where it applies
-            compile_(model).warm_up(self.cache, torch.bfloat16 in (self.compute_dtype, dtype))
+        bf16 = bf16_step(dtype, self.compute_dtype)
+        if compile and not cpp_step_applies(self.module, bf16):  # the C++ step measured faster where it applies
+            compile_(model).warm_up(self.cache, bf16)
 
     @property
     def max_tokens_per_request(self) -> int:

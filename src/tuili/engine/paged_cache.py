@@ -13,16 +13,15 @@ sequence's keys and run PyTorch's SDPA with a causal mask offset to the chunk's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-
-from dataclasses import dataclass
 
 from tuili.engine.blocks import BlockAllocator, BlockTable
 from tuili.kernels import ops as kernels
 from tuili.models.attention import attention, causal_mask
 from tuili.models.config import LlamaConfig
-
 
 STORE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # what tuili's kernels read and write
 
@@ -123,7 +122,7 @@ class PagedKVCache:
         if len(starts) != tables.shape[0] or len(lengths) != len(starts):
             raise ValueError("bind() needs one start and one length per block table")
         if block_tables is not None and all(n == 1 for n in lengths):  # a decode step: every token's slot in Python
-            slots = [t.blocks[s // size] * size + s % size for t, s in zip(block_tables, starts)]
+            slots = [slot for t, s in zip(block_tables, starts) for slot in t.slots(s, s + 1)]
             return _Step(tables, list(starts), list(lengths), torch.tensor(slots), len(starts),
                          torch.tensor([s + 1 for s in starts], dtype=torch.int32), [])
         seg = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(lengths))

@@ -23,6 +23,12 @@ from tuili.models.llama import Linear, LlamaForCausalLM, hooked
 from tuili.quant.linear import _KernelLinear
 
 
+def bf16_step(model_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> bool:
+    """Whether a decode step runs its quantized layers' bf16 kernels: a bf16 model, or an fp32 one
+    under `compute_dtype(torch.bfloat16)` (what `engine_compute_dtype` picks where bf16 is fast)."""
+    return torch.bfloat16 in (compute_dtype, model_dtype)
+
+
 class ModelStep:
     """A fast decode step of one model. It holds the model weakly: the registries that map models
     to their steps are keyed by the model, and a strong hold would keep every model alive."""

@@ -14,7 +14,6 @@ recompute preemption). Nothing is lost: a preempted request resumes where it sto
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass
 
