@@ -240,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-requests", type=int, default=256,
                    help="sequences running or waiting at once; beyond it 429 with Retry-After")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a generation may run before it is stopped (504; 0: no limit)")
     p.add_argument("--no-warmup", action="store_true", help="report ready at once (the first requests are slower)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=_serve)
@@ -574,10 +576,6 @@ def _print_stream(llm, prompt, params) -> str:
     return "".join(pieces)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _serve(args) -> int:
     from tuili.server import ServerConfig, build_server, serve
 
@@ -585,10 +583,13 @@ def _serve(args) -> int:
                         ("--max-queued-requests", args.max_queued_requests)):
         if value < (0 if name == "--port" else 1):
             raise ValueError(f"{name} must be positive, got {value}")
+    if not args.request_timeout >= 0:
+        raise ValueError(f"--request-timeout must be 0 (no limit) or a number of seconds, got {args.request_timeout}")
     config = ServerConfig(model_names=tuple(args.served_model_name) or (args.model,), api_key=args.api_key or None,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                           max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                          max_queued_requests=args.max_queued_requests, warmup=not args.no_warmup)
+                          max_queued_requests=args.max_queued_requests, warmup=not args.no_warmup,
+                          request_timeout=args.request_timeout or None)
     kv_bytes = int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None
     server = build_server(_load(args), config, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv_bytes,
@@ -651,3 +652,7 @@ def _prune(args) -> None:
         rows.append(["perplexity", f"{result['perplexity_before']:.4f}", f"{result['perplexity_after']:.4f}"])
     print(markdown_table(["", "before", "after"], rows))
     print(f"pruned in {result['seconds']} s" + (f", saved to {result['out']}" if args.out else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,3 +11,8 @@ class ModelFormatError(TuiliError, ValueError):
 
 class DataError(TuiliError, ValueError):
     """Text data that cannot be read or is too short for what was asked."""
+
+
+class RequestFailed(TuiliError, RuntimeError):
+    """One generation request failed in its own work (sampling, detokenizing); the engine and the
+    other requests went on. The message says what failed."""

@@ -44,7 +44,7 @@ def test_same_seed_same_draws():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
-    ({"top_k": -1}, "top_k"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
 ])
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -83,3 +83,50 @@ def test_logprobs_of_the_chosen_token_and_the_top_alternatives():
 def test_bad_new_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+EXTREME = [
+    {"temperature": 1e-30}, {"temperature": 1.1e-5}, {"temperature": 1e-5, "top_p": 5e-324},
+    {"top_p": 5e-324}, {"min_p": 1.0}, {"top_k": 10**30}, {"top_k": 1, "temperature": 2.0},
+    {"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300}, {"min_p": 1.0, "top_p": 1e-9, "top_k": 1},
+]
+ROWS = {
+    "ordinary": LOGITS,
+    "huge": torch.tensor([[3e38, -3e38, 1e30, 0.0, -1.0]]),
+    "with inf and nan": torch.tensor([[float("inf"), float("nan"), 1.0, float("-inf"), 0.0]]),
+    "all -inf": torch.full((1, 5), float("-inf")),
+    "all nan": torch.full((1, 5), float("nan")),
+}
+
+
+@pytest.mark.parametrize("kwargs", EXTREME)
+@pytest.mark.parametrize("row", list(ROWS))
+def test_extreme_but_valid_parameters_always_give_a_token(kwargs, row):
+    """No NaN draw, no error: the sampler returns a token in the vocabulary for every accepted value."""
+    from tuili.engine.sampling import apply_penalties, token_logprobs
+
+    params = SamplingParams(**kwargs)
+    logits = apply_penalties(ROWS[row], params, [[0, 1, 2]], [[3]]) if params.penalized else ROWS[row]
+    for seed in range(20):
+        token = sample(logits, params, torch.Generator().manual_seed(seed))
+        assert token.shape == (1,) and 0 <= int(token) < 5
+    value, top = token_logprobs(logits, token, 5)[0]
+    assert -1e4 <= value <= 0 and all(-1e4 <= lp <= 0 for _, lp in top)  # finite: JSON has no -inf
+
+
+def test_degenerate_rows_take_their_most_likely_token():
+    assert sample(ROWS["with inf and nan"], SamplingParams(temperature=1.0)).tolist() == [0]
+    assert sample(torch.tensor([[0.0, 5.0, 1.0]]), SamplingParams(temperature=1e-6)).tolist() == [1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": float("nan")}, "finite"), ({"repetition_penalty": float("inf")}, "finite"),
+    ({"seed": 1 << 63}, "64-bit"), ({"seed": -(1 << 63) - 1}, "64-bit"),
+])
+def test_non_finite_values_and_seeds_out_of_range_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_top_k_minus_one_means_off():
+    assert SamplingParams(top_k=-1).top_k == 0

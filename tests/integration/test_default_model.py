@@ -110,8 +110,8 @@ def test_engine_logits_equal_recomputation_across_256_tokens(default_model):
 
     engine = LLMEngine(default_model, max_num_seqs=1)
     seen = []
-    sample = engine._sample
-    engine._sample = lambda requests, logits: (seen.append(logits[0].clone()), sample(requests, logits))[1]
+    greedy = engine._greedy_tokens
+    engine._greedy_tokens = lambda requests, logits: (seen.append(logits[0].clone()), greedy(requests, logits))[1]
     prompt = default_model.tokenizer.encode("The history of the printing press")
     engine.add_request(prompt, SamplingParams(max_tokens=256, temperature=0, ignore_eos=True))
     while engine.has_unfinished():

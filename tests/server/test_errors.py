@@ -2,6 +2,7 @@
 serving; limits, API keys and a full queue answer with their own status codes."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -161,3 +162,115 @@ def test_requests_before_warm_up_finishes_get_503(tiny_model):
         assert info.value.status == 503 and "warming up" in info.value.message
     finally:
         server.llm.shutdown()
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+# every sampling field at the edges of what it accepts: served (200), never a 5xx, the engine alive after
+EDGES = [
+    {"temperature": 0}, {"temperature": 1e-30}, {"temperature": 1.1e-5}, {"temperature": 2},
+    {"top_p": 5e-324}, {"top_p": 1e-30, "temperature": 2}, {"top_p": 1},
+    {"top_k": -1}, {"top_k": 1}, {"top_k": 10**30}, {"min_p": 1}, {"min_p": 0.999999},
+    {"repetition_penalty": 1e-300, "temperature": 1}, {"repetition_penalty": 100, "temperature": 1},
+    {"presence_penalty": 2, "frequency_penalty": -2}, {"presence_penalty": -2, "frequency_penalty": 2},
+    {"seed": 2**63 - 1, "n": 4, "temperature": 1}, {"seed": -(2**63), "temperature": 1}, {"seed": 0},
+    {"logprobs": 20, "repetition_penalty": 1e-300, "temperature": 1e-5}, {"n": 16, "max_tokens": 1},
+    {"stop": ["\x00", "a" * 1000]}, {"stop_token_ids": [0, 258]}, {"ignore_eos": True},
+]
+BEYOND = [
+    ({"seed": 2**63}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"temperature": 2.01}, "temperature"),
+    ({"top_p": 1.0001}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": 101}, "repetition_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"n": 17}, "n"), ({"max_tokens": 10**30}, "max_tokens"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"logprobs": -1}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("change", EDGES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())[:40])
+def test_extreme_but_valid_sampling_values_are_served(base, change):
+    r = post(base, "/v1/completions", {**GOOD, **change})
+    assert r.status_code == 200, r.text
+    assert all(c["finish_reason"] in ("stop", "length") for c in r.json()["choices"])
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+@pytest.mark.parametrize("change, param", BEYOND, ids=lambda c: str(c)[:40])
+def test_values_beyond_the_documented_ranges_are_a_400_naming_the_field(base, change, param):
+    for path, body in (("/v1/completions", {**GOOD, **change}), ("/v1/chat/completions", {**CHAT, **change})):
+        error = assert_error(post(base, path, body), 400)
+        assert error["param"] == param, error
+    still_serving(base)
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "ok", "stop": ["\\ud800"]}', "stop"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages"),
+    ("/v1/chat/completions",
+     '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', "messages"),
+    ("/v1/embeddings", '{"model": "tiny", "input": "\\ud800"}', "input"),
+    ("/v1/loglikelihood", '{"model": "tiny", "input": {"context": "a", "continuation": "\\ud800"}}', "input"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+    ("/tokenize", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "ok", "metadata": {"\\ud800": 1}}', "metadata"),
+])
+def test_invalid_unicode_is_a_400_naming_the_field(base, path, raw, param):
+    r = httpx.post(f"{base}{path}", content=raw.encode(), headers={"content-type": "application/json"})
+    error = assert_error(r, 400, "invalid Unicode", "surrogate")
+    assert error["param"] == param
+    still_serving(base)
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    ("/v1/completions", {**GOOD, "guided_json": {"type": "object"}}, "guided_json", ["structured output"]),
+    ("/v1/chat/completions", {**CHAT, "guided_regex": "a+"}, "guided_regex", ["structured output"]),
+    ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions", ["function calling"]),
+    ("/v1/chat/completions", {**CHAT, "function_call": "auto"}, "function_call", ["function calling"]),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice", ["function calling"]),
+    ("/v1/completions", {**GOOD, "frobnicate": 1}, "frobnicate", ["unknown field"]),
+    ("/v1/embeddings", {"model": MODEL, "input": "x", "truncate": True}, "truncate", ["unknown field"]),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, None, ["response_format"]),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options", ["continuous_usage_stats"]),
+    ("/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "1"}]}, "messages", ["tool"]),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "audio": {}}]}, "messages",
+     ["audio"]),
+])
+def test_fields_that_would_change_the_answer_are_refused(base, path, body, param, words):
+    error = assert_error(post(base, path, body), 400, *words)
+    assert error["param"] == param
+    still_serving(base)
+
+
+def test_bookkeeping_fields_are_ignored_and_named_in_a_header(base):
+    r = post(base, "/v1/completions", {**GOOD, "user": "u1", "metadata": {"team": "a"}, "store": False,
+                                       "service_tier": "auto"})
+    assert r.status_code == 200 and r.headers["x-tuili-ignored-fields"] == "metadata, service_tier, store"
+    r = post(base, "/v1/embeddings", {"model": MODEL, "input": "x", "metadata": {}})
+    assert r.status_code == 200 and r.headers["x-tuili-ignored-fields"] == "metadata"
+    assert "x-tuili-ignored-fields" not in post(base, "/v1/completions", GOOD).headers
+
+
+def test_a_generation_past_the_request_timeout_is_stopped(tiny_model):
+    config = ServerConfig(model_names=(MODEL,), request_timeout=0.3)
+    slow = {**GOOD, "max_tokens": 200, "ignore_eos": True}
+    with live_server(tiny_model, config, block_size=4) as (base, server):
+        engine_step = server.llm.engine.step
+
+        def slow_step():
+            time.sleep(0.01)
+            return engine_step()
+
+        server.llm.engine.step = slow_step
+        assert_error(post(base, "/v1/completions", slow), 504, "time limit of 0.3 s")
+        with httpx.stream("POST", f"{base}/v1/completions", json={**slow, "stream": True}, timeout=30) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert "time limit" in events[-1] and "[DONE]" not in events[-1]
+        deadline = time.monotonic() + 5  # the aborts reach the engine thread between its steps
+        while (server.in_flight or server.llm.engine.stats()["kv_usage"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.in_flight == 0 and server.llm.engine.stats()["kv_usage"] == 0
+        still_serving(base)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tuili.engine.llm import LLMEngine, Prompt
+from tuili.errors import RequestFailed
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model
@@ -78,8 +79,13 @@ class AsyncLLM:
         try:
             while not finished:
                 out = await stream.queue.get()
+                if isinstance(out, RequestFailed):
+                    raise out
                 if isinstance(out, BaseException):
                     raise RuntimeError(f"the engine failed: {out}") from out
+                if out.error is not None:
+                    finished = True  # the engine has dropped it: nothing to abort
+                    raise RequestFailed(f"this request failed (the others go on): {out.error}")
                 finished = out.finished
                 yield out
         finally:
@@ -149,7 +155,10 @@ class AsyncLLM:
             if message[0] == "add":
                 _, request_id, prompt_ids, params = message
                 if request_id in self._streams:  # not already abandoned by its caller
-                    self.engine.enqueue(prompt_ids, params, request_id)
+                    try:
+                        self.engine.enqueue(prompt_ids, params, request_id)
+                    except Exception as error:  # noqa: BLE001 - this request's alone
+                        self._send(request_id, RequestFailed(f"the request could not start: {error}"))
             elif message[0] == "abort":
                 out = self.engine.abort(message[1])
                 if out is not None:

@@ -8,6 +8,7 @@ thread for the server.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +30,12 @@ from tuili.engine.sampling import (
     token_logprobs,
 )
 from tuili.engine.scheduler import Chunk, Scheduler
+from tuili.errors import RequestFailed
 from tuili.kernels import ops as kernels
 from tuili.models.model import Model
 from tuili.quant.linear import compute_dtype, engine_compute_dtype
 
+log = logging.getLogger("tuili.engine")
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
 MAX_DEFAULT_KV_BYTES = 4 << 30
 DEFAULT_KV_TOKENS_PER_SEQ = 2048
@@ -157,7 +160,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         generator = torch.Generator(device=self.module.device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())  # negatives wrap to 2**64
         stop_ids = (set() if params.ignore_eos else set(self.model.eos_token_ids)) | set(params.stop_token_ids)
         request = Request(request_id, prompt_ids, params, OutputText(self.model.tokenizer, params.stop, stop_ids),
                           generator)
@@ -178,7 +181,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled chunks; sample where a chunk completes a request's
-        pending tokens. Returns an output for every request that got a token (or finished)."""
+        pending tokens. Returns an output for every request that got a token (or finished).
+
+        Faults are of two kinds. One in a request's own work (its penalties, sampling, log-probabilities,
+        detokenization, stop strings) ends that request alone: it finishes with finish_reason "error"
+        and its `error`, its blocks are freed, and the batch goes on. One in the shared work (scheduling,
+        the batched forward, the KV cache's blocks) may have left shared state half-written: it is raised
+        from here, and whoever runs the engine stops it (`tuili serve` then exits non-zero).
+        """
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
@@ -188,8 +198,8 @@ class LLMEngine:
             sampling = [c.request for c in chunks if c.samples]
             for chunk in chunks:
                 self.scheduler.computed(chunk)
-            tokens = self._sample(sampling, logits)
-        return [self._append(request, token, logprob) for request, (token, logprob) in zip(sampling, tokens)]
+            greedy = self._greedy_tokens(sampling, logits)
+            return [self._advance(request, logits[i:i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
 
     def _forward(self, chunks: list[Chunk]) -> Tensor:
         ids, positions, sample_at = [], [], []
@@ -212,37 +222,47 @@ class LLMEngine:
                 return logits
             return self.module(ids_t[None], positions_t[None], self.cache, logits_at=at).logits[0]
 
-    def _sample(self, requests: list[Request], logits: Tensor) -> list[tuple[int, TokenLogprob | None]]:
-        """Next token per request (greedy ones in one argmax), with log-probabilities if asked for."""
+    def _greedy_tokens(self, requests: list[Request], logits: Tensor) -> dict[int, int]:
+        """The next token of every plain greedy request (row index -> token), in one argmax."""
         plain = [i for i, r in enumerate(requests) if r.params.greedy and not r.params.penalized]
+        if not plain:
+            return {}
         rows = logits if len(plain) == len(requests) else logits[plain]
-        greedy = dict(zip(plain, kernels.argmax(rows).tolist())) if plain else {}
-        results = []
-        for i, request in enumerate(requests):
-            params, row = request.params, logits[i:i + 1]
-            if params.penalized:
-                row = apply_penalties(row, params, [request.prompt_ids], [request.output_ids])
-            token = greedy[i] if i in greedy else int(sample(row, params, request.generator)[0])
-            logprob = None
-            if params.logprobs is not None:
-                value, top = token_logprobs(row, torch.tensor([token]), params.logprobs)[0]
-                logprob = TokenLogprob(token, value, top)
-            results.append((token, logprob))
-        return results
+        return dict(zip(plain, kernels.argmax(rows).tolist()))
 
-    def _append(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        request.output_ids.append(token)
-        request.all_ids.append(token)
-        if logprob is not None:
-            request.logprobs.append(logprob)
+    def _advance(self, request: Request, row: Tensor, greedy: int | None) -> RequestOutput:
+        """Give a request its next token (sampled from its logits `row` unless `greedy` is given);
+        a failure in this request's own work finishes it with finish_reason "error"."""
+        try:
+            token, logprob = self._pick(request, row, greedy)
+            request.output_ids.append(token)
+            request.all_ids.append(token)
+            if logprob is not None:
+                request.logprobs.append(logprob)
+            delta = request.text.add(token)
+        except Exception as error:  # noqa: BLE001 - this request's alone: it ends, the batch goes on
+            log.exception("request %s failed; it is aborted and the others go on", request.id)
+            request.error = f"{type(error).__name__}: {error}"
+            return self._finish(request, "error", "", 0)
         if request.first_token_time is None:
             request.first_token_time = time.perf_counter()
-        delta = request.text.add(token)
         if request.text.finish_reason is not None:
             return self._finish(request, request.text.finish_reason, delta, 1)
         if len(request.output_ids) >= request.params.max_tokens:
             return self._finish(request, "length", delta + request.text.finish(), 1)
         return RequestOutput.of(request, delta, 1)
+
+    def _pick(self, request: Request, row: Tensor, greedy: int | None) -> tuple[int, TokenLogprob | None]:
+        """The next token of one request, with its log-probabilities if asked for."""
+        params = request.params
+        if params.penalized:
+            row = apply_penalties(row, params, [request.prompt_ids], [request.output_ids])
+        token = greedy if greedy is not None else int(sample(row, params, request.generator)[0])
+        logprob = None
+        if params.logprobs is not None:
+            value, top = token_logprobs(row, torch.tensor([token]), params.logprobs)[0]
+            logprob = TokenLogprob(token, value, top)
+        return token, logprob
 
     def _finish(self, request: Request, reason: str, delta: str, new_tokens: int) -> RequestOutput:
         self.scheduler.finish(request)
@@ -293,7 +313,7 @@ class LLM:
             while len(done) < len(ids):
                 for out in self.engine.step():
                     if out.finished:
-                        done[out.request_id] = out
+                        done[out.request_id] = _succeeded(out)
         finally:
             for request_id in ids:
                 if request_id not in done:
@@ -308,7 +328,7 @@ class LLM:
             while not finished:
                 for out in self.engine.step():
                     if out.request_id == request_id:
-                        finished = out.finished
+                        finished = _succeeded(out).finished
                         if out.delta:
                             yield out.delta
         finally:
@@ -324,6 +344,13 @@ def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(first, int) or isinstance(first, dict):
         return [prompts]
     return list(prompts)
+
+
+def _succeeded(out: RequestOutput) -> RequestOutput:
+    """The output, or RequestFailed where its request failed in its own work."""
+    if out.error is not None:
+        raise RequestFailed(f"request {out.request_id} failed: {out.error}")
+    return out
 
 
 def _completion(out: RequestOutput, start: float) -> Completion:

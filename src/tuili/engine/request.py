@@ -37,7 +37,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: str | None = None  # with finish_reason "error": what failed in this request's own work
     table: BlockTable | None = None  # its KV blocks while it holds any
     num_computed: int = 0  # leading tokens whose keys and values are in the cache
     num_cached: int = 0  # prompt tokens found in the prefix cache at admission
@@ -75,6 +76,7 @@ class RequestOutput:
     scheduled_time: float | None
     first_token_time: float | None
     finished_time: float | None
+    error: str | None = None  # with finish_reason "error": what failed (the request alone was ended)
 
     @classmethod
     def of(cls, request: Request, delta: str, new_tokens: int) -> RequestOutput:
@@ -84,4 +86,4 @@ class RequestOutput:
                    request.status is Status.FINISHED, request.finish_reason,
                    logprobs[len(logprobs) - new_tokens:] if logprobs else [], list(logprobs),
                    request.num_cached, request.arrival, request.scheduled_time, request.first_token_time,
-                   request.finished_time)
+                   request.finished_time, request.error)

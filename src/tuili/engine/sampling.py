@@ -1,17 +1,30 @@
 """Sampling parameters and the sampler: penalties, greedy, temperature, top-k, top-p, min-p, seeded,
-and log-probabilities with the top alternatives."""
+and log-probabilities with the top alternatives.
+
+Every value `SamplingParams` accepts samples without NaN or infinity: logits are made finite
+(NaN → -inf, +inf → the largest float) before any filter, temperatures below `GREEDY_BELOW` are
+greedy (vLLM's rule), scaling happens after subtracting the row's maximum, and a row whose
+distribution still degenerates (every token filtered or overflowed) takes its most likely token.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing by them overflows the logits
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit signed integer, as vLLM and OpenAI take it
+LOGPROB_FLOOR = -9999.0  # reported instead of -inf (JSON has no infinity), as vLLM's server does
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. temperature=0 is greedy; top_k=0 and top_p=1 disable those filters."""
+    """How to pick each next token. temperature=0 (or below GREEDY_BELOW) is greedy; top_k=0 (or -1)
+    and top_p=1 disable those filters. Every float must be finite."""
 
     max_tokens: int = 128
     temperature: float = 1.0
@@ -28,12 +41,19 @@ class SamplingParams:
     logprobs: int | None = None  # return the chosen token's log-probability and this many alternatives
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.top_k == -1:  # vLLM's and llama.cpp's spelling of "off"
+            object.__setattr__(self, "top_k", 0)
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be a 64-bit signed integer (in [-2**63, 2**63 - 1]), got {self.seed}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise ValueError(f"top_k must be >= 1, or 0 or -1 to disable it, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
@@ -51,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -72,14 +92,24 @@ def apply_penalties(logits: Tensor, params: SamplingParams, prompt: list[list[in
             logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
                                             values * params.repetition_penalty)
         logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-    return logits
+    return finite(logits)
+
+
+def finite(logits: Tensor) -> Tensor:
+    """Logits with NaN as -inf (never picked) and +inf as the largest float (picked, not NaN in softmax)."""
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                            neginf=float("-inf"))
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
     """Next token ids (B,) from logits (B, V) (penalties, if any, already applied)."""
+    logits = finite(logits)  # fp32 for the softmax
+    best = logits.argmax(dim=-1)
     if params.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature  # fp32 for the softmax
+        return best
+    # shift to a maximum of 0 before scaling, so a small temperature cannot overflow to inf
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
+    logits = logits.nan_to_num(nan=float("-inf"))  # -inf - -inf: a row with no finite logit
     if params.min_p > 0:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
@@ -89,6 +119,10 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     if params.top_p < 1:
         logits = _top_p(logits, params.top_p)
     probs = torch.softmax(logits, dim=-1)
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    if not bool(usable.all()):  # a degenerate row: its most likely token, never a NaN draw
+        probs = torch.where(usable[:, None], probs.nan_to_num(0.0),
+                            torch.nn.functional.one_hot(best, probs.shape[-1]).float())
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -103,8 +137,8 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
 
 def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per row: the chosen token's log-probability under the model's distribution, and the top_n
-    most likely tokens with theirs."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    most likely tokens with theirs (at least LOGPROB_FLOOR: JSON has no -inf)."""
+    logprobs = torch.log_softmax(finite(logits), dim=-1).nan_to_num(nan=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
     chosen = logprobs.gather(1, tokens.view(-1, 1))[:, 0]
     top = torch.topk(logprobs, top_n, dim=-1) if top_n else None
     return [(float(chosen[i]), [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())))

@@ -32,7 +32,7 @@ from tuili.server.metrics import CONTENT_TYPE, Metrics
 from tuili.server.middleware import AccessLog, ApiKey, BodyLimit
 from tuili.server.openai import DONE, Formatter, TokenText, sse_error, usage
 from tuili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                                   LoglikelihoodRequest, TokenizeRequest, _Sampling)
+                                   LoglikelihoodRequest, TokenizeRequest, _Request, _Sampling, message_dict)
 
 log = logging.getLogger("tuili.server")
 OPEN_PATHS = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
@@ -45,7 +45,9 @@ class ServerConfig:
     """model_names: the names clients may send as `model` (the first is the one /v1/models lists).
     max_prompt_tokens, max_tokens: per-request limits (default: the model's context).
     max_queued_requests: generations running or waiting at once; beyond it, 429 with Retry-After.
-    embed_batch_size, embed_max_wait: the dynamic batcher of /v1/embeddings and /v1/loglikelihood."""
+    embed_batch_size, embed_max_wait: the dynamic batcher of /v1/embeddings and /v1/loglikelihood.
+    request_timeout: seconds a generation may run; past it its sequences are aborted and the client gets
+    504 (or, streaming, an error event), so work nobody waits for ends (None: no limit)."""
 
     model_names: tuple[str, ...] = ("default",)
     api_key: str | None = None
@@ -56,6 +58,7 @@ class ServerConfig:
     embed_batch_size: int = 32
     embed_max_wait: float = 0.005
     embed_batch_tokens: int = 16384
+    request_timeout: float | None = 600.0
     warmup: bool = True
 
 
@@ -247,16 +250,17 @@ class Server:
             raise APIError(400, f"the messages could not be rendered with the model's chat template: {e}",
                            "messages") from None
 
-    async def tokenize(self, body: TokenizeRequest) -> dict:
+    async def tokenize(self, body: TokenizeRequest, response: Response) -> dict:
+        response.headers.update(_ignored(body))
         self._check_model(body.model)
         if body.messages is not None:
-            ids = self._render_chat([{"role": m.role, "content": m.text()} for m in body.messages],
-                                    body.add_generation_prompt)
+            ids = self._render_chat([message_dict(m) for m in body.messages], body.add_generation_prompt)
         else:
             ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
 
-    async def detokenize(self, body: DetokenizeRequest) -> dict:
+    async def detokenize(self, body: DetokenizeRequest, response: Response) -> dict:
+        response.headers.update(_ignored(body))
         self._check_model(body.model)
         self._in_vocabulary(body.tokens, "tokens")
         return {"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)}
@@ -305,8 +309,6 @@ class Server:
 
     async def _generate(self, request: Request, body: _Sampling, prompts: list[list[int]], max_tokens: int | None,
                         logprobs: int | None, chat: bool) -> Response:
-        for name in body.unknown_fields:
-            log.warning("ignored an unknown request field %r", name)
         jobs = self._jobs(body, prompts, max_tokens, logprobs)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         request.state.request_id = request_id
@@ -318,11 +320,13 @@ class Server:
         # a client that leaves (even before the response starts) has its sequences aborted
         gone = asyncio.create_task(_disconnected(request))
         gone.add_done_callback(lambda task: task.cancelled() or choices.cancel())
+        headers = {"X-Request-Id": request_id, **_ignored(body)}
         if body.stream:
             return StreamingResponse(self._stream(choices, gone, fmt, record, len(jobs)),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
-        return await self._complete(choices, gone, fmt, record)
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+        response = await self._complete(choices, gone, fmt, record)
+        response.headers.update(headers)
+        return response
 
     def _sequence_done(self, finished: bool) -> None:
         self.in_flight -= 1
@@ -340,17 +344,24 @@ class Server:
 
         work = asyncio.create_task(collect())
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, gone}, timeout=self.config.request_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-        if not work.done():  # the client left: free its sequences
+        if not work.done():  # the client left, or the time limit ran out: free its sequences
             choices.cancel()
             work.cancel()
-            return Response(status_code=499)
+            if gone.done() and not gone.cancelled():
+                return Response(status_code=499)
+            raise APIError(504, self._timeout_message())
         if work.exception() is not None:
+            choices.cancel()  # the other choices of a failed request are not wanted
             raise APIError(500, f"generation failed: {work.exception()}")
         outs = [finals[i] for i in sorted(finals)]
         return JSONResponse(fmt.response([fmt.choice(i, out) for i, out in enumerate(outs)], record.usage(outs)))
+
+    def _timeout_message(self) -> str:
+        return (f"the request ran past this server's time limit of {self.config.request_timeout:g} s and was "
+                "stopped; ask for fewer tokens (max_tokens), or start the server with a larger --request-timeout")
 
     async def _stream(self, choices: _Choices, gone: asyncio.Task, fmt: Formatter, record: _Recorder,
                       count: int) -> AsyncIterator[str]:
@@ -359,17 +370,20 @@ class Server:
             if fmt.chat:
                 for index in range(count):
                     yield fmt.role_chunk(index)
-            async for index, out in choices:
-                record.output(index, out)
-                if out.finished:
-                    finals[index] = out
-                chunk = fmt.delta_chunk(index, out)
-                if chunk is not None:
-                    yield chunk
+            async with asyncio.timeout(self.config.request_timeout):
+                async for index, out in choices:
+                    record.output(index, out)
+                    if out.finished:
+                        finals[index] = out
+                    chunk = fmt.delta_chunk(index, out)
+                    if chunk is not None:
+                        yield chunk
             if len(finals) == count:
                 if fmt.include_usage:
                     yield fmt.usage_chunk(record.usage([finals[i] for i in sorted(finals)]))
                 yield DONE
+        except TimeoutError:
+            yield sse_error(504, self._timeout_message())
         except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
             log.exception("a stream failed")
             yield sse_error(500, f"generation failed: {e}")
@@ -388,7 +402,8 @@ class Server:
             score.top_logprobs = [t[:n] for t in score.top_logprobs] if n else []
         return scores
 
-    async def embeddings(self, body: EmbeddingRequest) -> dict:
+    async def embeddings(self, body: EmbeddingRequest, response: Response) -> dict:
+        response.headers.update(_ignored(body))
         self._check_ready_and_model(body.model)
         try:
             inputs = [self._encode(x, "input") for x in body.inputs()]
@@ -411,7 +426,8 @@ class Server:
         return {"object": "list", "data": data, "model": self.config.model_names[0],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    async def loglikelihood(self, body: LoglikelihoodRequest) -> dict:
+    async def loglikelihood(self, body: LoglikelihoodRequest, response: Response) -> dict:
+        response.headers.update(_ignored(body))
         self._check_ready_and_model(body.model)
         try:
             pairs = body.pairs()
@@ -442,6 +458,14 @@ class Server:
         tokens = sum(len(c) + len(x) for c, x, _ in items)
         return {"object": "list", "data": data, "model": self.config.model_names[0],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _ignored(body: _Request) -> dict[str, str]:
+    """The response header naming the bookkeeping fields a request sent and tuili ignored (also logged)."""
+    if not body.ignored_fields:
+        return {}
+    log.info("ignored the bookkeeping fields %s", ", ".join(body.ignored_fields))
+    return {"X-Tuili-Ignored-Fields": ", ".join(body.ignored_fields)}
 
 
 class _Recorder:

@@ -26,6 +26,14 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+class FieldError(ValueError):
+    """A request check that spans the body but blames one top-level field (`param` in the response)."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message if param is None or message.startswith(param) else f"{param}: {message}")
+        self.param = param
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
                       "code": code}}
@@ -49,7 +57,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
             return "the request body must be a JSON object with the request's fields", None
         # a union's alternatives add their type names ("str", "list[int]") to the location: drop them
         path = [x for x in loc if x not in _TYPE_NAMES and "[" not in x] or loc[:1]
-        param = param or (path[0] if path else None)
+        cause = e.get("ctx", {}).get("error")
+        param = param or (path[0] if path else getattr(cause, "param", None))
         message = e.get("msg", "invalid value").removeprefix("Value error, ")
         parts.append(f"{'.'.join(path)}: {message}" if path else message)
     return "; ".join(dict.fromkeys(parts)), param

@@ -1,8 +1,13 @@
 """The OpenAI request schemas tuili serves (pydantic), and how each maps to `SamplingParams`.
 
 Fields follow the OpenAI API reference; `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` and
-`stop_token_ids` are extensions vLLM also accepts. Unknown fields are accepted and ignored (clients
-send vendor fields), with a warning in the log. NaN and infinities are refused.
+`stop_token_ids` are extensions vLLM also accepts. NaN, infinities and text that is not valid Unicode
+(a lone surrogate such as "\\ud800") are refused, naming the field.
+
+Unknown fields, one policy: a field tuili does not know could change the answer (vLLM's `guided_json`,
+the legacy `functions`), so it is refused with 400, never ignored. Only pure bookkeeping fields
+(`IGNORABLE`: they change nothing a model computes) are accepted and ignored; the response names
+them in its `X-Tuili-Ignored-Fields` header and the server logs them.
 """
 
 from __future__ import annotations
@@ -11,16 +16,71 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tuili.engine.sampling import SamplingParams
+from tuili.engine.sampling import SEED_RANGE, SamplingParams
+from tuili.server.errors import FieldError
 
 NonNegInt = Annotated[int, Field(ge=0)]
+IGNORABLE = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+# fields some clients send that tuili cannot honour yet, with what to do instead
+_UNSUPPORTED = {
+    "guided_json": "structured output (guided_json, guided_regex, guided_choice, guided_grammar) is not supported",
+    "functions": "function calling (functions, function_call, tools) is not supported",
+    "function_call": "function calling (functions, function_call, tools) is not supported",
+    "tool_choice": "function calling (tools, tool_choice) is not supported",
+    "parallel_tool_calls": "function calling (tools, parallel_tool_calls) is not supported",
+}
+
+
+def invalid_text(value: Any, path: tuple = ()) -> tuple[tuple, str] | None:
+    """The location and a description of the first string in a JSON value that is not valid Unicode
+    (a lone surrogate, which JSON's \\u escapes can carry and no tokenizer can encode), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, f"invalid Unicode: a lone surrogate (\\u{ord(value[e.start]):04x}) at character {e.start}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = invalid_text(key, path) or invalid_text(item, (*path, key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = invalid_text(item, (*path, i))
+            if found:
+                return found
+    return None
 
 
 class _Request(BaseModel):
+    """A request body: unknown fields refused unless IGNORABLE, every string valid Unicode."""
+
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        found = invalid_text(data)
+        if found:
+            path, problem = found
+            field = ".".join(map(str, path)) or "the body"
+            raise FieldError(str(path[0]) if path else None, f"{field}: {problem}; send text as valid UTF-8")
+        return data
+
+    @model_validator(mode="after")
+    def _known_fields(self):
+        for name in sorted(self.model_extra or ()):
+            if name.startswith("guided_") or name in _UNSUPPORTED:
+                reason = _UNSUPPORTED.get(name, _UNSUPPORTED["guided_json"])
+                raise FieldError(name, f"{reason} by this server; remove the field")
+            if name not in IGNORABLE:
+                raise FieldError(name, f"unknown field; tuili refuses fields it cannot honour rather than "
+                                 f"ignore them (only {', '.join(sorted(IGNORABLE))} are ignored)")
+        return self
+
     @property
-    def unknown_fields(self) -> list[str]:
+    def ignored_fields(self) -> list[str]:
+        """The bookkeeping fields this request sent that tuili ignores."""
         return sorted(self.model_extra or ())
 
 
@@ -39,14 +99,14 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
     # extensions (vLLM's names)
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
 
@@ -77,8 +137,13 @@ class _Sampling(_Request):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed + index, stop=stop,
+            seed=None if self.seed is None else _signed64(self.seed + index), stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs)
+
+
+def _signed64(value: int) -> int:
+    """`value` wrapped into the 64-bit signed range (choice seeds seed + index near 2**63 - 1)."""
+    return (value - SEED_RANGE[0]) % (1 << 64) + SEED_RANGE[0]
 
 
 class CompletionRequest(_Sampling):
@@ -123,15 +188,36 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """One message of the history. Tool calls and tool results are refused: dropping them would
+    render a different conversation than the client sent."""
+
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        if self.role == "tool" or self.tool_calls or self.tool_call_id or self.function_call:
+            raise ValueError("tool calls and tool results in the history (role 'tool', tool_calls, "
+                             "function_call) are not supported by this server")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+def message_dict(message: ChatMessage) -> dict[str, str]:
+    """The message as the chat template reads it (developer messages are system messages)."""
+    entry = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.name is not None:
+        entry["name"] = message.name
+    return entry
 
 
 class ChatCompletionRequest(_Sampling):
@@ -167,8 +253,7 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        return [message_dict(m) for m in self.messages]
 
 
 class EmbeddingRequest(_Request):

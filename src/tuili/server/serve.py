@@ -2,7 +2,9 @@
 
 On SIGTERM (or Ctrl-C) uvicorn closes the listening socket (no new connections), lets requests in flight finish
 within `grace` seconds, cancels what is left (their sequences are aborted), then the engine stops
-and the process exits 0.
+and the process exits 0. A fault in the engine's shared work (see `LLMEngine.step`) stops the
+engine: the server then stops too and the process exits 3, so a supervisor (systemd, Kubernetes)
+restarts it; a fault in one request's own work ends that request alone.
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ def build_server(model, config: ServerConfig, **engine_options) -> Server:
     return Server(AsyncLLM(model, own_thread=False, **engine_options), config)
 
 
+ENGINE_FAILED = 3  # the exit status after the engine stopped on a fault
+
+
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0,
           log_level: str = "info", sock: socket.socket | None = None) -> int:
-    """Run until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop).
+    """Run until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop, 1 if it could
+    not start, ENGINE_FAILED if the engine stopped on a fault).
 
     The engine loop runs on this thread and uvicorn's event loop on a second one (see AsyncLLM on
     OpenMP and the main thread); signals reach this thread and ask uvicorn to shut down gracefully:
@@ -72,10 +78,16 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, grace: floa
     try:
         thread.start()
         server.llm.run()
+        if server.llm.error is not None:
+            log.error("the engine stopped on a fault (%s: %s); the server exits with status %d so that its "
+                      "supervisor restarts it", type(server.llm.error).__name__, server.llm.error, ENGINE_FAILED)
+            uv.should_exit = True
         thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if server.llm.error is not None:
+        return ENGINE_FAILED
     if not uv.started:
         log.error("the server could not start on %s:%d (is the port in use?)", host, port)
         return 1
