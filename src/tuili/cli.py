@@ -360,29 +360,28 @@ def _recipes(args) -> None:
 
 
 def _export(args) -> None:
-    from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
-    from tuili.pipeline.gguf_export import check_gguf, export_gguf
+    from tuili.pipeline.export import export_onnx
+    from tuili.pipeline.gguf_export import export_gguf
 
     if args.out.suffix not in (".onnx", ".gguf"):
         raise TuiliError(f"--out must name a .onnx or .gguf file, got {args.out}")
     model = _load(args)
     start = time.perf_counter()
     if args.out.suffix == ".gguf":
-        written = export_gguf(model, args.out, args.gguf_float)
-        path = written.path
+        written = export_gguf(model, args.out, args.gguf_float, check=not args.no_check)
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(written.tensor_types.items()))
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB; tensors: {kinds}) in "
-              f"{time.perf_counter() - start:.1f} s")
+        detail, what, notes = f"; tensors: {kinds}", "the GGUF file read back", []
         if written.dequantized:
-            print(f"{len(written.dequantized)} quantized layers have no GGUF block type of their format and were "
-                  f"written dequantized (F16): {', '.join(written.dequantized[:3])}, ...")
-        check, what = check_gguf, "the GGUF file read back"
+            notes.append(f"{len(written.dequantized)} quantized layers have no GGUF block type of their format "
+                         f"and were written dequantized (F16): {', '.join(written.dequantized[:3])}, ...")
     else:
-        path = export_onnx(model, args.out)
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
-        check, what = check_onnx, "onnxruntime"
-    if not args.no_check:
-        print(f"logits of {what} vs tuili's, 2 × 32 tokens: max abs diff {check(path, model, sample_ids(model)):.2e}")
+        written = export_onnx(model, args.out, check=not args.no_check)
+        detail, what, notes = "", "onnxruntime", []
+    path = written.path
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB{detail}) in {time.perf_counter() - start:.1f} s")
+    print(*notes, sep="\n", end="\n" if notes else "")
+    if written.max_abs_diff is not None:
+        print(f"logits of {what} vs tuili's, 2 × 32 tokens: max abs diff {written.max_abs_diff:.2e}")
 
 
 def _quantize(args) -> None:

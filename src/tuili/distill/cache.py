@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 
 from tuili.distill.losses import TopKLogits
 from tuili.distill.students import DistillError
+from tuili.models.io import atomic_file
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -83,14 +82,8 @@ class LogitsCache:
 
 
 def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        write(str(tmp))
 
 
 __all__ = ["LogitsCache", "fingerprint"]

@@ -60,9 +60,18 @@ def isa() -> str:
     return ext.isa() if ext is not None else "pytorch"
 
 
+def unpack_nibbles(packed: Tensor, cols: int) -> Tensor:
+    """(…, ceil(cols/32)·16) bytes of 4-bit codes, 32 per 16 bytes (byte j: code j low, code j + 16 high)
+    -> (…, cols) unsigned codes (uint8; int32 under torch.export, whose ONNX translation mistypes
+    uint8 shifts: onnxruntime refused the graphs of W4 layers wider than 64)."""
+    chunks = packed.unflatten(-1, (-1, 16))
+    if torch.compiler.is_exporting():
+        chunks = chunks.to(torch.int32)
+    return torch.cat((chunks & 0xF, chunks >> 4), dim=-1).flatten(-2)[..., :cols]
+
+
 def _unpack_w4(w: Tensor, cols: int, flip: bool) -> Tensor:
-    chunks = w.view(w.shape[0], -1, 16)
-    codes = torch.cat((chunks & 0xF, chunks >> 4), dim=-1).flatten(1)[:, :cols]  # (N, K) unsigned
+    codes = unpack_nibbles(w, cols)  # (N, K) unsigned
     return codes ^ 8 if flip else codes
 
 

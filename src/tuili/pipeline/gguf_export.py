@@ -13,7 +13,6 @@ interleaved for its RoPE, so those rows are permuted as its converter does (tuil
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from tuili.models.gguf import _GLOBAL, _PER_LAYER
+from tuili.models.io import atomic_file
 from tuili.models.model import Model
 from tuili.models.tokenizer import gguf_pre_name
-from tuili.pipeline.export import ExportError
+from tuili.pipeline.export import ExportError, verify
 from tuili.quant.linear import WeightOnlyLinear
 
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -38,6 +38,7 @@ class GGUFExport:
     path: Path
     tensor_types: dict[str, int] = field(default_factory=dict)  # GGUF type name -> tensors
     dequantized: list[str] = field(default_factory=list)  # quantized layers with no GGUF twin, written as F16
+    max_abs_diff: float | None = None  # the file read back against tuili's logits (None: not checked)
 
 
 def _gguf_name(hf: str) -> str:
@@ -93,8 +94,9 @@ def _float_weight(module: nn.Module) -> Tensor:
     return module.weight.detach().float()
 
 
-def export_gguf(model: Model, path: str | Path, float_type: str = "f16") -> GGUFExport:
-    """Write `model` as a GGUF file at `path` (atomically) and say which block types it used."""
+def export_gguf(model: Model, path: str | Path, float_type: str = "f16", check: bool = True) -> GGUFExport:
+    """Write `model` as a GGUF file at `path`, read back and checked first (`check`), atomically, and
+    say which block types it used."""
     if float_type not in ("f16", "f32"):
         raise ExportError(f"float_type must be 'f16' or 'f32', got {float_type!r}")
     cfg = model.config
@@ -105,11 +107,18 @@ def export_gguf(model: Model, path: str | Path, float_type: str = "f16") -> GGUF
     path = Path(path)
     if path.suffix != ".gguf":
         raise ExportError(f"the GGUF file's name must end in .gguf, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     result = GGUFExport(path)
     arch = _ARCH[cfg.model_type]
-    writer = gguf.GGUFWriter(tmp, arch)
+    with atomic_file(path, suffix=".gguf") as tmp:
+        _write_gguf(gguf.GGUFWriter(tmp, arch), model, arch, float_type, result)
+        if check:
+            result.max_abs_diff = verify(check_gguf, tmp, model, "tuili's GGUF reader", half=True)  # fp16 block scales
+    return result
+
+
+def _write_gguf(writer: gguf.GGUFWriter, model: Model, arch: str, float_type: str, result: GGUFExport) -> None:
+    """Write the model's metadata and tensors through `writer`, recording each tensor's type in `result`."""
+    cfg = model.config
     try:
         _write_metadata(writer, model, arch)
         module = model.module
@@ -147,13 +156,8 @@ def export_gguf(model: Model, path: str | Path, float_type: str = "f16") -> GGUF
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    finally:
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return result
 
 
 def check_gguf(path: str | Path, model: Model, ids: Tensor) -> float:

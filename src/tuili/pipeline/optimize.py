@@ -19,8 +19,8 @@ from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed, speed_reference
-from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
-from tuili.pipeline.gguf_export import check_gguf, export_gguf
+from tuili.pipeline.export import export_onnx
+from tuili.pipeline.gguf_export import export_gguf
 from tuili.pipeline.recipe import Recipe, load_recipe
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.pipeline.sensitivity import LayerCost, layer_costs
@@ -244,11 +244,8 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
     if save_to:
         report.saved_to = str(model.save(save_to))
     for path in exports:
-        if str(path).endswith(".gguf"):
-            written, check = export_gguf(model, path).path, check_gguf
-        else:
-            written, check = export_onnx(model, path), check_onnx
-        report.exports.append({"path": str(written), "max_abs_diff": check(written, model, sample_ids(model))})
+        written = export_gguf(model, path) if str(path).endswith(".gguf") else export_onnx(model, path)
+        report.exports.append({"path": str(written.path), "max_abs_diff": written.max_abs_diff})
     return report
 
 

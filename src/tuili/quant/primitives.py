@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tuili.kernels.ops import unpack_nibbles
+
 Granularity = str | int  # "tensor", "channel" (one scale per output row) or a group size along the input
 
 
@@ -147,8 +149,7 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(packed: Tensor, cols: int, signed: bool) -> Tensor:
     """Inverse of `pack_int4`: (…, ceil(cols/32)·16) bytes -> (…, cols) int8 (signed) or uint8 codes."""
-    chunks = packed.unflatten(-1, (-1, 16))
-    u = torch.cat((chunks & 0xF, chunks >> 4), dim=-1).flatten(-2)[..., :cols]
+    u = unpack_nibbles(packed, cols)
     if not signed:
         return u
     s = u.to(torch.int8)
