@@ -53,9 +53,16 @@ def invalid_text(value: Any, path: tuple = ()) -> tuple[tuple, str] | None:
 
 
 class _Request(BaseModel):
-    """A request body: unknown fields refused unless IGNORABLE, every string valid Unicode."""
+    """A request body: unknown fields refused (the schema says so: additionalProperties false), the
+    IGNORABLE bookkeeping fields accepted and ignored, every string valid Unicode."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    # extra="allow" so that `_known_fields` can say why a field is refused; the schema forbids them
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, json_schema_extra={"additionalProperties": False})
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -73,15 +80,14 @@ class _Request(BaseModel):
             if name.startswith("guided_") or name in _UNSUPPORTED:
                 reason = _UNSUPPORTED.get(name, _UNSUPPORTED["guided_json"])
                 raise FieldError(name, f"{reason} by this server; remove the field")
-            if name not in IGNORABLE:
-                raise FieldError(name, f"unknown field; tuili refuses fields it cannot honour rather than "
-                                 f"ignore them (only {', '.join(sorted(IGNORABLE))} are ignored)")
+            raise FieldError(name, f"unknown field; tuili refuses fields it cannot honour rather than "
+                             f"ignore them (only {', '.join(sorted(IGNORABLE))} are ignored)")
         return self
 
     @property
     def ignored_fields(self) -> list[str]:
         """The bookkeeping fields this request sent that tuili ignores."""
-        return sorted(self.model_extra or ())
+        return sorted(IGNORABLE & self.model_fields_set)
 
 
 class StreamOptions(BaseModel):
@@ -181,6 +187,9 @@ class CompletionRequest(_Sampling):
         return list(prompt)
 
 
+_TOOL_KEYS = frozenset({"tool_calls", "tool_call_id", "function_call"})
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
@@ -192,19 +201,17 @@ class ChatMessage(BaseModel):
     render a different conversation than the client sent."""
 
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
-    function_call: Any = None
 
-    @model_validator(mode="after")
-    def _no_tools(self):
-        if self.role == "tool" or self.tool_calls or self.tool_call_id or self.function_call:
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (data.get("role") == "tool" or _TOOL_KEYS & data.keys()):
             raise ValueError("tool calls and tool results in the history (role 'tool', tool_calls, "
                              "function_call) are not supported by this server")
-        return self
+        return data
 
     def text(self) -> str:
         if isinstance(self.content, list):
