@@ -248,7 +248,7 @@ def test_fields_that_would_change_the_answer_are_refused(base, path, body, param
 def test_bookkeeping_fields_are_ignored_and_named_in_a_header(base):
     r = post(base, "/v1/completions", {**GOOD, "user": "u1", "metadata": {"team": "a"}, "store": False,
                                        "service_tier": "auto"})
-    assert r.status_code == 200 and r.headers["x-tuili-ignored-fields"] == "metadata, service_tier, store"
+    assert r.status_code == 200 and r.headers["x-tuili-ignored-fields"] == "metadata, service_tier, store, user"
     r = post(base, "/v1/embeddings", {"model": MODEL, "input": "x", "metadata": {}})
     assert r.status_code == 200 and r.headers["x-tuili-ignored-fields"] == "metadata"
     assert "x-tuili-ignored-fields" not in post(base, "/v1/completions", GOOD).headers

@@ -20,8 +20,8 @@ from tuili.engine.sampling import SEED_RANGE, SamplingParams
 from tuili.server.errors import FieldError
 
 NonNegInt = Annotated[int, Field(ge=0)]
-IGNORABLE = frozenset({"metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
-# fields some clients send that tuili cannot honour yet, with what to do instead
+IGNORABLE = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+# fields clients send that tuili cannot honour, with what each asks for
 _UNSUPPORTED = {
     "guided_json": "structured output (guided_json, guided_regex, guided_choice, guided_grammar) is not supported",
     "functions": "function calling (functions, function_call, tools) is not supported",
@@ -58,6 +58,7 @@ class _Request(BaseModel):
 
     # extra="allow" so that `_known_fields` can say why a field is refused; the schema forbids them
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, json_schema_extra={"additionalProperties": False})
+    user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -108,7 +109,6 @@ class _Sampling(_Request):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    user: str | None = None
     # extensions (vLLM's names)
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -270,7 +270,6 @@ class EmbeddingRequest(_Request):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:
         if isinstance(self.input, str):
