@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tuili-installed
 
-.PHONY: run test setup browser clean
+.PHONY: run test lint setup browser clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,12 @@ browser:
 	  $$SUDO apt-get install -y -q chromium >/dev/null || \
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
-test: $(STAMP) browser
+# ruff's lint rules and formatting (pyproject.toml), checked before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q tests
 
 clean:

@@ -25,7 +25,9 @@ from tuili.quant.api import lm_head_plan
 
 def decode_b1(model) -> float:
     prompt = torch.randint(3, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(0)).tolist()
-    return generate(model, prompt, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)).decode_tokens_per_second
+    return generate(
+        model, prompt, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    ).decode_tokens_per_second
 
 
 def concurrent(model, n: int = 16) -> float:
@@ -64,12 +66,33 @@ def main() -> None:
         (eb1, e16), (cb1, c16) = results["eager"], results["compiled"]
         ratio_b1 = statistics.median(c / e for c, e in zip(cb1, eb1))
         ratio_16 = statistics.median(c / e for c, e in zip(c16, e16))
-        rows.append([scheme, f"{compiled.compile_seconds:.0f} s", f"{max(eb1):.1f}", f"{max(cb1):.1f}",
-                     f"{ratio_b1:.3f}×", f"{max(e16):.1f}", f"{max(c16):.1f}", f"{ratio_16:.3f}×"])
+        rows.append(
+            [
+                scheme,
+                f"{compiled.compile_seconds:.0f} s",
+                f"{max(eb1):.1f}",
+                f"{max(cb1):.1f}",
+                f"{ratio_b1:.3f}×",
+                f"{max(e16):.1f}",
+                f"{max(c16):.1f}",
+                f"{ratio_16:.3f}×",
+            ]
+        )
         uncompile_(model)
-    headers = ["model", "compile time", "eager b1 tok/s", "compiled b1 tok/s", "median ratio b1",
-               "eager 16 concurrent", "compiled 16 concurrent", "median ratio 16"]
-    print(f"threads: {torch.get_num_threads()}, rounds: {args.rounds} (best of rounds; ratio: median of per-round ratios)\n")
+    headers = [
+        "model",
+        "compile time",
+        "eager b1 tok/s",
+        "compiled b1 tok/s",
+        "median ratio b1",
+        "eager 16 concurrent",
+        "compiled 16 concurrent",
+        "median ratio 16",
+    ]
+    print(
+        f"threads: {torch.get_num_threads()}, rounds: {args.rounds} "
+        "(best of rounds; ratio: median of per-round ratios)\n"
+    )
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
     for row in rows:

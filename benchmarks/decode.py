@@ -70,20 +70,41 @@ def main() -> None:
     rows = []
     for python in (False, True):
         step = "Python loop" if python else "C++ step"
-        rows.append([step, f"{median[('fp32', python)]:.1f}", f"{median[('w8a16', python)]:.1f}",
-                     f"{ratio(('w8a16', python), ('fp32', python)):.2f}×",
-                     f"{min(x / y for x, y in zip(rates[('w8a16', python)], rates[('fp32', python)])):.2f}×"])
-    print(f"{date.today()} · {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens\n")
-    print(markdown_table(["decode step", "fp32 tok/s", "w8a16 tok/s", "w8a16 vs fp32 (median of rounds)",
-                          "lowest round"], rows))
+        rows.append(
+            [
+                step,
+                f"{median[('fp32', python)]:.1f}",
+                f"{median[('w8a16', python)]:.1f}",
+                f"{ratio(('w8a16', python), ('fp32', python)):.2f}×",
+                f"{min(x / y for x, y in zip(rates[('w8a16', python)], rates[('fp32', python)])):.2f}×",
+            ]
+        )
+    print(
+        f"{date.today()} · {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{args.rounds} rounds, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens\n"
+    )
+    print(
+        markdown_table(
+            ["decode step", "fp32 tok/s", "w8a16 tok/s", "w8a16 vs fp32 (median of rounds)", "lowest round"], rows
+        )
+    )
     print()
-    print(markdown_table(["model", "C++ step vs Python loop (median of rounds)"],
-                         [[name, f"{ratio((name, False), (name, True)):.2f}×"] for name in models]))
+    print(
+        markdown_table(
+            ["model", "C++ step vs Python loop (median of rounds)"],
+            [[name, f"{ratio((name, False), (name, True)):.2f}×"] for name in models],
+        )
+    )
     print()
-    print(markdown_table(["model × step", *[f"round {i + 1}" for i in range(args.rounds)]],
-                         [[f"{name}, {'Python' if python else 'C++'}", *[f"{r:.1f}" for r in rates[(name, python)]]]
-                          for name, python in runs]))
+    print(
+        markdown_table(
+            ["model × step", *[f"round {i + 1}" for i in range(args.rounds)]],
+            [
+                [f"{name}, {'Python' if python else 'C++'}", *[f"{r:.1f}" for r in rates[(name, python)]]]
+                for name, python in runs
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def workload(tokens: list[int], seed: int = 0) -> tuple[list[int], list[int], li
     mixed = []
     for _ in range(16):
         length, start = rng.randint(64, 512), rng.randrange(0, len(tokens) - 512)
-        mixed.append(tokens[start:start + length])
+        mixed.append(tokens[start : start + length])
     return tokens[:32], tokens[1000:1512], mixed
 
 
@@ -87,8 +87,15 @@ def transformers_figures(folder: Path, short, long, mixed, n, repeats) -> dict:
 
 
 def llama_cpp_figures(python: str, short, long, mixed, n, repeats) -> dict | None:
-    args = {"gguf": str(tuili.models.default_model_path()), "threads": torch.get_num_threads(), "short": short,
-            "long": long, "mixed": mixed, "new_tokens": n, "repeats": repeats}
+    args = {
+        "gguf": str(tuili.models.default_model_path()),
+        "threads": torch.get_num_threads(),
+        "short": short,
+        "long": long,
+        "mixed": mixed,
+        "new_tokens": n,
+        "repeats": repeats,
+    }
     runner = Path(__file__).with_name("llama_cpp_runner.py")
     done = subprocess.run([python, str(runner), json.dumps(args)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -106,6 +113,7 @@ def _elapsed(fn) -> float:
 def _default_llama_python() -> str | None:
     try:
         import llama_cpp  # noqa: F401
+
         return sys.executable
     except ImportError:
         return None
@@ -116,8 +124,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--only", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    ap.add_argument("--llama-python", default=_default_llama_python(),
-                    help="a Python that can import llama_cpp (its own venv)")
+    ap.add_argument(
+        "--llama-python", default=_default_llama_python(), help="a Python that can import llama_cpp (its own venv)"
+    )
     args = ap.parse_args()
     n = args.new_tokens
     base = tuili.load("default")
@@ -125,18 +134,26 @@ def main():
     results = {}
     if "transformers" in args.only:
         results["transformers fp32 (generate)"] = transformers_figures(
-            base.save(Path(tempfile.mkdtemp()) / "smollm2"), short, long, mixed, n, args.repeats)
+            base.save(Path(tempfile.mkdtemp()) / "smollm2"), short, long, mixed, n, args.repeats
+        )
         print(results, flush=True)
-    quantized = {"tuili-fp32": ("tuili fp32", None),
-                 "tuili-w8a16": ("tuili W8A16, int8 head", Int8WeightOnly()),
-                 "tuili-w4a16": ("tuili W4A16 g32, int8 head", Int4WeightOnly(group_size=32)),
-                 "tuili-w4a16-g128": ("tuili W4A16 g128, int8 head", Int4WeightOnly(group_size=128)),
-                 "tuili-w8a8": ("tuili W8A8 dynamic (RTN), int8 head", Int8DynamicActivation())}
+    quantized = {
+        "tuili-fp32": ("tuili fp32", None),
+        "tuili-w8a16": ("tuili W8A16, int8 head", Int8WeightOnly()),
+        "tuili-w4a16": ("tuili W4A16 g32, int8 head", Int4WeightOnly(group_size=32)),
+        "tuili-w4a16-g128": ("tuili W4A16 g128, int8 head", Int4WeightOnly(group_size=128)),
+        "tuili-w8a8": ("tuili W8A8 dynamic (RTN), int8 head", Int8DynamicActivation()),
+    }
     for key, (label, scheme) in quantized.items():
         if key not in args.only:
             continue
-        model = base if scheme is None else quantize_(copy.deepcopy(base), scheme, ignore=(),
-                                                      overrides={"lm_head": Int8WeightOnly()}, progress=False)
+        model = (
+            base
+            if scheme is None
+            else quantize_(
+                copy.deepcopy(base), scheme, ignore=(), overrides={"lm_head": Int8WeightOnly()}, progress=False
+            )
+        )
         results[label] = tuili_figures(model, short, long, mixed, n, args.repeats)
         print(results, flush=True)
     if "llama.cpp" in args.only and args.llama_python:
@@ -144,17 +161,38 @@ def main():
         if figures:
             results[f"llama.cpp {figures.pop('version')} (Q4_1 GGUF; the 16 one after another)"] = figures
 
-    print(f"\nSmolLM2-135M-Instruct, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {n} new tokens; 16 prompts of {min(map(len, mixed))}–{max(map(len, mixed))} "
-          f"tokens\n")
+    print(
+        f"\nSmolLM2-135M-Instruct, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; {n} new tokens; 16 prompts of {min(map(len, mixed))}–{max(map(len, mixed))} "
+        f"tokens\n"
+    )
     baseline = next((v for k, v in results.items() if k.startswith("transformers")), None)
     rows = []
     for label, r in results.items():
         vs = f"{r['decode'] / baseline['decode']:.2f}×" if baseline else "—"
-        rows.append([label, f"{r['decode']:.1f}", vs, f"{r['prefill']:.0f}", f"{r['mixed']:.1f}",
-                     f"{r['mixed'] / r['decode']:.1f}×"])
-    print(markdown_table(["system", "decode tok/s, batch 1", "decode vs transformers", "prefill tok/s, 512",
-                          "16 concurrent, output tok/s", "16 concurrent vs own batch 1"], rows))
+        rows.append(
+            [
+                label,
+                f"{r['decode']:.1f}",
+                vs,
+                f"{r['prefill']:.0f}",
+                f"{r['mixed']:.1f}",
+                f"{r['mixed'] / r['decode']:.1f}×",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "system",
+                "decode tok/s, batch 1",
+                "decode vs transformers",
+                "prefill tok/s, 512",
+                "16 concurrent, output tok/s",
+                "16 concurrent vs own batch 1",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,12 @@ def main():
     path = tuili.models.default_model_path()
 
     load_tuili = best(lambda: tuili.load("default"), 2)
-    load_hf = best(lambda: transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32), 1)
+    load_hf = best(
+        lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        ),
+        1,
+    )
     model = tuili.load("default")
     folder = model.save(tempfile.mkdtemp() + "/smollm2")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -79,15 +83,25 @@ def main():
 
         dec_hf = max(hf_decode() for _ in range(args.repeats))
 
-    print(f"SmolLM2-135M-Instruct fp32, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}\n")
+    print(
+        f"SmolLM2-135M-Instruct fp32, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}\n"
+    )
     rows = [
         ["load the default GGUF (s)", f"{load_tuili:.2f}", f"{load_hf:.2f}", f"{load_hf / load_tuili:.2f}×"],
-        [f"perplexity, {ours.num_tokens:,} tokens (512-token windows)", f"{ours.perplexity:.4f}", f"{theirs:.4f}",
-         f"{100 * (ours.perplexity / theirs - 1):+.4f}%"],
+        [
+            f"perplexity, {ours.num_tokens:,} tokens (512-token windows)",
+            f"{ours.perplexity:.4f}",
+            f"{theirs:.4f}",
+            f"{100 * (ours.perplexity / theirs - 1):+.4f}%",
+        ],
         ["perplexity wall time (s)", f"{ours.seconds:.1f}", f"{hf_seconds:.1f}", f"{hf_seconds / ours.seconds:.2f}×"],
-        ["prefill 512 tokens (tok/s)", f"{512 / prefill_tuili:.0f}", f"{512 / prefill_hf:.0f}",
-         f"{prefill_hf / prefill_tuili:.2f}×"],
+        [
+            "prefill 512 tokens (tok/s)",
+            f"{512 / prefill_tuili:.0f}",
+            f"{512 / prefill_hf:.0f}",
+            f"{prefill_hf / prefill_tuili:.2f}×",
+        ],
         [f"decode, batch 1, {n} tokens (tok/s)", f"{dec_tuili:.1f}", f"{dec_hf:.1f}", f"{dec_tuili / dec_hf:.2f}×"],
     ]
     print(markdown_table(["measure", "tuili", "transformers", "tuili vs transformers"], rows))

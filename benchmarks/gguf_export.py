@@ -38,8 +38,12 @@ llm.eval(a["ids"])
 np.save(a["out"], np.asarray(llm.scores[: len(a["ids"])], dtype=np.float32))
 """
 
-VARIANTS = {"float (F16)": None, "W8 g32 (Q8_0)": Int8WeightOnly(32), "W4 g32 asymmetric (Q4_1)": Int4WeightOnly(32),
-            "W4 g32 symmetric (Q4_0)": Int4WeightOnly(32, symmetric=True)}
+VARIANTS = {
+    "float (F16)": None,
+    "W8 g32 (Q8_0)": Int8WeightOnly(32),
+    "W4 g32 asymmetric (Q4_1)": Int4WeightOnly(32),
+    "W4 g32 symmetric (Q4_0)": Int4WeightOnly(32, symmetric=True),
+}
 
 
 def main() -> None:
@@ -58,8 +62,10 @@ def main() -> None:
             written = export_gguf(model, Path(tmp) / "m.gguf")
             seconds = time.perf_counter() - start
             out = Path(tmp) / "scores.npy"
-            subprocess.run([args.llama_python, "-c", RUNNER, json.dumps(
-                {"gguf": str(written.path), "ids": ids, "out": str(out)})], check=True)
+            subprocess.run(
+                [args.llama_python, "-c", RUNNER, json.dumps({"gguf": str(written.path), "ids": ids, "out": str(out)})],
+                check=True,
+            )
             import numpy as np
 
             theirs = torch.from_numpy(np.load(out))
@@ -68,13 +74,34 @@ def main() -> None:
             agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
             kinds = ", ".join(f"{n} {k}" for k, n in sorted(written.tensor_types.items()))
             read_back = check_gguf(written.path, model, torch.tensor([ids]))
-            rows.append([name, f"{written.path.stat().st_size / 2**20:.1f} MiB", kinds, f"{seconds:.1f} s",
-                         f"{read_back:.3f}",
-                         f"{(theirs - ours).abs().max().item():.3f}", f"{ours.abs().max().item():.1f}",
-                         f"{100 * agree:.1f}%"])
-            print(markdown_table(["model", "GGUF file", "tensors", "export time", "max |Δ logit|, file read by tuili",
-                                  "max |Δ logit| vs llama.cpp",
-                                  "max |logit|", "top-1 agreement"], rows), flush=True)
+            rows.append(
+                [
+                    name,
+                    f"{written.path.stat().st_size / 2**20:.1f} MiB",
+                    kinds,
+                    f"{seconds:.1f} s",
+                    f"{read_back:.3f}",
+                    f"{(theirs - ours).abs().max().item():.3f}",
+                    f"{ours.abs().max().item():.1f}",
+                    f"{100 * agree:.1f}%",
+                ]
+            )
+            print(
+                markdown_table(
+                    [
+                        "model",
+                        "GGUF file",
+                        "tensors",
+                        "export time",
+                        "max |Δ logit|, file read by tuili",
+                        "max |Δ logit| vs llama.cpp",
+                        "max |logit|",
+                        "top-1 agreement",
+                    ],
+                    rows,
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,13 @@ INVALID = [
     '{"model": "m", "prompt": "a", "repetition_penalty": -1, "stream": true}',
 ]
 EXTREME = [  # valid, and numerically hostile: each must stream to the end
-    {"temperature": 1e-30}, {"top_p": 5e-324, "temperature": 2}, {"repetition_penalty": 1e-300, "temperature": 1},
-    {"repetition_penalty": 100, "temperature": 1}, {"seed": 2**63 - 1}, {"min_p": 1.0}, {"top_k": 10**30},
+    {"temperature": 1e-30},
+    {"top_p": 5e-324, "temperature": 2},
+    {"repetition_penalty": 1e-300, "temperature": 1},
+    {"repetition_penalty": 100, "temperature": 1},
+    {"seed": 2**63 - 1},
+    {"min_p": 1.0},
+    {"top_k": 10**30},
 ]
 
 
@@ -54,8 +59,13 @@ def fuzz(examples: int) -> list[str]:
         report = Path(tmp) / "fuzz.json"
         env = {**os.environ, "TUILI_FUZZ_EXAMPLES": str(examples), "TUILI_FUZZ_REPORT": str(report)}
         start = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "tests/server/test_fuzz.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/server/test_fuzz.py"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
         if not report.exists():
             raise SystemExit(f"the fuzz suite failed before reporting:\n{run.stdout[-3000:]}")
@@ -80,8 +90,14 @@ async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random, 
         r = await client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
         tally["4xx" if 400 <= r.status_code < 500 else f"{r.status_code} on invalid"] += 1
         return
-    body = {"model": "m", "prompt": f"Request {rng.random():.6f}: write about rivers.", "max_tokens": 16,
-            "stream": True, "ignore_eos": True, **(rng.choice(EXTREME) if rng.random() < 0.3 else {})}
+    body = {
+        "model": "m",
+        "prompt": f"Request {rng.random():.6f}: write about rivers.",
+        "max_tokens": 16,
+        "stream": True,
+        "ignore_eos": True,
+        **(rng.choice(EXTREME) if rng.random() < 0.3 else {}),
+    }
     chunks, done = 0, False
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -109,8 +125,10 @@ async def soak(port: int, pid: int, requests: int, clients: int) -> tuple[Counte
     marks = {requests // 10, requests // 4, requests // 2, 3 * requests // 4, requests}
     start = time.perf_counter()
 
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                                 limits=httpx.Limits(max_connections=clients + 8)) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=60, limits=httpx.Limits(max_connections=clients + 8)
+    ) as client:
+
         async def worker():
             nonlocal sent, answered
             while sent < requests:
@@ -133,8 +151,11 @@ async def soak(port: int, pid: int, requests: int, clients: int) -> tuple[Counte
 def gauges(port: int) -> dict[str, float]:
     lines = httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and line[0] != "#"}
-    return {k: values[k] for k in ("tuili_num_requests_running", "tuili_num_requests_waiting",
-                                   "tuili_kv_cache_usage_perc") if k in values}
+    return {
+        k: values[k]
+        for k in ("tuili_num_requests_running", "tuili_num_requests_waiting", "tuili_kv_cache_usage_perc")
+        if k in values
+    }
 
 
 def main() -> None:
@@ -156,9 +177,11 @@ def main() -> None:
         print(f"{seconds:.0f} s\n\n| outcome | requests |\n|---|---:|")
         for outcome, n in sorted(tally.items()):
             print(f"| {outcome} | {n} |")
-        print(f"\nafterwards: /health {health}, running {after.get('tuili_num_requests_running', 'n/a')}, "
-              f"waiting {after.get('tuili_num_requests_waiting', 'n/a')}, KV usage "
-              f"{after.get('tuili_kv_cache_usage_perc', 'n/a')}; exit status after SIGTERM {status}")
+        print(
+            f"\nafterwards: /health {health}, running {after.get('tuili_num_requests_running', 'n/a')}, "
+            f"waiting {after.get('tuili_num_requests_waiting', 'n/a')}, KV usage "
+            f"{after.get('tuili_kv_cache_usage_perc', 'n/a')}; exit status after SIGTERM {status}"
+        )
         print_memory(memory, args.requests)
 
 
@@ -186,8 +209,10 @@ def print_memory(memory: list[tuple[int, float]], requests: int) -> None:
     for sent, rss in memory:
         print(f"| {sent} | {rss:.0f} |")
     settled = [rss for sent, rss in memory if sent >= requests // 4]
-    print(f"\nRSS from {requests // 4} requests on: {min(settled):.0f}-{max(settled):.0f} MiB "
-          f"(spread {max(settled) - min(settled):.0f} MiB)")
+    print(
+        f"\nRSS from {requests // 4} requests on: {min(settled):.0f}-{max(settled):.0f} MiB "
+        f"(spread {max(settled) - min(settled):.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,15 +27,28 @@ from tuili.pipeline.report import markdown_table
 from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear, compute_dtype
 from tuili.quant.primitives import quantize_weight
 
-SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3)
+SMOLLM2 = LlamaConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+)
 
 
 def linear_shapes(config: LlamaConfig) -> list[tuple[str, int, int]]:
     """(name, in_features, out_features) of every linear layer, in forward order."""
     h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
-    layer = [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h),
-             ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+    layer = [
+        ("q_proj", h, h),
+        ("k_proj", h, kv),
+        ("v_proj", h, kv),
+        ("o_proj", h, h),
+        ("gate_proj", h, i),
+        ("up_proj", h, i),
+        ("down_proj", i, h),
+    ]
     return layer * config.num_hidden_layers + [("lm_head", h, config.vocab_size)]
 
 
@@ -75,11 +88,18 @@ def implementations() -> list[Impl]:
         Impl("tuili fp32 GEMV (kernels.linear)", lambda w: w, lambda x, w: kernels.linear(x, w)),
         Impl("bf16 F.linear", lambda w: w.bfloat16(), lambda x, w: F.linear(x, w), torch.bfloat16),
         Impl("aten._weight_int8pack_mm", int8pack, lambda x, s: torch.ops.aten._weight_int8pack_mm(x, s[0], s[1])),
-        Impl("aten._weight_int4pack_mm_for_cpu g64", _int4pack,
-             lambda x, s: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *s)),
+        Impl(
+            "aten._weight_int4pack_mm_for_cpu g64",
+            _int4pack,
+            lambda x, s: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *s),
+        ),
     ]
-    for label, make, fallback in (("W8A16", w8, "dequantize + F.linear"), ("W4A16 g64", w4, "dequantize + F.linear"),
-                                  ("W4A8 g64", w4a8, "dequantize + F.linear"), ("W8A8 dynamic", w8a8, "torch._int_mm")):
+    for label, make, fallback in (
+        ("W8A16", w8, "dequantize + F.linear"),
+        ("W4A16 g64", w4, "dequantize + F.linear"),
+        ("W4A8 g64", w4a8, "dequantize + F.linear"),
+        ("W8A8 dynamic", w8a8, "torch._int_mm"),
+    ):
         impls.append(Impl(f"tuili {label}", make, lambda x, m: m(x)))
         impls.append(Impl(f"tuili {label}, fallback ({fallback})", make, lambda x, m: m(x), kernels=False))
     # the engine's 16-bit activations (compute_dtype(bf16)): W8 × int16 (VNNI), W4 × bf16 (AVX512-BF16)
@@ -119,7 +139,7 @@ def measure(impl: Impl, shapes, batches, repeats: int, generator: torch.Generato
         for m in batches:
             xs = {k: torch.randn(m, k, generator=generator).to(impl.dtype) for _, k, _ in shapes}
 
-            def one_pass():
+            def one_pass(xs=xs):
                 for (_, k, _), state in zip(shapes, states):
                     impl.call(xs[k], state)
 
@@ -128,7 +148,11 @@ def measure(impl: Impl, shapes, batches, repeats: int, generator: torch.Generato
         x1 = {k: torch.randn(1, k, generator=generator).to(impl.dtype) for _, k, _ in shapes}
         for shape in dict.fromkeys((name, k, n) for name, k, n in shapes):
             mine = [s for sh, s in zip(shapes, states) if sh == shape]
-            seconds = min(_timed(lambda: [impl.call(x1[shape[1]], s) for s in mine]) for _ in range(repeats))
+
+            def calls(shape=shape, mine=mine):
+                return [impl.call(x1[shape[1]], s) for s in mine]
+
+            seconds = min(_timed(calls) for _ in range(repeats))
             per_shape[shape] = (seconds / len(mine), _bytes(mine[0]))
     return {"bytes": weight_bytes, "per_token": per_token, "per_shape": per_shape}
 
@@ -144,8 +168,10 @@ def op_rows(config: LlamaConfig, repeats: int) -> list[list[str]]:
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     rows = []
     with torch.no_grad():
-        cases = [("RMSNorm 576", lambda: kernels.rms_norm(x, w, 1e-5), lambda: kernels.rms_norm_reference(x, w, 1e-5)),
-                 ("RoPE 9 heads × 64", lambda: kernels.rope(q, cos, sin), lambda: kernels.rope_reference(q, cos, sin))]
+        cases = [
+            ("RMSNorm 576", lambda: kernels.rms_norm(x, w, 1e-5), lambda: kernels.rms_norm_reference(x, w, 1e-5)),
+            ("RoPE 9 heads × 64", lambda: kernels.rope(q, cos, sin), lambda: kernels.rope_reference(q, cos, sin)),
+        ]
         for context in (128, 1024):
             blocks = -(-context // 16)
             k_cache = torch.randn(blocks, 16, kv, d, generator=g)
@@ -155,18 +181,27 @@ def op_rows(config: LlamaConfig, repeats: int) -> list[list[str]]:
             qd = torch.randn(1, heads, d, generator=g)
             kc = k_cache.reshape(1, -1, kv, d)[:, :context].transpose(1, 2).repeat_interleave(heads // kv, 1)
             vc = v_cache.reshape(1, -1, kv, d)[:, :context].transpose(1, 2).repeat_interleave(heads // kv, 1)
-            paged = (qd, k_cache, v_cache, table, lens, d ** -0.5)
-            cases.append((f"paged decode attention, {context} tokens (PyTorch: gather + einsum)",
-                          lambda a=paged: kernels.paged_attention(*a), lambda a=paged: kernels.paged_attention_reference(*a)))
-            cases.append((f"paged decode attention, {context} tokens (PyTorch: SDPA on a contiguous cache)",
-                          lambda a=paged: kernels.paged_attention(*a),
-                          lambda a=(qd[:, :, None], kc, vc): F.scaled_dot_product_attention(*a)))
+            paged = (qd, k_cache, v_cache, table, lens, d**-0.5)
+            cases.append(
+                (
+                    f"paged decode attention, {context} tokens (PyTorch: gather + einsum)",
+                    lambda a=paged: kernels.paged_attention(*a),
+                    lambda a=paged: kernels.paged_attention_reference(*a),
+                )
+            )
+            cases.append(
+                (
+                    f"paged decode attention, {context} tokens (PyTorch: SDPA on a contiguous cache)",
+                    lambda a=paged: kernels.paged_attention(*a),
+                    lambda a=(qd[:, :, None], kc, vc): F.scaled_dot_product_attention(*a),
+                )
+            )
         for name, fused, reference in cases:
             times = []
             for fn in (fused, reference):
                 for _ in range(20):
                     fn()
-                times.append(min(_timed(lambda: [fn() for _ in range(200)]) for _ in range(repeats)) / 200)
+                times.append(min(_timed(lambda fn=fn: [fn() for _ in range(200)]) for _ in range(repeats)) / 200)
             rows.append([name, f"{times[0] * 1e6:.1f}", f"{times[1] * 1e6:.1f}", f"{times[1] / times[0]:.1f}×"])
     return rows
 
@@ -181,8 +216,10 @@ def main():
     shapes = linear_shapes(SMOLLM2)
     generator = torch.Generator().manual_seed(0)
     copy_gbs = stream_copy_gbs()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tuili kernels: {kernels.isa()}; "
-          f"{len(shapes)} linear layers; STREAM-like copy: {copy_gbs:.1f} GB/s\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, tuili kernels: {kernels.isa()}; "
+        f"{len(shapes)} linear layers; STREAM-like copy: {copy_gbs:.1f} GB/s\n"
+    )
     if args.ops_only:
         print(markdown_table(["op", "tuili kernel", "PyTorch", "speed-up"], op_rows(SMOLLM2, args.repeats)))
         return
@@ -198,15 +235,23 @@ def main():
     rows = []
     for name, r in results.items():
         t1 = r["per_token"][args.batch[0]]
-        rows.append([name, f"{r['bytes'] / 2**20:.1f} MiB"] + [f"{r['per_token'][m] * 1e3:.2f}" for m in args.batch]
-                    + [f"{fp32['per_token'][args.batch[0]] / t1:.2f}×" if fp32 else "",
-                       f"{r['bytes'] / t1 / 1e9:.1f}", f"{t1 / r['per_token'][args.batch[-1]]:.1f}×"])
+        rows.append(
+            [name, f"{r['bytes'] / 2**20:.1f} MiB"]
+            + [f"{r['per_token'][m] * 1e3:.2f}" for m in args.batch]
+            + [
+                f"{fp32['per_token'][args.batch[0]] / t1:.2f}×" if fp32 else "",
+                f"{r['bytes'] / t1 / 1e9:.1f}",
+                f"{t1 / r['per_token'][args.batch[-1]]:.1f}×",
+            ]
+        )
     print(markdown_table(headers, rows))
     print("\nPer call at M=1, µs (GB/s), averaged over each shape's copies:\n")
     shape_keys = list(next(iter(results.values()))["per_shape"])
     headers = ["implementation"] + [f"{name} {k}→{n}" for name, k, n in shape_keys]
-    rows = [[name] + [f"{t * 1e6:.0f} ({b / t / 1e9:.0f})" for t, b in (r["per_shape"][s] for s in shape_keys)]
-            for name, r in results.items()]
+    rows = [
+        [name] + [f"{t * 1e6:.0f} ({b / t / 1e9:.0f})" for t, b in (r["per_shape"][s] for s in shape_keys)]
+        for name, r in results.items()
+    ]
     print(markdown_table(headers, rows))
     print("\nElement-wise ops and decode attention at batch-1 decode shapes, µs per call:\n")
     print(markdown_table(["op", "tuili kernel", "PyTorch", "speed-up"], op_rows(SMOLLM2, args.repeats)))

@@ -28,8 +28,14 @@ def decode(llm, prompt, n):
 
 def main():
     a = json.loads(sys.argv[1])
-    llm = Llama(model_path=a["gguf"], n_threads=a["threads"], n_threads_batch=a["threads"], n_ctx=2048,
-                n_batch=512, verbose=False)
+    llm = Llama(
+        model_path=a["gguf"],
+        n_threads=a["threads"],
+        n_threads_batch=a["threads"],
+        n_ctx=2048,
+        n_batch=512,
+        verbose=False,
+    )
     n, repeats = a["new_tokens"], a["repeats"]
     decode(llm, a["short"], 4)  # warm-up
     dec = max(decode(llm, a["short"], n) for _ in range(repeats))
@@ -44,6 +50,7 @@ def main():
         decode(llm, prompt, n)
     mixed = len(a["mixed"]) * n / (time.perf_counter() - start)
     import llama_cpp
+
     print(json.dumps({"decode": dec, "prefill": prefill, "mixed": mixed, "version": llama_cpp.__version__}))
 
 

@@ -36,8 +36,9 @@ def decode_tok_s(model) -> float:
 
 
 def linear_bytes(model) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.module.modules()
-               if isinstance(m, torch.nn.Linear))
+    return sum(
+        m.weight.numel() * m.weight.element_size() for m in model.module.modules() if isinstance(m, torch.nn.Linear)
+    )
 
 
 def main() -> None:
@@ -70,15 +71,29 @@ def main() -> None:
             seconds = time.perf_counter() - start
             report = sparsity_report(model.module)
             value = ppl(model)
-            rows.append([target_name, method, f"{report.sparsity:.1%}", f"{value:.3f}", f"{value - base:+.3f}",
-                         f"{seconds:.0f}"])
+            rows.append(
+                [
+                    target_name,
+                    method,
+                    f"{report.sparsity:.1%}",
+                    f"{value:.3f}",
+                    f"{value - base:+.3f}",
+                    f"{seconds:.0f}",
+                ]
+            )
             print(rows[-1], flush=True)
     if rows:
         print()
-        print(f"## Unstructured and N:M ({time.strftime('%Y-%m-%d')}; dense perplexity {base:.3f}, "
-              f"{windows.numel():,} tokens; {args.calib_samples} × 512 calibration tokens)\n")
-        print(markdown_table(["target", "method", "zeros (all linears incl. dense head)", "perplexity",
-                              "Δ vs dense", "prune s"], rows))
+        print(
+            f"## Unstructured and N:M ({time.strftime('%Y-%m-%d')}; dense perplexity {base:.3f}, "
+            f"{windows.numel():,} tokens; {args.calib_samples} × 512 calibration tokens)\n"
+        )
+        print(
+            markdown_table(
+                ["target", "method", "zeros (all linears incl. dense head)", "perplexity", "Δ vs dense", "prune s"],
+                rows,
+            )
+        )
 
     dense_bytes, dense_params = linear_bytes(dense), analyze(dense).num_parameters
     cases = [
@@ -101,12 +116,33 @@ def main() -> None:
         model = models[name]
         removed = 1 - linear_bytes(model) / dense_bytes
         gain = speed[name] / speed["dense"] - 1
-        structured.append([name, f"{analyze(model).num_parameters:,}", f"{removed:.1%}", f"{ppl(model):.3f}",
-                           f"{speed[name]:.1f}", f"{gain:+.1%}", f"{gain / removed:.2f}" if removed else ""])
+        structured.append(
+            [
+                name,
+                f"{analyze(model).num_parameters:,}",
+                f"{removed:.1%}",
+                f"{ppl(model):.3f}",
+                f"{speed[name]:.1f}",
+                f"{gain:+.1%}",
+                f"{gain / removed:.2f}" if removed else "",
+            ]
+        )
         print(structured[-1], flush=True)
     print(f"\n## Structured ({time.strftime('%Y-%m-%d')}; fp32, engine decode at batch 1, {args.threads} threads)\n")
-    print(markdown_table(["pruned", "parameters", "linear bytes removed", "perplexity", "decode tok/s",
-                          "decode vs dense", "speed-up / bytes removed"], structured))
+    print(
+        markdown_table(
+            [
+                "pruned",
+                "parameters",
+                "linear bytes removed",
+                "perplexity",
+                "decode tok/s",
+                "decode vs dense",
+                "speed-up / bytes removed",
+            ],
+            structured,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/quantization.py [--max-tokens 16384] [--calib-samples 64] [--only w4a16]
 
 "+head" rows also quantize lm_head (an int copy of the tied embedding: fp32 is otherwise read in
-full every decoded token). Per row: perplexity on the built-in evaluation split (512-token windows), weight bytes, decode
-tokens/s at batch 1 (128 tokens after a 32-token prompt) and prefill tokens/s at 512 tokens.
+full every decoded token). Per row: perplexity on the built-in evaluation split (512-token windows),
+weight bytes, decode tokens/s at batch 1 (128 tokens after a 32-token prompt) and prefill tokens/s at 512 tokens.
 Peers run when installed in the same environment (none is a dependency of tuili):
 torch.ao `quantize_dynamic`, torchao 0.18 int8 weight-only, optimum-quanto int8 / int4.
 """
@@ -23,7 +23,13 @@ from tuili.data import builtin_text, calibration_samples, eval_windows, perplexi
 from tuili.engine import SamplingParams, generate
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.quant import AWQ, GPTQ, RTN, SmoothQuant, quantize_
-from tuili.quant.config import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8StaticActivation, Int8WeightOnly
+from tuili.quant.config import (
+    Int4WeightInt8Activation,
+    Int4WeightOnly,
+    Int8DynamicActivation,
+    Int8StaticActivation,
+    Int8WeightOnly,
+)
 
 CONFIGS = [  # (label, scheme, method, layers left in float or per-layer overrides)
     ("w8a16", Int8WeightOnly(), RTN(), ("lm_head",)),
@@ -93,8 +99,11 @@ def peer_rows(windows, prompt, args):
         from torchao.quantization import quantize_ as ao_quantize_
 
         def torchao_int8(m):
-            ao_quantize_(m, Int8WeightOnlyConfig(), filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear)
-                         and name != "lm_head")
+            ao_quantize_(
+                m,
+                Int8WeightOnlyConfig(),
+                filter_fn=lambda mod, name: isinstance(mod, torch.nn.Linear) and name != "lm_head",
+            )
             return m
 
         peers.append(("torchao 0.18 int8 weight-only", torchao_int8, torch.inference_mode))
@@ -106,6 +115,7 @@ def peer_rows(windows, prompt, args):
                 quantize(m, weights=weights, exclude=["lm_head"])
                 freeze(m)
                 return m
+
             return apply
 
         peers.append(("optimum-quanto int8", quanto(qint8), torch.no_grad))
@@ -147,7 +157,9 @@ def main():
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = tuili.load("default", dtype=dtype)
         ppl = perplexity(model.module, windows, progress=False).perplexity
-        rows.append((label, "", weight_bytes(model.module), ppl, *speed(model, prompt, args.new_tokens, args.repeats), 0.0))
+        rows.append(
+            (label, "", weight_bytes(model.module), ppl, *speed(model, prompt, args.new_tokens, args.repeats), 0.0)
+        )
         print(rows[-1], flush=True)
     for label, scheme, method, layers in CONFIGS:
         if args.only and not label.startswith(tuple(args.only)):
@@ -160,21 +172,54 @@ def main():
         seconds = time.perf_counter() - start
         ppl = perplexity(model.module, windows, progress=False).perplexity
         name = method.name + (f" α={method.alpha}" if isinstance(method, SmoothQuant) else "")
-        rows.append((f"tuili {label}", name, weight_bytes(model.module), ppl,
-                     *speed(model, prompt, args.new_tokens, args.repeats), seconds))
+        rows.append(
+            (
+                f"tuili {label}",
+                name,
+                weight_bytes(model.module),
+                ppl,
+                *speed(model, prompt, args.new_tokens, args.repeats),
+                seconds,
+            )
+        )
         print(rows[-1], flush=True)
     if not args.no_peers:
         rows += peer_rows(windows, prompt, args)
 
     fp32 = rows[0]
-    print(f"\nSmolLM2-135M-Instruct, {windows.numel():,} tokens in 512-token windows, calibration "
-          f"{args.calib_samples} × 512, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print(markdown_table(
-        ["model", "method", "weights", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s", "decode vs fp32",
-         "quantize time"],
-        [[name, method, human_bytes(b) if b else "", f"{ppl:.3f}", f"{100 * (ppl / fp32[3] - 1):+.2f}%",
-          f"{pre:.0f}", f"{dec:.1f}", f"{dec / fp32[5]:.2f}×", f"{sec:.0f} s" if sec else ""]
-         for name, method, b, ppl, pre, dec, sec in rows]))
+    print(
+        f"\nSmolLM2-135M-Instruct, {windows.numel():,} tokens in 512-token windows, calibration "
+        f"{args.calib_samples} × 512, {torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
+    print(
+        markdown_table(
+            [
+                "model",
+                "method",
+                "weights",
+                "perplexity",
+                "vs fp32",
+                "prefill tok/s",
+                "decode tok/s",
+                "decode vs fp32",
+                "quantize time",
+            ],
+            [
+                [
+                    name,
+                    method,
+                    human_bytes(b) if b else "",
+                    f"{ppl:.3f}",
+                    f"{100 * (ppl / fp32[3] - 1):+.2f}%",
+                    f"{pre:.0f}",
+                    f"{dec:.1f}",
+                    f"{dec / fp32[5]:.2f}×",
+                    f"{sec:.0f} s" if sec else "",
+                ]
+                for name, method, b, ppl, pre, dec, sec in rows
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

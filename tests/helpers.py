@@ -13,22 +13,41 @@ from tuili.models import LlamaConfig
 from tuili.models.tokenizer import Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 # Every architecture and option tuili claims, as tiny configs (vocab = 256 bytes + 3 specials).
-TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            rms_norm_eps=1e-5, rope_theta=10000.0, eos_token_id=2, bos_token_id=1)
+TINY = dict(
+    vocab_size=259,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    eos_token_id=2,
+    bos_token_id=1,
+)
 CONFIGS = {
     "llama-gqa": dict(model_type="llama"),
-    "llama-mha-untied-bias": dict(model_type="llama", num_key_value_heads=4, attention_bias=True,
-                                  mlp_bias=True),
+    "llama-mha-untied-bias": dict(model_type="llama", num_key_value_heads=4, attention_bias=True, mlp_bias=True),
     "llama-mqa-tied": dict(model_type="llama", num_key_value_heads=1, tie_word_embeddings=True),
     "llama-rope-linear": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "llama-rope-llama3": dict(model_type="llama", rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}),
+    "llama-rope-llama3": dict(
+        model_type="llama",
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
     "mistral-sliding": dict(model_type="mistral", sliding_window=8, head_dim=24),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
 }
@@ -54,8 +73,9 @@ def save_hf_tiny(name: str, folder: Path, seed: int = 0):
 
     hf_config = transformers.AutoConfig.for_model(**tiny_config(name).to_hf())
     torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
-                                                       attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_config(
+        hf_config, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0: randomise them so they are tested
         for name_, p in hf.named_parameters():
             if "norm" in name_ or name_.endswith("bias"):

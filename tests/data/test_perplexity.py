@@ -51,5 +51,6 @@ def test_real_model_perplexity_equals_direct_cross_entropy():
     windows = torch.randint(0, 259, (3, 20), generator=torch.Generator().manual_seed(0))
     logits = model.module(windows).logits
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 259), windows[:, 1:].reshape(-1))
-    assert math.isclose(perplexity(model.module, windows, progress=False).perplexity, math.exp(nll.item()),
-                        rel_tol=1e-5)
+    assert math.isclose(
+        perplexity(model.module, windows, progress=False).perplexity, math.exp(nll.item()), rel_tol=1e-5
+    )

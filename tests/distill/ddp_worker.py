@@ -16,9 +16,20 @@ TRAIN = torch.randint(0, 259, (16, 24), generator=torch.Generator().manual_seed(
 
 
 def config(batch_size: int) -> DistillConfig:
-    return DistillConfig(steps=3, lr=1e-2, warmup_steps=1, batch_size=batch_size, grad_accum=2, alpha=0.7,
-                         temperature=2.0, hidden_loss="mse", attention_loss="kl", bf16=False, eval_every=0,
-                         checkpoint_every=0)
+    return DistillConfig(
+        steps=3,
+        lr=1e-2,
+        warmup_steps=1,
+        batch_size=batch_size,
+        grad_accum=2,
+        alpha=0.7,
+        temperature=2.0,
+        hidden_loss="mse",
+        attention_loss="kl",
+        bf16=False,
+        eval_every=0,
+        checkpoint_every=0,
+    )
 
 
 def trained(batch_size: int):
@@ -33,5 +44,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     trainer = trained(batch_size=2)
     if trainer.rank == 0:
-        torch.save({"student": trainer.student.module.state_dict(), "world": trainer.world,
-                    "losses": [row["loss"] for row in trainer.log]}, sys.argv[1])
+        torch.save(
+            {
+                "student": trainer.student.module.state_dict(),
+                "world": trainer.world,
+                "losses": [row["loss"] for row in trainer.log],
+            },
+            sys.argv[1],
+        )

@@ -40,20 +40,21 @@ def kl_to_teacher(teacher, student, ids=TRAIN):
 def test_distillation_drives_the_students_kl_to_the_teacher_down():
     teacher, student = pair()
     before = kl_to_teacher(teacher, student)
-    result = distill(teacher, student, TRAIN, DistillConfig(steps=30, alpha=1.0, temperature=1.0, **FAST),
-                     progress=False)
+    result = distill(
+        teacher, student, TRAIN, DistillConfig(steps=30, alpha=1.0, temperature=1.0, **FAST), progress=False
+    )
     assert kl_to_teacher(teacher, student) < 0.5 * before
     assert result.steps == 30 and len(result.log) == 30
     assert student.provenance[-1]["step"] == "distilled"
 
 
-@pytest.mark.parametrize("extra", [{"attention_loss": "kl"}, {"attention_loss": "cosine", "hidden_loss": "mse"},
-                                   {"hidden_loss": "cosine"}])
+@pytest.mark.parametrize(
+    "extra", [{"attention_loss": "kl"}, {"attention_loss": "cosine", "hidden_loss": "mse"}, {"hidden_loss": "cosine"}]
+)
 def test_attention_and_hidden_losses_train_and_fall(extra):
     teacher, student = pair()
     weights = {"alpha": 0.0, "attention_weight": 1000.0, "hidden_weight": 10.0, "lr": 3e-3}  # these losses lead
-    result = distill(teacher, student, TRAIN, DistillConfig(steps=25, **{**FAST, **weights, **extra}),
-                     progress=False)
+    result = distill(teacher, student, TRAIN, DistillConfig(steps=25, **{**FAST, **weights, **extra}), progress=False)
     for name in ("attention", "hidden"):
         if f"{name}_loss" in extra:
             first, last = result.log[0][name], result.log[-1][name]
@@ -161,6 +162,7 @@ def test_bad_settings_are_refused_with_clear_errors():
     with pytest.raises(Exception, match="cannot fill one batch"):
         Distiller(teacher, student, TRAIN[:2], DistillConfig(batch_size=4))
     from tuili.quant import Int8WeightOnly, quantize_
+
     quantize_(student, Int8WeightOnly())
     with pytest.raises(DistillError, match="quantized and cannot be trained"):
         Distiller(teacher, student, TRAIN, DistillConfig())
@@ -176,10 +178,26 @@ def test_two_processes_take_the_same_step_as_one_with_the_same_global_batch(tmp_
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(port), str(Path(__file__).parent / "ddp_worker.py"),
-                           str(out)],
-                          check=False, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            str(Path(__file__).parent / "ddp_worker.py"),
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
     assert ddp["world"] == 2

@@ -3,8 +3,8 @@
 import asyncio
 
 import pytest
-
 from helpers import random_tiny
+
 from tuili.engine import LLM, AsyncLLM, SamplingParams
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -59,8 +59,9 @@ def test_leaving_a_stream_early_aborts_it_and_frees_its_blocks(llm):
 def test_abort_ends_the_stream_with_reason_abort(llm):
     async def main():
         outs = []
-        async for out in llm.generate([4, 5], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
-                                      request_id="r1"):
+        async for out in llm.generate(
+            [4, 5], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), request_id="r1"
+        ):
             outs.append(out)
             if len(outs) == 2:
                 await llm.abort("r1")

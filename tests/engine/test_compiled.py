@@ -42,8 +42,10 @@ def both_steps(model, kv_dtype=torch.float32, prompts=PROMPTS, dtype=None):
     return fast, eager, cache, twin
 
 
-@pytest.mark.parametrize("arch, kv_dtype", [("llama-gqa", torch.float32), ("mistral-sliding", torch.bfloat16),
-                                            ("llama-mha-untied-bias", torch.int8)])
+@pytest.mark.parametrize(
+    "arch, kv_dtype",
+    [("llama-gqa", torch.float32), ("mistral-sliding", torch.bfloat16), ("llama-mha-untied-bias", torch.int8)],
+)
 def test_the_compiled_step_equals_the_eager_one(arch, kv_dtype):
     model = random_tiny(arch)
     fast, eager, cache, twin = both_steps(model, kv_dtype)
@@ -107,4 +109,3 @@ def test_hooks_send_the_step_back_to_the_module_forward():
 def test_compile_takes_only_tuilis_llama_models():
     with pytest.raises(ValueError, match="tuili's Llama models"):
         compile_(torch.nn.Linear(2, 2))
-

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from helpers import CONFIGS, random_tiny
+
 from tuili.engine.decode import decode_step
 from tuili.engine.fused import python_decode
 from tuili.engine.paged_cache import PagedKVCache
@@ -15,8 +15,13 @@ from tuili.kernels import ops as kernels
 from tuili.quant import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
 from tuili.quant.linear import compute_dtype
 
-SCHEMES = {"fp32": None, "w8a16": Int8WeightOnly(), "w4a16": Int4WeightOnly(group_size=32),
-           "w4a8": Int4WeightInt8Activation(group_size=32), "w8a8": Int8DynamicActivation()}
+SCHEMES = {
+    "fp32": None,
+    "w8a16": Int8WeightOnly(),
+    "w4a16": Int4WeightOnly(group_size=32),
+    "w4a8": Int4WeightInt8Activation(group_size=32),
+    "w8a8": Int8DynamicActivation(),
+}
 
 
 def prefilled(module, config, prompts, kv_dtype=torch.float32):

@@ -3,17 +3,18 @@
 import asyncio
 
 import pytest
-
 from helpers import random_tiny
+
 from tuili.engine import LLM, AsyncLLM, LLMEngine, SamplingParams
 from tuili.errors import RequestFailed
 
 PROMPTS = {f"r{i}": [5 + i, 17, 42 + 3 * i, 9] for i in range(4)}
-PARAMS = {"r0": SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
-          "r1": SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True),
-          "r2": SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2),
-          "r3": SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=3, ignore_eos=True,
-                               repetition_penalty=1.3)}
+PARAMS = {
+    "r0": SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+    "r1": SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True),
+    "r2": SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2),
+    "r3": SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=3, ignore_eos=True, repetition_penalty=1.3),
+}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ def naive(q, k, v, causal=True, key_lengths=None):
     s = k.shape[2]
     group = h // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = q @ k.transpose(-1, -2) / d ** 0.5
+    scores = q @ k.transpose(-1, -2) / d**0.5
     q_pos, k_pos = torch.arange(t)[:, None] + (s - t), torch.arange(s)[None, :]
     if causal:
         scores = scores.masked_fill(k_pos > q_pos, -torch.inf)
@@ -24,22 +24,29 @@ def naive(q, k, v, causal=True, key_lengths=None):
     return torch.softmax(scores, -1) @ v
 
 
-@pytest.mark.parametrize("b, h, hkv, t, s, d", [(1, 4, 4, 37, 37, 16), (2, 8, 2, 70, 70, 32), (1, 6, 1, 5, 90, 8),
-                                                (3, 4, 2, 1, 33, 16)])
+@pytest.mark.parametrize(
+    "b, h, hkv, t, s, d", [(1, 4, 4, 37, 37, 16), (2, 8, 2, 70, 70, 32), (1, 6, 1, 5, 90, 8), (3, 4, 2, 1, 33, 16)]
+)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("blocks", [(16, 16), (7, 13), (128, 128)])
 def test_equals_naive_attention(b, h, hkv, t, s, d, causal, blocks):
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(b, h, t, d, generator=g), torch.randn(b, hkv, s, d, generator=g), torch.randn(
-        b, hkv, s, d, generator=g)
+    q, k, v = (
+        torch.randn(b, h, t, d, generator=g),
+        torch.randn(b, hkv, s, d, generator=g),
+        torch.randn(b, hkv, s, d, generator=g),
+    )
     out = flash_attention(q, k, v, causal=causal, block_q=blocks[0], block_k=blocks[1])
     torch.testing.assert_close(out, naive(q, k, v, causal), atol=1e-5, rtol=1e-5)
 
 
 def test_ragged_key_lengths_hide_the_padding():
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(3, 4, 1, 16, generator=g), torch.randn(3, 2, 50, 16, generator=g), torch.randn(
-        3, 2, 50, 16, generator=g)
+    q, k, v = (
+        torch.randn(3, 4, 1, 16, generator=g),
+        torch.randn(3, 2, 50, 16, generator=g),
+        torch.randn(3, 2, 50, 16, generator=g),
+    )
     lengths = torch.tensor([50, 17, 1])
     out = flash_attention(q, k, v, causal=False, key_lengths=lengths, block_k=8)
     torch.testing.assert_close(out, naive(q, k, v, False, lengths), atol=1e-5, rtol=1e-5)

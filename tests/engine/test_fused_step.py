@@ -39,8 +39,15 @@ def fused_and_python(model, kv_dtype=torch.float32, activations=None, prompts=PR
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-@pytest.mark.parametrize("arch, kv_dtype", [("llama-gqa", torch.float32), ("llama-mha-untied-bias", torch.bfloat16),
-                                            ("mistral-sliding", torch.int8), ("llama-mqa-tied", torch.float32)])
+@pytest.mark.parametrize(
+    "arch, kv_dtype",
+    [
+        ("llama-gqa", torch.float32),
+        ("llama-mha-untied-bias", torch.bfloat16),
+        ("mistral-sliding", torch.int8),
+        ("llama-mqa-tied", torch.float32),
+    ],
+)
 @pytest.mark.parametrize("activations", [None, torch.bfloat16], ids=["fp32-activations", "bf16-activations"])
 def test_the_cpp_step_is_the_python_step_bit_for_bit(scheme, arch, kv_dtype, activations):
     model = random_tiny(arch)

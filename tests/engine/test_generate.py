@@ -1,7 +1,6 @@
 import pytest
-import torch
-
 from helpers import random_tiny
+
 from tuili.engine import SamplingParams, generate, stream
 from tuili.engine.detokenize import TextStream
 
@@ -23,18 +22,20 @@ def test_generation_stops_at_eos(model, monkeypatch):
     monkeypatch.setattr(type(model), "eos_token_ids", property(lambda self: {third}))
     done = generate(model, "hello", SamplingParams(max_tokens=12, temperature=0))
     first = free.token_ids.index(third)
-    assert done.token_ids == free.token_ids[:first + 1] and done.finish_reason == "stop"
+    assert done.token_ids == free.token_ids[: first + 1] and done.finish_reason == "stop"
 
 
 def test_stop_string_is_cut_and_never_streamed(model):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     free = generate(model, "abc", params).text
     stop = free[5:8]
-    cut = free[:free.index(stop)]
+    cut = free[: free.index(stop)]
     done = generate(model, "abc", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,)))
     assert done.text == cut and done.finish_reason == "stop"
-    assert "".join(stream(model, "abc", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
-                                                       stop=(stop,)))) == cut
+    assert (
+        "".join(stream(model, "abc", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,))))
+        == cut
+    )
 
 
 def test_stream_concatenates_to_generate(model):
@@ -73,24 +74,28 @@ def test_text_stream_never_splits_a_character(model):
 
 def test_stop_token_ids_end_generation():
     from helpers import random_tiny
+
     from tuili.engine import SamplingParams, generate
 
     model = random_tiny("llama-gqa")
     free = generate(model, [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     stop_at = free.token_ids[2]
-    cut = generate(model, [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
-                                                    stop_token_ids=(stop_at,)))
+    cut = generate(
+        model, [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=(stop_at,))
+    )
     first = free.token_ids.index(stop_at)
     assert cut.token_ids == free.token_ids[: first + 1] and cut.finish_reason == "stop"
 
 
 def test_repetition_penalty_changes_greedy_output_away_from_repeats():
     from helpers import random_tiny
+
     from tuili.engine import SamplingParams, generate
 
     model = random_tiny("llama-gqa")
     plain = generate(model, [5, 6, 7], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-    penalized = generate(model, [5, 6, 7], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
-                                                          repetition_penalty=5.0))
+    penalized = generate(
+        model, [5, 6, 7], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=5.0)
+    )
     assert penalized.token_ids != plain.token_ids
     assert len(set(penalized.token_ids)) >= len(set(plain.token_ids))

@@ -3,8 +3,8 @@ give exactly the tokens a plain recomputation gives."""
 
 import pytest
 import torch
-
 from helpers import random_tiny
+
 from tuili.engine import LLM, LLMEngine, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -22,7 +22,7 @@ def reference_greedy(module, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(module(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def run_to_end(engine):
@@ -117,8 +117,7 @@ def test_a_repeated_prompt_reuses_the_cached_prefix(model):
 
 
 def test_logprobs_are_those_of_the_model(model):
-    out = LLM(model).generate([[3, 4, 5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
-                                                           logprobs=3))[0]
+    out = LLM(model).generate([[3, 4, 5]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3))[0]
     seq = [3, 4, 5] + out.token_ids
     with torch.no_grad():
         expected = torch.log_softmax(model.module(torch.tensor([seq])).logits[0, 2:-1].float(), dim=-1)
@@ -134,9 +133,9 @@ def test_stop_string_split_across_tokens_is_never_streamed(model):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     free = llm.generate(["abc"], params)[0]
     pieces = [model.tokenizer.decode(free.token_ids[:i]) for i in range(len(free.token_ids) + 1)]
-    boundary = next(len(p) for p in pieces if len(p) >= 4 and free.text[:len(p)] == p)
-    stop = free.text[boundary - 2:boundary + 1]  # two characters of one token, one of the next
-    cut = free.text[:free.text.index(stop)]
+    boundary = next(len(p) for p in pieces if len(p) >= 4 and free.text[: len(p)] == p)
+    stop = free.text[boundary - 2 : boundary + 1]  # two characters of one token, one of the next
+    cut = free.text[: free.text.index(stop)]
     stopped = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,))
     streamed = list(llm.stream("abc", stopped))
     assert "".join(streamed) == cut == llm.generate(["abc"], stopped)[0].text
@@ -175,6 +174,7 @@ def test_int8_kv_cache_runs_the_same_requests(model):
 
 def _bytes_per_token(model):
     from tuili.engine.paged_cache import PagedKVCache
+
     return PagedKVCache.bytes_per_token_of(model)
 
 
@@ -244,5 +244,5 @@ def _logits(module, seq):
 
 def _scored(module, prompt, tokens):
     """The uncached model's log-probabilities of `tokens` following `prompt`."""
-    logprobs = torch.log_softmax(_logits(module, prompt + tokens)[len(prompt) - 1:-1], dim=-1)
+    logprobs = torch.log_softmax(_logits(module, prompt + tokens)[len(prompt) - 1 : -1], dim=-1)
     return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import random_tiny, tiny_config
+
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import random_tiny
+
 from tuili.engine.pooling import embed, loglikelihood
 
 

@@ -1,8 +1,8 @@
 """Prefix caching: a shared prompt prefix is found, reused without recomputation, and evictable."""
 
 import torch
-
 from helpers import random_tiny
+
 from tuili.engine.blocks import BlockAllocator, BlockTable
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.prefix import PrefixCache

@@ -42,10 +42,16 @@ def test_same_seed_same_draws():
     assert torch.equal(draws(LOGITS, SamplingParams(), seed=3), draws(LOGITS, SamplingParams(), seed=3))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
-    ({"top_k": -2}, "top_k"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
@@ -76,19 +82,31 @@ def test_logprobs_of_the_chosen_token_and_the_top_alternatives():
     assert [t for t, _ in top] == [0, 1] and top[0][1] == pytest.approx(float(expected[0]))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"presence_penalty": 3}, "presence_penalty"), ({"logprobs": 21}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logprobs": 21}, "logprobs"),
+    ],
+)
 def test_bad_new_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
 
 
 EXTREME = [
-    {"temperature": 1e-30}, {"temperature": 1.1e-5}, {"temperature": 1e-5, "top_p": 5e-324},
-    {"top_p": 5e-324}, {"min_p": 1.0}, {"top_k": 10**30}, {"top_k": 1, "temperature": 2.0},
-    {"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300}, {"min_p": 1.0, "top_p": 1e-9, "top_k": 1},
+    {"temperature": 1e-30},
+    {"temperature": 1.1e-5},
+    {"temperature": 1e-5, "top_p": 5e-324},
+    {"top_p": 5e-324},
+    {"min_p": 1.0},
+    {"top_k": 10**30},
+    {"top_k": 1, "temperature": 2.0},
+    {"repetition_penalty": 1e-300},
+    {"repetition_penalty": 1e300},
+    {"min_p": 1.0, "top_p": 1e-9, "top_k": 1},
 ]
 ROWS = {
     "ordinary": LOGITS,
@@ -119,10 +137,15 @@ def test_degenerate_rows_take_their_most_likely_token():
     assert sample(torch.tensor([[0.0, 5.0, 1.0]]), SamplingParams(temperature=1e-6)).tolist() == [1]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": float("nan")}, "finite"), ({"repetition_penalty": float("inf")}, "finite"),
-    ({"seed": 1 << 63}, "64-bit"), ({"seed": -(1 << 63) - 1}, "64-bit"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": float("nan")}, "finite"),
+        ({"repetition_penalty": float("inf")}, "finite"),
+        ({"seed": 1 << 63}, "64-bit"),
+        ({"seed": -(1 << 63) - 1}, "64-bit"),
+    ],
+)
 def test_non_finite_values_and_seeds_out_of_range_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)

@@ -13,8 +13,13 @@ from tuili.engine import SamplingParams, generate
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.integration
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at",
-           "Once upon a time, in a small village,", "The three primary colors are"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +33,11 @@ def hf(folder):
 
 
 def test_answers_the_capital_of_france(default_model):
-    done = generate(default_model, [{"role": "user", "content": "What is the capital of France?"}],
-                    SamplingParams(max_tokens=32, temperature=0))
+    done = generate(
+        default_model,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(max_tokens=32, temperature=0),
+    )
     assert "Paris" in done.text
 
 
@@ -46,8 +54,9 @@ def test_greedy_tokens_match_transformers(default_model, hf):
     for prompt in PROMPTS:
         ids = default_model.tokenizer.encode(prompt)
         with torch.no_grad():
-            expected = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                   eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+            expected = hf.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2
+            )[0, len(ids) :].tolist()
         got = generate(default_model, ids, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
         assert got.token_ids == expected, prompt
 
@@ -73,7 +82,8 @@ def test_dequantized_weights_equal_transformers_gguf_loader(default_model):
     pytest.importorskip("accelerate")
     path = tuili.models.default_model_path()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).state_dict()
     ours = default_model.module.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -96,11 +106,13 @@ def test_batched_engine_greedy_matches_transformers(default_model, hf):
 
     prompts = [default_model.tokenizer.encode(p) for p in PROMPTS]
     outs = LLM(default_model, max_num_batched_tokens=16).generate(
-        prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    )
     for ids, out in zip(prompts, outs):
         with torch.no_grad():
-            expected = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                   eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
+            expected = hf.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2
+            )[0, len(ids) :].tolist()
         assert out.token_ids == expected
 
 
@@ -118,6 +130,6 @@ def test_engine_logits_equal_recomputation_across_256_tokens(default_model):
         out = engine.step()
     tokens = prompt + out[0].token_ids
     with torch.no_grad():
-        full = default_model.module(torch.tensor([tokens[:-1]])).logits[0, len(prompt) - 1:]
+        full = default_model.module(torch.tensor([tokens[:-1]])).logits[0, len(prompt) - 1 :]
     assert len(seen) == 256
     assert (torch.stack(seen) - full).abs().max() <= 1e-3

@@ -51,10 +51,13 @@ def test_awq_scales_lower_the_group_output_error_below_rtn(default_model, mlp_in
     layer = copy.deepcopy(default_model.module.model.layers[5])
     group = next(g for g in smooth_groups(layer) if "mlp.gate_proj" in g.linears)
     s = search_scale(group, mlp_inputs, 4, 64, symmetric=False, grid=20)
-    rtn = sum(output_error(m.weight, fake_quantize_weight(m.weight, 4, 64, False), mlp_inputs)
-              for m in group.linears.values())
-    awq = sum(output_error(m.weight, fake_quantize_weight(m.weight * s, 4, 64, False) / s, mlp_inputs)
-              for m in group.linears.values())
+    rtn = sum(
+        output_error(m.weight, fake_quantize_weight(m.weight, 4, 64, False), mlp_inputs) for m in group.linears.values()
+    )
+    awq = sum(
+        output_error(m.weight, fake_quantize_weight(m.weight * s, 4, 64, False) / s, mlp_inputs)
+        for m in group.linears.values()
+    )
     assert awq < rtn
 
 
@@ -78,8 +81,11 @@ def test_w8a16_keeps_perplexity_and_answers(default_model):
     model = copy.deepcopy(default_model)
     quantize_(model, Int8WeightOnly(), ignore=[])
     assert perplexity(model.module, windows, progress=False).perplexity < fp32 * 1.01
-    done = generate(model, [{"role": "user", "content": "What is the capital of France?"}],
-                    SamplingParams(max_tokens=24, temperature=0))
+    done = generate(
+        model,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(max_tokens=24, temperature=0),
+    )
     assert "Paris" in done.text
 
 

@@ -22,15 +22,21 @@ def paged_cache(lens, kv_heads, dim, block_size, dtype=torch.float32, seed=0):
     tables = torch.zeros(len(lens), max(per_seq), dtype=torch.int32)
     used = 0
     for b, n in enumerate(per_seq):
-        tables[b, :n] = order[used:used + n]
+        tables[b, :n] = order[used : used + n]
         used += n
     k = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
     v = torch.randn(num_blocks, block_size, kv_heads, dim, generator=g)
     if dtype == torch.int8:
         ks = k.abs().amax(-1) / 127
         vs = v.abs().amax(-1) / 127
-        return ((k / ks[..., None]).round().to(torch.int8), (v / vs[..., None]).round().to(torch.int8), tables,
-                torch.tensor(lens, dtype=torch.int32), ks, vs)
+        return (
+            (k / ks[..., None]).round().to(torch.int8),
+            (v / vs[..., None]).round().to(torch.int8),
+            tables,
+            torch.tensor(lens, dtype=torch.int32),
+            ks,
+            vs,
+        )
     return k.to(dtype), v.to(dtype), tables, torch.tensor(lens, dtype=torch.int32), None, None
 
 
@@ -48,19 +54,28 @@ def test_reference_equals_attention_over_a_contiguous_cache():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
-@pytest.mark.parametrize("lens, hq, hkv, d, bs", [([1], 9, 3, 64, 16), ([37, 5, 200], 9, 3, 64, 16),
-                                                  ([33], 4, 4, 32, 8), ([129, 64], 8, 1, 128, 32),
-                                                  ([7, 8], 6, 2, 20, 3),
-                                                  # every value-pass path: all heads in registers (D=64,
-                                                  # groups up to 6; D=128 up to 3) and head by head beyond
-                                                  ([50, 17], 14, 2, 64, 16), ([3, 90], 6, 1, 64, 16),
-                                                  ([70], 6, 2, 128, 16)])
+@pytest.mark.parametrize(
+    "lens, hq, hkv, d, bs",
+    [
+        ([1], 9, 3, 64, 16),
+        ([37, 5, 200], 9, 3, 64, 16),
+        ([33], 4, 4, 32, 8),
+        ([129, 64], 8, 1, 128, 32),
+        ([7, 8], 6, 2, 20, 3),
+        # every value-pass path: all heads in registers (D=64,
+        # groups up to 6; D=128 up to 3) and head by head beyond
+        ([50, 17], 14, 2, 64, 16),
+        ([3, 90], 6, 1, 64, 16),
+        ([70], 6, 2, 128, 16),
+    ],
+)
 def test_kernel_matches_reference(dtype, lens, hq, hkv, d, bs):
     k, v, tables, ctx, ks, vs = paged_cache(lens, hkv, d, bs, dtype)
     q = torch.randn(len(lens), hq, d)
     args = (q, k, v, tables, ctx, 1 / math.sqrt(d), ks, vs)
-    torch.testing.assert_close(ext.paged_attention(*args, 0), ops.paged_attention_reference(*args),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ext.paged_attention(*args, 0), ops.paged_attention_reference(*args), atol=2e-5, rtol=1e-4
+    )
 
 
 @needs_kernels
@@ -69,8 +84,9 @@ def test_sliding_window_sees_only_the_last_tokens(window):
     k, v, tables, ctx, _, _ = paged_cache([30, 9], 2, 16, 4)
     q = torch.randn(2, 4, 16)
     args = (q, k, v, tables, ctx, 0.25, None, None)
-    torch.testing.assert_close(ext.paged_attention(*args, window), ops.paged_attention_reference(*args, window),
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ext.paged_attention(*args, window), ops.paged_attention_reference(*args, window), atol=2e-5, rtol=1e-4
+    )
 
 
 @needs_kernels
@@ -111,8 +127,11 @@ def _write_both(store, input_dtype, strided):
     slots = torch.randperm(blocks * size, generator=g)[:n]
     k = torch.randn(heads, n, dim, generator=g).to(input_dtype)
     v = torch.randn(heads, n, dim, generator=g).to(input_dtype)
-    k, v = (k.transpose(0, 1), v.transpose(0, 1)) if strided else (k.transpose(0, 1).contiguous(),
-                                                                    v.transpose(0, 1).contiguous())
+    k, v = (
+        (k.transpose(0, 1), v.transpose(0, 1))
+        if strided
+        else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    )
     results = []
     for write in (ext.paged_write, ops.paged_write_reference):
         caches = [torch.zeros(blocks, size, heads, dim, dtype=store) for _ in range(2)]

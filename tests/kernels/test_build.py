@@ -15,7 +15,10 @@ import pytest
 from tuili.kernels import build
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
-PROBE = "#include <torch/extension.h>\nint probe() { return 42; }\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def(\"probe\", &probe); }\n"
+PROBE = (
+    "#include <torch/extension.h>\nint probe() { return 42; }\n"
+    'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("probe", &probe); }\n'
+)
 
 
 def builder(source: Path, directory: Path) -> list[str]:
@@ -32,8 +35,9 @@ def builder(source: Path, directory: Path) -> list[str]:
 def test_a_build_killed_mid_way_does_not_block_the_next_process(tmp_path):
     source, directory = tmp_path / "probe.cpp", tmp_path / "build"
     source.write_text(PROBE)
-    first = subprocess.Popen(builder(source, directory), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        builder(source, directory), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 60
     while not (directory / "lock").exists():  # PyTorch's lock: the build has started
         assert time.monotonic() < deadline and first.poll() is None, "the first build never started"
@@ -55,12 +59,15 @@ def test_a_second_process_waits_for_the_lock_and_says_so(tmp_path):
     directory = tmp_path / "build"
     directory.mkdir()
     (directory / "lock").touch()  # a stale lock left by a killed build
-    code = (f"from pathlib import Path\nfrom tuili.kernels.build import build_lock\n"
-            f"with build_lock(Path({str(directory)!r})):\n    print('held', Path({str(directory)!r}, 'lock').exists())")
+    code = (
+        f"from pathlib import Path\nfrom tuili.kernels.build import build_lock\n"
+        f"with build_lock(Path({str(directory)!r})):\n    print('held', Path({str(directory)!r}, 'lock').exists())"
+    )
     with open(directory / ".tuili-build.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        waiting = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+        waiting = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         time.sleep(1.0)
         assert waiting.poll() is None  # it waits while the lock is held
     out, err = waiting.communicate(timeout=60)

@@ -1,6 +1,5 @@
 """The C++ quantized GEMV/GEMM kernels against their PyTorch references, on odd shapes too."""
 
-
 import pytest
 import torch
 
@@ -23,8 +22,10 @@ def random_w4(n, k, group_size, flip, seed=0):
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 33, 64])
-@pytest.mark.parametrize("n, k, group_size", [(96, 576, 64), (576, 1536, 128), (7, 576, 128), (33, 100, 32),
-                                              (5, 577, 32), (8, 64, 64), (17, 130, 130)])
+@pytest.mark.parametrize(
+    "n, k, group_size",
+    [(96, 576, 64), (576, 1536, 128), (7, 576, 128), (33, 100, 32), (5, 577, 32), (8, 64, 64), (17, 130, 130)],
+)
 @pytest.mark.parametrize("flip", [False, True])
 def test_w4_kernel_matches_reference(m, n, k, group_size, flip):
     w, scale, zs = random_w4(n, k, group_size, flip)
@@ -35,8 +36,9 @@ def test_w4_kernel_matches_reference(m, n, k, group_size, flip):
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 4, 16, 64])
-@pytest.mark.parametrize("n, k, group_size", [(96, 576, 576), (576, 1536, 1536), (33, 100, 100), (9, 577, 32),
-                                              (4, 1536, 64)])
+@pytest.mark.parametrize(
+    "n, k, group_size", [(96, 576, 576), (576, 1536, 1536), (33, 100, 100), (9, 577, 32), (4, 1536, 64)]
+)
 def test_w8_kernel_matches_reference(m, n, k, group_size):
     g = torch.Generator().manual_seed(1)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -51,8 +53,19 @@ needs_bf16 = pytest.mark.skipif(ext is None or not ext.bf16(), reason="the bf16 
 
 @needs_bf16
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 16, 17, 33, 64])
-@pytest.mark.parametrize("n, k, group_size", [(96, 576, 64), (576, 1536, 128), (7, 576, 32), (33, 100, 32),
-                                              (5, 577, 32), (8, 64, 64), (17, 130, 130), (40, 1536, 1536)])
+@pytest.mark.parametrize(
+    "n, k, group_size",
+    [
+        (96, 576, 64),
+        (576, 1536, 128),
+        (7, 576, 32),
+        (33, 100, 32),
+        (5, 577, 32),
+        (8, 64, 64),
+        (17, 130, 130),
+        (40, 1536, 1536),
+    ],
+)
 @pytest.mark.parametrize("flip", [False, True])
 def test_bf16_w4_kernel_is_the_product_with_bf16_rounded_activations(m, n, k, group_size, flip):
     w, scale, zs = random_w4(n, k, group_size, flip, seed=m)
@@ -60,17 +73,31 @@ def test_bf16_w4_kernel_is_the_product_with_bf16_rounded_activations(m, n, k, gr
     packed, scale_p, zs_p = ops.pack_w4_bf16(w, k, flip, scale, zs)
     assert packed.shape == (-(-n // 16), -(-k // 4), 32) and scale_p.shape == (-(-n // 16), scale.shape[1], 16)
     expected = ops.w4_linear_reference(x.bfloat16().float(), w, scale, zs, group_size, flip)
-    torch.testing.assert_close(ext.w4_linear_bf16(x, packed, scale_p, zs_p, n, group_size), expected,
-                               atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        ext.w4_linear_bf16(x, packed, scale_p, zs_p, n, group_size), expected, atol=1e-3, rtol=1e-4
+    )
 
 
-needs_vnni = pytest.mark.skipif(ext is None or ext.isa() != "avx512-vnni", reason="the int16 W8 kernel needs AVX512-VNNI")
+needs_vnni = pytest.mark.skipif(
+    ext is None or ext.isa() != "avx512-vnni", reason="the int16 W8 kernel needs AVX512-VNNI"
+)
 
 
 @needs_vnni
 @pytest.mark.parametrize("m", [1, 3, 16, 21, 64])
-@pytest.mark.parametrize("n, k, group_size", [(96, 576, 576), (576, 1536, 1536), (33, 100, 100), (9, 577, 32),
-                                              (4, 1536, 64), (16, 6, 6), (20, 2052, 2052), (18, 1040, 520)])
+@pytest.mark.parametrize(
+    "n, k, group_size",
+    [
+        (96, 576, 576),
+        (576, 1536, 1536),
+        (33, 100, 100),
+        (9, 577, 32),
+        (4, 1536, 64),
+        (16, 6, 6),
+        (20, 2052, 2052),
+        (18, 1040, 520),
+    ],
+)
 def test_int16_w8_kernel_is_the_product_with_int16_rounded_activations(m, n, k, group_size):
     # k = 2052 and groups of 520 are longer than one int32 chunk (512 products): the chunks must add up
     g = torch.Generator().manual_seed(m)
@@ -99,7 +126,9 @@ def test_several_w8_layers_on_one_input_equal_one_call_each(m):
     assert [o.shape for o in outs] == [(m, 576), (m, 40), (m, 192)]
     for out, layer in zip(outs, layers):
         assert torch.equal(out, ext.w8_linear_i16(x, *layer))  # the same blocks, bit for bit
-    assert all(o.dtype == torch.bfloat16 for o in ext.w8_linear_i16_multi(x.bfloat16(), *[list(c) for c in zip(*layers)]))
+    assert all(
+        o.dtype == torch.bfloat16 for o in ext.w8_linear_i16_multi(x.bfloat16(), *[list(c) for c in zip(*layers)])
+    )
     with pytest.raises(RuntimeError, match="one packed weight, scale, N and group size per layer"):
         ext.w8_linear_i16_multi(x, [layers[0][0]], [], [576], [k])
     with pytest.raises(RuntimeError, match="N-major packing"):
@@ -160,7 +189,9 @@ def test_packed_w8a8_is_bit_identical_to_int_mm(m, n, k, static):
     s_in = torch.tensor(0.07) if static else None
     packed, row_sum = ops.w8a8_pack(w)
     assert packed.shape == (-(-n // 16), -(-k // 4), 16, 4)
-    assert torch.equal(ext.w8a8_linear_packed(x, packed, row_sum, sw, s_in, n), ops.w8a8_linear_reference(x, w, sw, s_in))
+    assert torch.equal(
+        ext.w8a8_linear_packed(x, packed, row_sum, sw, s_in, n), ops.w8a8_linear_reference(x, w, sw, s_in)
+    )
 
 
 def test_linear_takes_the_kernel_only_where_it_is_exact_and_faster():
@@ -192,8 +223,10 @@ def test_bf16_activations_give_bf16_results_close_to_fp32(kernel):
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
-@pytest.mark.parametrize("n, k, group_size", [(96, 576, 64), (576, 1536, 128), (7, 576, 128), (33, 100, 32),
-                                              (5, 577, 64), (8, 64, 64), (3, 300, 256)])
+@pytest.mark.parametrize(
+    "n, k, group_size",
+    [(96, 576, 64), (576, 1536, 128), (7, 576, 128), (33, 100, 32), (5, 577, 64), (8, 64, 64), (3, 300, 256)],
+)
 @pytest.mark.parametrize("flip", [False, True])
 def test_w4a8_kernel_matches_reference(m, n, k, group_size, flip):
     w, scale, zs = random_w4(n, k, group_size, flip)
@@ -211,8 +244,10 @@ def test_w4a8_reference_is_w4a16_on_int8_rounded_activations():
     assert not torch.equal(exact, approx)  # the activations really are rounded
     assert (approx - exact).norm() / exact.norm() < 0.01  # by about 1/254 of each group's range
     xg = x.view(2, 3, 32)
-    assert torch.equal(ops.quantize_groups(x, 32), ((xg / (xg.abs().amax(-1, keepdim=True) / 127)).round()
-                                                     * (xg.abs().amax(-1, keepdim=True) / 127)).flatten(1))
+    assert torch.equal(
+        ops.quantize_groups(x, 32),
+        ((xg / (xg.abs().amax(-1, keepdim=True) / 127)).round() * (xg.abs().amax(-1, keepdim=True) / 127)).flatten(1),
+    )
 
 
 def random_w8a8(m, n, k, seed=2):
@@ -283,7 +318,8 @@ for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100)]:
                                ops.w4_linear_reference(x, w, scale, zs, gs, m % 2 == 1), atol=1e-3, rtol=1e-4)
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     s8 = torch.rand(n, -(-k // gs)) * 0.01
-    torch.testing.assert_close(ext.w8_linear(x, w8, s8, gs), ops.w8_linear_reference(x, w8, s8, gs), atol=1e-3, rtol=1e-4)
+    expected = ops.w8_linear_reference(x, w8, s8, gs)
+    torch.testing.assert_close(ext.w8_linear(x, w8, s8, gs), expected, atol=1e-3, rtol=1e-4)
     x, w, sw = random_w8a8(m, n, k)
     assert torch.equal(ext.w8a8_linear(x, w, sw, None), ops.w8a8_linear_reference(x, w, sw))
     if gs % 32 == 0:
@@ -303,8 +339,14 @@ def test_avx2_paths_match_the_references_too():
     from pathlib import Path
 
     root = Path(__file__).parents[2]
-    result = subprocess.run([sys.executable, "-c", AVX2_CHECK], cwd=root, capture_output=True, text=True,
-                            env={**os.environ, "TUILI_ISA": "avx2"}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", AVX2_CHECK],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TUILI_ISA": "avx2"},
+        timeout=600,
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 

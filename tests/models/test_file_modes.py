@@ -5,8 +5,8 @@ import os
 import stat
 
 import pytest
-
 from helpers import random_tiny
+
 from tuili.models.io import atomic_file, atomic_write_text, umask
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import CONFIGS, save_hf_tiny
 
 import tuili
-from helpers import CONFIGS, save_hf_tiny
 from tuili.models import ContiguousKVCache
 
 
@@ -44,7 +44,7 @@ def test_cached_decoding_equals_full_recomputation(pair):
     cache = ContiguousKVCache(model.config, batch_size=2, max_len=30)
     steps = [model.module(ids[:, :12], torch.arange(12).expand(2, 12), cache).logits]
     for t in range(12, 30):  # one token at a time, as decoding does
-        steps.append(model.module(ids[:, t:t + 1], torch.full((2, 1), t), cache).logits)
+        steps.append(model.module(ids[:, t : t + 1], torch.full((2, 1), t), cache).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
@@ -54,8 +54,9 @@ def test_greedy_tokens_match_transformers_generate(pair):
 
     prompt = [5, 70, 80, 90, 100]
     with torch.no_grad():
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     got = generate(model, prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     assert got.token_ids == expected
 

@@ -1,15 +1,14 @@
 """Loading and saving: formats, bit-exact round trips, atomic writes, and clear errors on bad input."""
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import SPECIALS, random_tiny, save_hf_tiny, tiny_tokenizer
 
 import tuili
-from helpers import SPECIALS, random_tiny, save_hf_tiny, tiny_tokenizer
 from tuili.errors import ModelFormatError
 
 
@@ -45,8 +44,9 @@ def test_transformers_loads_a_tuili_folder(tmp_path):
         torch.testing.assert_close(hf(ids).logits, model.module(ids).logits, atol=1e-4, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
     messages = [{"role": "user", "content": "hi"}]
-    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        model.tokenizer.apply_chat_template(messages)
+    assert hf_tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    ) == model.tokenizer.apply_chat_template(messages)
 
 
 def test_provenance_travels_with_the_folder(tmp_path):
@@ -88,6 +88,7 @@ def test_save_replaces_an_existing_model_folder(tmp_path):
 
 # ---- GGUF -------------------------------------------------------------------------------------
 
+
 def write_gguf(path, hf_model, tokenizer, arch="llama"):
     """Write a model as llama.cpp's converter does: F32 tensors, q/k rows permuted, BPE tokenizer."""
     cfg = hf_model.config
@@ -110,10 +111,17 @@ def write_gguf(path, hf_model, tokenizer, arch="llama"):
     w.add_bos_token_id(1)
     w.add_chat_template(tokenizer.chat_template)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for name, t in hf_model.state_dict().items():
         stem, kind = name.rsplit(".", 1)
@@ -169,6 +177,7 @@ def test_garbage_gguf_names_the_file(tmp_path):
 
 
 # ---- errors on bad folders --------------------------------------------------------------------
+
 
 @pytest.fixture
 def folder(tmp_path):
@@ -264,5 +273,7 @@ def test_an_unknown_kv_cache_format_in_config_json(folder):
     config = json.loads((folder / "config.json").read_text())
     config["kv_cache_dtype"] = "fp8_e4m3"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFormatError, match="unsupported kv_cache_dtype 'fp8_e4m3': choose one of float32, bfloat16, int8"):
+    with pytest.raises(
+        ModelFormatError, match="unsupported kv_cache_dtype 'fp8_e4m3': choose one of float32, bfloat16, int8"
+    ):
         tuili.load(folder)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import random_tiny
+
 from tuili.pipeline import analyze
 from tuili.pipeline.analysis import analysis_markdown
 

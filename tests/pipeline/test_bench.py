@@ -39,18 +39,31 @@ def test_a_copy_of_the_baseline_is_kept_only_where_it_fits(monkeypatch):
 def test_optimize_times_every_stage_in_turns_with_the_baseline(tmp_path, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text("some text to score and to calibrate on " * 60)
-    report = optimize(random_tiny(), [quantize_stage("w8a16", data=str(text))], data=str(text), seq_len=64,
-                      max_tokens=256, progress=False, sensitivity=False)
+    report = optimize(
+        random_tiny(),
+        [quantize_stage("w8a16", data=str(text))],
+        data=str(text),
+        seq_len=64,
+        max_tokens=256,
+        progress=False,
+        sensitivity=False,
+    )
     base, stage = report.stages
     assert base.speed.baseline_decode_tokens_per_second is None
     assert stage.speed.baseline_decode_tokens_per_second > 0
     assert "timed in turns with it" in report.to_markdown()
     monkeypatch.setattr(bench, "_available_memory", lambda: 1024)  # no room for a copy: one baseline run
-    report = optimize(random_tiny(), [quantize_stage("w8a16", data=str(text))], data=str(text), seq_len=64,
-                      max_tokens=256, progress=False, sensitivity=False)
+    report = optimize(
+        random_tiny(),
+        [quantize_stage("w8a16", data=str(text))],
+        data=str(text),
+        seq_len=64,
+        max_tokens=256,
+        progress=False,
+        sensitivity=False,
+    )
     assert report.stages[1].speed.baseline_decode_tokens_per_second is None
     assert "timed in turns" not in report.to_markdown()
-
 
 
 def test_the_peak_memory_leaves_out_the_baseline_copy(monkeypatch):

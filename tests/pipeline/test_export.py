@@ -13,8 +13,11 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.mark.parametrize("scheme", [None, Int4WeightOnly(group_size=32), Int8WeightOnly(), Int8DynamicActivation()],
-                         ids=["fp32", "w4a16", "w8a16", "w8a8"])
+@pytest.mark.parametrize(
+    "scheme",
+    [None, Int4WeightOnly(group_size=32), Int8WeightOnly(), Int8DynamicActivation()],
+    ids=["fp32", "w4a16", "w8a16", "w8a8"],
+)
 def test_onnx_export_matches_tuili_logits(tmp_path, scheme):
     model = random_tiny()
     if scheme is not None:
@@ -37,7 +40,9 @@ def test_a_model_with_a_smaller_kv_cache_exports_its_rounding_too(tmp_path, kv):
 
 def test_the_graph_takes_input_ids_and_gives_logits(tmp_path):
     model = random_tiny()
-    session = ort.InferenceSession(str(export_onnx(model, tmp_path / "m.onnx").path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(export_onnx(model, tmp_path / "m.onnx").path), providers=["CPUExecutionProvider"]
+    )
     assert [i.name for i in session.get_inputs()] == ["input_ids"]
     (logits,) = session.run(["logits"], {"input_ids": sample_ids(model, 2, 7).numpy()})
     assert logits.shape == (2, 7, model.config.vocab_size)
@@ -48,8 +53,10 @@ def test_a_recipe_exports_after_quantizing(tmp_path):
 
     (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 40)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"stages:\n  - quantize: w8a16\n  - benchmark: {{max_tokens: 128, seq_len: 64}}\n"
-                      f"  - export: {tmp_path / 'q.onnx'}\n")
+    recipe.write_text(
+        f"stages:\n  - quantize: w8a16\n  - benchmark: {{max_tokens: 128, seq_len: 64}}\n"
+        f"  - export: {tmp_path / 'q.onnx'}\n"
+    )
     report = optimize(random_tiny(), recipe, data=str(tmp_path / "t.txt"), progress=False)
     (export,) = report.exports
     assert export["path"].endswith("q.onnx") and export["max_abs_diff"] < 1e-4
@@ -86,8 +93,14 @@ def real_width_model(seed: int = 0):
     from tests.helpers import tiny_config, tiny_tokenizer
     from tuili.models import LlamaForCausalLM, Model
 
-    config = dataclasses.replace(tiny_config(), hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                                 num_key_value_heads=3, head_dim=64)
+    config = dataclasses.replace(
+        tiny_config(),
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    )
     torch.manual_seed(seed)
     module = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -96,9 +109,16 @@ def real_width_model(seed: int = 0):
     return Model(module, tiny_tokenizer(), config, "random:real-width")
 
 
-@pytest.mark.parametrize("scheme", [Int4WeightOnly(group_size=32), Int4WeightOnly(group_size=128),
-                                    Int4WeightOnly(group_size=128, symmetric=True), Int8WeightOnly()],
-                         ids=["w4a16-g32", "w4a16-g128-padded", "w4a16-g128-sym", "w8a16"])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        Int4WeightOnly(group_size=32),
+        Int4WeightOnly(group_size=128),
+        Int4WeightOnly(group_size=128, symmetric=True),
+        Int8WeightOnly(),
+    ],
+    ids=["w4a16-g32", "w4a16-g128-padded", "w4a16-g128-sym", "w8a16"],
+)
 def test_quantized_exports_are_valid_at_real_widths(tmp_path, scheme):
     """onnxruntime refused W4A16 graphs wider than 64 (a uint8 shift typed int16 by the exporter)."""
     model = quantize_(real_width_model(), scheme, progress=False)

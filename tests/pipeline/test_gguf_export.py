@@ -15,8 +15,13 @@ from tuili.pipeline.gguf_export import check_gguf, export_gguf
 from tuili.quant import quantize_
 from tuili.quant.config import Int4WeightOnly, Int8WeightOnly
 
-CASES = [(None, None), (Int4WeightOnly(32), "Q4_1"), (Int4WeightOnly(32, symmetric=True), "Q4_0"),
-         (Int8WeightOnly(32), "Q8_0"), (Int8WeightOnly(), None)]
+CASES = [
+    (None, None),
+    (Int4WeightOnly(32), "Q4_1"),
+    (Int4WeightOnly(32, symmetric=True), "Q4_0"),
+    (Int8WeightOnly(32), "Q8_0"),
+    (Int8WeightOnly(), None),
+]
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "qwen2", "mistral-sliding"])

@@ -25,8 +25,14 @@ def test_pareto_front_keeps_only_points_nothing_beats():
 def report(tmp_path_factory):
     text = tmp_path_factory.mktemp("data") / "t.txt"
     text.write_text("the report renders in a browser " * 300)
-    return optimize(random_tiny(), [quantize_stage("w8a16", data=str(text))], data=str(text), seq_len=64,
-                    max_tokens=1024, progress=False)
+    return optimize(
+        random_tiny(),
+        [quantize_stage("w8a16", data=str(text))],
+        data=str(text),
+        seq_len=64,
+        max_tokens=1024,
+        progress=False,
+    )
 
 
 def test_report_is_self_contained_with_tables_and_three_plots(report, tmp_path):
@@ -44,16 +50,35 @@ def test_report_renders_in_headless_chromium_with_its_plots_drawn(report, tmp_pa
     assert chromium, "headless Chromium is needed to check the report renders: `make test` installs Debian's chromium"
     page = tmp_path / "page.html"
     # after load, record how many plots the browser decoded and drew at a real size
-    probe = ("<script>addEventListener('load', () => { const ok = [...document.images].filter("
-             "i => i.complete && i.naturalWidth > 200 && i.getBoundingClientRect().width > 200).length;"
-             " document.body.setAttribute('data-plots-drawn', ok); });</script>")
+    probe = (
+        "<script>addEventListener('load', () => { const ok = [...document.images].filter("
+        "i => i.complete && i.naturalWidth > 200 && i.getBoundingClientRect().width > 200).length;"
+        " document.body.setAttribute('data-plots-drawn', ok); });</script>"
+    )
     page.write_text(render_html(report).replace("</body>", probe + "</body>"))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                         check=False, capture_output=True, text=True, timeout=120).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert 'data-plots-drawn="3"' in dom, dom[:500]
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri()],
-                   check=False, capture_output=True, timeout=120)
+    subprocess.run(
+        [chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri()],
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.stat().st_size > 20_000  # a page of tables and plots, not a blank one

@@ -22,8 +22,10 @@ def test_the_shipped_recipes_load_and_include_the_issues_examples():
 
 def test_yaml_and_toml_give_the_same_recipe():
     yaml_text = "name: r\nstages:\n  - analyze\n  - prune: 0.5\n  - quantize: {scheme: w4a16, group_size: 32}\n"
-    toml_text = ('name = "r"\nstages = [\n  "analyze",\n  { prune = 0.5 },\n'
-                 '  { quantize = { scheme = "w4a16", group_size = 32 } },\n]\n')
+    toml_text = (
+        'name = "r"\nstages = [\n  "analyze",\n  { prune = 0.5 },\n'
+        '  { quantize = { scheme = "w4a16", group_size = 32 } },\n]\n'
+    )
     a, b = parse_recipe(yaml_text, "r.yaml"), parse_recipe(toml_text, "r.toml", "toml")
     assert [(s.kind, s.settings) for s in a.stages] == [(s.kind, s.settings) for s in b.stages]
     assert a.settings("prune") == {"spec": "0.5"}  # a bare value is the stage's main setting
@@ -32,19 +34,29 @@ def test_yaml_and_toml_give_the_same_recipe():
 
 BAD = [
     ("stages:\n  - analyze\n  - compiler\n", "r.yaml, line 3: unknown stage 'compiler'"),
-    ("stages:\n  - quantize:\n      scheme: w4a16\n      group_size: many\n",
-     "r.yaml, line 4: quantize.group_size must be a whole number, got 'many'"),
+    (
+        "stages:\n  - quantize:\n      scheme: w4a16\n      group_size: many\n",
+        "r.yaml, line 4: quantize.group_size must be a whole number, got 'many'",
+    ),
     ("stages:\n  - quantize: {scheme: w4a16, bits: 3}\n", "r.yaml, line 2: quantize has no setting 'bits'"),
     ("stages:\n  - quantize: {method: gptq}\n", "r.yaml, line 2: quantize needs scheme"),
-    ("stages:\n  - quantize: w4a16\n  - prune: mlp=0.25\n", "r.yaml, line 3: prune cannot come after quantize (line 2)"),
+    (
+        "stages:\n  - quantize: w4a16\n  - prune: mlp=0.25\n",
+        "r.yaml, line 3: prune cannot come after quantize (line 2)",
+    ),
     ("stages:\n  - save: out\n  - analyze\n", "r.yaml, line 3: analyze cannot come after save (line 2)"),
     ("stages:\n  - quantize: w8a16\n  - quantize: w4a16\n", "r.yaml, line 3: a second quantize stage"),
     ("stages:\n  - compile\n  - quantize: w8a16\n", "r.yaml, line 3: quantize cannot come after compile (line 2)"),
     ("stages:\n  - compile: {mode: fast}\n", "r.yaml, line 2: compile has no setting 'mode'"),
     ("stages:\n  - quantize: w9a9\n", "r.yaml, line 2: quantize: unknown scheme 'w9a9'"),
-    ("stages:\n  - quantize: {scheme: w8a16, kv_cache: fp8}\n",
-     "r.yaml, line 2: quantize: unknown KV cache format 'fp8': choose one of float, bfloat16, int8"),
-    ("stages:\n  - quantize: {scheme: w8a8-dynamic, method: gptq}\n", "r.yaml, line 2: quantize: gptq quantizes weights only"),
+    (
+        "stages:\n  - quantize: {scheme: w8a16, kv_cache: fp8}\n",
+        "r.yaml, line 2: quantize: unknown KV cache format 'fp8': choose one of float, bfloat16, int8",
+    ),
+    (
+        "stages:\n  - quantize: {scheme: w8a8-dynamic, method: gptq}\n",
+        "r.yaml, line 2: quantize: gptq quantizes weights only",
+    ),
     ("stages:\n  - prune: {spec: '0.5', method: random}\n", "r.yaml, line 2: prune: unknown pruning method 'random'"),
     ("stages:\n  - prune: half\n", "r.yaml, line 2: prune: a pruning spec is a sparsity"),
     ("stages:\n  - distill: {steps: 10, lr: -1}\n", "r.yaml, line 2: distill:"),
@@ -87,22 +99,23 @@ def test_every_stage_kind_is_documented_in_the_error_for_an_unknown_one():
 
 def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     import tuili
-    from tuili.pipeline import optimize
     from tuili.engine.compiled import compiled_decode
+    from tuili.pipeline import optimize
     from tuili.quant.linear import quantized_layers
 
     (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: small\nstages:\n  - analyze: {{context_len: 64}}\n"
-                      f"  - prune: {{spec: mlp=0.5, calib_samples: 2, calib_len: 32}}\n"
-                      f"  - quantize: {{scheme: w8a16, kv_cache: bfloat16}}\n  - compile\n"
-                      f"  - benchmark: {{max_tokens: 256, seq_len: 64, batch_sizes: [1, 3]}}\n"
-                      f"  - save: {tmp_path / 'out'}\n")
+    recipe.write_text(
+        f"name: small\nstages:\n  - analyze: {{context_len: 64}}\n"
+        f"  - prune: {{spec: mlp=0.5, calib_samples: 2, calib_len: 32}}\n"
+        f"  - quantize: {{scheme: w8a16, kv_cache: bfloat16}}\n  - compile\n"
+        f"  - benchmark: {{max_tokens: 256, seq_len: 64, batch_sizes: [1, 3]}}\n"
+        f"  - save: {tmp_path / 'out'}\n"
+    )
     model = random_tiny()
     width = model.config.intermediate_size
     report = optimize(model, recipe, data=str(tmp_path / "t.txt"), progress=False)
-    assert [s.name for s in report.stages][:3] == ["baseline", "prune mlp=0.5",
-                                                      "quantize w8a16 rtn, bf16 KV cache"]
+    assert [s.name for s in report.stages][:3] == ["baseline", "prune mlp=0.5", "quantize w8a16 rtn, bf16 KV cache"]
     # the engine's C++ step applies to this model and is faster: nothing compiled
     assert report.stages[3].name == "compile: skipped, the engine's C++ decode step applies"
     assert compiled_decode(model.module) is None and report.stages[3].num_bytes == report.stages[2].num_bytes
@@ -127,8 +140,17 @@ def test_cli_runs_a_recipe_and_refuses_it_beside_stage_flags(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
     recipe = tmp_path / "r.toml"
     recipe.write_text('name = "cli"\nstages = [{ quantize = "w8a16" }, { benchmark = { max_tokens = 128 } }]\n')
-    common = ["optimize", "--model", str(folder), "--data", str(tmp_path / "t.txt"), "--seq-len", "64",
-              "--report", str(tmp_path / "report")]
+    common = [
+        "optimize",
+        "--model",
+        str(folder),
+        "--data",
+        str(tmp_path / "t.txt"),
+        "--seq-len",
+        "64",
+        "--report",
+        str(tmp_path / "report"),
+    ]
     assert main([*common, "--recipe", str(recipe), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recipe"] == "cli" and [s["name"] for s in out["stages"]] == ["baseline", "quantize w8a16 rtn"]

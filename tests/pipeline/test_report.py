@@ -8,5 +8,5 @@ def test_markdown_table_aligns_numbers_right():
 
 def test_human_units():
     assert human_bytes(512) == "512 B"
-    assert human_bytes(3 * 1024 ** 2) == "3.0 MiB"
+    assert human_bytes(3 * 1024**2) == "3.0 MiB"
     assert human_count(2.5e9, "FLOP") == "2.50 GFLOP"

@@ -25,9 +25,14 @@ def random_costs(n, seed):
     for i in range(n):
         size = rng.choice([100, 300, 1000])
         s = rng.uniform(0.1, 10)
-        costs.append(LayerCost(f"l{i}", (size, 1), {"float": 0.0, "int8": s * 0.01, "int4-g32": s * rng.uniform(0.3, 1),
-                                                    "int4-g128": s},
-                               {"float": 4 * size, "int8": size, "int4-g32": size * 0.6, "int4-g128": size * 0.52}))
+        costs.append(
+            LayerCost(
+                f"l{i}",
+                (size, 1),
+                {"float": 0.0, "int8": s * 0.01, "int4-g32": s * rng.uniform(0.3, 1), "int4-g128": s},
+                {"float": 4 * size, "int8": size, "int4-g32": size * 0.6, "int4-g128": size * 0.52},
+            )
+        )
     return costs
 
 
@@ -77,8 +82,9 @@ def text(tmp_path_factory):
 def test_search_meets_a_byte_budget_as_measured_and_the_result_saves_and_loads(text, tmp_path):
     model = random_tiny()
     budget = int(analyze(model).num_bytes * 0.45)
-    searched, result = search(model, max_bytes=budget, data=text, seq_len=64, max_tokens=1024, calib_samples=2,
-                              calib_len=32)
+    searched, result = search(
+        model, max_bytes=budget, data=text, seq_len=64, max_tokens=1024, calib_samples=2, calib_len=32
+    )
     assert result.met == {"max_bytes": True} and result.result.num_bytes <= budget
     assert analyze(searched).num_bytes == result.result.num_bytes
     assert set(result.choice.values()) - {"float"} and quantized_layers(searched.module)
@@ -92,8 +98,16 @@ def test_search_meets_a_byte_budget_as_measured_and_the_result_saves_and_loads(t
 
 def test_search_reports_an_unmet_quality_budget_instead_of_claiming_it(text):
     model = random_tiny()
-    _, result = search(model, max_bytes=int(analyze(model).num_bytes * 0.4), max_ppl_increase=-50.0, data=text,
-                       seq_len=64, max_tokens=512, calib_samples=2, calib_len=32)
+    _, result = search(
+        model,
+        max_bytes=int(analyze(model).num_bytes * 0.4),
+        max_ppl_increase=-50.0,
+        data=text,
+        seq_len=64,
+        max_tokens=512,
+        calib_samples=2,
+        calib_len=32,
+    )
     assert result.met["max_ppl_increase"] is False and "NOT met" in result.to_markdown()
 
 
@@ -105,17 +119,46 @@ def test_search_refuses_bad_budgets_and_quantized_models(text):
     with pytest.raises(SearchError, match="above 1"):
         search(random_tiny(), min_speedup=0.5, data=text)
     model = random_tiny()
-    searched, _ = search(model, max_bytes=int(analyze(model).num_bytes * 0.5), data=text, seq_len=64,
-                         max_tokens=256, calib_samples=1, calib_len=16)
+    searched, _ = search(
+        model,
+        max_bytes=int(analyze(model).num_bytes * 0.5),
+        data=text,
+        seq_len=64,
+        max_tokens=256,
+        calib_samples=1,
+        calib_len=16,
+    )
     with pytest.raises(SearchError, match="already quantized"):
         search(searched, max_bytes=10**6, data=text)
 
 
 def test_search_cli(text, tmp_path, capsys):
     folder = random_tiny().save(tmp_path / "tiny")
-    assert main(["search", "--model", str(folder), "--data", text, "--seq-len", "64", "--max-tokens", "512",
-                 "--max-bytes", "200KiB", "--calib-samples", "2", "--mlp-sparsity", "0", "0.25",
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--model",
+                str(folder),
+                "--data",
+                text,
+                "--seq-len",
+                "64",
+                "--max-tokens",
+                "512",
+                "--max-bytes",
+                "200KiB",
+                "--calib-samples",
+                "2",
+                "--mlp-sparsity",
+                "0",
+                "0.25",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "weights ≤ 200.0 KiB" in out and "**met**" in out and (tmp_path / "out").is_dir()
     assert "Sparsities tried" in out and re.search(r"\|\s+25\.0% \|", out)
@@ -127,8 +170,7 @@ def test_search_cli(text, tmp_path, capsys):
 
 def test_a_speed_no_plan_can_reach_is_refused_after_measuring_the_fastest_plan(text):
     with pytest.raises(SearchError, match=r"the fastest plan .* decodes .* below the 1000.00× asked"):
-        search(random_tiny(), min_speedup=1000.0, data=text, seq_len=64, max_tokens=256, calib_samples=1,
-               calib_len=16)
+        search(random_tiny(), min_speedup=1000.0, data=text, seq_len=64, max_tokens=256, calib_samples=1, calib_len=16)
 
 
 def _cheapest_bytes(model, text):
@@ -146,8 +188,16 @@ def test_a_budget_only_a_sparser_model_meets_is_met_by_removing_mlp_neurons(text
     model = random_tiny()
     width = model.config.intermediate_size
     budget = _cheapest_bytes(model, text) - 1  # no plan of formats alone fits
-    searched, result = search(model, max_bytes=budget, mlp_sparsity=(0.0, 0.5), data=text, seq_len=64,
-                              max_tokens=512, calib_samples=2, calib_len=32)
+    searched, result = search(
+        model,
+        max_bytes=budget,
+        mlp_sparsity=(0.0, 0.5),
+        data=text,
+        seq_len=64,
+        max_tokens=512,
+        calib_samples=2,
+        calib_len=32,
+    )
     assert result.mlp_sparsity == 0.5 and result.met == {"max_bytes": True}
     assert searched.config.intermediate_size == width // 2 and model.config.intermediate_size == width
     assert analyze(searched).num_bytes == result.result.num_bytes <= budget
@@ -161,8 +211,16 @@ def test_a_budget_only_a_sparser_model_meets_is_met_by_removing_mlp_neurons(text
 def test_each_sparsity_gets_a_measured_plan_and_the_best_that_meets_the_budget_wins(text):
     model = random_tiny()
     budget = int(analyze(model).num_bytes * 0.5)
-    _, result = search(model, max_bytes=budget, mlp_sparsity=(0.25, 0.0), data=text, seq_len=64, max_tokens=512,
-                       calib_samples=2, calib_len=32)
+    _, result = search(
+        model,
+        max_bytes=budget,
+        mlp_sparsity=(0.25, 0.0),
+        data=text,
+        seq_len=64,
+        max_tokens=512,
+        calib_samples=2,
+        calib_len=32,
+    )
     assert [c["mlp_sparsity"] for c in result.candidates] == [0.0, 0.25]
     assert all(c["met"] and c["num_bytes"] <= budget for c in result.candidates)
     best = min(result.candidates, key=lambda c: c["perplexity"])
@@ -175,14 +233,31 @@ def test_each_sparsity_gets_a_measured_plan_and_the_best_that_meets_the_budget_w
 def test_a_budget_no_sparsity_meets_says_what_each_would_weigh(text):
     model = random_tiny()
     with pytest.raises(SearchError, match=r"no plan meets the budget: with 0\.0% .* weighs .*; with 50\.0% .* weighs"):
-        search(model, max_bytes=1000, mlp_sparsity=(0.0, 0.5), data=text, seq_len=64, max_tokens=256,
-               calib_samples=1, calib_len=16)
+        search(
+            model,
+            max_bytes=1000,
+            mlp_sparsity=(0.0, 0.5),
+            data=text,
+            seq_len=64,
+            max_tokens=256,
+            calib_samples=1,
+            calib_len=16,
+        )
 
 
 def test_every_plan_gets_the_kv_cache_format_asked_and_is_measured_with_it(text, tmp_path):
     model = random_tiny()
-    searched, result = search(model, max_bytes=int(analyze(model).num_bytes * 0.5), mlp_sparsity=(0.0,),
-                              kv_cache="int8", data=text, seq_len=64, max_tokens=512, calib_samples=2, calib_len=32)
+    searched, result = search(
+        model,
+        max_bytes=int(analyze(model).num_bytes * 0.5),
+        mlp_sparsity=(0.0,),
+        kv_cache="int8",
+        data=text,
+        seq_len=64,
+        max_tokens=512,
+        calib_samples=2,
+        calib_len=32,
+    )
     assert searched.config.kv_cache_dtype == "int8" and model.config.kv_cache_dtype is None
     windows = eval_windows(searched.tokenizer.encode(load_text(text, "evaluation")), 64, 512)
     assert perplexity(searched.module, windows, progress=False).perplexity == result.result.quality.perplexity

@@ -68,8 +68,14 @@ def test_parse_pattern():
         SemiStructured.parse("half")
 
 
-@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
-                                  lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)], ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    ],
+    ids=["sgd", "adamw"],
+)
 def test_pruned_weights_stay_zero_through_fine_tuning(make):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))

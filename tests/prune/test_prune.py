@@ -3,8 +3,8 @@ plain masking on real text; the report counts what was removed."""
 
 import pytest
 import torch
-
 from helpers import random_tiny
+
 from tuili.data import builtin_text, calibration_samples
 from tuili.prune import SemiStructured, Unstructured, prune_, sparsegpt, sparsity_report
 from tuili.prune.masks import unstructured_mask

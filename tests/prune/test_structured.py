@@ -3,9 +3,9 @@ the smaller model saves, loads, and runs in the engine."""
 
 import pytest
 import torch
+from helpers import random_tiny
 
 import tuili
-from helpers import random_tiny
 from tuili.engine import LLM, SamplingParams
 from tuili.prune.structured import drop_layers_, head_scores, neuron_scores, prune_heads_, prune_mlp_
 
@@ -53,7 +53,7 @@ def test_removing_heads_equals_masking_them_and_keeps_gqa_valid(whole_groups, im
             dropped = (torch.arange(per_group.shape[0])[:, None] * group + low).reshape(-1)
         with torch.no_grad():
             for h in dropped.tolist():
-                layer.self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
+                layer.self_attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
     torch.testing.assert_close(logits(model), logits(dense), atol=1e-5, rtol=1e-5)
 
 
@@ -108,8 +108,9 @@ def test_iterative_pruning_rises_in_stages_and_recovery_keeps_the_masks():
     from tuili.prune.iterative import iterative_prune_
 
     model = random_tiny("llama-gqa")
-    stages = iterative_prune_(model, Unstructured(0.6), "magnitude", 3, train=CALIB, steps=3, lr=1e-3,
-                              eval_windows=CALIB[:2], progress=False)
+    stages = iterative_prune_(
+        model, Unstructured(0.6), "magnitude", 3, train=CALIB, steps=3, lr=1e-3, eval_windows=CALIB[:2], progress=False
+    )
     assert [round(s.sparsity, 3) for s in stages] == [0.2, 0.4, 0.6]
     assert all(s.perplexity is not None and s.loss is not None for s in stages)
     q = model.module.model.layers[0].self_attn.q_proj

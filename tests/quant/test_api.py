@@ -2,20 +2,20 @@ import copy
 
 import pytest
 import torch
-
 from helpers import random_tiny
+
 from tuili.quant import (
-    Int4WeightInt8Activation,
-    W4A8Linear,
     AWQ,
     GPTQ,
     RTN,
+    Int4WeightInt8Activation,
     Int4WeightOnly,
     Int8DynamicActivation,
     Int8Linear,
     Int8StaticActivation,
     Int8WeightOnly,
     SmoothQuant,
+    W4A8Linear,
     WeightOnlyLinear,
     quantize_,
     scheme_from_name,
@@ -57,7 +57,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("scheme, method, cls, min_db", CASES, ids=lambda c: getattr(c, "scheme", getattr(c, "name", "")))
+@pytest.mark.parametrize(
+    "scheme, method, cls, min_db", CASES, ids=lambda c: getattr(c, "scheme", getattr(c, "name", ""))
+)
 def test_quantized_model_tracks_float(model, calib, scheme, method, cls, min_db, kernel_path):
     ref = copy.deepcopy(model.module)
     quantize_(model, scheme, method, calib=calib, progress=False)
@@ -70,8 +72,13 @@ def test_quantized_model_tracks_float(model, calib, scheme, method, cls, min_db,
 
 
 def test_targets_ignore_and_overrides(model):
-    quantize_(model, Int4WeightOnly(group_size=32), targets=["*mlp*"], ignore=["down_proj"],
-              overrides={"*.up_proj": Int8WeightOnly()})
+    quantize_(
+        model,
+        Int4WeightOnly(group_size=32),
+        targets=["*mlp*"],
+        ignore=["down_proj"],
+        overrides={"*.up_proj": Int8WeightOnly()},
+    )
     layer = model.module.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, torch.nn.Linear) and isinstance(layer.mlp.down_proj, torch.nn.Linear)
     assert layer.mlp.gate_proj.bits == 4 and layer.mlp.up_proj.bits == 8
@@ -92,12 +99,15 @@ def test_quantized_model_really_shrinks(model):
         assert after.bytes_by_kind[kind] < 0.25 * before.bytes_by_kind[kind]
 
 
-@pytest.mark.parametrize("scheme, method, message", [
-    (Int8DynamicActivation(), GPTQ(), "quantizes weights only"),
-    (Int4WeightOnly(), SmoothQuant(), "prepares activations"),
-    (Int4WeightOnly(), GPTQ(), "needs calibration samples"),
-    (Int8StaticActivation(), RTN(), "needs calibration samples"),
-])
+@pytest.mark.parametrize(
+    "scheme, method, message",
+    [
+        (Int8DynamicActivation(), GPTQ(), "quantizes weights only"),
+        (Int4WeightOnly(), SmoothQuant(), "prepares activations"),
+        (Int4WeightOnly(), GPTQ(), "needs calibration samples"),
+        (Int8StaticActivation(), RTN(), "needs calibration samples"),
+    ],
+)
 def test_bad_combinations_are_refused(model, scheme, method, message):
     with pytest.raises(ValueError, match=message):
         quantize_(model, scheme, method)
@@ -113,9 +123,14 @@ def test_calibrated_methods_need_tuili_model(model, calib):
         quantize_(torch.nn.Sequential(torch.nn.Linear(4, 4)), Int4WeightOnly(group_size=32), GPTQ(), calib=calib)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(group_size=48), "group_size must be"), (dict(bits=8), "takes 2 to 4 bits"), (dict(bits=0), "bits must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(group_size=48), "group_size must be"),
+        (dict(bits=8), "takes 2 to 4 bits"),
+        (dict(bits=0), "bits must be"),
+    ],
+)
 def test_bad_configs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Int4WeightOnly(**kwargs)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from helpers import random_tiny
 
 import tuili
-from helpers import random_tiny
 from tuili.quant import (
     GPTQ,
     Int4WeightInt8Activation,
@@ -23,9 +23,15 @@ from tuili.quant import (
 pytestmark = pytest.mark.usefixtures("kernel_path")  # every test on both paths
 
 CALIB = torch.randint(0, 259, (4, 32), generator=torch.Generator().manual_seed(0))
-SCHEMES = [Int4WeightOnly(group_size=32), Int4WeightOnly(group_size=64, symmetric=True), Int8WeightOnly(),
-           Int4WeightInt8Activation(group_size=32),
-           Int8WeightOnly(group_size=32), Int8DynamicActivation(), Int8StaticActivation()]
+SCHEMES = [
+    Int4WeightOnly(group_size=32),
+    Int4WeightOnly(group_size=64, symmetric=True),
+    Int8WeightOnly(),
+    Int4WeightInt8Activation(group_size=32),
+    Int8WeightOnly(group_size=32),
+    Int8DynamicActivation(),
+    Int8StaticActivation(),
+]
 
 
 def outputs(model):
@@ -43,14 +49,22 @@ def test_save_load_round_trip_is_exact(tmp_path, scheme):
     kinds = {type(m) for m in again.module.modules()} & {WeightOnlyLinear, W4A8Linear, Int8Linear}
     assert kinds == {type(m) for m in model.module.modules()} & {WeightOnlyLinear, W4A8Linear, Int8Linear}
     assert len(kinds) == 1
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == \
-        "compressed-tensors"
+    assert (
+        json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "compressed-tensors"
+    )
 
 
 def test_mixed_precision_and_a_quantized_head_round_trip(tmp_path):
     model = random_tiny("llama-mqa-tied")
-    quantize_(model, Int4WeightOnly(group_size=32), GPTQ(), calib=CALIB, ignore=[],
-              overrides={"*down_proj": Int8WeightOnly(), "lm_head": Int8WeightOnly()})
+    quantize_(
+        model,
+        Int4WeightOnly(group_size=32),
+        GPTQ(),
+        calib=CALIB,
+        ignore=[],
+        overrides={"*down_proj": Int8WeightOnly(), "lm_head": Int8WeightOnly()},
+    )
     model.save(tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"

@@ -16,9 +16,16 @@ def ref():
     return nn.Linear(200, 96, bias=True)
 
 
-@pytest.mark.parametrize("bits, group_size, symmetric, min_db", [
-    (8, "channel", True, 38), (4, 32, False, 18), (4, 64, True, 14), (4, 128, False, 16), (3, 32, False, 12),
-])
+@pytest.mark.parametrize(
+    "bits, group_size, symmetric, min_db",
+    [
+        (8, "channel", True, 38),
+        (4, 32, False, 18),
+        (4, 64, True, 14),
+        (4, 128, False, 16),
+        (3, 32, False, 12),
+    ],
+)
 def test_weight_only_tracks_float(ref, bits, group_size, symmetric, min_db):
     x = torch.randn(5, 7, 200)
     q = WeightOnlyLinear.from_float(ref, bits, group_size, symmetric)
@@ -70,8 +77,9 @@ def test_modules_survive_deepcopy_and_state_dict(ref):
     assert torch.equal(clone(x), q(x))
 
 
-@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 32, False), (4, 64, True), (4, 128, False),
-                                                          (8, "channel", True), (8, 32, True)])
+@pytest.mark.parametrize(
+    "bits, group_size, symmetric", [(4, 32, False), (4, 64, True), (4, 128, False), (8, "channel", True), (8, 32, True)]
+)
 @pytest.mark.parametrize("m", [1, 3, 16, 40])
 def test_kernel_and_fallback_paths_agree(ref, monkeypatch, bits, group_size, symmetric, m):
     from tuili.kernels import ops
@@ -100,6 +108,7 @@ def test_bf16_compute_rounds_only_the_activations(ref, bits, group_size, symmetr
     exact = x @ q.dequantize().T + ref.bias
     torch.testing.assert_close(y, exact, atol=0.05, rtol=0.02)
     from tuili.kernels import ops
+
     if m <= ops.MAX_M and ops.bf16_dot_products():  # the kernels' contract (the bf16 GEMM rounds weights too)
         rounded = (ops.quantize_rows_i16(x) if bits == 8 else x.bfloat16().float()) @ q.dequantize().T + ref.bias
         torch.testing.assert_close(y, rounded, atol=1e-4, rtol=1e-4)
@@ -153,6 +162,7 @@ def test_prefill_in_bf16_stays_close_and_keeps_the_callers_dtype(bits, group):
     assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
     assert (fast - exact).norm() / exact.norm() < 1e-2  # bf16 activations: about 3 significant digits
     from tuili.kernels import ops
+
     if ops.available() and not ops.bf16_dot_products():  # no AVX512-BF16: decoding keeps its fp32 kernels
         assert torch.equal(small, small_fast)
     assert (small_fast - small).norm() / small.norm() < 1e-2  # else the bf16 kernels (or the bf16 GEMM)

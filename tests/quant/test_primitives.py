@@ -55,14 +55,16 @@ def test_group_that_does_not_divide_the_row_is_padded(group_size):
     q = quantize_weight(w, 4, group_size, symmetric=False)
     assert q.scale.shape == (8, -(-576 // group_size)) and q.q.shape == (8, 576)
     assert sqnr(w, q.dequantize()) > 15
-    last = q.dequantize()[:, -(576 % group_size or group_size):]
+    last = q.dequantize()[:, -(576 % group_size or group_size) :]
     assert torch.isfinite(last).all()
 
 
 def test_per_group_beats_per_channel():
     torch.manual_seed(0)
     w = torch.randn(32, 256) * torch.logspace(-1, 1, 256)  # columns of very different ranges
-    assert sqnr(w, quantize_weight(w, 4, 32, False).dequantize()) > sqnr(w, quantize_weight(w, 4, "channel", False).dequantize())
+    assert sqnr(w, quantize_weight(w, 4, 32, False).dequantize()) > sqnr(
+        w, quantize_weight(w, 4, "channel", False).dequantize()
+    )
 
 
 @pytest.mark.parametrize("cols", [64, 65])
@@ -81,10 +83,15 @@ def test_non_finite_weights_are_refused():
         quantize_weight(w, 8, "channel", True)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(bits=0), "bits must be"), (dict(bits=9), "bits must be"),
-    (dict(granularity=1024), "larger than the row"), (dict(granularity=0), "positive"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(bits=0), "bits must be"),
+        (dict(bits=9), "bits must be"),
+        (dict(granularity=1024), "larger than the row"),
+        (dict(granularity=0), "positive"),
+    ],
+)
 def test_bad_arguments_are_refused(bad, message):
     args = dict(bits=4, granularity=32) | bad
     with pytest.raises(ValueError, match=message):

@@ -1,7 +1,6 @@
 """Fixtures: a tiny model, and one live server over it for the tests that do not reconfigure it."""
 
 import pytest
-
 from helpers import random_tiny
 from live import live_server
 

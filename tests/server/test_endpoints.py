@@ -2,8 +2,8 @@
 
 import httpx
 import pytest
-
 from live import MODEL, samples
+
 from tuili.engine.pooling import loglikelihood
 
 
@@ -60,6 +60,11 @@ def test_metrics_count_requests_tokens_and_latencies(base):
     assert grew("tuili_inter_token_latency_seconds_count") == 6
     assert grew("tuili_e2e_request_latency_seconds_count") == 1
     assert grew("tuili_request_queue_time_seconds_count") == 1
-    for gauge in ("tuili_num_requests_running", "tuili_num_requests_waiting", "tuili_kv_cache_usage_perc",
-                  "tuili_prefix_cache_hits_total", "tuili_prefix_cache_queries_total"):
+    for gauge in (
+        "tuili_num_requests_running",
+        "tuili_num_requests_waiting",
+        "tuili_kv_cache_usage_perc",
+        "tuili_prefix_cache_hits_total",
+        "tuili_prefix_cache_queries_total",
+    ):
         assert gauge in after

@@ -6,8 +6,8 @@ import time
 
 import httpx
 import pytest
-
 from live import MODEL, live_server
+
 from tuili.server import ServerConfig
 
 GOOD = {"model": MODEL, "prompt": "ok", "max_tokens": 3, "temperature": 0}
@@ -31,31 +31,37 @@ def still_serving(base):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.parametrize("content, words", [
-    (b'{"model": "tiny", "prompt": ', ["not valid JSON"]),
-    (b"\xff\xfe{not utf-8}", ["not valid UTF-8"]),
-    (b"[1, 2, 3]", ["must be a JSON object"]),
-    (b"", ["missing"]),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b'{"model": "tiny", "prompt": ', ["not valid JSON"]),
+        (b"\xff\xfe{not utf-8}", ["not valid UTF-8"]),
+        (b"[1, 2, 3]", ["must be a JSON object"]),
+        (b"", ["missing"]),
+    ],
+)
 def test_malformed_bodies(base, content, words):
     r = httpx.post(f"{base}/v1/completions", content=content, headers={"content-type": "application/json"})
     assert_error(r, 400, *words)
     still_serving(base)
 
 
-@pytest.mark.parametrize("change, param, words", [
-    ({"max_tokens": "many"}, "max_tokens", ["integer"]),
-    ({"temperature": -1}, "temperature", ["greater than or equal to 0"]),
-    ({"top_p": 0}, "top_p", ["greater than 0"]),
-    ({"n": 0}, "n", ["greater than or equal to 1"]),
-    ({"max_tokens": 0}, "max_tokens", ["greater than or equal to 1"]),
-    ({"presence_penalty": 3}, "presence_penalty", ["less than or equal to 2"]),
-    ({"logprobs": 50}, "logprobs", ["less than or equal to 20"]),
-    ({"stop": [""]}, "stop", ["must not be empty"]),
-    ({"prompt": None}, "prompt", []),
-    ({"echo": True}, None, ["echo is not supported"]),
-    ({"logit_bias": {"5": 1}}, None, ["logit_bias is not supported"]),
-])
+@pytest.mark.parametrize(
+    "change, param, words",
+    [
+        ({"max_tokens": "many"}, "max_tokens", ["integer"]),
+        ({"temperature": -1}, "temperature", ["greater than or equal to 0"]),
+        ({"top_p": 0}, "top_p", ["greater than 0"]),
+        ({"n": 0}, "n", ["greater than or equal to 1"]),
+        ({"max_tokens": 0}, "max_tokens", ["greater than or equal to 1"]),
+        ({"presence_penalty": 3}, "presence_penalty", ["less than or equal to 2"]),
+        ({"logprobs": 50}, "logprobs", ["less than or equal to 20"]),
+        ({"stop": [""]}, "stop", ["must not be empty"]),
+        ({"prompt": None}, "prompt", []),
+        ({"echo": True}, None, ["echo is not supported"]),
+        ({"logit_bias": {"5": 1}}, None, ["logit_bias is not supported"]),
+    ],
+)
 def test_wrong_types_and_values(base, change, param, words):
     error = assert_error(post(base, "/v1/completions", {**GOOD, **change}), 400, *words)
     if param:
@@ -63,8 +69,10 @@ def test_wrong_types_and_values(base, change, param, words):
     still_serving(base)
 
 
-@pytest.mark.parametrize("raw", ['{"model": "tiny", "prompt": "x", "temperature": NaN}',
-                                 '{"model": "tiny", "prompt": "x", "top_p": Infinity}'])
+@pytest.mark.parametrize(
+    "raw",
+    ['{"model": "tiny", "prompt": "x", "temperature": NaN}', '{"model": "tiny", "prompt": "x", "top_p": Infinity}'],
+)
 def test_nan_and_infinity_are_refused(base, raw):
     r = httpx.post(f"{base}/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400, "finite")
@@ -95,10 +103,20 @@ def test_prompt_beyond_the_context(base, served):
 
 def test_chat_errors(base):
     assert_error(post(base, "/v1/chat/completions", {"model": MODEL, "messages": []}), 400, "messages")
-    assert_error(post(base, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
-                 400, "role")
-    assert_error(post(base, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                                     "tools": [{"type": "function"}]}), 400, "tools")
+    assert_error(
+        post(base, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+        400,
+        "role",
+    )
+    assert_error(
+        post(
+            base,
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        ),
+        400,
+        "tools",
+    )
     still_serving(base)
 
 
@@ -113,8 +131,9 @@ def test_tokenize_and_detokenize_round_trip(base):
 
 
 def test_limits_api_key_and_body_size(tiny_model):
-    config = ServerConfig(model_names=(MODEL,), api_key="s3cret", max_prompt_tokens=8, max_tokens=5,
-                          max_body_bytes=2000)
+    config = ServerConfig(
+        model_names=(MODEL,), api_key="s3cret", max_prompt_tokens=8, max_tokens=5, max_body_bytes=2000
+    )
     with live_server(tiny_model, config) as (base, _):
         assert_error(post(base, "/v1/completions", GOOD), 401, "API key")
         key = {"Authorization": "Bearer s3cret"}
@@ -167,21 +186,45 @@ def test_requests_before_warm_up_finishes_get_503(tiny_model):
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 # every sampling field at the edges of what it accepts: served (200), never a 5xx, the engine alive after
 EDGES = [
-    {"temperature": 0}, {"temperature": 1e-30}, {"temperature": 1.1e-5}, {"temperature": 2},
-    {"top_p": 5e-324}, {"top_p": 1e-30, "temperature": 2}, {"top_p": 1},
-    {"top_k": -1}, {"top_k": 1}, {"top_k": 10**30}, {"min_p": 1}, {"min_p": 0.999999},
-    {"repetition_penalty": 1e-300, "temperature": 1}, {"repetition_penalty": 100, "temperature": 1},
-    {"presence_penalty": 2, "frequency_penalty": -2}, {"presence_penalty": -2, "frequency_penalty": 2},
-    {"seed": 2**63 - 1, "n": 4, "temperature": 1}, {"seed": -(2**63), "temperature": 1}, {"seed": 0},
-    {"logprobs": 20, "repetition_penalty": 1e-300, "temperature": 1e-5}, {"n": 16, "max_tokens": 1},
-    {"stop": ["\x00", "a" * 1000]}, {"stop_token_ids": [0, 258]}, {"ignore_eos": True},
+    {"temperature": 0},
+    {"temperature": 1e-30},
+    {"temperature": 1.1e-5},
+    {"temperature": 2},
+    {"top_p": 5e-324},
+    {"top_p": 1e-30, "temperature": 2},
+    {"top_p": 1},
+    {"top_k": -1},
+    {"top_k": 1},
+    {"top_k": 10**30},
+    {"min_p": 1},
+    {"min_p": 0.999999},
+    {"repetition_penalty": 1e-300, "temperature": 1},
+    {"repetition_penalty": 100, "temperature": 1},
+    {"presence_penalty": 2, "frequency_penalty": -2},
+    {"presence_penalty": -2, "frequency_penalty": 2},
+    {"seed": 2**63 - 1, "n": 4, "temperature": 1},
+    {"seed": -(2**63), "temperature": 1},
+    {"seed": 0},
+    {"logprobs": 20, "repetition_penalty": 1e-300, "temperature": 1e-5},
+    {"n": 16, "max_tokens": 1},
+    {"stop": ["\x00", "a" * 1000]},
+    {"stop_token_ids": [0, 258]},
+    {"ignore_eos": True},
 ]
 BEYOND = [
-    ({"seed": 2**63}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"temperature": 2.01}, "temperature"),
-    ({"top_p": 1.0001}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": 101}, "repetition_penalty"),
-    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"n": 17}, "n"), ({"max_tokens": 10**30}, "max_tokens"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"logprobs": -1}, "logprobs"),
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"temperature": 2.01}, "temperature"),
+    ({"top_p": 1.0001}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 101}, "repetition_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"n": 17}, "n"),
+    ({"max_tokens": 10**30}, "max_tokens"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"logprobs": -1}, "logprobs"),
 ]
 
 
@@ -201,19 +244,25 @@ def test_values_beyond_the_documented_ranges_are_a_400_naming_the_field(base, ch
     still_serving(base)
 
 
-@pytest.mark.parametrize("path, raw, param", [
-    ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
-    ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "prompt"),
-    ("/v1/completions", '{"model": "tiny", "prompt": "ok", "stop": ["\\ud800"]}', "stop"),
-    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages"),
-    ("/v1/chat/completions",
-     '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', "messages"),
-    ("/v1/embeddings", '{"model": "tiny", "input": "\\ud800"}', "input"),
-    ("/v1/loglikelihood", '{"model": "tiny", "input": {"context": "a", "continuation": "\\ud800"}}', "input"),
-    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
-    ("/tokenize", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
-    ("/v1/completions", '{"model": "tiny", "prompt": "ok", "metadata": {"\\ud800": 1}}', "metadata"),
-])
+@pytest.mark.parametrize(
+    "path, raw, param",
+    [
+        ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\udfff"]}', "prompt"),
+        ("/v1/completions", '{"model": "tiny", "prompt": "ok", "stop": ["\\ud800"]}', "stop"),
+        ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages"),
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+            "messages",
+        ),
+        ("/v1/embeddings", '{"model": "tiny", "input": "\\ud800"}', "input"),
+        ("/v1/loglikelihood", '{"model": "tiny", "input": {"context": "a", "continuation": "\\ud800"}}', "input"),
+        ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+        ("/tokenize", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+        ("/v1/completions", '{"model": "tiny", "prompt": "ok", "metadata": {"\\ud800": 1}}', "metadata"),
+    ],
+)
 def test_invalid_unicode_is_a_400_naming_the_field(base, path, raw, param):
     r = httpx.post(f"{base}{path}", content=raw.encode(), headers={"content-type": "application/json"})
     error = assert_error(r, 400, "invalid Unicode", "surrogate")
@@ -221,24 +270,44 @@ def test_invalid_unicode_is_a_400_naming_the_field(base, path, raw, param):
     still_serving(base)
 
 
-@pytest.mark.parametrize("path, body, param, words", [
-    ("/v1/completions", {**GOOD, "guided_json": {"type": "object"}}, "guided_json", ["structured output"]),
-    ("/v1/chat/completions", {**CHAT, "guided_regex": "a+"}, "guided_regex", ["structured output"]),
-    ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions", ["function calling"]),
-    ("/v1/chat/completions", {**CHAT, "function_call": "auto"}, "function_call", ["function calling"]),
-    ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice", ["function calling"]),
-    ("/v1/completions", {**GOOD, "frobnicate": 1}, "frobnicate", ["unknown field"]),
-    ("/v1/embeddings", {"model": MODEL, "input": "x", "truncate": True}, "truncate", ["unknown field"]),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, None, ["response_format"]),
-    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
-     "stream_options", ["continuous_usage_stats"]),
-    ("/v1/chat/completions", {**CHAT, "messages": [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
-        {"role": "tool", "content": "sunny", "tool_call_id": "1"}]}, "messages", ["tool"]),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "audio": {}}]}, "messages",
-     ["audio"]),
-])
+@pytest.mark.parametrize(
+    "path, body, param, words",
+    [
+        ("/v1/completions", {**GOOD, "guided_json": {"type": "object"}}, "guided_json", ["structured output"]),
+        ("/v1/chat/completions", {**CHAT, "guided_regex": "a+"}, "guided_regex", ["structured output"]),
+        ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions", ["function calling"]),
+        ("/v1/chat/completions", {**CHAT, "function_call": "auto"}, "function_call", ["function calling"]),
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice", ["function calling"]),
+        ("/v1/completions", {**GOOD, "frobnicate": 1}, "frobnicate", ["unknown field"]),
+        ("/v1/embeddings", {"model": MODEL, "input": "x", "truncate": True}, "truncate", ["unknown field"]),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, None, ["response_format"]),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+            "stream_options",
+            ["continuous_usage_stats"],
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                **CHAT,
+                "messages": [
+                    {"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+                    {"role": "tool", "content": "sunny", "tool_call_id": "1"},
+                ],
+            },
+            "messages",
+            ["tool"],
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": "x", "audio": {}}]},
+            "messages",
+            ["audio"],
+        ),
+    ],
+)
 def test_fields_that_would_change_the_answer_are_refused(base, path, body, param, words):
     error = assert_error(post(base, path, body), 400, *words)
     assert error["param"] == param
@@ -246,8 +315,11 @@ def test_fields_that_would_change_the_answer_are_refused(base, path, body, param
 
 
 def test_bookkeeping_fields_are_ignored_and_named_in_a_header(base):
-    r = post(base, "/v1/completions", {**GOOD, "user": "u1", "metadata": {"team": "a"}, "store": False,
-                                       "service_tier": "auto"})
+    r = post(
+        base,
+        "/v1/completions",
+        {**GOOD, "user": "u1", "metadata": {"team": "a"}, "store": False, "service_tier": "auto"},
+    )
     assert r.status_code == 200 and r.headers["x-tuili-ignored-fields"] == "metadata, service_tier, store, user"
     r = post(base, "/v1/embeddings", {"model": MODEL, "input": "x", "metadata": {}})
     assert r.status_code == 200 and r.headers["x-tuili-ignored-fields"] == "metadata"

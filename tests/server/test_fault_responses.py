@@ -8,8 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-
 from live import MODEL, live_server
+
 from tuili.server import ServerConfig, build_server, serve
 from tuili.server.serve import ENGINE_FAILED
 

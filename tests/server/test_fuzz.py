@@ -14,8 +14,8 @@ from collections import Counter, defaultdict
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-
 from live import MODEL, live_server
+
 from tuili.server import ServerConfig
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -45,8 +45,9 @@ def served_model(case):
 def fuzz(operation, mode: str, base: str, seen: Counter) -> None:
     """Up to EXAMPLES generated cases of one operation in one mode, each checked as it is answered."""
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=operation.as_strategy(schemathesis.GenerationMode(mode)).map(served_model))
     def one(case):
         start = time.monotonic()
@@ -70,8 +71,12 @@ def test_every_endpoint_survives_schema_fuzzing(fuzzed):
     base, server = fuzzed
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    served = {f"{method} {route.path}" for route in server.app.routes if isinstance(route, APIRoute)
-              for method in route.methods}
+    served = {
+        f"{method} {route.path}"
+        for route in server.app.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods
+    }
     assert {f"{op.method.upper()} {op.path}" for op in operations} == served  # every endpoint is fuzzed
     counts: dict[str, Counter] = defaultdict(Counter)
     for operation in operations:

@@ -7,15 +7,21 @@ import json
 import random
 
 import httpx
-
 from live import MODEL, live_server, metric, samples
+
 from tuili.engine import LLM, SamplingParams
 
 
 async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, leave_after: int | None):
     """The streamed text, or None if this client hung up after `leave_after` chunks."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     text, chunks = "", 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
@@ -59,15 +65,21 @@ def test_64_concurrent_streams_with_disconnects_and_invalid_requests(tiny_model)
     async def main(base):
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-            return await asyncio.gather(*(
-                invalid(client, INVALID[i % len(INVALID)]) if i in bad else stream(client, p, n, 3 if i in leaving else None)
-                for i, (p, n) in enumerate(zip(prompts, lengths))))
+            return await asyncio.gather(
+                *(
+                    invalid(client, INVALID[i % len(INVALID)])
+                    if i in bad
+                    else stream(client, p, n, 3 if i in leaving else None)
+                    for i, (p, n) in enumerate(zip(prompts, lengths))
+                )
+            )
 
     with live_server(tiny_model, block_size=4, max_num_seqs=16) as (base, server):
         before = samples(base)
         results = asyncio.run(main(base))
         expected = LLM(tiny_model).generate(
-            prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths])
+            prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+        )
         for i, (text, want) in enumerate(zip(results, expected)):
             if i in bad:
                 assert text == 400, f"client {i}"
@@ -84,7 +96,10 @@ def test_64_concurrent_streams_with_disconnects_and_invalid_requests(tiny_model)
         assert metric(base, "tuili_kv_cache_usage_perc") == 0
         assert server.in_flight == 0
         after = samples(base)
-        assert after['tuili_request_success_total{finished_reason="length"}'] - before.get(
-            'tuili_request_success_total{finished_reason="length"}', 0) == 64 - 21 - 7
+        assert (
+            after['tuili_request_success_total{finished_reason="length"}']
+            - before.get('tuili_request_success_total{finished_reason="length"}', 0)
+            == 64 - 21 - 7
+        )
         assert after['tuili_request_success_total{finished_reason="abort"}'] == 21
         assert httpx.get(f"{base}/health").status_code == 200

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import openai
 import pytest
-
 from live import MODEL
+
 from tuili.engine import LLM, SamplingParams
 from tuili.engine.pooling import embed
 
@@ -39,8 +39,16 @@ def test_completion_greedy_text_and_usage_equal_the_engine(client, tiny_model):
 
 
 def test_streamed_completion_concatenates_to_the_full_text(client, tiny_model):
-    chunks = list(client.completions.create(model=MODEL, prompt="stream me", max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="stream me",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     expected = offline(tiny_model, "stream me", 16)
     assert text == expected.text
@@ -60,8 +68,9 @@ def test_chat_uses_the_chat_template(client, tiny_model):
 
 def test_streamed_chat_opens_with_the_role_then_streams_content(client, tiny_model):
     messages = [{"role": "user", "content": "tell me"}]
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == offline(tiny_model, messages, 12).text
@@ -84,9 +93,10 @@ def test_several_prompts_give_choices_in_prompt_order(client, tiny_model):
 def test_stop_strings_cut_the_text(client, tiny_model):
     full = offline(tiny_model, "stop test", 20, ignore_eos=True).text
     stop = full[5:7]
-    r = client.completions.create(model=MODEL, prompt="stop test", max_tokens=20, temperature=0, stop=[stop],
-                                  extra_body={"ignore_eos": True})
-    assert r.choices[0].text == full[:full.index(stop)]
+    r = client.completions.create(
+        model=MODEL, prompt="stop test", max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].text == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
 
 
@@ -101,8 +111,14 @@ def test_completion_logprobs_are_log_probabilities_of_the_chosen_tokens(client):
 
 
 def test_chat_logprobs_have_tokens_bytes_and_alternatives(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for item in content:
@@ -111,8 +127,13 @@ def test_chat_logprobs_have_tokens_bytes_and_alternatives(client):
 
 
 def test_extension_parameters_are_accepted(client, tiny_model):
-    r = client.completions.create(model=MODEL, prompt="ext", max_tokens=6, temperature=0,
-                                  extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.3})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="ext",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.3},
+    )
     expected = offline(tiny_model, "ext", 6, repetition_penalty=1.3)
     assert r.choices[0].text == expected.text
 

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-
 from helpers import random_tiny
 
 
@@ -28,8 +27,21 @@ def free_port() -> int:
 
 
 def start(folder, port, *extra):
-    command = [sys.executable, "-c", "import sys; from tuili.cli import main; sys.exit(main())", "serve",
-               "--model", str(folder), "--port", str(port), "--served-model-name", "tiny", "--threads", "1", *extra]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from tuili.cli import main; sys.exit(main())",
+        "serve",
+        "--model",
+        str(folder),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        "--threads",
+        "1",
+        *extra,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -47,8 +59,15 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(folder):
     port = free_port()
     process = start(folder, port, "--grace", "60")
     base = f"http://127.0.0.1:{port}"
-    body = {"model": "tiny", "prompt": "drain", "max_tokens": 240, "n": 8, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": "tiny",
+        "prompt": "drain",
+        "max_tokens": 240,
+        "n": 8,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     texts, done, signalled, refused = [""] * 8, False, False, False
     try:
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
@@ -89,8 +108,11 @@ def test_access_log_is_one_json_line_per_request(folder):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-    lines = [json.loads(line.split("tuili.server.access: ", 1)[1]) for line in process.stdout.read().splitlines()
-             if "tuili.server.access: " in line]
+    lines = [
+        json.loads(line.split("tuili.server.access: ", 1)[1])
+        for line in process.stdout.read().splitlines()
+        if "tuili.server.access: " in line
+    ]
     posts = [entry for entry in lines if entry["method"] == "POST"]
     assert [(e["path"], e["status"]) for e in posts] == [("/v1/completions", 200), ("/v1/completions", 404)]
     assert posts[0]["request_id"].startswith("cmpl-") and posts[0]["ms"] > 0
@@ -101,8 +123,19 @@ def test_a_port_in_use_is_a_clear_error(folder):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-c", "import sys; from tuili.cli import main; sys.exit(main())", "serve",
-                   "--model", str(folder), "--port", str(port), "--no-warmup", "--threads", "1"]
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from tuili.cli import main; sys.exit(main())",
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            str(port),
+            "--no-warmup",
+            "--threads",
+            "1",
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "could not start" in done.stderr and "port" in done.stderr

@@ -38,8 +38,10 @@ class BatchSampler:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.num_sequences < self.batch_size:
-            raise DataError(f"{self.num_sequences} training sequences cannot fill one batch of {self.batch_size}: "
-                            "give more text, shorter sequences or a smaller batch")
+            raise DataError(
+                f"{self.num_sequences} training sequences cannot fill one batch of {self.batch_size}: "
+                "give more text, shorter sequences or a smaller batch"
+            )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -50,7 +52,7 @@ class BatchSampler:
             self.epoch, self.index = self.epoch + 1, 0
         start = self.index * self.batch_size
         self.index += 1
-        return self._order()[start:start + self.batch_size]
+        return self._order()[start : start + self.batch_size]
 
     def _order(self) -> Tensor:
         """This epoch's permutation, drawn once per epoch (seeded by seed + epoch)."""

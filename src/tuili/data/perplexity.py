@@ -49,11 +49,11 @@ def perplexity(module: nn.Module, windows: Tensor, batch_size: int = 1, progress
     device = next(module.parameters()).device
     total, start = 0.0, time.perf_counter()
     batches = windows.split(batch_size)
-    for batch in tqdm(batches, desc="perplexity", unit="window", unit_scale=batch_size,
-                      disable=not progress, leave=False):
+    for batch in tqdm(
+        batches, desc="perplexity", unit="window", unit_scale=batch_size, disable=not progress, leave=False
+    ):
         batch = batch.to(device)
         total += window_nll(module(batch).logits, batch).sum().item()
     num_tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / num_tokens
-    return Perplexity(math.exp(nll), nll, num_tokens, windows.shape[0], windows.shape[1],
-                      time.perf_counter() - start)
+    return Perplexity(math.exp(nll), nll, num_tokens, windows.shape[0], windows.shape[1], time.perf_counter() - start)

@@ -52,8 +52,7 @@ def _jsonl_text(path: Path, field: str) -> str:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from e
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise DataError(f"{path}:{number}: no string field {field!r} "
-                                f"(name another field with {path}:FIELD)")
+                raise DataError(f"{path}:{number}: no string field {field!r} (name another field with {path}:FIELD)")
             texts.append(record[field])
     if not texts:
         raise DataError(f"{path}: no records")

@@ -31,4 +31,4 @@ def calibration_samples(ids: list[int] | Tensor, num_samples: int, seq_len: int,
         raise DataError(f"the text has {ids.numel()} tokens: too few for a {seq_len}-token sample")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=gen)
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

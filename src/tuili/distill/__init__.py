@@ -2,23 +2,39 @@
 
 from tuili.distill.cache import LogitsCache
 from tuili.distill.losses import (
-                                  TopKLogits,
-                                  attention_loss,
-                                  distillation_loss,
-                                  hard_loss,
-                                  hidden_loss,
-                                  soft_loss,
+    TopKLogits,
+    attention_loss,
+    distillation_loss,
+    hard_loss,
+    hidden_loss,
+    soft_loss,
 )
 from tuili.distill.students import (
-                                  Alignment,
-                                  DistillError,
-                                  alignment,
-                                  check_pair,
-                                  student_from_sizes,
-                                  student_from_teacher,
+    Alignment,
+    DistillError,
+    alignment,
+    check_pair,
+    student_from_sizes,
+    student_from_teacher,
 )
 from tuili.distill.trainer import DistillConfig, Distiller, DistillResult, distill
 
-__all__ = ["Alignment", "DistillConfig", "DistillError", "DistillResult", "Distiller", "LogitsCache", "TopKLogits",
-           "alignment", "attention_loss", "check_pair", "distill", "distillation_loss", "hard_loss", "hidden_loss",
-           "soft_loss", "student_from_sizes", "student_from_teacher"]
+__all__ = [
+    "Alignment",
+    "DistillConfig",
+    "DistillError",
+    "DistillResult",
+    "Distiller",
+    "LogitsCache",
+    "TopKLogits",
+    "alignment",
+    "attention_loss",
+    "check_pair",
+    "distill",
+    "distillation_loss",
+    "hard_loss",
+    "hidden_loss",
+    "soft_loss",
+    "student_from_sizes",
+    "student_from_teacher",
+]

@@ -46,8 +46,10 @@ class LogitsCache:
             found = json.loads(meta_file.read_text())
             if found != meta:
                 differ = [k for k in meta if found.get(k) != meta[k]]
-                raise DistillError(f"{self.folder} holds logits made with another {' and '.join(differ)}: "
-                                   "give another --logits-cache folder or delete this one")
+                raise DistillError(
+                    f"{self.folder} holds logits made with another {' and '.join(differ)}: "
+                    "give another --logits-cache folder or delete this one"
+                )
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
             _atomic(meta_file, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
@@ -65,8 +67,9 @@ class LogitsCache:
             return None
         self.hits += len(paths)
         parts = [load_file(str(p)) for p in paths]
-        return TopKLogits(*(torch.stack([part[k] for part in parts]).to(batch.device)
-                            for k in ("values", "indices", "logsumexp")))
+        return TopKLogits(
+            *(torch.stack([part[k] for part in parts]).to(batch.device) for k in ("values", "indices", "logsumexp"))
+        )
 
     def put(self, batch: Tensor, logits: TopKLogits) -> None:
         for i, row in enumerate(batch):
@@ -74,10 +77,15 @@ class LogitsCache:
             if path.is_file():
                 continue
             path.parent.mkdir(exist_ok=True)
-            tensors = {"values": logits.values[i], "indices": logits.indices[i].to(torch.int32),
-                       "logsumexp": logits.logsumexp[i]}
-            tensors = {k: v.detach().float().cpu().contiguous() if k != "indices" else v.cpu().contiguous()
-                       for k, v in tensors.items()}
+            tensors = {
+                "values": logits.values[i],
+                "indices": logits.indices[i].to(torch.int32),
+                "logsumexp": logits.logsumexp[i],
+            }
+            tensors = {
+                k: v.detach().float().cpu().contiguous() if k != "indices" else v.cpu().contiguous()
+                for k, v in tensors.items()
+            }
             _atomic(path, lambda tmp, tensors=tensors: save_file(tensors, tmp))
 
 

@@ -58,8 +58,9 @@ def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
     return per_token.masked_fill(~mask, 0.0).sum() / count
 
 
-def soft_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, temperature: float = 1.0,
-              mask: Tensor | None = None) -> Tensor:
+def soft_loss(
+    student_logits: Tensor, teacher_logits: Tensor | TopKLogits, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
     """KL(softmax(teacher/T) ‖ softmax(student/T)) · T², summed over the vocabulary, mean over positions."""
     if temperature <= 0:
         raise ValueError(f"the temperature must be positive, got {temperature}")
@@ -67,8 +68,10 @@ def soft_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, tempe
         kl = _topk_kl(F.log_softmax(student_logits.float() / temperature, dim=-1), teacher_logits, temperature)
     else:
         if teacher_logits.shape != student_logits.shape:
-            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-                             f"{tuple(student_logits.shape)} differ: distillation needs one vocabulary")
+            raise ValueError(
+                f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                f"{tuple(student_logits.shape)} differ: distillation needs one vocabulary"
+            )
         kl = _KL.apply(student_logits, teacher_logits.detach(), temperature)
     return _masked_mean(kl, mask) * temperature**2
 
@@ -90,9 +93,9 @@ class _KL(torch.autograd.Function):
         s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         out = torch.empty(s2.shape[0], dtype=torch.float32, device=student.device)
         for i in range(0, s2.shape[0], _KL.CHUNK):
-            s = F.log_softmax(s2[i:i + _KL.CHUNK].float() / temperature, dim=-1)
-            t = F.log_softmax(t2[i:i + _KL.CHUNK].float() / temperature, dim=-1)
-            out[i:i + _KL.CHUNK] = (t.exp() * (t - s)).sum(-1)
+            s = F.log_softmax(s2[i : i + _KL.CHUNK].float() / temperature, dim=-1)
+            t = F.log_softmax(t2[i : i + _KL.CHUNK].float() / temperature, dim=-1)
+            out[i : i + _KL.CHUNK] = (t.exp() * (t - s)).sum(-1)
         return out.view(student.shape[:-1])
 
     @staticmethod
@@ -103,9 +106,9 @@ class _KL(torch.autograd.Function):
         g = grad.reshape(-1, 1).float()
         out = torch.empty_like(s2)
         for i in range(0, s2.shape[0], _KL.CHUNK):
-            q = torch.softmax(s2[i:i + _KL.CHUNK].float() / temperature, dim=-1)
-            p = torch.softmax(t2[i:i + _KL.CHUNK].float() / temperature, dim=-1)
-            out[i:i + _KL.CHUNK] = (q.sub_(p).mul_(g[i:i + _KL.CHUNK] / temperature)).to(out.dtype)
+            q = torch.softmax(s2[i : i + _KL.CHUNK].float() / temperature, dim=-1)
+            p = torch.softmax(t2[i : i + _KL.CHUNK].float() / temperature, dim=-1)
+            out[i : i + _KL.CHUNK] = (q.sub_(p).mul_(g[i : i + _KL.CHUNK] / temperature)).to(out.dtype)
         return out.view(student.shape), None, None
 
 
@@ -120,8 +123,9 @@ def _topk_kl(student_logp: Tensor, teacher: TopKLogits, temperature: float) -> T
 
 def hard_loss(student_logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
     """Cross-entropy with `labels` (B, T) at each position (labels equal to -100 and masked positions skipped)."""
-    ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten().clamp(min=0),
-                         reduction="none").view(labels.shape)
+    ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten().clamp(min=0), reduction="none").view(
+        labels.shape
+    )
     valid = labels != IGNORE_INDEX
     if mask is not None:
         valid = valid & mask.to(valid.device, torch.bool)
@@ -135,8 +139,14 @@ class LogitLosses:
     hard: Tensor
 
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, labels: Tensor,
-                      temperature: float = 2.0, alpha: float = 0.5, mask: Tensor | None = None) -> LogitLosses:
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | TopKLogits,
+    labels: Tensor,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    mask: Tensor | None = None,
+) -> LogitLosses:
     """α · soft + (1 − α) · hard. (The user's text writes α on the hard loss in its formula and on the
     soft loss in its code; tuili follows the code and Hinton's paper: α weighs the teacher.)"""
     if not 0 <= alpha <= 1:
@@ -153,8 +163,7 @@ def _match_heads(student: Tensor, teacher: Tensor, head_map: list[int] | None) -
     hs, ht = student.shape[1], teacher.shape[1]
     if head_map is not None:
         if len(head_map) != hs or not all(0 <= h < ht for h in head_map):
-            raise ValueError(f"a head map needs one teacher head (0..{ht - 1}) per student head ({hs}); "
-                             f"got {head_map}")
+            raise ValueError(f"a head map needs one teacher head (0..{ht - 1}) per student head ({hs}); got {head_map}")
         return student, teacher[:, list(head_map)]
     if hs == ht:
         return student, teacher
@@ -164,8 +173,9 @@ def _match_heads(student: Tensor, teacher: Tensor, head_map: list[int] | None) -
     return student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
 
 
-def attention_loss(student: Tensor, teacher: Tensor, kind: str = "mse", mask: Tensor | None = None,
-                   head_map: list[int] | None = None) -> Tensor:
+def attention_loss(
+    student: Tensor, teacher: Tensor, kind: str = "mse", mask: Tensor | None = None, head_map: list[int] | None = None
+) -> Tensor:
     """Distance between attention probabilities (B, H, T, S) of one layer pair, per query row:
     mse Σ_s (a − b)², kl KL(teacher ‖ student), cosine 1 − cos(a, b); mean over heads and the rows
     `mask` keeps."""
@@ -189,8 +199,10 @@ def hidden_loss(student: Tensor, teacher: Tensor, kind: str = "cosine", mask: Te
     if kind not in HIDDEN_LOSSES:
         raise ValueError(f"hidden-state loss must be one of {', '.join(HIDDEN_LOSSES)}, got {kind!r}")
     if student.shape != teacher.shape:
-        raise ValueError(f"hidden states {tuple(student.shape)} and {tuple(teacher.shape)} differ: "
-                         "give the student a projection to the teacher's width")
+        raise ValueError(
+            f"hidden states {tuple(student.shape)} and {tuple(teacher.shape)} differ: "
+            "give the student a projection to the teacher's width"
+        )
     student, teacher = student.float(), teacher.float()
     if kind == "mse":
         per_token = (student - teacher).pow(2).mean(-1)
@@ -199,5 +211,15 @@ def hidden_loss(student: Tensor, teacher: Tensor, kind: str = "cosine", mask: Te
     return _masked_mean(per_token, mask)
 
 
-__all__ = ["ATTENTION_LOSSES", "HIDDEN_LOSSES", "IGNORE_INDEX", "LogitLosses", "TopKLogits", "attention_loss",
-           "distillation_loss", "hard_loss", "hidden_loss", "soft_loss"]
+__all__ = [
+    "ATTENTION_LOSSES",
+    "HIDDEN_LOSSES",
+    "IGNORE_INDEX",
+    "LogitLosses",
+    "TopKLogits",
+    "attention_loss",
+    "distillation_loss",
+    "hard_loss",
+    "hidden_loss",
+    "soft_loss",
+]

@@ -28,17 +28,22 @@ def check_pair(teacher: Model, student: Model) -> None:
     """Refuse pairs whose logits do not describe the same tokens."""
     tv, sv = teacher.config.vocab_size, student.config.vocab_size
     if tv != sv:
-        raise DistillError(f"the teacher has {tv} vocabulary entries and the student {sv}: logit distillation "
-                           "needs one vocabulary (build the student from the teacher, or use the same tokenizer)")
+        raise DistillError(
+            f"the teacher has {tv} vocabulary entries and the student {sv}: logit distillation "
+            "needs one vocabulary (build the student from the teacher, or use the same tokenizer)"
+        )
     t_vocab, s_vocab = teacher.tokenizer.backend.get_vocab(), student.tokenizer.backend.get_vocab()
     if t_vocab != s_vocab:
         differ = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:3]
-        raise DistillError(f"the teacher's and the student's tokenizers map tokens to different ids "
-                           f"(for example {differ}): distillation needs one tokenizer")
+        raise DistillError(
+            f"the teacher's and the student's tokenizers map tokens to different ids "
+            f"(for example {differ}): distillation needs one tokenizer"
+        )
 
 
-def student_from_teacher(teacher: Model, prune: str | dict[str, float], calib: Tensor | None = None,
-                         importance: str = "activation") -> Model:
+def student_from_teacher(
+    teacher: Model, prune: str | dict[str, float], calib: Tensor | None = None, importance: str = "activation"
+) -> Model:
     """A copy of the teacher, structurally pruned by `prune` ("mlp=0.5,heads=0.34,layers=4" or its dict)."""
     spec = parse_structured(prune) if isinstance(prune, str) else dict(prune)
     student = copy.deepcopy(teacher)
@@ -46,8 +51,12 @@ def student_from_teacher(teacher: Model, prune: str | dict[str, float], calib: T
     return student
 
 
-def student_from_sizes(teacher: Model, num_hidden_layers: int | None = None, intermediate_size: int | None = None,
-                       calib: Tensor | None = None) -> Model:
+def student_from_sizes(
+    teacher: Model,
+    num_hidden_layers: int | None = None,
+    intermediate_size: int | None = None,
+    calib: Tensor | None = None,
+) -> Model:
     """A copy of the teacher with fewer layers and a narrower MLP: the most important neurons and the
     layers of highest block influence are kept (with `calib`; without it neurons by weight norm and
     layers evenly spaced)."""
@@ -103,9 +112,12 @@ def alignment(teacher: Model, student: Model) -> Alignment:
     student's record holds beyond the teacher's, replayed on the teacher's shapes; else evenly spaced."""
     t_steps = _structural(teacher)
     s_steps = _structural(student)
-    replay = _replay(teacher, s_steps[len(t_steps):]) if s_steps[:len(t_steps)] == t_steps else None
-    if replay is not None and len(replay) == student.config.num_hidden_layers and all(
-            h is None or len(h) == student.config.num_attention_heads for _, h in replay):
+    replay = _replay(teacher, s_steps[len(t_steps) :]) if s_steps[: len(t_steps)] == t_steps else None
+    if (
+        replay is not None
+        and len(replay) == student.config.num_hidden_layers
+        and all(h is None or len(h) == student.config.num_attention_heads for _, h in replay)
+    ):
         return Alignment(tuple(i for i, _ in replay), tuple(h for _, h in replay), "pruning record")
     layers = evenly_spaced(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     return Alignment(tuple(layers), (None,) * len(layers), "evenly spaced")
@@ -113,8 +125,11 @@ def alignment(teacher: Model, student: Model) -> Alignment:
 
 def _structural(model: Model) -> list[dict]:
     keys = ("structure", "dropped", "kept_heads")
-    return [{k: step[k] for k in keys if k in step} for step in model.provenance
-            if step.get("step") == "pruned" and step.get("structure") in ("heads", "layers")]
+    return [
+        {k: step[k] for k in keys if k in step}
+        for step in model.provenance
+        if step.get("step") == "pruned" and step.get("structure") in ("heads", "layers")
+    ]
 
 
 def _replay(teacher: Model, steps: list[dict]) -> list[tuple[int, tuple[int, ...] | None]] | None:
@@ -134,5 +149,13 @@ def _replay(teacher: Model, steps: list[dict]) -> list[tuple[int, tuple[int, ...
     return [(layer, None if h == heads else h) for layer, h in state]
 
 
-__all__ = ["Alignment", "DistillError", "alignment", "check_pair", "evenly_spaced", "parse_sizes",
-           "student_from_sizes", "student_from_teacher"]
+__all__ = [
+    "Alignment",
+    "DistillError",
+    "alignment",
+    "check_pair",
+    "evenly_spaced",
+    "parse_sizes",
+    "student_from_sizes",
+    "student_from_teacher",
+]

@@ -52,12 +52,42 @@ from tuili.distill.students import Alignment, DistillError, alignment, check_pai
 from tuili.models.model import Model
 from tuili.quant.linear import quantized_layers
 
-LOG_FIELDS = ("step", "epoch", "lr", "loss", "soft", "hard", "attention", "hidden", "grad_norm", "tokens",
-              "tokens_per_second", "seconds", "student_perplexity", "teacher_perplexity")
+LOG_FIELDS = (
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "soft",
+    "hard",
+    "attention",
+    "hidden",
+    "grad_norm",
+    "tokens",
+    "tokens_per_second",
+    "seconds",
+    "student_perplexity",
+    "teacher_perplexity",
+)
 # Settings that change the maths of a run: a resumed run must keep them.
-_FIXED = ("lr", "min_lr", "warmup_steps", "weight_decay", "batch_size", "grad_accum", "max_grad_norm",
-          "temperature", "alpha", "attention_loss", "attention_weight", "hidden_loss", "hidden_weight",
-          "bf16", "cache_top_k", "seed", "steps")
+_FIXED = (
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+    "batch_size",
+    "grad_accum",
+    "max_grad_norm",
+    "temperature",
+    "alpha",
+    "attention_loss",
+    "attention_weight",
+    "hidden_loss",
+    "hidden_weight",
+    "bf16",
+    "cache_top_k",
+    "seed",
+    "steps",
+)
 
 
 @dataclass(frozen=True)
@@ -99,13 +129,16 @@ class DistillConfig:
         if self.temperature <= 0:
             raise DistillError(f"the temperature must be positive, got {self.temperature}")
         if self.attention_loss not in (None, *ATTENTION_LOSSES):
-            raise DistillError(f"attention loss must be one of {', '.join(ATTENTION_LOSSES)}, "
-                               f"got {self.attention_loss!r}")
+            raise DistillError(
+                f"attention loss must be one of {', '.join(ATTENTION_LOSSES)}, got {self.attention_loss!r}"
+            )
         if self.hidden_loss not in (None, *HIDDEN_LOSSES):
             raise DistillError(f"hidden-state loss must be one of {', '.join(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
         if self.logits_cache and (self.attention_loss or self.hidden_loss):
-            raise DistillError("the logits cache holds logits only: attention and hidden-state losses need the "
-                               "teacher's forward pass at every step (drop --logits-cache or those losses)")
+            raise DistillError(
+                "the logits cache holds logits only: attention and hidden-state losses need the "
+                "teacher's forward pass at every step (drop --logits-cache or those losses)"
+            )
         if self.warmup_steps < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise DistillError("warmup_steps, eval_every and checkpoint_every cannot be negative")
 
@@ -139,8 +172,9 @@ class _Student(nn.Module):
     """The student and its hidden-state projections as one module, so that data parallelism
     averages the projections' gradients too. Returns logits, projected hidden states and attentions."""
 
-    def __init__(self, module: nn.Module, hidden_pairs: list[tuple[int, int]], projections: nn.ModuleList | None,
-                 attention: bool):
+    def __init__(
+        self, module: nn.Module, hidden_pairs: list[tuple[int, int]], projections: nn.ModuleList | None, attention: bool
+    ):
         super().__init__()
         self.module = module
         self.projections = projections
@@ -195,17 +229,26 @@ class Distiller:
     loaded and training continues exactly where it stopped.
     """
 
-    def __init__(self, teacher: Model | None, student: Model, train: Tensor, config: DistillConfig,
-                 eval_windows: Tensor | None = None, run_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool = True):
+    def __init__(
+        self,
+        teacher: Model | None,
+        student: Model,
+        train: Tensor,
+        config: DistillConfig,
+        eval_windows: Tensor | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ):
         if config.needs_teacher:
             if teacher is None:
                 raise DistillError("this run's losses need a teacher (or set alpha=0 for plain fine-tuning)")
             check_pair(teacher, student)
         quantized = quantized_layers(student.module)
         if quantized:
-            raise DistillError(f"the student's {quantized[0]} is quantized and cannot be trained: distil first, "
-                               "then quantize")
+            raise DistillError(
+                f"the student's {quantized[0]} is quantized and cannot be trained: distil first, then quantize"
+            )
         self.teacher, self.student, self.config = teacher, student, config
         self.train_ids, self.eval_windows = train, eval_windows
         self.rank, self.world = init_distributed()
@@ -216,14 +259,17 @@ class Distiller:
         self.align = alignment(teacher, student) if teacher is not None and config.needs_teacher else None
         self.hidden_pairs = self._hidden_pairs()
         self.wrapper = _Student(student.module, self.hidden_pairs, self._projections(), bool(config.attention_loss))
-        self.model = (nn.parallel.DistributedDataParallel(self.wrapper) if self.world > 1 else self.wrapper)
+        self.model = nn.parallel.DistributedDataParallel(self.wrapper) if self.world > 1 else self.wrapper
         self.params = [p for p in self.wrapper.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.lr_at(s) / config.lr)
         self.sampler = BatchSampler(train.shape[0], config.batch_size * self.world, config.seed)
         self.step = 0
-        self.cache = (LogitsCache(config.logits_cache, teacher.module, config.temperature, config.cache_top_k)
-                      if config.logits_cache and config.alpha > 0 else None)
+        self.cache = (
+            LogitsCache(config.logits_cache, teacher.module, config.temperature, config.cache_top_k)
+            if config.logits_cache and config.alpha > 0
+            else None
+        )
         self.teacher_ppl: float | None = None
         self.log: list[dict[str, Any]] = []
         if resume:
@@ -278,13 +324,17 @@ class Distiller:
             hard = hard_loss(s_logits, labels)
             parts = {"loss": hard, "hard": hard}
         if cfg.attention_loss:
-            parts["attention"] = torch.stack([
-                attention_loss(s_attn[i], t_attn[t], cfg.attention_loss, head_map=heads)
-                for i, (t, heads) in enumerate(zip(self.align.layers, self.align.heads))]).mean()
+            parts["attention"] = torch.stack(
+                [
+                    attention_loss(s_attn[i], t_attn[t], cfg.attention_loss, head_map=heads)
+                    for i, (t, heads) in enumerate(zip(self.align.layers, self.align.heads))
+                ]
+            ).mean()
             parts["loss"] = parts["loss"] + cfg.attention_weight * parts["attention"]
         if cfg.hidden_loss:
-            parts["hidden"] = torch.stack([hidden_loss(s, t, cfg.hidden_loss)
-                                           for s, t in zip(s_hidden, t_hidden)]).mean()
+            parts["hidden"] = torch.stack(
+                [hidden_loss(s, t, cfg.hidden_loss) for s, t in zip(s_hidden, t_hidden)]
+            ).mean()
             parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
         return parts
 
@@ -327,16 +377,27 @@ class Distiller:
         if self.rank == 0 and self.eval_windows is not None and self.teacher is not None and self.teacher_ppl is None:
             self.teacher_ppl = perplexity(self.teacher.module, self.eval_windows, progress=False).perplexity
         seconds, tokens, start_step = 0.0, 0, self.step
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="distill" if cfg.needs_teacher else "fine-tune",
-                   unit="step", disable=not self.progress, file=sys.stderr)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="distill" if cfg.needs_teacher else "fine-tune",
+            unit="step",
+            disable=not self.progress,
+            file=sys.stderr,
+        )
         try:
             while self.step < cfg.steps:
                 start = time.perf_counter()
                 row = self.train_step()
                 elapsed = time.perf_counter() - start
                 seconds, tokens = seconds + elapsed, tokens + tokens_per_step
-                row.update(step=self.step, epoch=self.sampler.epoch, tokens=self.step * tokens_per_step,
-                           tokens_per_second=tokens_per_step / elapsed, seconds=elapsed)
+                row.update(
+                    step=self.step,
+                    epoch=self.sampler.epoch,
+                    tokens=self.step * tokens_per_step,
+                    tokens_per_second=tokens_per_step / elapsed,
+                    seconds=elapsed,
+                )
                 if self.rank == 0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     row.update(student_perplexity=self.evaluate(), teacher_perplexity=self.teacher_ppl)
                 self._append(row)
@@ -349,11 +410,17 @@ class Distiller:
         final = next((r["student_perplexity"] for r in reversed(self.log) if r.get("student_perplexity")), None)
         if final is None and self.rank == 0 and self.eval_windows is not None:
             final = self.evaluate()
-        self.student.record("distilled" if cfg.needs_teacher else "fine-tuned", steps=self.step,
-                            teacher=self.teacher.source if self.teacher is not None and cfg.needs_teacher else None,
-                            **{k: getattr(cfg, k) for k in ("lr", "batch_size", "grad_accum", "temperature", "alpha",
-                                                           "attention_loss", "hidden_loss")},
-                            tokens=self.step * tokens_per_step, perplexity=final)
+        self.student.record(
+            "distilled" if cfg.needs_teacher else "fine-tuned",
+            steps=self.step,
+            teacher=self.teacher.source if self.teacher is not None and cfg.needs_teacher else None,
+            **{
+                k: getattr(cfg, k)
+                for k in ("lr", "batch_size", "grad_accum", "temperature", "alpha", "attention_loss", "hidden_loss")
+            },
+            tokens=self.step * tokens_per_step,
+            perplexity=final,
+        )
         return DistillResult(self.step - start_step, tokens, seconds, final, self.teacher_ppl, self.log)
 
     # -- logs and checkpoints ---------------------------------------------------------------
@@ -381,12 +448,19 @@ class Distiller:
             self._append(row)
 
     def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "student": self.student.module.state_dict(),
-                "projections": self.wrapper.projections.state_dict() if self.wrapper.projections is not None else None,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(), "teacher_perplexity": self.teacher_ppl, "log": self.log,
-                "config": dataclasses.asdict(self.config), "world_size": self.world,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        return {
+            "step": self.step,
+            "student": self.student.module.state_dict(),
+            "projections": self.wrapper.projections.state_dict() if self.wrapper.projections is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "teacher_perplexity": self.teacher_ppl,
+            "log": self.log,
+            "config": dataclasses.asdict(self.config),
+            "world_size": self.world,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-NNNNNN in the run folder (temporary name, then rename); keep the newest few."""
@@ -407,7 +481,7 @@ class Distiller:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in sorted(folder.glob("step-*"))[:-self.config.keep_checkpoints]:
+        for old in sorted(folder.glob("step-*"))[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return target
@@ -426,8 +500,10 @@ class Distiller:
         if state.get("world_size", 1) != self.world:
             differ.append("number of processes")
         if differ:
-            raise DistillError(f"{checkpoints[-1]} was written with other settings ({', '.join(differ)}): "
-                               "resume with the same ones, or start a fresh run in another folder")
+            raise DistillError(
+                f"{checkpoints[-1]} was written with other settings ({', '.join(differ)}): "
+                "resume with the same ones, or start a fresh run in another folder"
+            )
         self.student.module.load_state_dict(state["student"])
         if self.wrapper.projections is not None:
             self.wrapper.projections.load_state_dict(state["projections"])
@@ -443,12 +519,20 @@ class Distiller:
             print(f"resumed from {checkpoints[-1]} (step {self.step})", file=sys.stderr)
 
 
-def distill(teacher: Model | None, student: Model, train: Tensor, config: DistillConfig | None = None,
-            eval_windows: Tensor | None = None, run_dir: str | Path | None = None, resume: bool = False,
-            progress: bool = True) -> DistillResult:
+def distill(
+    teacher: Model | None,
+    student: Model,
+    train: Tensor,
+    config: DistillConfig | None = None,
+    eval_windows: Tensor | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> DistillResult:
     """Train `student` in place from `teacher` on packed sequences `train` (N, T); see `Distiller`."""
-    return Distiller(teacher, student, train, config or DistillConfig(), eval_windows, run_dir, resume,
-                     progress).train()
+    return Distiller(
+        teacher, student, train, config or DistillConfig(), eval_windows, run_dir, resume, progress
+    ).train()
 
 
 __all__ = ["Alignment", "DistillConfig", "DistillResult", "Distiller", "distill", "init_distributed"]

@@ -6,5 +6,15 @@ from tuili.engine.llm import LLM, LLMEngine
 from tuili.engine.request import RequestOutput, TokenLogprob
 from tuili.engine.sampling import SamplingParams, sample
 
-__all__ = ["LLM", "AsyncLLM", "Completion", "LLMEngine", "RequestOutput", "SamplingParams", "TokenLogprob", "generate", "sample",
-           "stream"]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "Completion",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+    "TokenLogprob",
+    "generate",
+    "sample",
+    "stream",
+]

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tuili.engine.llm import LLMEngine, Prompt
-from tuili.errors import RequestFailed
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams
+from tuili.errors import RequestFailed
 from tuili.models.model import Model
 
 T = TypeVar("T")
@@ -48,6 +48,7 @@ class AsyncLLM:
     def __init__(self, model: Model | str, *, own_thread: bool = True, **engine_options):
         if isinstance(model, str):
             from tuili.models import load
+
             model = load(model)
         self.model = model
         self.engine = LLMEngine(model, **engine_options)
@@ -63,8 +64,9 @@ class AsyncLLM:
             self._thread.start()
             self._running.wait()
 
-    async def generate(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams = SamplingParams(), request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs. Bad requests raise ValueError here, before anything runs."""
         if self.error is not None or self._stop.is_set():
             raise RuntimeError(f"the engine has stopped: {self.error or 'shut down'}")
@@ -142,7 +144,8 @@ class AsyncLLM:
             if message[0] == "call":
                 future = message[1]
                 future.get_loop().call_soon_threadsafe(
-                    _settle, future, None, RuntimeError(f"the engine has stopped: {reason}"))
+                    _settle, future, None, RuntimeError(f"the engine has stopped: {reason}")
+                )
 
     def _drain(self, block: bool) -> None:
         """Apply queued adds and aborts; when idle, wait for the next one."""

@@ -113,8 +113,11 @@ class BlockTable:
         self.blocks, self.num_tokens = [], 0
 
     def _last_shared_and_partial(self) -> bool:
-        return bool(self.blocks) and self.num_tokens % self.block_size != 0 and \
-            self.allocator.refcount(self.blocks[-1]) > 1
+        return (
+            bool(self.blocks)
+            and self.num_tokens % self.block_size != 0
+            and self.allocator.refcount(self.blocks[-1]) > 1
+        )
 
 
 def unused_fraction(tables: list[BlockTable]) -> float:

@@ -53,8 +53,9 @@ class CompiledDecode(ModelStep):
         self._graphs: dict[tuple, Callable] = {}
         self.compile_seconds = 0.0  # time spent compiling so far
 
-    def __call__(self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor,
-                 bf16: bool, check: bool = True) -> Tensor | None:
+    def __call__(
+        self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor, bf16: bool, check: bool = True
+    ) -> Tensor | None:
         """Logits as `decode_step` computes them, or None where this step must run eagerly."""
         planned = self._plan(bf16, check)
         if planned is None or ids.shape[0] > planned[1].max_rows:
@@ -62,8 +63,9 @@ class CompiledDecode(ModelStep):
         _, spec, tensors = planned
         step, scales = cache._step, _scales(cache)
         graph = self._graph(spec, tensors, bf16, cache.k, cache.v, scales)
-        return graph(tensors, ids, positions, logits_at, cache.k, cache.v, step.slots, step.tables, step.decode_lens,
-                     scales)
+        return graph(
+            tensors, ids, positions, logits_at, cache.k, cache.v, step.slots, step.tables, step.decode_lens, scales
+        )
 
     def warm_up(self, cache: PagedKVCache | None = None, bf16: bool | None = None) -> bool:
         """Compile the step for a cache like `cache` (default: the one an engine makes for the model) and
@@ -93,8 +95,9 @@ class CompiledDecode(ModelStep):
             self._plans[bf16] = planned
         return planned if planned[1] is not None else None
 
-    def _graph(self, spec: StepSpec, tensors: list[Tensor], bf16: bool, k_cache: Tensor, v_cache: Tensor,
-               scales: list[Tensor]) -> Callable:
+    def _graph(
+        self, spec: StepSpec, tensors: list[Tensor], bf16: bool, k_cache: Tensor, v_cache: Tensor, scales: list[Tensor]
+    ) -> Callable:
         """The compiled graph for this kind of step (over caches like these), traced and compiled on first use."""
         key = (bf16, bool(scales), k_cache.dtype)
         graph = self._graphs.get(key)
@@ -116,8 +119,17 @@ def _example_step(k_cache: Tensor, v_cache: Tensor, scales: list[Tensor], rows: 
     tracing runs on fake tensors. Sizes above 1, which the tracer would fix as constants."""
     ids = torch.zeros(rows, dtype=torch.long)
     tables = torch.zeros(rows, 3, dtype=torch.int32)
-    return (ids, ids.clone(), torch.arange(rows), k_cache, v_cache, ids.clone(), tables,
-            torch.ones(rows, dtype=torch.int32), scales)
+    return (
+        ids,
+        ids.clone(),
+        torch.arange(rows),
+        k_cache,
+        v_cache,
+        ids.clone(),
+        tables,
+        torch.ones(rows, dtype=torch.int32),
+        scales,
+    )
 
 
 def _compile(step: Callable, tensors: list[Tensor], example: tuple) -> Callable:
@@ -157,11 +169,21 @@ def _step_function(spec: StepSpec) -> Callable:
             y, at = y + w[at], at + 1
         return y.to(x.dtype), at
 
-    def step(w: list[Tensor], ids: Tensor, positions: Tensor, logits_at: Tensor, k_cache: Tensor, v_cache: Tensor,
-             slots: Tensor, tables: Tensor, lens: Tensor, scales: list[Tensor]) -> Tensor:
+    def step(
+        w: list[Tensor],
+        ids: Tensor,
+        positions: Tensor,
+        logits_at: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        slots: Tensor,
+        tables: Tensor,
+        lens: Tensor,
+        scales: list[Tensor],
+    ) -> Tensor:
         k_scale, v_scale = scales if scales else (None, None)  # int8 caches: one scale per token and head
         ops = torch.ops.tuili
-        embed, inv_freq, final_norm, sm_scale = w[0], w[1], w[2], dim ** -0.5
+        embed, inv_freq, final_norm, sm_scale = w[0], w[1], w[2], dim**-0.5
         n = ids.shape[0]
         x = F.embedding(ids, embed)
         cos, sin = rope_cos_sin(inv_freq, positions[None], x.dtype)

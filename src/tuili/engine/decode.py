@@ -30,8 +30,9 @@ from tuili.models.llama import LlamaForCausalLM, hooked
 from tuili.quant.linear import current_compute_dtype, shared_input
 
 
-def decode_step(module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, positions: Tensor,
-                logits_at: Tensor, check: bool = True) -> Tensor | None:
+def decode_step(
+    module: torch.nn.Module, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor, check: bool = True
+) -> Tensor | None:
     """Logits (len(logits_at), V) for token ids (N,) at positions (N,), one per sequence of the
     bound step; None where this path does not apply (the caller runs the module instead).
     `check`: look again whether the model still matches the plans of the fast paths (compiled,

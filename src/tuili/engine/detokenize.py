@@ -22,19 +22,19 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        context = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        text = self.tokenizer.decode(self.ids[self._prefix:])
+        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix :])
         if len(text) <= len(context) or text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
-        delta = text[len(context):]
+        delta = text[len(context) :]
         self._prefix, self._read = self._read, len(self.ids)
         self.text += delta
         return delta
 
     def flush(self) -> str:
         """At the end of a generation: the rest, an unfinished character shown as U+FFFD."""
-        context = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        delta = self.tokenizer.decode(self.ids[self._prefix:])[len(context):]
+        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        delta = self.tokenizer.decode(self.ids[self._prefix :])[len(context) :]
         self._prefix = self._read = len(self.ids)
         self.text += delta
         return delta
@@ -64,8 +64,8 @@ class OutputText:
         hits = [i for i in (full.find(s, len(self.text)) for s in self.stop) if i >= 0]  # none ends in emitted text
         if hits:
             self.finish_reason, self._cut = "stop", True
-            return self._advance(full[:min(hits)])
-        return self._advance(full[:len(full) - self.holdback])
+            return self._advance(full[: min(hits)])
+        return self._advance(full[: len(full) - self.holdback])
 
     def finish(self) -> str:
         """The end of the generation (a stop token, max tokens, or abort): whatever is held back."""
@@ -75,6 +75,6 @@ class OutputText:
         return self._advance(self.stream.text)
 
     def _advance(self, text: str) -> str:
-        delta = text[len(self.text):]
+        delta = text[len(self.text) :]
         self.text += delta
         return delta

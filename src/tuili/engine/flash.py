@@ -16,8 +16,17 @@ import torch
 from torch import Tensor
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, block_q: int = 64,
-                    block_k: int = 64, key_lengths: Tensor | None = None, scale: float | None = None) -> Tensor:
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    block_q: int = 64,
+    block_k: int = 64,
+    key_lengths: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
     """softmax(q·kᵀ·scale + mask)·v for q (B, H, T, D) and k, v (B, Hkv, S, D), H a multiple of Hkv (GQA).
 
     Queries are the last T of the S positions (T = S for prefill, T < S when a cache holds the
@@ -30,7 +39,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, blo
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be positive, got {block_q} and {block_k}")
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     group = h // hkv
     qg = q.reshape(b, hkv, group, t, d).float() * scale  # query heads grouped under their KV head
     out = torch.empty(b, hkv, group, t, d)
@@ -39,7 +48,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, blo
         i1 = min(t, i0 + block_q)
         q_pos = torch.arange(i0, i1) + (s - t)  # absolute positions of this block's queries
         m = torch.full((b, hkv, group, i1 - i0), -torch.inf)
-        l = torch.zeros(b, hkv, group, i1 - i0)
+        total = torch.zeros(b, hkv, group, i1 - i0)
         o = torch.zeros(b, hkv, group, i1 - i0, d)
         for j0 in range(0, s, block_k):
             if causal and j0 > q_pos[-1]:
@@ -57,8 +66,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, blo
             safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing seen yet
             p = torch.exp(scores - safe[..., None])
             correction = torch.exp(m - safe)
-            l = l * correction + p.sum(-1)
+            total = total * correction + p.sum(-1)
             o = o * correction[..., None] + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, j0:j1].float())
             m = m_new
-        out[:, :, :, i0:i1] = o / l.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+        out[:, :, :, i0:i1] = o / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
     return out.reshape(b, h, t, d).to(q.dtype)

@@ -46,8 +46,9 @@ class FusedDecode(ModelStep):
         super().__init__(module)
         self._plans: dict[bool, tuple[Checks, StepSpec | None, Tensor | None, object]] = {}
 
-    def __call__(self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor,
-                 bf16: bool, check: bool = True) -> Tensor | None:
+    def __call__(
+        self, cache: PagedKVCache, ids: Tensor, positions: Tensor, logits_at: Tensor, bf16: bool, check: bool = True
+    ) -> Tensor | None:
         """Logits as `decode_step` computes them, or None where this step must run in Python."""
         planned = self._plan(bf16, check)
         if planned is None or ids.shape[0] > planned[1].max_rows:
@@ -56,8 +57,19 @@ class FusedDecode(ModelStep):
         x = F.embedding(ids, embed)
         cos, sin = rope_cos_sin(self.module.inv_freq, positions[None], x.dtype)
         step = cache._step
-        return plan.step(x, cos, sin, cache.k, cache.v, cache.k_scale, cache.v_scale, step.slots, step.tables,
-                         step.decode_lens, logits_at)
+        return plan.step(
+            x,
+            cos,
+            sin,
+            cache.k,
+            cache.v,
+            cache.k_scale,
+            cache.v_scale,
+            step.slots,
+            step.tables,
+            step.decode_lens,
+            logits_at,
+        )
 
     def _plan(self, bf16: bool, check: bool = True) -> tuple[Checks, StepSpec, Tensor, object] | None:
         """(checks, spec, embedding, DecodePlan) for this kind of step, rebuilt where the model
@@ -70,8 +82,12 @@ class FusedDecode(ModelStep):
                 return None
             checks, spec, tensors = made
             fits = spec is not None and self.module.dtype == torch.float32
-            planned = self._plans[bf16] = (checks, spec if fits else None, tensors[0] if fits else None,
-                                           _decode_plan(spec, tensors) if fits else None)
+            planned = self._plans[bf16] = (
+                checks,
+                spec if fits else None,
+                tensors[0] if fits else None,
+                _decode_plan(spec, tensors) if fits else None,
+            )
         return planned if planned[1] is not None else None
 
     def release(self) -> None:
@@ -128,14 +144,15 @@ def _decode_plan(spec: StepSpec, tensors: list[Tensor]):
         biases.append(bias)
 
     for layer in spec.layers:
-        norms += tensors[at:at + 2]
+        norms += tensors[at : at + 2]
         at += 2
         for s in layer:
             linear(s)
     linear(spec.head)
     norms.append(tensors[2])
-    return kernels.extension().DecodePlan(ops, args, ints, biases, norms, spec.heads, spec.kv_heads, spec.head_dim,
-                                          spec.eps, spec.window)
+    return kernels.extension().DecodePlan(
+        ops, args, ints, biases, norms, spec.heads, spec.kv_heads, spec.head_dim, spec.eps, spec.window
+    )
 
 
 def fused_decode(module: nn.Module) -> FusedDecode | None:

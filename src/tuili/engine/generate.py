@@ -34,8 +34,14 @@ def _one_shot(model: Model, prompt_ids: list[int], params: SamplingParams) -> LL
         tokens = BLOCK_SIZE
     per_token = PagedKVCache.bytes_per_token_of(model)
     blocks = -(-tokens // BLOCK_SIZE)
-    return LLM(model, max_num_seqs=1, block_size=BLOCK_SIZE, kv_cache_bytes=blocks * BLOCK_SIZE * per_token,
-               prefix_caching=False, max_num_batched_tokens=max(512, len(prompt_ids)))
+    return LLM(
+        model,
+        max_num_seqs=1,
+        block_size=BLOCK_SIZE,
+        kv_cache_bytes=blocks * BLOCK_SIZE * per_token,
+        prefix_caching=False,
+        max_num_batched_tokens=max(512, len(prompt_ids)),
+    )
 
 
 __all__ = ["Completion", "encode_prompt", "generate", "stream"]

@@ -91,10 +91,21 @@ class LLMEngine:
     only where the C++ step does not apply (bf16 models), since it measured faster.
     """
 
-    def __init__(self, model: Model, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
-                 block_size: int = 16, kv_cache_bytes: int | None = None, kv_cache_dtype: str | None = None,
-                 prefix_caching: bool = True, threads: int | None = None, bf16_activations: bool | None = None,
-                 fast_decode: bool = True, compile: bool = False):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 512,
+        block_size: int = 16,
+        kv_cache_bytes: int | None = None,
+        kv_cache_dtype: str | None = None,
+        prefix_caching: bool = True,
+        threads: int | None = None,
+        bf16_activations: bool | None = None,
+        fast_decode: bool = True,
+        compile: bool = False,
+    ):
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be at least 1, got {threads}")
@@ -124,8 +135,7 @@ class LLMEngine:
 
     @property
     def max_tokens_per_request(self) -> int:
-        return min(self.model.config.max_position_embeddings,
-                   self.cache.allocator.num_blocks * self.cache.block_size)
+        return min(self.model.config.max_position_embeddings, self.cache.allocator.num_blocks * self.cache.block_size)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError, with what to change, for a request the engine can never run."""
@@ -136,12 +146,16 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary")
         total = len(prompt_ids) + params.max_tokens
         if total > self.model.config.max_position_embeddings:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"the model's context of {self.model.config.max_position_embeddings} tokens")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the model's context of {self.model.config.max_position_embeddings} tokens"
+            )
         if total > self.max_tokens_per_request:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs more "
-                             f"KV cache than the engine has ({self.max_tokens_per_request} tokens): "
-                             f"give it a larger kv_cache_bytes or ask for fewer tokens")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs more "
+                f"KV cache than the engine has ({self.max_tokens_per_request} tokens): "
+                f"give it a larger kv_cache_bytes or ask for fewer tokens"
+            )
 
     def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """The prompt's token ids, checked (ValueError, with what to change, if it can never run)."""
@@ -149,8 +163,9 @@ class LLMEngine:
         self.validate(prompt_ids, params)
         return prompt_ids
 
-    def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams = SamplingParams(), request_id: str | None = None
+    ) -> str:
         """Queue a request; it joins the running batch at the next step with room for it."""
         return self.enqueue(self.prepare(prompt, params), params, request_id)
 
@@ -162,8 +177,9 @@ class LLMEngine:
         generator = torch.Generator(device=self.module.device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())  # negatives wrap to 2**64
         stop_ids = (set() if params.ignore_eos else set(self.model.eos_token_ids)) | set(params.stop_token_ids)
-        request = Request(request_id, prompt_ids, params, OutputText(self.model.tokenizer, params.stop, stop_ids),
-                          generator)
+        request = Request(
+            request_id, prompt_ids, params, OutputText(self.model.tokenizer, params.stop, stop_ids), generator
+        )
         self.requests[request_id] = request
         self.scheduler.add(request)
         self._check_model = True  # a change to the model between requests is picked up from here
@@ -199,13 +215,13 @@ class LLMEngine:
             for chunk in chunks:
                 self.scheduler.computed(chunk)
             greedy = self._greedy_tokens(sampling, logits)
-            return [self._advance(request, logits[i:i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
+            return [self._advance(request, logits[i : i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
 
     def _forward(self, chunks: list[Chunk]) -> Tensor:
         ids, positions, sample_at = [], [], []
         for chunk in chunks:
             end = chunk.start + chunk.length
-            ids += chunk.request.all_ids[chunk.start:end]
+            ids += chunk.request.all_ids[chunk.start : end]
             positions += range(chunk.start, end)
             if chunk.samples:
                 sample_at.append(len(ids) - 1)
@@ -277,13 +293,16 @@ class LLMEngine:
         the prefix cache holds are counted apart), prefix-cache hits, preemptions."""
         allocator, prefix = self.cache.allocator, self.scheduler.prefix
         cached = prefix.num_evictable() if prefix else 0  # reusable, but free for the taking
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "kv_blocks_total": allocator.num_blocks,
-                "kv_usage": 1 - (allocator.num_free + cached) / allocator.num_blocks,
-                "kv_cached_blocks": cached,
-                "prefix_cache_queries": prefix.queries if prefix else 0,
-                "prefix_cache_hits": prefix.hits if prefix else 0,
-                "preemptions": self.scheduler.num_preemptions}
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": allocator.num_blocks,
+            "kv_usage": 1 - (allocator.num_free + cached) / allocator.num_blocks,
+            "kv_cached_blocks": cached,
+            "prefix_cache_queries": prefix.queries if prefix else 0,
+            "prefix_cache_hits": prefix.hits if prefix else 0,
+            "preemptions": self.scheduler.num_preemptions,
+        }
 
 
 class LLM:
@@ -295,12 +314,14 @@ class LLM:
     def __init__(self, model: Model | str, **engine_options):
         if isinstance(model, str):
             from tuili.models import load
+
             model = load(model)
         self.model = model
         self.engine = LLMEngine(model, **engine_options)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+    ) -> list[Completion]:
         """Complete every prompt, all batched together; one completion per prompt, in order."""
         prompts = _as_list(prompts)
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -355,5 +376,13 @@ def _succeeded(out: RequestOutput) -> RequestOutput:
 
 def _completion(out: RequestOutput, start: float) -> Completion:
     first = (out.first_token_time or out.finished_time) - max(start, out.arrival_time)
-    return Completion(out.text, out.token_ids, out.prompt_token_ids, out.finish_reason, first,
-                      out.finished_time - max(start, out.arrival_time), out.logprobs, out.num_cached_tokens)
+    return Completion(
+        out.text,
+        out.token_ids,
+        out.prompt_token_ids,
+        out.finish_reason,
+        first,
+        out.finished_time - max(start, out.arrival_time),
+        out.logprobs,
+        out.num_cached_tokens,
+    )

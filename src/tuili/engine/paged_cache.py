@@ -43,13 +43,13 @@ class PagedKVCache:
     """Blocks for `num_blocks × block_size` tokens, handed to sequences through `new_sequence()`.
 
     `dtype`: what the blocks store, float32, bfloat16 or int8 (codes, plus one fp32 scale per
-    token and head: tuili.quant.kv)."""
+    token and head: tuili.kernels.kv_format)."""
 
-    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, config: LlamaConfig, num_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32):
         if dtype not in STORE_DTYPES:
-            raise ValueError(f"a KV cache stores {', '.join(str(d).removeprefix('torch.') for d in STORE_DTYPES)}; "
-                             f"got {dtype}")
+            raise ValueError(
+                f"a KV cache stores {', '.join(str(d).removeprefix('torch.') for d in STORE_DTYPES)}; got {dtype}"
+            )
         self.config, self.block_size, self.dtype = config, block_size, dtype
         self.kv_int8 = dtype == torch.int8
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
@@ -57,7 +57,7 @@ class PagedKVCache:
         self.k_scale = torch.zeros(shape[:-1]) if self.kv_int8 else None
         self.v_scale = torch.zeros(shape[:-1]) if self.kv_int8 else None
         self.allocator = BlockAllocator(num_blocks)
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.head_dim**-0.5
         self._tables: Tensor | None = None
         self._step: _Step | None = None
 
@@ -70,16 +70,21 @@ class PagedKVCache:
             return model_dtype if model_dtype in STORE_DTYPES else torch.float32
         dtype = getattr(torch, name, None) if isinstance(name, str) else None
         if dtype not in STORE_DTYPES:
-            raise ValueError(f"unknown KV cache dtype {name!r}: choose auto, "
-                             f"{', '.join(str(d).removeprefix('torch.') for d in STORE_DTYPES)}")
+            raise ValueError(
+                f"unknown KV cache dtype {name!r}: choose auto, "
+                f"{', '.join(str(d).removeprefix('torch.') for d in STORE_DTYPES)}"
+            )
         return dtype
 
     @staticmethod
     def bytes_per_token(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> int:
         """Keys and values of one token in every layer (and their int8 scales)."""
         int8 = dtype == torch.int8
-        return config.num_hidden_layers * config.num_key_value_heads * (
-            2 * config.head_dim * dtype.itemsize + (8 if int8 else 0))
+        return (
+            config.num_hidden_layers
+            * config.num_key_value_heads
+            * (2 * config.head_dim * dtype.itemsize + (8 if int8 else 0))
+        )
 
     @classmethod
     def bytes_per_token_of(cls, model, requested: str | None = None) -> int:
@@ -87,14 +92,17 @@ class PagedKVCache:
         return cls.bytes_per_token(model.config, cls.dtype_for(model.config, model.module.dtype, requested))
 
     @classmethod
-    def from_budget(cls, config: LlamaConfig, num_bytes: int, block_size: int = 16,
-                    dtype: torch.dtype = torch.float32) -> PagedKVCache:
+    def from_budget(
+        cls, config: LlamaConfig, num_bytes: int, block_size: int = 16, dtype: torch.dtype = torch.float32
+    ) -> PagedKVCache:
         """As many blocks as `num_bytes` of keys, values (and int8 scales) hold."""
         per_block = cls.bytes_per_token(config, dtype) * block_size
         num_blocks = num_bytes // per_block
         if num_blocks < 1:
-            raise ValueError(f"{num_bytes} bytes hold no block of {block_size} tokens "
-                             f"({per_block} bytes each): give the KV cache more memory")
+            raise ValueError(
+                f"{num_bytes} bytes hold no block of {block_size} tokens "
+                f"({per_block} bytes each): give the KV cache more memory"
+            )
         return cls(config, num_blocks, block_size, dtype)
 
     @property
@@ -105,8 +113,7 @@ class PagedKVCache:
     def new_sequence(self) -> BlockTable:
         return BlockTable(self.allocator, self.block_size)
 
-    def bind(self, tables: list[BlockTable], starts: list[int] | None = None,
-             lengths: list[int] | None = None) -> None:
+    def bind(self, tables: list[BlockTable], starts: list[int] | None = None, lengths: list[int] | None = None) -> None:
         """The sequences of the next forward step (each already `append`ed to hold the step's tokens).
 
         With `starts` and `lengths` the step is packed: the model gets one row (1, N) holding
@@ -123,8 +130,15 @@ class PagedKVCache:
             raise ValueError("bind() needs one start and one length per block table")
         if block_tables is not None and all(n == 1 for n in lengths):  # a decode step: every token's slot in Python
             slots = [slot for t, s in zip(block_tables, starts) for slot in t.slots(s, s + 1)]
-            return _Step(tables, list(starts), list(lengths), torch.tensor(slots), len(starts),
-                         torch.tensor([s + 1 for s in starts], dtype=torch.int32), [])
+            return _Step(
+                tables,
+                list(starts),
+                list(lengths),
+                torch.tensor(slots),
+                len(starts),
+                torch.tensor([s + 1 for s in starts], dtype=torch.int32),
+                [],
+            )
         seg = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(lengths))
         pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
         slots = tables.long()[seg, pos // size] * size + pos % size
@@ -176,12 +190,14 @@ class PagedKVCache:
             start, n = step.starts[i], step.lengths[i]
             keys = self._read(self.k, self.k_scale, layer, gather[None], q.dtype)
             values = self._read(self.v, self.v_scale, layer, gather[None], q.dtype)
-            q_seg = q[:, :, offset:offset + n]
+            q_seg = q[:, :, offset : offset + n]
             if start == 0 and not (window and n > window):
                 out, _ = attention(q_seg, keys, values, None, is_causal=n > 1)
             else:
                 q_pos = torch.arange(start, start + n)[None]
-                out, _ = attention(q_seg, keys, values, causal_mask(q_pos, torch.arange(start + n)[None], window or None))
+                out, _ = attention(
+                    q_seg, keys, values, causal_mask(q_pos, torch.arange(start + n)[None], window or None)
+                )
             outs.append(out)
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -190,16 +206,31 @@ class PagedKVCache:
         """A bound step of one token per sequence (the engine's fast decode path): store k, v
         (N, Hkv, D) and attend with q (N, H, D) -> (N, H, D), straight through the kernels."""
         step = self._step
-        kernels.paged_write(self.k[layer], self.v[layer], step.slots, k, v,
-                            self._scale(self.k_scale, layer), self._scale(self.v_scale, layer))
+        kernels.paged_write(
+            self.k[layer],
+            self.v[layer],
+            step.slots,
+            k,
+            v,
+            self._scale(self.k_scale, layer),
+            self._scale(self.v_scale, layer),
+        )
         return self._paged(layer, q, step)
 
     def _paged(self, layer: int, q: Tensor, step: _Step) -> Tensor:
         """The paged-attention kernel for the step's leading one-token segments, q (nd, H, D)."""
         nd = step.num_decode
-        return kernels.paged_attention(q, self.k[layer], self.v[layer], step.tables[:nd], step.decode_lens,
-                                       self.scale, self._scale(self.k_scale, layer), self._scale(self.v_scale, layer),
-                                       self.config.sliding_window or 0)
+        return kernels.paged_attention(
+            q,
+            self.k[layer],
+            self.v[layer],
+            step.tables[:nd],
+            step.decode_lens,
+            self.scale,
+            self._scale(self.k_scale, layer),
+            self._scale(self.v_scale, layer),
+            self.config.sliding_window or 0,
+        )
 
     @property
     def decoding(self) -> bool:
@@ -208,8 +239,15 @@ class PagedKVCache:
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """k, v (1, Hkv, N, D) packed rows into their slots (one kernel call for both)."""
-        kernels.paged_write(self.k[layer], self.v[layer], slots, k[0].transpose(0, 1), v[0].transpose(0, 1),
-                            self._scale(self.k_scale, layer), self._scale(self.v_scale, layer))
+        kernels.paged_write(
+            self.k[layer],
+            self.v[layer],
+            slots,
+            k[0].transpose(0, 1),
+            v[0].transpose(0, 1),
+            self._scale(self.k_scale, layer),
+            self._scale(self.v_scale, layer),
+        )
 
     @staticmethod
     def _scale(scales: Tensor | None, layer: int) -> Tensor | None:

@@ -81,8 +81,12 @@ def linear_plan(module: nn.Module, bf16: bool) -> tuple[LinearSpec, list[Tensor]
         return LinearSpec(name, layout, bias is not None), tensors, kernels.MAX_ROWS[name]
     # float layers: tuili's fp32 GEMV, which is what the eager step runs up to MAX_M_F32 rows (above
     # that, F.linear inside the graph measured 5× slower than eager oneDNN: those steps run eagerly)
-    if (type(module) in (Linear, nn.Linear) and module.weight.dtype == torch.float32
-            and module.weight.is_contiguous() and kernels.f32_gemv()):
+    if (
+        type(module) in (Linear, nn.Linear)
+        and module.weight.dtype == torch.float32
+        and module.weight.is_contiguous()
+        and kernels.f32_gemv()
+    ):
         spec = LinearSpec("f32_linear", (TENSOR, None), module.bias is not None)
         return spec, [module.weight] + ([module.bias] if module.bias is not None else []), kernels.MAX_M_F32
     return None
@@ -125,9 +129,11 @@ class Checks:
     def still(self) -> bool:
         if hooked(()):
             return False
-        return (all(map(operator.is_, map(dict.get, self.parents, self.names), self.children))
-                and not any(self.hooks)
-                and all(map(operator.is_, map(dict.get, self.owners, self.keys), self.args)))
+        return (
+            all(map(operator.is_, map(dict.get, self.parents, self.names), self.children))
+            and not any(self.hooks)
+            and all(map(operator.is_, map(dict.get, self.owners, self.keys), self.args))
+        )
 
 
 def build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[Checks, StepSpec | None, list[Tensor]] | None:
@@ -175,15 +181,25 @@ def build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[Checks, StepSpec |
         for name, child in sub.items():
             checks.add(sub, name, child)
         tensors += [weight(sub["input_layernorm"], checks), weight(sub["post_attention_layernorm"], checks)]
-        specs = tuple([linear(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-                      + [linear(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")])
+        specs = tuple(
+            [linear(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            + [linear(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        )
         layers.append(specs)
     head = linear(module, "lm_head")
     if head is None or any(None in specs for specs in layers):
         return checks, None, []
     attn = layer_list[0]._modules["self_attn"]
-    spec = StepSpec(tuple(layers), head, attn.num_heads, attn.num_kv_heads, attn.head_dim, final_norm.eps,
-                    module.config.sliding_window or 0, max_rows)
+    spec = StepSpec(
+        tuple(layers),
+        head,
+        attn.num_heads,
+        attn.num_kv_heads,
+        attn.head_dim,
+        final_norm.eps,
+        module.config.sliding_window or 0,
+        max_rows,
+    )
     if not checks.still():  # a hook watches one of the modules: the eager path calls them
         return None
     return checks, spec, tensors

@@ -31,7 +31,7 @@ def _padded(sequences: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
     lengths = torch.tensor([len(s) for s in sequences])
     ids = torch.full((len(sequences), int(lengths.max())), pad, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return ids, lengths
 
 
@@ -69,7 +69,7 @@ def loglikelihood(model: Model, pairs: list[tuple[list[int], list[int]]], top_lo
     scores = []
     for row, (context, continuation) in enumerate(pairs):
         start = len(context) - 1  # the logits at position p predict token p + 1
-        logp = torch.log_softmax(logits[row, start:start + len(continuation)], dim=-1)
+        logp = torch.log_softmax(logits[row, start : start + len(continuation)], dim=-1)
         target = torch.tensor(continuation, device=logp.device)
         chosen = logp.gather(-1, target[:, None])[:, 0]
         greedy = bool((logp.argmax(-1) == target).all())

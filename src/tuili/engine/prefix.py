@@ -31,7 +31,7 @@ class PrefixCache:
         keys = [] if keys is None else keys
         size = self.block_size
         for i in range(len(keys), len(tokens) // size):
-            keys.append(hash((keys[-1] if keys else None, tuple(tokens[i * size:(i + 1) * size]))))
+            keys.append(hash((keys[-1] if keys else None, tuple(tokens[i * size : (i + 1) * size]))))
         return keys
 
     def match(self, prompt: list[int]) -> BlockTable:
@@ -55,7 +55,7 @@ class PrefixCache:
         """Index the full blocks of a sequence whose KV for `tokens` is now written. Pass the
         sequence's own `keys` list to hash only blocks that filled since the last call."""
         known = 0 if keys is None else len(keys)
-        keys = self._keys(tokens[:table.num_tokens], keys)
+        keys = self._keys(tokens[: table.num_tokens], keys)
         for key, block in zip(keys[known:], table.blocks[known:]):
             if key not in self._blocks:
                 self._blocks[key] = self.allocator.share(block)

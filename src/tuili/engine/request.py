@@ -81,9 +81,21 @@ class RequestOutput:
     @classmethod
     def of(cls, request: Request, delta: str, new_tokens: int) -> RequestOutput:
         logprobs = request.logprobs
-        return cls(request.id, delta, request.output_ids[len(request.output_ids) - new_tokens:],
-                   request.text.text, list(request.output_ids), request.prompt_ids,
-                   request.status is Status.FINISHED, request.finish_reason,
-                   logprobs[len(logprobs) - new_tokens:] if logprobs else [], list(logprobs),
-                   request.num_cached, request.arrival, request.scheduled_time, request.first_token_time,
-                   request.finished_time, request.error)
+        return cls(
+            request.id,
+            delta,
+            request.output_ids[len(request.output_ids) - new_tokens :],
+            request.text.text,
+            list(request.output_ids),
+            request.prompt_ids,
+            request.status is Status.FINISHED,
+            request.finish_reason,
+            logprobs[len(logprobs) - new_tokens :] if logprobs else [],
+            list(logprobs),
+            request.num_cached,
+            request.arrival,
+            request.scheduled_time,
+            request.first_token_time,
+            request.finished_time,
+            request.error,
+        )

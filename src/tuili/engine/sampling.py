@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing by them overflows the logits
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit signed integer, as vLLM and OpenAI take it
 LOGPROB_FLOOR = -9999.0  # reported instead of -inf (JSON has no infinity), as vLLM's server does
@@ -78,8 +77,7 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-def apply_penalties(logits: Tensor, params: SamplingParams, prompt: list[list[int]],
-                    output: list[list[int]]) -> Tensor:
+def apply_penalties(logits: Tensor, params: SamplingParams, prompt: list[list[int]], output: list[list[int]]) -> Tensor:
     """Logits (B, V) after repetition (prompt and output tokens), presence and frequency (output
     tokens) penalties, as vLLM and the OpenAI API define them."""
     logits = logits.float().clone()
@@ -89,16 +87,18 @@ def apply_penalties(logits: Tensor, params: SamplingParams, prompt: list[list[in
         if params.repetition_penalty != 1:
             seen = torch.unique(torch.tensor(seen_prompt + seen_output, dtype=torch.long))
             values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                            values * params.repetition_penalty)
+            logits[row, seen] = torch.where(
+                values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+            )
         logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
     return finite(logits)
 
 
 def finite(logits: Tensor) -> Tensor:
     """Logits with NaN as -inf (never picked) and +inf as the largest float (picked, not NaN in softmax)."""
-    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
-                            neginf=float("-inf"))
+    return torch.nan_to_num(
+        logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf")
+    )
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
@@ -121,8 +121,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     probs = torch.softmax(logits, dim=-1)
     usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
     if not bool(usable.all()):  # a degenerate row: its most likely token, never a NaN draw
-        probs = torch.where(usable[:, None], probs.nan_to_num(0.0),
-                            torch.nn.functional.one_hot(best, probs.shape[-1]).float())
+        probs = torch.where(
+            usable[:, None], probs.nan_to_num(0.0), torch.nn.functional.one_hot(best, probs.shape[-1]).float()
+        )
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -141,5 +142,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> list[tuple[flo
     logprobs = torch.log_softmax(finite(logits), dim=-1).nan_to_num(nan=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
     chosen = logprobs.gather(1, tokens.view(-1, 1))[:, 0]
     top = torch.topk(logprobs, top_n, dim=-1) if top_n else None
-    return [(float(chosen[i]), [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())))
-            for i in range(logits.shape[0])]
+    return [
+        (float(chosen[i]), [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())))
+        for i in range(logits.shape[0])
+    ]

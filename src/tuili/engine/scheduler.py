@@ -38,8 +38,13 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
-                 prefix_caching: bool = True):
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 512,
+        prefix_caching: bool = True,
+    ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.cache = cache
@@ -72,8 +77,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
             if request.table is None:
-                request.table = (self.prefix.match(request.all_ids) if self.prefix
-                                 else self.cache.new_sequence())
+                request.table = self.prefix.match(request.all_ids) if self.prefix else self.cache.new_sequence()
                 request.num_computed = request.table.num_tokens
                 request.num_cached = max(request.num_cached, min(request.num_computed, len(request.prompt_ids)))
             n = min(request.num_pending, budget)

@@ -75,8 +75,11 @@ def build_lock(directory: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"tuili: waiting for another process to finish building the kernels in {directory}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"tuili: waiting for another process to finish building the kernels in {directory}",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             (directory / "lock").unlink(missing_ok=True)  # torch's baton: only a dead build leaves it here
@@ -95,11 +98,15 @@ def compile_extension(name: str, sources: list[Path], directory: Path, quiet: bo
         if building and not quiet:
             print("tuili: building tuili's CPU kernels (1-2 minutes, once) ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        module = load(name=name, sources=[str(s) for s in sources], build_directory=str(directory), verbose=False,
-                      **FLAGS)
+        module = load(
+            name=name, sources=[str(s) for s in sources], build_directory=str(directory), verbose=False, **FLAGS
+        )
         if building and not quiet:
-            print(f"tuili: built the kernels in {time.perf_counter() - start:.0f} s ({directory})", file=sys.stderr,
-                  flush=True)
+            print(
+                f"tuili: built the kernels in {time.perf_counter() - start:.0f} s ({directory})",
+                file=sys.stderr,
+                flush=True,
+            )
     return module
 
 
@@ -114,8 +121,11 @@ def extension() -> ModuleType | None:
     try:
         return compile_extension(NAME, SOURCES, cache_dir())
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, or the build failed
-        warnings.warn(f"tuili: C++ kernels unavailable ({str(e).splitlines()[0][:200]}); "
-                      "quantized layers use the PyTorch fallback", stacklevel=2)
+        warnings.warn(
+            f"tuili: C++ kernels unavailable ({str(e).splitlines()[0][:200]}); "
+            "quantized layers use the PyTorch fallback",
+            stacklevel=2,
+        )
         return None
 
 

@@ -9,8 +9,8 @@ and what runs where the kernels are not built.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
@@ -24,8 +24,15 @@ MAX_M = 64  # above this, dequantize once and let the BLAS GEMM reuse the weight
 MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
 MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here
 # per kernel, the batch rows up to which it beats its PyTorch twin (layers pick by kernel name)
-MAX_ROWS = {"w4_linear": MAX_M, "w8_linear": MAX_M, "w4a8_linear": MAX_M, "w8a8_linear": MAX_M_INT8,
-            "w8a8_linear_packed": MAX_M_PACKED, "w4_linear_bf16": MAX_M, "w8_linear_i16": MAX_M}
+MAX_ROWS = {
+    "w4_linear": MAX_M,
+    "w8_linear": MAX_M,
+    "w4a8_linear": MAX_M,
+    "w8a8_linear": MAX_M_INT8,
+    "w8a8_linear_packed": MAX_M_PACKED,
+    "w4_linear_bf16": MAX_M,
+    "w8_linear_i16": MAX_M,
+}
 _forced_fallback = False
 
 
@@ -201,9 +208,17 @@ def pack_w8_i16(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return c.view(c.shape[0], 16, kp // 2, 2).permute(0, 2, 1, 3).contiguous(), _group_vectors(scale)
 
 
-def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                              context_lens: Tensor, scale: float, k_scale: Tensor | None = None,
-                              v_scale: Tensor | None = None, window: int = 0) -> Tensor:
+def paged_attention_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+    window: int = 0,
+) -> Tensor:
     """Decode attention for q (B, Hq, D) over caches (blocks, block_size, Hkv, D) mapped by block_tables
     (B, max_blocks): softmax(q·Kᵀ·scale)·V over each sequence's context_lens[b] tokens (the last
     `window` when > 0). int8 caches carry one scale per token and head, (blocks, block_size, Hkv)."""
@@ -213,9 +228,11 @@ def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
         blocks = block_tables[b, : -(-length // block_size)].long()
         start = max(0, length - window) if window > 0 else 0
 
-        def gather(cache, cache_scale):
+        def gather(cache, cache_scale, blocks=blocks, start=start, length=length):
             rows = cache[blocks].reshape(-1, kv_heads, dim)[start:length].float()
-            return rows if cache_scale is None else rows * cache_scale[blocks].reshape(-1, kv_heads)[start:length, :, None]
+            return (
+                rows if cache_scale is None else rows * cache_scale[blocks].reshape(-1, kv_heads)[start:length, :, None]
+            )
 
         k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)  # (T, Hkv, D)
         qb = q[b].float().reshape(kv_heads, -1, dim)  # (Hkv, group, D): query heads grouped by their KV head
@@ -224,18 +241,45 @@ def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
     return torch.stack(outs).to(q.dtype)
 
 
-def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-                    scale: float, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
-                    window: int = 0) -> Tensor:
-    return _run("paged_attention", paged_attention_reference, q, None, k_cache, v_cache, block_tables, context_lens,
-                scale, k_scale, v_scale, window)
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+    window: int = 0,
+) -> Tensor:
+    return _run(
+        "paged_attention",
+        paged_attention_reference,
+        q,
+        None,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        scale,
+        k_scale,
+        v_scale,
+        window,
+    )
 
 
-def paged_write_reference(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor,
-                          k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
+def paged_write_reference(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> None:
     """Store k, v (N, Hkv, D) at flat `slots` of caches (blocks, block_size, Hkv, D); int8 caches
-    take codes and one scale per token and head (tuili.quant.kv.quantize_kv)."""
-    from tuili.quant.kv import quantize_kv
+    take codes and one scale per token and head (tuili.kernels.kv_format.quantize_kv)."""
+    from tuili.kernels.kv_format import quantize_kv
 
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
@@ -248,8 +292,15 @@ def paged_write_reference(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Te
             scales.view(-1, hkv)[slots] = scale[..., 0]
 
 
-def paged_write(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor,
-                k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
+def paged_write(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> None:
     _run("paged_write", paged_write_reference, k_cache, None, v_cache, slots, k, v, k_scale, v_scale)
 
 
@@ -272,9 +323,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, through tuili's fp32 GEMV when few rows meet fp32 weights on an AVX-512 CPU
     (decoding: PyTorch's sgemv streams the weights at well under the memory bandwidth)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (rows == 0 or rows > MAX_M_F32 or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.compiler.is_compiling() or not weight.is_contiguous()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if (
+        rows == 0
+        or rows > MAX_M_F32
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or torch.compiler.is_compiling()
+        or not weight.is_contiguous()
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
         return F.linear(x, weight, bias)
     kernel = _fused("f32_linear", x) if _has_avx512() else None
     if kernel is None:
@@ -290,8 +347,11 @@ def _has_avx512() -> bool:
 
 def _fused(name: str, x: Tensor):
     """The kernel for an element-wise op, where it applies: CPU, fp32/bf16, and no autograd to record."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or (
-            torch.is_grad_enabled() and x.requires_grad):
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
         return None
     return native(name)
 
@@ -315,7 +375,6 @@ def argmax(logits: Tensor) -> Tensor:
         return logits.argmax(dim=-1)
     kernel = _fused("argmax_rows", logits)
     return logits.argmax(dim=-1) if kernel is None else kernel(logits)
-
 
 
 def f32_gemv() -> bool:

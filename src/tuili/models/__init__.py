@@ -7,5 +7,13 @@ from tuili.models.loading import default_model_path, load
 from tuili.models.model import Model
 from tuili.models.tokenizer import Tokenizer
 
-__all__ = ["CausalLMOutput", "ContiguousKVCache", "LlamaConfig", "LlamaForCausalLM", "Model",
-           "Tokenizer", "default_model_path", "load"]
+__all__ = [
+    "CausalLMOutput",
+    "ContiguousKVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "Model",
+    "Tokenizer",
+    "default_model_path",
+    "load",
+]

@@ -45,11 +45,11 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tup
 
 def as_cached(x: Tensor, kv_dtype: str) -> Tensor:
     """Keys or values (…, H, T, D) as a KV cache storing `kv_dtype` hands them back: rounded to
-    bf16, or int8 codes with one scale per token and head (tuili.quant.kv). Evaluation without a
+    bf16, or int8 codes with one scale per token and head (tuili.kernels.kv_format). Evaluation without a
     cache runs through this, so a model's perplexity includes what its cache format costs. Under
     autograd the rounding passes gradients straight through (training stays possible)."""
     if kv_dtype == "int8":
-        from tuili.quant.kv import dequantize_kv, quantize_kv  # the engine's cache format, one definition
+        from tuili.kernels.kv_format import dequantize_kv, quantize_kv  # the engine's cache format
 
         rounded = dequantize_kv(*quantize_kv(x.detach(), "token", check=False), x.dtype)
     else:
@@ -67,7 +67,11 @@ def causal_mask(q_pos: Tensor, k_pos: Tensor, sliding_window: int | None) -> Ten
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    is_causal: bool = False,
     return_probs: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(q kᵀ/√d + mask) v for q (B, H, T, D) and k, v (B, Hkv, S, D); GQA by head groups.
@@ -77,7 +81,11 @@ def attention(
     """
     if not return_probs:
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
             enable_gqa=k.shape[1] != q.shape[1],
         )
         return out, None

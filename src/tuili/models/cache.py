@@ -16,8 +16,14 @@ from tuili.models.config import LlamaConfig
 class ContiguousKVCache:
     """Keys and values of `batch_size` sequences, each up to `max_len` tokens (KV heads, not query heads)."""
 
-    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

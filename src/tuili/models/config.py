@@ -120,8 +120,11 @@ class LlamaConfig:
             data["sliding_window"] = None
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if k not in known]
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in known
+        ]
         if missing:
             raise ModelFormatError(f"config.json lacks {', '.join(missing)}")
         extra = {k: v for k, v in data.items() if k not in names}

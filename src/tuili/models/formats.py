@@ -32,6 +32,6 @@ def register(quant_method: str, fmt: CheckpointFormat) -> None:
 
 def format_of(module: nn.Module) -> str | None:
     """The quant_method of the module's compressed layers, None for a plain float model."""
-    methods = {getattr(m, "quant_method") for m in module.modules() if hasattr(m, "quant_method")}
+    methods = {m.quant_method for m in module.modules() if hasattr(m, "quant_method")}
     assert len(methods) <= 1, f"layers of several checkpoint formats in one model: {methods}"
     return methods.pop() if methods else None

@@ -21,10 +21,15 @@ from tuili.models.tokenizer import Tokenizer
 _ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PER_LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -56,8 +61,7 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
 def _config(meta: dict[str, Any], path: Path) -> LlamaConfig:
     arch = meta.get("general.architecture")
     if arch not in _ARCHS:
-        raise ModelFormatError(f"{path}: unsupported architecture {arch!r} "
-                               f"(tuili reads {', '.join(sorted(_ARCHS))})")
+        raise ModelFormatError(f"{path}: unsupported architecture {arch!r} (tuili reads {', '.join(sorted(_ARCHS))})")
 
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
@@ -107,5 +111,9 @@ def _unpermute_qk(state: dict[str, Tensor], config: LlamaConfig) -> None:
                 name = f"model.layers.{i}.self_attn.{proj}.{kind}"
                 if name in state:
                     w = state[name]
-                    state[name] = (w.reshape(heads, config.head_dim // 2, 2, *w.shape[1:])
-                                   .transpose(1, 2).reshape(w.shape).contiguous())
+                    state[name] = (
+                        w.reshape(heads, config.head_dim // 2, 2, *w.shape[1:])
+                        .transpose(1, 2)
+                        .reshape(w.shape)
+                        .contiguous()
+                    )

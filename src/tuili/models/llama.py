@@ -57,7 +57,8 @@ class Linear(nn.Linear):
 def hooked(modules: tuple[nn.Module, ...]) -> bool:
     """Whether a forward hook (global, or on one of `modules`) watches these calls."""
     return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules)
+        m._forward_hooks or m._forward_pre_hooks for m in modules
+    )
 
 
 class Attention(nn.Module):
@@ -66,8 +67,7 @@ class Attention(nn.Module):
         h, d = config.hidden_size, config.head_dim
         self.config = config  # shared with the model: its kv_cache_dtype says how keys are stored
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, d)
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads, d)
         self.sliding_window = config.sliding_window
         bias = config.attention_bias
         self.q_proj = Linear(h, self.num_heads * d, bias=bias)
@@ -75,8 +75,9 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, self.num_kv_heads * d, bias=bias)
         self.o_proj = Linear(self.num_heads * d, h, bias=config.o_proj_bias)
 
-    def forward(self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
-                cache: KVCache | None, return_probs: bool) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, return_probs: bool
+    ) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
         q = kernels.rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = kernels.rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
@@ -164,8 +165,13 @@ class LlamaForCausalLM(nn.Module):
         `logits_at` (indices along T) for those positions only (the engine's packed steps).
         """
         hidden, probs_all = [], []
-        x = self.final_hidden(input_ids, positions, cache, hidden if output_hidden_states else None,
-                              probs_all if output_attentions else None)
+        x = self.final_hidden(
+            input_ids,
+            positions,
+            cache,
+            hidden if output_hidden_states else None,
+            probs_all if output_attentions else None,
+        )
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
@@ -176,8 +182,14 @@ class LlamaForCausalLM(nn.Module):
             attentions=tuple(probs_all) if output_attentions else None,
         )
 
-    def final_hidden(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                     hidden: list[Tensor] | None = None, attentions: list[Tensor] | None = None) -> Tensor:
+    def final_hidden(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        hidden: list[Tensor] | None = None,
+        attentions: list[Tensor] | None = None,
+    ) -> Tensor:
         """The final normed hidden states (B, T, hidden) before the head (what embeddings pool);
         each layer's input and the normed output are appended to `hidden`, attention
         probabilities to `attentions`, when given."""

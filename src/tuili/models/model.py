@@ -54,16 +54,23 @@ class Model:
                 state = self.module.state_dict()
                 sparsity = _sparsity_config(self)
                 if sparsity is not None:  # stored dense, described as compressed-tensors does (llm-compressor)
-                    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "dense",
-                                                     "quantization_status": "compressed", "config_groups": {},
-                                                     "sparsity_config": sparsity}
+                    config["quantization_config"] = {
+                        "quant_method": "compressed-tensors",
+                        "format": "dense",
+                        "quantization_status": "compressed",
+                        "config_groups": {},
+                        "sparsity_config": sparsity,
+                    }
             else:
                 state, config["quantization_config"] = FORMATS[method].save(self.module)
             state = {k: v.detach().contiguous() for k, v in state.items()}
             if self.config.tie_word_embeddings:
                 head = state.get("lm_head.weight")
-                if head is not None and head.dtype == self.module.dtype and \
-                        torch.equal(head, state["model.embed_tokens.weight"]):
+                if (
+                    head is not None
+                    and head.dtype == self.module.dtype
+                    and torch.equal(head, state["model.embed_tokens.weight"])
+                ):
                     del state["lm_head.weight"]  # stored once, as the embedding
                 else:  # the head was compressed apart from the embedding: no longer tied on disk
                     config["tie_word_embeddings"] = False
@@ -72,8 +79,10 @@ class Model:
             write_json(tmp / "config.json", config)
             write_json(tmp / "generation_config.json", _generation_config(self))
             self.tokenizer.save(tmp)
-            write_json(tmp / PROVENANCE_FILE, {"provenance": self.provenance + [
-                {"step": "saved", "time": _now(), "torch": torch.__version__}]})
+            write_json(
+                tmp / PROVENANCE_FILE,
+                {"provenance": self.provenance + [{"step": "saved", "time": _now(), "torch": torch.__version__}]},
+            )
         return Path(folder).absolute()
 
 
@@ -88,16 +97,23 @@ def _sparsity_config(model: Model) -> dict[str, Any] | None:
     total = sum(m.weight.numel() for m in masked.values())
     structures = [step["sparsity_structure"] for step in model.provenance if "sparsity_structure" in step]
     structure = structures[-1] if structures else "unstructured"
-    return {"format": "dense", "global_sparsity": round(zeros / total, 6), "sparsity_structure": structure,
-            "targets": sorted(masked), "ignore": sorted(set(linears) - set(masked))}
+    return {
+        "format": "dense",
+        "global_sparsity": round(zeros / total, 6),
+        "sparsity_structure": structure,
+        "targets": sorted(masked),
+        "ignore": sorted(set(linears) - set(masked)),
+    }
 
 
 def _generation_config(model: Model) -> dict[str, Any]:
     eos = sorted(model.eos_token_ids)
-    return {"bos_token_id": model.config.bos_token_id,
-            "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "pad_token_id": model.config.pad_token_id}
+    return {
+        "bos_token_id": model.config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": model.config.pad_token_id,
+    }
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

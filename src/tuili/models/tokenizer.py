@@ -15,21 +15,35 @@ from tuili.errors import ModelFormatError
 from tuili.models.io import read_json, write_json
 
 # GGUF `tokenizer.ggml.pre` -> how text is split before byte-level BPE (as llama.cpp does).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell")
-_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
-           "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_SPLITS = {
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the special tokens and chat template of its model."""
 
-    def __init__(self, backend: Backend, chat_template: str | None = None,
-                 bos_token: str | None = None, eos_token: str | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ):
         self.backend = backend
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -51,8 +65,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """Render a conversation to the prompt text the model was trained on."""
         if not self.chat_template:
             raise ModelFormatError("this model's tokenizer has no chat template; use plain generation")
@@ -61,8 +76,12 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise_template_error
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
+            )
         except jinja2.TemplateError as e:  # the template rejects these messages, or is itself broken
             raise ValueError(f"the chat template failed on these messages: {e}") from None
 
@@ -74,7 +93,8 @@ class Tokenizer:
         if not path.is_file():
             raise ModelFormatError(
                 f"{folder}: no tokenizer.json; tuili needs the fast-tokenizer file that "
-                "transformers writes with `tokenizer.save_pretrained(folder)`")
+                "transformers writes with `tokenizer.save_pretrained(folder)`"
+            )
         try:
             backend = Backend.from_file(str(path))
         except Exception as e:  # the Rust parser raises plain Exception subclasses
@@ -93,7 +113,8 @@ class Tokenizer:
         self.backend.save(str(folder / "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.bos_token, "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
             "chat_template": self.chat_template,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000,
@@ -107,25 +128,31 @@ class Tokenizer:
         if kind != "gpt2":
             raise ModelFormatError(
                 f"GGUF tokenizer type {kind!r} is not supported (tuili reads byte-level BPE, 'gpt2'); "
-                "load the model's Hugging Face folder instead")
+                "load the model's Hugging Face folder instead"
+            )
         tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
         if not tokens:
             raise ModelFormatError("the GGUF file has no vocabulary (tokenizer.ggml.tokens)")
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                     fuse_unk=False, byte_fallback=False))
+        backend = Backend(
+            models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+        )
         backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
         backend.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type") or []
-        special = [AddedToken(tokens[i], special=True, normalized=False)
-                   for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED)]
+        special = [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i, kind in enumerate(types)
+            if kind in (_CONTROL, _USER_DEFINED)
+        ]
         backend.add_special_tokens(special)
         bos = _token_at(tokens, meta.get("tokenizer.ggml.bos_token_id"))
         eos = _token_at(tokens, meta.get("tokenizer.ggml.eos_token_id"))
         if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
             bos_id = meta["tokenizer.ggml.bos_token_id"]
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+            )
         return cls(backend, meta.get("tokenizer.chat_template"), bos, eos)
 
 
@@ -154,8 +181,10 @@ def gguf_pre_name(tokenizer: Tokenizer) -> str:
         for name, split in _SPLITS.items():
             if regex == split:
                 return name
-    raise ModelFormatError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no GGUF name that "
-                           "tuili knows; llama.cpp would split text differently")
+    raise ModelFormatError(
+        f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) has no GGUF name that "
+        "tuili knows; llama.cpp would split text differently"
+    )
 
 
 def _token_at(tokens: list[str], index: int | None) -> str | None:

@@ -54,8 +54,9 @@ def tensor_kind(name: str) -> str:
     return "other"
 
 
-def analyze(model: Model, context_len: int = 2048, batch_size: int = 1,
-            kv_dtype: torch.dtype | None = None) -> Analysis:
+def analyze(
+    model: Model, context_len: int = 2048, batch_size: int = 1, kv_dtype: torch.dtype | None = None
+) -> Analysis:
     """Parameters, bytes, FLOPs/token and memory of `model` at `batch_size` × `context_len` tokens."""
     if context_len < 1 or batch_size < 1:
         raise ValueError(f"context_len and batch_size must be positive, got {context_len}, {batch_size}")
@@ -69,8 +70,11 @@ def analyze(model: Model, context_len: int = 2048, batch_size: int = 1,
         bytes_dtype[dtype] += t.numel() * t.element_size()
         by_kind[kind] += t.numel()
         bytes_kind[kind] += t.numel() * t.element_size()
-    linear_flops = 2 * sum(m.in_features * m.out_features for m in module.modules()
-                           if isinstance(m, nn.Linear) or hasattr(m, "in_features"))
+    linear_flops = 2 * sum(
+        m.in_features * m.out_features
+        for m in module.modules()
+        if isinstance(m, nn.Linear) or hasattr(m, "in_features")
+    )
     # scores q·kᵀ and the weighted sum of v: 2 · 2 · H · D multiply-adds per cached key, per layer
     attn_per_key = 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     kv_dtype = kv_dtype or PagedKVCache.dtype_for(cfg, module.dtype)  # what the engine's cache stores
@@ -78,14 +82,22 @@ def analyze(model: Model, context_len: int = 2048, batch_size: int = 1,
     kv_cache = kv_per_token * context_len * batch_size
     weights = sum(bytes_dtype.values())
     return Analysis(
-        name=model.source, architecture=cfg.architecture,
-        num_parameters=sum(by_dtype.values()), num_bytes=weights,
-        parameters_by_dtype=dict(by_dtype), bytes_by_dtype=dict(bytes_dtype),
-        parameters_by_kind=dict(by_kind), bytes_by_kind=dict(bytes_kind),
-        context_len=context_len, batch_size=batch_size, kv_dtype=str(kv_dtype).removeprefix("torch."),
+        name=model.source,
+        architecture=cfg.architecture,
+        num_parameters=sum(by_dtype.values()),
+        num_bytes=weights,
+        parameters_by_dtype=dict(by_dtype),
+        bytes_by_dtype=dict(bytes_dtype),
+        parameters_by_kind=dict(by_kind),
+        bytes_by_kind=dict(bytes_kind),
+        context_len=context_len,
+        batch_size=batch_size,
+        kv_dtype=str(kv_dtype).removeprefix("torch."),
         prefill_flops_per_token=linear_flops + attn_per_key * (context_len + 1) / 2,
         decode_flops_per_token=linear_flops + attn_per_key * context_len,
-        kv_bytes_per_token=kv_per_token, kv_cache_bytes=kv_cache, memory_bytes=weights + kv_cache,
+        kv_bytes_per_token=kv_per_token,
+        kv_cache_bytes=kv_cache,
+        memory_bytes=weights + kv_cache,
     )
 
 
@@ -109,20 +121,29 @@ def analysis_tables(a: Analysis) -> list[tuple[list[str], list[list[str]]]]:
     """The analysis as (headers, rows) tables: by kind, by dtype, then compute and memory."""
     from tuili.pipeline.report import human_bytes, human_count
 
-    kinds = (["part", "parameters", "bytes", "share"],
-             [[k, f"{n:,}", human_bytes(a.bytes_by_kind[k]), f"{100 * n / a.num_parameters:.1f}%"]
-              for k, n in sorted(a.parameters_by_kind.items(), key=lambda kv: -kv[1])]
-             + [["total", f"{a.num_parameters:,}", human_bytes(a.num_bytes), "100.0%"]])
-    dtypes = (["dtype", "parameters", "bytes"],
-              [[d, f"{n:,}", human_bytes(a.bytes_by_dtype[d])] for d, n in a.parameters_by_dtype.items()])
+    kinds = (
+        ["part", "parameters", "bytes", "share"],
+        [
+            [k, f"{n:,}", human_bytes(a.bytes_by_kind[k]), f"{100 * n / a.num_parameters:.1f}%"]
+            for k, n in sorted(a.parameters_by_kind.items(), key=lambda kv: -kv[1])
+        ]
+        + [["total", f"{a.num_parameters:,}", human_bytes(a.num_bytes), "100.0%"]],
+    )
+    dtypes = (
+        ["dtype", "parameters", "bytes"],
+        [[d, f"{n:,}", human_bytes(a.bytes_by_dtype[d])] for d, n in a.parameters_by_dtype.items()],
+    )
     ctx = f"{a.context_len:,}"
-    compute = (["quantity", "value"], [
-        [f"prefill FLOPs/token (prompt of {ctx})", human_count(a.prefill_flops_per_token, "FLOP")],
-        [f"decode FLOPs/token (context {ctx})", human_count(a.decode_flops_per_token, "FLOP")],
-        [f"KV cache per token ({a.kv_dtype})", human_bytes(a.kv_bytes_per_token)],
-        [f"KV cache, batch {a.batch_size} × {ctx} tokens", human_bytes(a.kv_cache_bytes)],
-        ["weights + KV cache", human_bytes(a.memory_bytes)],
-    ])
+    compute = (
+        ["quantity", "value"],
+        [
+            [f"prefill FLOPs/token (prompt of {ctx})", human_count(a.prefill_flops_per_token, "FLOP")],
+            [f"decode FLOPs/token (context {ctx})", human_count(a.decode_flops_per_token, "FLOP")],
+            [f"KV cache per token ({a.kv_dtype})", human_bytes(a.kv_bytes_per_token)],
+            [f"KV cache, batch {a.batch_size} × {ctx} tokens", human_bytes(a.kv_cache_bytes)],
+            ["weights + KV cache", human_bytes(a.memory_bytes)],
+        ],
+    )
     return [kinds, dtypes, compute]
 
 

@@ -55,7 +55,9 @@ def speed_reference(model: Model, headroom: float = 3.0) -> Model | None:
 
 def _resident_bytes(model: Model) -> int:
     """The bytes of the model's tensors, each storage once (a tied head shares the embedding's)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.module.state_dict().values()}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.module.state_dict().values()
+    }
     return sum(storages.values())
 
 
@@ -88,8 +90,14 @@ def _peak_rss() -> int | None:
 
 
 @torch.no_grad()
-def measure_speed(model: Model, prompt_tokens: int = 512, new_tokens: int = 64, repeats: int = 5,
-                  batch_sizes: Sequence[int] = (), reference: Model | None = None) -> Speed:
+def measure_speed(
+    model: Model,
+    prompt_tokens: int = 512,
+    new_tokens: int = 64,
+    repeats: int = 5,
+    batch_sizes: Sequence[int] = (),
+    reference: Model | None = None,
+) -> Speed:
     """Best of `repeats` runs (the machine is shared: the minimum time is the least disturbed one;
     five, because a neighbour's burst of memory traffic can outlast three back-to-back decodes).
     `batch_sizes`: also the output tokens/s of that many requests submitted together (each a
@@ -132,8 +140,7 @@ def _concurrent(model: Model, requests: int, new_tokens: int, repeats: int) -> f
     prompts = [torch.randint(3, model.config.vocab_size, (length,), generator=g).tolist() for _ in range(requests)]
     per_token = PagedKVCache.bytes_per_token_of(model)
     blocks = requests * -(-(length + new_tokens) // 16)  # the cache these requests need, not the default 2k each
-    llm = LLM(model, max_num_seqs=requests, block_size=16, kv_cache_bytes=blocks * 16 * per_token,
-              prefix_caching=False)
+    llm = LLM(model, max_num_seqs=requests, block_size=16, kv_cache_bytes=blocks * 16 * per_token, prefix_caching=False)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm-up
     best = 0.0

@@ -62,9 +62,15 @@ def export_onnx(model: Model, path: str | Path, max_tokens: int | None = None, c
     with atomic_file(path, suffix=".onnx") as tmp:
         try:
             with torch.no_grad(), kernels.fallback():  # the exporter cannot trace into the C++ kernels
-                program = torch.onnx.export(_Logits(model.module).eval(), (sample,), dynamo=True, verbose=False,
-                                            input_names=["input_ids"], output_names=["logits"],
-                                            dynamic_shapes={"ids": {0: batch, 1: tokens}})
+                program = torch.onnx.export(
+                    _Logits(model.module).eval(),
+                    (sample,),
+                    dynamo=True,
+                    verbose=False,
+                    input_names=["input_ids"],
+                    output_names=["logits"],
+                    dynamic_shapes={"ids": {0: batch, 1: tokens}},
+                )
             program.save(str(tmp))
         except Exception as e:  # the exporter's own errors are long; keep their first line
             raise ExportError(f"ONNX export of {model.source} failed: {_first_line(e)}") from e
@@ -76,8 +82,9 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-def verify(check: Callable[[Path, Model, Tensor], float], path: Path, model: Model, reader: str,
-           half: bool = False) -> float:
+def verify(
+    check: Callable[[Path, Model, Tensor], float], path: Path, model: Model, reader: str, half: bool = False
+) -> float:
     """The largest logit difference `check` finds between the written file and `model`; ExportError
     (no traceback) if the file does not load or its logits are off by more than 1e-3 of their scale
     (5e-2 where the model or the file holds half-precision weights: `half`)."""
@@ -90,8 +97,10 @@ def verify(check: Callable[[Path, Model, Tensor], float], path: Path, model: Mod
         scale = max(1.0, float(model.module(ids).logits.abs().max()))
     limit = (5e-2 if half or model.module.dtype != torch.float32 else 1e-3) * scale
     if not diff <= limit:
-        raise ExportError(f"the exported file's logits differ from tuili's by {diff:.3g} in {reader} "
-                          f"(allowed {limit:.3g}); nothing was written")
+        raise ExportError(
+            f"the exported file's logits differ from tuili's by {diff:.3g} in {reader} "
+            f"(allowed {limit:.3g}); nothing was written"
+        )
     return diff
 
 

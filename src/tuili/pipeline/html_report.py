@@ -47,15 +47,25 @@ def _pyplot():
     return plt
 
 
-def tradeoff_plot(names: Sequence[str], xs: Sequence[float], ppl: Sequence[float], xlabel: str,
-                  larger_is_better: bool) -> str:
+def tradeoff_plot(
+    names: Sequence[str], xs: Sequence[float], ppl: Sequence[float], xlabel: str, larger_is_better: bool
+) -> str:
     """Perplexity against `xs`, a point per stage, the Pareto front joined; PNG as base64."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     front = pareto_front(list(zip(xs, ppl)), larger_is_better)
     ax.scatter(xs, ppl, s=36, color="#4c72b0", zorder=3, label="stage")
-    ax.plot([xs[i] for i in front], [ppl[i] for i in front], color="#dd8452", lw=1.5, zorder=2,
-            label="Pareto front", marker="o", mfc="none", ms=11)
+    ax.plot(
+        [xs[i] for i in front],
+        [ppl[i] for i in front],
+        color="#dd8452",
+        lw=1.5,
+        zorder=2,
+        label="Pareto front",
+        marker="o",
+        mfc="none",
+        ms=11,
+    )
     for name, x, y in zip(names, xs, ppl):
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel(xlabel)
@@ -75,8 +85,9 @@ def sensitivity_plot(costs: Sequence[LayerCost]) -> str:
     positions = range(len(costs))
     for option, color in (("int4-g128", "#c44e52"), ("int4-g32", "#dd8452"), ("int8", "#4c72b0")):
         values = [c.delta.get(option) for c in costs]
-        ax.scatter([i for i, v in zip(positions, values) if v], [v for v in values if v], s=9, color=color,
-                   label=option)
+        ax.scatter(
+            [i for i, v in zip(positions, values) if v], [v for v in values if v], s=9, color=color, label=option
+        )
     ax.set_yscale("log")
     ax.set_xlabel("linear layer (model order; the head last)")
     ax.set_ylabel("predicted loss increase (nats/token)")
@@ -94,8 +105,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def _img(data: str, alt: str) -> str:
-    return f'<figure><img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>' \
-           f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+    return (
+        f'<figure><img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
+        f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+    )
 
 
 _STYLE = """
@@ -117,29 +130,52 @@ def render_html(report) -> str:
     names = [s.name for s in report.stages]
     ppl = [s.quality.perplexity for s in report.stages]
     plots = [
-        _img(tradeoff_plot(names, [s.num_bytes / 2**20 for s in report.stages], ppl, "weights (MiB)", False),
-             "Quality against size: perplexity and weight bytes of every stage, the Pareto front joined"),
-        _img(tradeoff_plot(names, [s.speed.decode_tokens_per_second for s in report.stages], ppl,
-                           "batch-1 decode (tokens/s, higher is faster)", True),
-             "Quality against speed: perplexity and decode tokens/s of every stage, the Pareto front joined"),
+        _img(
+            tradeoff_plot(names, [s.num_bytes / 2**20 for s in report.stages], ppl, "weights (MiB)", False),
+            "Quality against size: perplexity and weight bytes of every stage, the Pareto front joined",
+        ),
+        _img(
+            tradeoff_plot(
+                names,
+                [s.speed.decode_tokens_per_second for s in report.stages],
+                ppl,
+                "batch-1 decode (tokens/s, higher is faster)",
+                True,
+            ),
+            "Quality against speed: perplexity and decode tokens/s of every stage, the Pareto front joined",
+        ),
     ]
     sensitivity = ""
     if costs:
-        plots.append(_img(sensitivity_plot(costs), "Per-layer sensitivity: predicted loss increase (diagonal "
-                                                   "Fisher) of quantizing each linear layer alone"))
+        plots.append(
+            _img(
+                sensitivity_plot(costs),
+                "Per-layer sensitivity: predicted loss increase (diagonal "
+                "Fisher) of quantizing each linear layer alone",
+            )
+        )
         worst = sorted(costs, key=lambda c: -c.delta.get("int8", 0.0))[:10]
         sensitivity = "<h3>Most sensitive layers (int8)</h3>" + _table(
             ["layer", "shape", *(o for o in ("int8", "int4-g32", "int4-g128"))],
-            [[c.name, "×".join(map(str, c.shape)), *(f"{c.delta[o]:.2e}" if o in c.delta else "—"
-                                                     for o in ("int8", "int4-g32", "int4-g128"))] for c in worst])
+            [
+                [
+                    c.name,
+                    "×".join(map(str, c.shape)),
+                    *(f"{c.delta[o]:.2e}" if o in c.delta else "—" for o in ("int8", "int4-g32", "int4-g128")),
+                ]
+                for c in worst
+            ],
+        )
     analysis = "".join(_table(h, r) for h, r in analysis_tables(report.analysis))
     recipe = f"<p>Recipe: <b>{html.escape(report.recipe)}</b></p>" if report.recipe else ""
     notes = "".join(f"<p>{html.escape(line)}</p>" for line in report.notes())
     title = f"tuili optimize: {report.model}"
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{recipe}"
-            f"<h2>Stages</h2><p>{html.escape(report.measured_on())}</p>{_table(headers, rows)}{notes}"
-            f"<h2>Trade-offs</h2>{''.join(plots)}{sensitivity}<h2>Analysis</h2>{analysis}</body></html>")
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{recipe}"
+        f"<h2>Stages</h2><p>{html.escape(report.measured_on())}</p>{_table(headers, rows)}{notes}"
+        f"<h2>Trade-offs</h2>{''.join(plots)}{sensitivity}<h2>Analysis</h2>{analysis}</body></html>"
+    )
 
 
 def write_report(report, directory: str | Path) -> tuple[Path, Path]:

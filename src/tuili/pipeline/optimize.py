@@ -15,6 +15,7 @@ from tuili.data.perplexity import Perplexity
 from tuili.distill import DistillConfig, distill
 from tuili.engine.compiled import compile_, uncompile_
 from tuili.engine.fused import cpp_step_applies
+from tuili.kernels.kv_format import check_kv_cache_format
 from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
@@ -30,7 +31,7 @@ from tuili.prune.config import parse_structured
 from tuili.prune.structured import prune_structured_
 from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
 from tuili.quant.api import check_combination, lm_head_plan
-from tuili.quant.kv import check_kv_cache_format, quantize_kv_cache_
+from tuili.quant.kv import quantize_kv_cache_
 from tuili.quant.linear import quantized_layers
 
 
@@ -43,8 +44,13 @@ class StageResult:
     seconds: float = 0.0  # time the stage itself took (0 for the baseline)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "num_bytes": self.num_bytes, "seconds": self.seconds,
-                "quality": self.quality.to_dict(), "speed": self.speed.to_dict()}
+        return {
+            "name": self.name,
+            "num_bytes": self.num_bytes,
+            "seconds": self.seconds,
+            "quality": self.quality.to_dict(),
+            "speed": self.speed.to_dict(),
+        }
 
 
 @dataclass
@@ -59,10 +65,16 @@ class OptimizeReport:
     sensitivity: list[LayerCost] = field(default_factory=list)  # per linear layer, measured on the input model
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "data": self.data, "recipe": self.recipe, "saved_to": self.saved_to,
-                "exports": self.exports, "analysis": self.analysis.to_dict(),
-                "sensitivity": [c.to_dict() for c in self.sensitivity],
-                "stages": [s.to_dict() for s in self.stages]}
+        return {
+            "model": self.model,
+            "data": self.data,
+            "recipe": self.recipe,
+            "saved_to": self.saved_to,
+            "exports": self.exports,
+            "analysis": self.analysis.to_dict(),
+            "sensitivity": [c.to_dict() for c in self.sensitivity],
+            "stages": [s.to_dict() for s in self.stages],
+        }
 
     def stage_table(self) -> tuple[list[str], list[list[str]]]:
         """Headers and rows of the per-stage table, every figure beside the baseline's."""
@@ -71,50 +83,97 @@ class OptimizeReport:
         rows = []
         for s in self.stages:
             ppl, dec, pre = s.quality.perplexity, s.speed.decode_tokens_per_second, s.speed.prefill_tokens_per_second
-            concurrent = [f"{s.speed.throughput[b]:.1f} ({s.speed.throughput[b] / base.speed.throughput[b]:.2f}×)"
-                          for b in base.speed.throughput]
+            concurrent = [
+                f"{s.speed.throughput[b]:.1f} ({s.speed.throughput[b] / base.speed.throughput[b]:.2f}×)"
+                for b in base.speed.throughput
+            ]
             peak = s.speed.peak_memory_bytes
-            rows.append([s.name, human_bytes(s.num_bytes), f"{ppl:.3f}", f"{100 * (ppl / q.perplexity - 1):+.2f}%",
-                         f"{pre:.0f}", f"{dec:.1f}", f"{s.speed.decode_speedup(base.speed):.2f}×",
-                         *concurrent, f"{1000 * s.speed.time_to_first_token:.0f} ms",
-                         human_bytes(peak) if peak else "n/a", f"{s.seconds:.1f} s"])
-        headers = ["stage", "weights", "perplexity", "Δ perplexity", "prefill tok/s", "decode tok/s",
-                   "decode vs baseline", *[f"{b} concurrent, out tok/s" for b in base.speed.throughput],
-                   "time to first token", "peak memory", "stage time"]
+            rows.append(
+                [
+                    s.name,
+                    human_bytes(s.num_bytes),
+                    f"{ppl:.3f}",
+                    f"{100 * (ppl / q.perplexity - 1):+.2f}%",
+                    f"{pre:.0f}",
+                    f"{dec:.1f}",
+                    f"{s.speed.decode_speedup(base.speed):.2f}×",
+                    *concurrent,
+                    f"{1000 * s.speed.time_to_first_token:.0f} ms",
+                    human_bytes(peak) if peak else "n/a",
+                    f"{s.seconds:.1f} s",
+                ]
+            )
+        headers = [
+            "stage",
+            "weights",
+            "perplexity",
+            "Δ perplexity",
+            "prefill tok/s",
+            "decode tok/s",
+            "decode vs baseline",
+            *[f"{b} concurrent, out tok/s" for b in base.speed.throughput],
+            "time to first token",
+            "peak memory",
+            "stage time",
+        ]
         return headers, rows
 
     def measured_on(self) -> str:
         q, speed = self.stages[0].quality, self.stages[0].speed
         paired = any(s.speed.baseline_decode_tokens_per_second for s in self.stages[1:])
-        return (f"Perplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, {q.num_tokens:,} scored); "
-                f"prefill of {speed.prefill_tokens} tokens; decode at batch 1"
-                + (", each stage's against the baseline timed in turns with it." if paired else "."))
+        return (
+            f"Perplexity on {self.data} ({q.num_windows} windows × {q.seq_len} tokens, {q.num_tokens:,} scored); "
+            f"prefill of {speed.prefill_tokens} tokens; decode at batch 1"
+            + (", each stage's against the baseline timed in turns with it." if paired else ".")
+        )
 
     def notes(self) -> list[str]:
         """Where the model was saved and exported."""
         lines = [f"Saved to {self.saved_to}"] if self.saved_to else []
-        return lines + [f"Exported to {e['path']} (its logits within {e['max_abs_diff']:.1e} of tuili's)"
-                        for e in self.exports]
+        return lines + [
+            f"Exported to {e['path']} (its logits within {e['max_abs_diff']:.1e} of tuili's)" for e in self.exports
+        ]
 
     def to_markdown(self) -> str:
         recipe = f"Recipe: {self.recipe}\n\n" if self.recipe else ""
         notes = "".join(f"\n{line}\n" for line in self.notes())
-        return (f"# tuili optimize: {self.model}\n\n{recipe}## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
-                f"## Stages\n\n{self.measured_on()}\n\n{markdown_table(*self.stage_table())}\n{notes}")
+        return (
+            f"# tuili optimize: {self.model}\n\n{recipe}## Analysis\n\n{analysis_markdown(self.analysis)}\n\n"
+            f"## Stages\n\n{self.measured_on()}\n\n{markdown_table(*self.stage_table())}\n{notes}"
+        )
 
 
-def measure(model: Model, name: str, windows, progress: bool, seconds: float = 0.0,
-            batch_sizes: Sequence[int] = (), reference: Model | None = None) -> StageResult:
-    return StageResult(name, analyze(model).num_bytes, perplexity(model.module, windows, progress=progress),
-                       measure_speed(model, batch_sizes=batch_sizes, reference=reference), seconds)
+def measure(
+    model: Model,
+    name: str,
+    windows,
+    progress: bool,
+    seconds: float = 0.0,
+    batch_sizes: Sequence[int] = (),
+    reference: Model | None = None,
+) -> StageResult:
+    return StageResult(
+        name,
+        analyze(model).num_bytes,
+        perplexity(model.module, windows, progress=progress),
+        measure_speed(model, batch_sizes=batch_sizes, reference=reference),
+        seconds,
+    )
 
 
 KV_LABELS = {"bfloat16": "bf16", "int8": "int8"}
 
 
-def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = None, data: str = "builtin",
-                   calib_samples: int = 64, calib_len: int = 512, lm_head: str = "float",
-                   kv_cache: str = "float") -> Callable[[Model], str]:
+def quantize_stage(
+    scheme: str,
+    method: str = "rtn",
+    group_size: int | None = None,
+    data: str = "builtin",
+    calib_samples: int = 64,
+    calib_len: int = 512,
+    lm_head: str = "float",
+    kv_cache: str = "float",
+) -> Callable[[Model], str]:
     """A stage that quantizes the model in place (calibrating on `data`'s calibration split);
     `lm_head`: keep the head float, make it int8 weight-only, or give it the scheme too ("same");
     `kv_cache`: what the engine's KV cache stores, "float" (the model's dtype), "bfloat16" or "int8"."""
@@ -129,8 +188,7 @@ def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = No
     def run(model: Model) -> str:
         calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
         needs_calib = not isinstance(algorithm, METHODS["rtn"]) or isinstance(config, Int8StaticActivation)
-        quantize_(model, config, algorithm, calib=calib if needs_calib else None, ignore=ignore,
-                  overrides=overrides)
+        quantize_(model, config, algorithm, calib=calib if needs_calib else None, ignore=ignore, overrides=overrides)
         quantize_kv_cache_(model, kv_cache)
         detail = f" g{config.group_size}" if getattr(config, "group_size", None) else ""
         head = "" if lm_head == "float" else f", {'int8' if lm_head == 'int8' else scheme} head"
@@ -140,8 +198,9 @@ def quantize_stage(scheme: str, method: str = "rtn", group_size: int | None = No
     return run
 
 
-def prune_stage(spec: str, method: str = "wanda", data: str = "builtin", calib_samples: int = 64,
-                calib_len: int = 512) -> Callable[[Model], str]:
+def prune_stage(
+    spec: str, method: str = "wanda", data: str = "builtin", calib_samples: int = 64, calib_len: int = 512
+) -> Callable[[Model], str]:
     """A stage that prunes the model in place: `spec` is a sparsity ("0.5"), an N:M pattern ("2:4")
     or structured parts ("mlp=0.25,heads=0.34,layers=4")."""
     if method not in PRUNE_METHODS:
@@ -163,12 +222,14 @@ def prune_stage(spec: str, method: str = "wanda", data: str = "builtin", calib_s
     return run
 
 
-def distill_stage(steps: int, teacher: str | None = None, data: str = "builtin", seq_len: int = 256,
-                  **settings) -> Callable[[Model], str]:
+def distill_stage(
+    steps: int, teacher: str | None = None, data: str = "builtin", seq_len: int = 256, **settings
+) -> Callable[[Model], str]:
     """A stage that trains the model in place from a teacher (default: the model as loaded from its
     source, i.e. before this run's pruning) for `steps` steps; `settings` go to `DistillConfig`."""
-    config = DistillConfig(steps=steps, checkpoint_every=0, eval_every=0,
-                           **{"warmup_steps": max(1, steps // 20), **settings})
+    config = DistillConfig(
+        steps=steps, checkpoint_every=0, eval_every=0, **{"warmup_steps": max(1, steps // 20), **settings}
+    )
 
     def run(model: Model) -> str:
         spec = teacher or model.source
@@ -201,13 +262,22 @@ def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"a pruning spec is a sparsity (0.5), a pattern (2:4) or mlp=F,heads=F,layers=N; "
-                         f"got {text!r}") from None
+        raise ValueError(
+            f"a pruning spec is a sparsity (0.5), a pattern (2:4) or mlp=F,heads=F,layers=N; got {text!r}"
+        ) from None
 
 
-def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Model], str]] = (),
-             data: str = "builtin", seq_len: int = 512, max_tokens: int | None = 16384, context_len: int = 2048,
-             progress: bool = True, batch_sizes: Sequence[int] = (), sensitivity: bool = True) -> OptimizeReport:
+def optimize(
+    model: Model,
+    recipe: Recipe | str | Path | Sequence[Callable[[Model], str]] = (),
+    data: str = "builtin",
+    seq_len: int = 512,
+    max_tokens: int | None = 16384,
+    context_len: int = 2048,
+    progress: bool = True,
+    batch_sizes: Sequence[int] = (),
+    sensitivity: bool = True,
+) -> OptimizeReport:
     """Analyze `model`, measure it, then apply and measure each stage in turn.
 
     `recipe`: a Recipe, a recipe file or the name of a shipped one (tuili.pipeline.recipe), or
@@ -238,8 +308,9 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
     for stage in stages:
         start = time.perf_counter()
         stage_name = stage(model)
-        report.stages.append(measure(model, stage_name, windows, progress, time.perf_counter() - start,
-                                     batch_sizes, reference))
+        report.stages.append(
+            measure(model, stage_name, windows, progress, time.perf_counter() - start, batch_sizes, reference)
+        )
     del reference
     if save_to:
         report.saved_to = str(model.save(save_to))
@@ -249,5 +320,12 @@ def optimize(model: Model, recipe: Recipe | str | Path | Sequence[Callable[[Mode
     return report
 
 
-__all__ = ["OptimizeReport", "StageResult", "compile_stage", "distill_stage", "optimize", "prune_stage",
-           "quantize_stage"]
+__all__ = [
+    "OptimizeReport",
+    "StageResult",
+    "compile_stage",
+    "distill_stage",
+    "optimize",
+    "prune_stage",
+    "quantize_stage",
+]

@@ -45,16 +45,42 @@ class _Kind:
     once: bool = True
 
 
-_DISTILL_FIELDS = {"steps": int, "teacher": str, "seq_len": int, "lr": float, "min_lr": float, "warmup_steps": int,
-                   "batch_size": int, "grad_accum": int, "temperature": float, "alpha": float,
-                   "attention_loss": str, "hidden_loss": str, "logits_cache": str, "seed": int}
+_DISTILL_FIELDS = {
+    "steps": int,
+    "teacher": str,
+    "seq_len": int,
+    "lr": float,
+    "min_lr": float,
+    "warmup_steps": int,
+    "batch_size": int,
+    "grad_accum": int,
+    "temperature": float,
+    "alpha": float,
+    "attention_loss": str,
+    "hidden_loss": str,
+    "logits_cache": str,
+    "seed": int,
+}
 KINDS: dict[str, _Kind] = {
     "analyze": _Kind(None, {"context_len": int, "sensitivity": bool}, rank=0),
-    "prune": _Kind("spec", {"spec": str, "method": str, "calib_samples": int, "calib_len": int}, ("spec",),
-                   rank=1, once=False),
+    "prune": _Kind(
+        "spec", {"spec": str, "method": str, "calib_samples": int, "calib_len": int}, ("spec",), rank=1, once=False
+    ),
     "distill": _Kind("steps", _DISTILL_FIELDS, ("steps",), rank=1, once=False),
-    "quantize": _Kind("scheme", {"scheme": str, "method": str, "group_size": int, "lm_head": str,
-                                 "kv_cache": str, "calib_samples": int, "calib_len": int}, ("scheme",), rank=2),
+    "quantize": _Kind(
+        "scheme",
+        {
+            "scheme": str,
+            "method": str,
+            "group_size": int,
+            "lm_head": str,
+            "kv_cache": str,
+            "calib_samples": int,
+            "calib_len": int,
+        },
+        ("scheme",),
+        rank=2,
+    ),
     "compile": _Kind(None, {}, rank=3),  # the engine's decode step as one compiled graph (tuili.engine.compiled)
     "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int, "batch_sizes": list}, rank=4),
     "save": _Kind("path", {"path": str}, ("path",), rank=5),
@@ -83,8 +109,11 @@ class Recipe:
     def transforms(self, data: str = "builtin") -> list[Callable[[Model], str]]:
         """The stages that change the model or how it runs (prune, distill, quantize, compile), as
         `optimize` runs them."""
-        return [_build(stage, data, self.source) for stage in self.stages
-                if stage.kind in ("prune", "distill", "quantize", "compile")]
+        return [
+            _build(stage, data, self.source)
+            for stage in self.stages
+            if stage.kind in ("prune", "distill", "quantize", "compile")
+        ]
 
     @property
     def save_path(self) -> str | None:
@@ -125,8 +154,11 @@ def _build(stage: Stage, data: str, source: str) -> Callable[[Model], str]:
 def _check_value(kind: str, key: str, value: Any, where: str) -> Any:
     expected = KINDS[kind].fields[key]
     if expected is list:  # batch sizes: whole numbers from 1
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        ):
             raise RecipeError(f"{where}: {kind}.{key} must be a list of whole numbers from 1, got {value!r}")
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -150,10 +182,12 @@ def _stage(item: Any, line: int | None, key_lines: dict[str, int], source: str) 
     if isinstance(item, str):
         kind, raw = item, None
     elif isinstance(item, dict) and len(item) == 1:
-        (kind, raw), = item.items()
+        ((kind, raw),) = item.items()
     else:
-        raise RecipeError(f"{where}: a stage is a name (analyze) or one name with its settings "
-                          f"(quantize: {{scheme: w8a16}}), got {item!r}")
+        raise RecipeError(
+            f"{where}: a stage is a name (analyze) or one name with its settings "
+            f"(quantize: {{scheme: w8a16}}), got {item!r}"
+        )
     if kind not in KINDS:
         raise RecipeError(f"{where}: unknown stage {kind!r}; stages are {', '.join(KINDS)}")
     spec = KINDS[kind]
@@ -167,15 +201,18 @@ def _stage(item: Any, line: int | None, key_lines: dict[str, int], source: str) 
         raise RecipeError(f"{where}: {kind} takes settings as a mapping ({', '.join(spec.fields)}), got {raw!r}")
     for key in settings:
         if key not in spec.fields:
-            raise RecipeError(f"{_where(source, key_lines.get(key, line))}: {kind} has no setting {key!r}; "
-                              f"its settings are {', '.join(spec.fields)}")
+            raise RecipeError(
+                f"{_where(source, key_lines.get(key, line))}: {kind} has no setting {key!r}; "
+                f"its settings are {', '.join(spec.fields)}"
+            )
         settings[key] = _check_value(kind, key, settings[key], _where(source, key_lines.get(key, line)))
     missing = [k for k in spec.required if k not in settings]
     if missing:
         raise RecipeError(f"{where}: {kind} needs {', '.join(missing)}")
     if kind == "export" and not settings["path"].endswith((".onnx", ".gguf")):
-        raise RecipeError(f"{where}: export writes ONNX or GGUF: its path must end in .onnx or .gguf, "
-                          f"got {settings['path']!r}")
+        raise RecipeError(
+            f"{where}: export writes ONNX or GGUF: its path must end in .onnx or .gguf, got {settings['path']!r}"
+        )
     return Stage(kind, settings, line)
 
 
@@ -184,15 +221,22 @@ def _check_order(stages: list[Stage], source: str) -> None:
     for i, stage in enumerate(stages):
         where = _where(source, stage.line)
         if KINDS[stage.kind].once and stage.kind in seen:
-            raise RecipeError(f"{where}: a second {stage.kind} stage (the first is at line {seen[stage.kind].line}); "
-                              f"a recipe has at most one")
+            raise RecipeError(
+                f"{where}: a second {stage.kind} stage (the first is at line {seen[stage.kind].line}); "
+                f"a recipe has at most one"
+            )
         seen.setdefault(stage.kind, stage)
         later = next((s for s in stages[:i] if KINDS[s.kind].rank > KINDS[stage.kind].rank), None)
         if later is not None:
-            why = (" (a quantized model has integer weights: prune and distill before quantizing)"
-                   if later.kind == "quantize" else "")
-            raise RecipeError(f"{where}: {stage.kind} cannot come after {later.kind} (line {later.line}){why}; "
-                              f"the order is analyze, prune/distill, quantize, benchmark, save/export")
+            why = (
+                " (a quantized model has integer weights: prune and distill before quantizing)"
+                if later.kind == "quantize"
+                else ""
+            )
+            raise RecipeError(
+                f"{where}: {stage.kind} cannot come after {later.kind} (line {later.line}){why}; "
+                f"the order is analyze, prune/distill, quantize, benchmark, save/export"
+            )
 
 
 def parse_recipe(text: str, source: str = "<recipe>", fmt: str = "yaml") -> Recipe:
@@ -209,15 +253,18 @@ def parse_recipe(text: str, source: str = "<recipe>", fmt: str = "yaml") -> Reci
             document = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            raise RecipeError(f"{_where(source, mark.line + 1 if mark else None)}: not valid YAML: "
-                              f"{getattr(e, 'problem', None) or e}") from None
+            raise RecipeError(
+                f"{_where(source, mark.line + 1 if mark else None)}: not valid YAML: {getattr(e, 'problem', None) or e}"
+            ) from None
         lines = _yaml_stage_lines(root)
     if not isinstance(document, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with 'name' and 'stages'")
     unknown = set(document) - {"name", "description", "stages"}
     if unknown:
-        raise RecipeError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                          "a recipe has name, description and stages")
+        raise RecipeError(
+            f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+            "a recipe has name, description and stages"
+        )
     items = document.get("stages")
     if not isinstance(items, list) or not items:
         raise RecipeError(f"{source}: 'stages' must be a non-empty list of stages ({', '.join(KINDS)})")
@@ -267,8 +314,11 @@ def _toml_stage_lines(text: str, items: Any) -> list[tuple[int, dict[str, int]]]
 def shipped() -> dict[str, Recipe]:
     """The recipes that come with tuili (tuili/recipes/), by name."""
     folder = resources.files("tuili") / "recipes"
-    recipes = [_load_file(Path(str(entry))) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-               if entry.name.endswith((".yaml", ".yml", ".toml"))]
+    recipes = [
+        _load_file(Path(str(entry)))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith((".yaml", ".yml", ".toml"))
+    ]
     return {recipe.name: recipe for recipe in recipes}
 
 
@@ -285,8 +335,9 @@ def load_recipe(recipe: str | Path) -> Recipe:
         return _load_file(path)
     recipes = shipped()
     if str(recipe) not in recipes:
-        raise RecipeError(f"no recipe named {str(recipe)!r}: give a .yaml or .toml file, or one of "
-                          f"{', '.join(recipes)}")
+        raise RecipeError(
+            f"no recipe named {str(recipe)!r}: give a .yaml or .toml file, or one of {', '.join(recipes)}"
+        )
     return recipes[str(recipe)]
 
 

@@ -12,8 +12,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     numeric = [all(_is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
 
     def line(values):
-        return "| " + " | ".join(v.rjust(w) if n else v.ljust(w)
-                                 for v, w, n in zip(values, widths, numeric)) + " |"
+        return "| " + " | ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)) + " |"
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])

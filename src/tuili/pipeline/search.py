@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from tuili.data import calibration_samples, eval_windows, load_text, perplexity
 from tuili.data.perplexity import Perplexity
 from tuili.errors import TuiliError
+from tuili.kernels.kv_format import check_kv_cache_format
 from tuili.models.model import Model
 from tuili.pipeline.analysis import analyze
 from tuili.pipeline.bench import Speed, measure_speed
@@ -35,7 +36,7 @@ from tuili.pipeline.sensitivity import OPTIONS, LayerCost, layer_costs
 from tuili.prune.structured import prune_mlp_
 from tuili.quant import quantize_
 from tuili.quant.config import Int8WeightOnly
-from tuili.quant.kv import check_kv_cache_format, quantize_kv_cache_
+from tuili.quant.kv import quantize_kv_cache_
 from tuili.quant.linear import quantized_layers
 
 MLP_SPARSITIES = (0.0, 0.125, 0.25)  # fractions of MLP neurons tried by default
@@ -72,8 +73,10 @@ def plan(costs: Sequence[LayerCost], budget: float, key: str = "num_bytes") -> d
     choice = {name: 0 for name in hulls}  # index into the hull
     total = sum(getattr(by_name[n], key)[h[0]] for n, h in hulls.items())
     if total > budget:
-        raise SearchError(f"the budget ({_show(budget, key)}) is below the cheapest plan, every layer at its "
-                          f"cheapest format ({_show(total, key)}): raise it")
+        raise SearchError(
+            f"the budget ({_show(budget, key)}) is below the cheapest plan, every layer at its "
+            f"cheapest format ({_show(total, key)}): raise it"
+        )
     heap: list[tuple[float, str]] = []
 
     def push(name: str) -> None:
@@ -142,41 +145,72 @@ class SearchResult:
         return self.result.speed.decode_tokens_per_second / self.baseline.speed.decode_tokens_per_second
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget, "baseline": self.baseline.to_dict(), "result": self.result.to_dict(),
-                "choice": self.choice, "predicted_delta": self.predicted_delta, "met": self.met,
-                "attempts": self.attempts, "seconds": self.seconds, "mlp_sparsity": self.mlp_sparsity,
-                "candidates": self.candidates}
+        return {
+            "budget": self.budget,
+            "baseline": self.baseline.to_dict(),
+            "result": self.result.to_dict(),
+            "choice": self.choice,
+            "predicted_delta": self.predicted_delta,
+            "met": self.met,
+            "attempts": self.attempts,
+            "seconds": self.seconds,
+            "mlp_sparsity": self.mlp_sparsity,
+            "candidates": self.candidates,
+        }
 
     def to_markdown(self) -> str:
         b, r = self.baseline, self.result
-        rows = [[name, human_bytes(m.num_bytes), f"{m.quality.perplexity:.3f}",
-                 f"{100 * (m.quality.perplexity / b.quality.perplexity - 1):+.2f}%",
-                 f"{m.speed.decode_tokens_per_second:.1f}",
-                 f"{m.speed.decode_tokens_per_second / b.speed.decode_tokens_per_second:.2f}×"]
-                for name, m in (("baseline", b), ("searched plan", r))]
+        rows = [
+            [
+                name,
+                human_bytes(m.num_bytes),
+                f"{m.quality.perplexity:.3f}",
+                f"{100 * (m.quality.perplexity / b.quality.perplexity - 1):+.2f}%",
+                f"{m.speed.decode_tokens_per_second:.1f}",
+                f"{m.speed.decode_tokens_per_second / b.speed.decode_tokens_per_second:.2f}×",
+            ]
+            for name, m in (("baseline", b), ("searched plan", r))
+        ]
         table = markdown_table(["model", "weights", "perplexity", "Δ perplexity", "decode tok/s", "speed-up"], rows)
         kinds: dict[str, Counter] = {}
         for name, option in self.choice.items():
             kinds.setdefault(name.rsplit(".", 1)[-1], Counter())[option] += 1
         options = list(OPTIONS)
-        plan_table = markdown_table(["layer kind", *options],
-                                    [[k, *(str(c[o]) for o in options)] for k, c in kinds.items()])
-        asked = {"max_bytes": lambda v: f"weights ≤ {human_bytes(v)} (measured {human_bytes(r.num_bytes)})",
-                 "min_speedup": lambda v: f"decode ≥ {v:.2f}× the baseline (measured {self.speedup:.2f}×)",
-                 "max_ppl_increase": lambda v: f"perplexity ≤ +{v:.2f}% (measured {self.ppl_increase:+.2f}%)"}
-        budgets = "\n".join(f"- {asked[k](v)}: **{'met' if self.met[k] else 'NOT met'}**"
-                            for k, v in self.budget.items() if v is not None)
-        tries = "".join(f"\n- attempt {i + 1}: {a['mlp_sparsity']:.1%} of MLP neurons removed, budget {a['budget']}, "
-                        f"measured {a['measured']}" for i, a in enumerate(self.attempts))
-        pruned = (f"MLP neurons removed first: {self.mlp_sparsity:.1%} of every layer's (structured).\n\n"
-                  if self.mlp_sparsity else "")
+        plan_table = markdown_table(
+            ["layer kind", *options], [[k, *(str(c[o]) for o in options)] for k, c in kinds.items()]
+        )
+        asked = {
+            "max_bytes": lambda v: f"weights ≤ {human_bytes(v)} (measured {human_bytes(r.num_bytes)})",
+            "min_speedup": lambda v: f"decode ≥ {v:.2f}× the baseline (measured {self.speedup:.2f}×)",
+            "max_ppl_increase": lambda v: f"perplexity ≤ +{v:.2f}% (measured {self.ppl_increase:+.2f}%)",
+        }
+        budgets = "\n".join(
+            f"- {asked[k](v)}: **{'met' if self.met[k] else 'NOT met'}**"
+            for k, v in self.budget.items()
+            if v is not None
+        )
+        tries = "".join(
+            f"\n- attempt {i + 1}: {a['mlp_sparsity']:.1%} of MLP neurons removed, budget {a['budget']}, "
+            f"measured {a['measured']}"
+            for i, a in enumerate(self.attempts)
+        )
+        pruned = (
+            f"MLP neurons removed first: {self.mlp_sparsity:.1%} of every layer's (structured).\n\n"
+            if self.mlp_sparsity
+            else ""
+        )
         tried = ""
         if len(self.candidates) > 1:
-            tried = ("Sparsities tried (each with its own plan, measured):\n\n"
-                     + markdown_table(CANDIDATE_HEADERS, [candidate_row(c) for c in self.candidates]) + "\n\n")
-        return (f"# tuili search\n\n{budgets}\n\n{table}\n\n{pruned}Layers per format:\n\n{plan_table}\n\n"
-                f"{tried}Predicted loss increase of the plan's formats (Fisher): {self.predicted_delta:.2e} "
-                f"nats/token. Search took {self.seconds:.0f} s.\n\nAttempts:{tries}\n")
+            tried = (
+                "Sparsities tried (each with its own plan, measured):\n\n"
+                + markdown_table(CANDIDATE_HEADERS, [candidate_row(c) for c in self.candidates])
+                + "\n\n"
+            )
+        return (
+            f"# tuili search\n\n{budgets}\n\n{table}\n\n{pruned}Layers per format:\n\n{plan_table}\n\n"
+            f"{tried}Predicted loss increase of the plan's formats (Fisher): {self.predicted_delta:.2e} "
+            f"nats/token. Search took {self.seconds:.0f} s.\n\nAttempts:{tries}\n"
+        )
 
 
 CANDIDATE_HEADERS = ["MLP neurons removed", "weights", "perplexity", "Δ perplexity", "speed-up", "budget met"]
@@ -186,20 +220,29 @@ def candidate_row(candidate: dict) -> list[str]:
     """One sparsity the search tried (`SearchResult.candidates`), as a row under CANDIDATE_HEADERS."""
     c = candidate
     if "perplexity" not in c:  # no plan at this sparsity
-        why = (f"its smallest plan weighs {human_bytes(c['smallest_bytes'])}" if c.get("smallest_bytes") is not None
-               else c["skipped"])
+        why = (
+            f"its smallest plan weighs {human_bytes(c['smallest_bytes'])}"
+            if c.get("smallest_bytes") is not None
+            else c["skipped"]
+        )
         return [f"{c['mlp_sparsity']:.1%}", "", "", "", "", f"no: {why}"]
-    return [f"{c['mlp_sparsity']:.1%}", human_bytes(c["num_bytes"]), f"{c['perplexity']:.3f}",
-            f"{c['ppl_increase']:+.2f}%", f"{c['speedup']:.2f}×", "yes" if c["met"] else "no"]
+    return [
+        f"{c['mlp_sparsity']:.1%}",
+        human_bytes(c["num_bytes"]),
+        f"{c['perplexity']:.3f}",
+        f"{c['ppl_increase']:+.2f}%",
+        f"{c['speedup']:.2f}×",
+        "yes" if c["met"] else "no",
+    ]
 
 
 def _measure(model: Model, windows) -> Measured:
-    return Measured(analyze(model).num_bytes, perplexity(model.module, windows, progress=False),
-                    measure_speed(model))
+    return Measured(analyze(model).num_bytes, perplexity(model.module, windows, progress=False), measure_speed(model))
 
 
-def _time_budget(model: Model, costs: Sequence[LayerCost], float_speed: float, baseline_speed: float,
-                 min_speedup: float) -> float:
+def _time_budget(
+    model: Model, costs: Sequence[LayerCost], float_speed: float, baseline_speed: float, min_speedup: float
+) -> float:
     """The layers' time budget (their timed seconds) for decoding `min_speedup` times faster than the
     baseline. A step takes r + k · Σ t: the layers' times as timed alone, scaled by k (caches, the
     engine's activations), plus the rest r (attention, norms, Python). Two measured points fix k and
@@ -210,8 +253,10 @@ def _time_budget(model: Model, costs: Sequence[LayerCost], float_speed: float, b
     speed = measure_speed(apply_plan(copy.deepcopy(model), fastest)).decode_tokens_per_second
     best = speed / baseline_speed
     if best < min_speedup:
-        raise SearchError(f"the fastest plan (every layer at its quickest format) decodes {best:.2f}× the float "
-                          f"model, measured, below the {min_speedup:.2f}× asked: ask for at most that")
+        raise SearchError(
+            f"the fastest plan (every layer at its quickest format) decodes {best:.2f}× the float "
+            f"model, measured, below the {min_speedup:.2f}× asked: ask for at most that"
+        )
     step_float, step_fast = 1 / float_speed, 1 / speed
     t_float = sum(c.seconds["float"] for c in costs)
     t_fast = sum(c.seconds[fastest[c.name]] for c in costs)
@@ -220,10 +265,21 @@ def _time_budget(model: Model, costs: Sequence[LayerCost], float_speed: float, b
     return (1 / (baseline_speed * min_speedup) - rest) / k
 
 
-def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | None = None,
-           max_ppl_increase: float | None = None, mlp_sparsity: Sequence[float] = MLP_SPARSITIES,
-           kv_cache: str = "float", data: str = "builtin", seq_len: int = 512, max_tokens: int | None = 16384,
-           calib_samples: int = 8, calib_len: int = 256, attempts: int = 3) -> tuple[Model, SearchResult]:
+def search(
+    model: Model,
+    *,
+    max_bytes: int | None = None,
+    min_speedup: float | None = None,
+    max_ppl_increase: float | None = None,
+    mlp_sparsity: Sequence[float] = MLP_SPARSITIES,
+    kv_cache: str = "float",
+    data: str = "builtin",
+    seq_len: int = 512,
+    max_tokens: int | None = 16384,
+    calib_samples: int = 8,
+    calib_len: int = 256,
+    attempts: int = 3,
+) -> tuple[Model, SearchResult]:
     """Choose per-layer formats (and a fraction of MLP neurons to remove) for `model` (float) to
     meet the budget, apply them and measure.
 
@@ -255,43 +311,73 @@ def search(model: Model, *, max_bytes: int | None = None, min_speedup: float | N
     found, candidates, last_error = [], [], None
     for fraction in levels:
         try:
-            outcome = _search_at(model, fraction, kv_cache, baseline, windows, calib, max_bytes, min_speedup,
-                                 attempts)
+            outcome = _search_at(model, fraction, kv_cache, baseline, windows, calib, max_bytes, min_speedup, attempts)
         except SearchError as e:  # this sparsity cannot meet the budget: another may
             last_error = e
-            candidates.append({"mlp_sparsity": fraction, "skipped": str(e),
-                               "smallest_bytes": getattr(e, "smallest_bytes", None)})
+            candidates.append(
+                {"mlp_sparsity": fraction, "skipped": str(e), "smallest_bytes": getattr(e, "smallest_bytes", None)}
+            )
             continue
         compressed, measured, choice, costs, tries = outcome
         speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
         met = measured.num_bytes <= max_bytes if max_bytes is not None else speedup >= min_speedup
-        candidates.append({"mlp_sparsity": fraction, "num_bytes": measured.num_bytes, "attempts": tries,
-                           "perplexity": measured.quality.perplexity, "speedup": speedup, "met": met,
-                           "ppl_increase": 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1)})
+        candidates.append(
+            {
+                "mlp_sparsity": fraction,
+                "num_bytes": measured.num_bytes,
+                "attempts": tries,
+                "perplexity": measured.quality.perplexity,
+                "speedup": speedup,
+                "met": met,
+                "ppl_increase": 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1),
+            }
+        )
         found.append((not met, measured.quality.perplexity, fraction, outcome))
     if not found:
         if len(candidates) == 1:
             raise last_error
-        raise SearchError("no plan meets the budget: " + "; ".join(c["skipped"] for c in candidates)
-                          + " (raise the budget, or try larger --mlp-sparsity)")
+        raise SearchError(
+            "no plan meets the budget: "
+            + "; ".join(c["skipped"] for c in candidates)
+            + " (raise the budget, or try larger --mlp-sparsity)"
+        )
     # the plans that meet the budget first, then the lowest measured perplexity, then the less pruned
     _, _, fraction, (compressed, measured, choice, costs, _) = min(found, key=lambda f: f[:3])
     tries = [t for c in candidates for t in c.pop("attempts", [])]
     speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
     ppl_up = 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1)
-    met = {"max_bytes": max_bytes is not None and measured.num_bytes <= max_bytes,
-           "min_speedup": min_speedup is not None and speedup >= min_speedup,
-           "max_ppl_increase": max_ppl_increase is not None and ppl_up <= max_ppl_increase}
+    met = {
+        "max_bytes": max_bytes is not None and measured.num_bytes <= max_bytes,
+        "min_speedup": min_speedup is not None and speedup >= min_speedup,
+        "max_ppl_increase": max_ppl_increase is not None and ppl_up <= max_ppl_increase,
+    }
     asked = {"max_bytes": max_bytes, "min_speedup": min_speedup, "max_ppl_increase": max_ppl_increase}
-    result = SearchResult(asked, baseline, measured, choice,
-                          sum(c.delta[choice[c.name]] for c in costs), {k: met[k] for k, v in asked.items()
-                                                                         if v is not None},
-                          tries, time.perf_counter() - start, fraction, candidates)
+    result = SearchResult(
+        asked,
+        baseline,
+        measured,
+        choice,
+        sum(c.delta[choice[c.name]] for c in costs),
+        {k: met[k] for k, v in asked.items() if v is not None},
+        tries,
+        time.perf_counter() - start,
+        fraction,
+        candidates,
+    )
     return compressed, result
 
 
-def _search_at(model: Model, fraction: float, kv_cache: str, baseline: Measured, windows, calib,
-               max_bytes: int | None, min_speedup: float | None, attempts: int) -> tuple:
+def _search_at(
+    model: Model,
+    fraction: float,
+    kv_cache: str,
+    baseline: Measured,
+    windows,
+    calib,
+    max_bytes: int | None,
+    min_speedup: float | None,
+    attempts: int,
+) -> tuple:
     """Plan, apply and measure with `fraction` of every MLP's neurons removed first and the KV cache
     in `kv_cache`: (compressed model, its measurement, the plan, the layers' costs, the attempts)."""
     work = copy.deepcopy(model)  # the caller's model stays as it was
@@ -306,9 +392,11 @@ def _search_at(model: Model, fraction: float, kv_cache: str, baseline: Measured,
         budget = max_bytes - fixed_bytes
         smallest = fixed_bytes + sum(min(c.num_bytes.values()) for c in costs)
         if smallest > max_bytes:
-            error = SearchError(f"with {fraction:.1%} of MLP neurons removed the smallest plan (every layer at "
-                                f"its cheapest format, and {human_bytes(fixed_bytes)} of embeddings and norms) "
-                                f"weighs {human_bytes(smallest)}, over the {human_bytes(max_bytes)} asked")
+            error = SearchError(
+                f"with {fraction:.1%} of MLP neurons removed the smallest plan (every layer at "
+                f"its cheapest format, and {human_bytes(fixed_bytes)} of embeddings and norms) "
+                f"weighs {human_bytes(smallest)}, over the {human_bytes(max_bytes)} asked"
+            )
             error.smallest_bytes = smallest
             raise error
     else:
@@ -321,13 +409,26 @@ def _search_at(model: Model, fraction: float, kv_cache: str, baseline: Measured,
         compressed = apply_plan(copy.deepcopy(work), choice)
         measured = _measure(compressed, windows)
         speedup = measured.speed.decode_tokens_per_second / baseline_speed
-        tries.append({"mlp_sparsity": fraction,
-                      "budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
-                      "measured": f"{human_bytes(measured.num_bytes)}, {speedup:.2f}×"})
+        tries.append(
+            {
+                "mlp_sparsity": fraction,
+                "budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
+                "measured": f"{human_bytes(measured.num_bytes)}, {speedup:.2f}×",
+            }
+        )
         if max_bytes is not None or speedup >= min_speedup:
             break
         budget *= speedup / min_speedup  # the measured shortfall, applied to the layers' time budget
     return compressed, measured, choice, costs, tries
 
 
-__all__ = ["CANDIDATE_HEADERS", "MLP_SPARSITIES", "SearchError", "SearchResult", "apply_plan", "candidate_row", "plan", "search"]
+__all__ = [
+    "CANDIDATE_HEADERS",
+    "MLP_SPARSITIES",
+    "SearchError",
+    "SearchResult",
+    "apply_plan",
+    "candidate_row",
+    "plan",
+    "search",
+]

@@ -32,7 +32,11 @@ from tuili.quant.linear import bf16_is_fast, compute_dtype
 
 # the formats a layer may take: float (kept), int8 per channel, int4 in groups of 32 or 128
 OPTIONS: dict[str, QuantScheme | None] = {
-    "float": None, "int8": Int8WeightOnly(), "int4-g32": Int4WeightOnly(32), "int4-g128": Int4WeightOnly(128)}
+    "float": None,
+    "int8": Int8WeightOnly(),
+    "int4-g32": Int4WeightOnly(32),
+    "int4-g128": Int4WeightOnly(128),
+}
 HEAD_OPTIONS = ("float", "int8")  # the head decides every token: 4-bit heads cost far more quality
 
 
@@ -102,8 +106,9 @@ def _seconds_per_call(layer: nn.Module, in_features: int, stream_bytes: int = 64
     return best
 
 
-def layer_costs(model: Model, samples: Tensor, options: dict[str, QuantScheme | None] = OPTIONS,
-                time_layers: bool = True) -> list[LayerCost]:
+def layer_costs(
+    model: Model, samples: Tensor, options: dict[str, QuantScheme | None] = OPTIONS, time_layers: bool = True
+) -> list[LayerCost]:
     """Every quantizable linear layer (the head included) with each option's predicted loss
     increase, bytes and batch-1 seconds. The model is left as it was."""
     module = model.module

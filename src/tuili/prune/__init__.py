@@ -7,5 +7,15 @@ from tuili.prune.masks import attach_mask, reapply_masks, restore_masks
 from tuili.prune.report import SparsityReport, sparsity_report
 from tuili.prune.sparsegpt import sparsegpt
 
-__all__ = ["METHODS", "SemiStructured", "SparsityReport", "Unstructured", "attach_mask", "prune_", "reapply_masks",
-           "restore_masks", "sparsegpt", "sparsity_report"]
+__all__ = [
+    "METHODS",
+    "SemiStructured",
+    "SparsityReport",
+    "Unstructured",
+    "attach_mask",
+    "prune_",
+    "reapply_masks",
+    "restore_masks",
+    "sparsegpt",
+    "sparsity_report",
+]

@@ -25,9 +25,16 @@ METHODS = ("magnitude", "taylor", "wanda", "sparsegpt")
 CALIBRATED = ("taylor", "wanda", "sparsegpt")
 
 
-def prune_(model: Model | nn.Module, target: Target, method: str = "magnitude", *, calib: Tensor | None = None,
-           targets: Sequence[str] | None = None, ignore: Sequence[str] = DEFAULT_IGNORE,
-           progress: bool = True) -> dict[str, Tensor]:
+def prune_(
+    model: Model | nn.Module,
+    target: Target,
+    method: str = "magnitude",
+    *,
+    calib: Tensor | None = None,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    progress: bool = True,
+) -> dict[str, Tensor]:
     """Prune the model's linear layers in place to `target`; returns each layer's mask (True = kept).
 
     calib: (N, T) token ids, needed by taylor, wanda and sparsegpt. The masks stay with the
@@ -38,8 +45,10 @@ def prune_(model: Model | nn.Module, target: Target, method: str = "magnitude", 
     if method in CALIBRATED and calib is None:
         raise ValueError(f"{method} needs calibration token ids (calib=...): e.g. tuili.data.calibration_samples")
     if isinstance(target, Unstructured) and target.scope == "global" and method == "sparsegpt":
-        raise ValueError("sparsegpt prunes layer by layer with its own update: use scope='layer' (or wanda/magnitude "
-                         "for a global threshold)")
+        raise ValueError(
+            "sparsegpt prunes layer by layer with its own update: use scope='layer' (or wanda/magnitude "
+            "for a global threshold)"
+        )
     module = model.module if isinstance(model, Model) else model
     linears = select_linears(module, targets, ignore)
     if not linears:
@@ -47,15 +56,17 @@ def prune_(model: Model | nn.Module, target: Target, method: str = "magnitude", 
     if method in ("wanda", "sparsegpt"):
         masks = _sequential(require_tuili_model(module, method), linears, target, method, calib, progress)
     else:
-        scores = ({n: magnitude(m.weight) for n, m in linears.items()} if method == "magnitude"
-                  else taylor(module, linears, calib, progress=progress))
+        scores = (
+            {n: magnitude(m.weight) for n, m in linears.items()}
+            if method == "magnitude"
+            else taylor(module, linears, calib, progress=progress)
+        )
         masks = _masks(scores, target, per_row=False)
         for name, mask in masks.items():
             attach_mask(linears[name], mask)
     if isinstance(model, Model):
         structure = f"{target.n}:{target.m}" if isinstance(target, SemiStructured) else "unstructured"
-        model.record("pruned", method=method, target=_describe(target), sparsity_structure=structure,
-                     layers=len(masks))
+        model.record("pruned", method=method, target=_describe(target), sparsity_structure=structure, layers=len(masks))
     return masks
 
 
@@ -67,22 +78,25 @@ def _masks(scores: dict[str, Tensor], target: Target, per_row: bool) -> dict[str
     return {n: unstructured_mask(s, target.sparsity, per_row) for n, s in scores.items()}
 
 
-def _sequential(module, linears: dict[str, nn.Linear], target: Target, method: str, calib: Tensor,
-                progress: bool) -> dict[str, Tensor]:
+def _sequential(
+    module, linears: dict[str, nn.Linear], target: Target, method: str, calib: Tensor, progress: bool
+) -> dict[str, Tensor]:
     outside = sorted(n for n in linears if not n.startswith("model.layers."))
     if outside:
-        raise ValueError(f"{method} calibrates decoder layers only; these targets are outside them: "
-                         f"{', '.join(outside)} (prune them with magnitude, or ignore them)")
+        raise ValueError(
+            f"{method} calibrates decoder layers only; these targets are outside them: "
+            f"{', '.join(outside)} (prune them with magnitude, or ignore them)"
+        )
     runner = LayerRunner(module, calib)
     masks: dict[str, Tensor] = {}
     global_scores: dict[str, Tensor] = {}
     for i, layer in runner.layers(method, progress):
         prefix = f"model.layers.{i}."
-        local = {name[len(prefix):]: m for name, m in linears.items() if name.startswith(prefix)}
+        local = {name[len(prefix) :]: m for name, m in linears.items() if name.startswith(prefix)}
         if not local:
             continue
         stats = {n: (Hessian if method == "sparsegpt" else InputNorms)(m.in_features) for n, m in local.items()}
-        with input_hooks(local, lambda name, x: stats[name].add(x)):
+        with input_hooks(local, lambda name, x, stats=stats: stats[name].add(x)):
             runner.run(layer)
         for name, m in local.items():
             if method == "sparsegpt":

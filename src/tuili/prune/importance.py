@@ -38,8 +38,9 @@ def wanda(w: Tensor, input_norms: Tensor) -> Tensor:
     return w.detach().abs().float() * input_norms.to(w.device)[None, :]
 
 
-def taylor(module: nn.Module, linears: dict[str, nn.Linear], calib: Tensor, batch_size: int = 2,
-           progress: bool = True) -> dict[str, Tensor]:
+def taylor(
+    module: nn.Module, linears: dict[str, nn.Linear], calib: Tensor, batch_size: int = 2, progress: bool = True
+) -> dict[str, Tensor]:
     """|W ⊙ ∂L/∂W| summed over calibration batches, L the next-token cross-entropy, for each linear."""
     scores = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in linears.items()}
     flags = {name: m.weight.requires_grad for name, m in linears.items()}
@@ -51,7 +52,7 @@ def taylor(module: nn.Module, linears: dict[str, nn.Linear], calib: Tensor, batc
     try:
         batches = range(0, calib.shape[0], batch_size)
         for start in tqdm(batches, desc="taylor scores", unit="batch", disable=not progress, leave=False):
-            ids = calib[start:start + batch_size].to(module.device)
+            ids = calib[start : start + batch_size].to(module.device)
             logits = module(ids).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
             grads = torch.autograd.grad(loss, [m.weight for m in linears.values()])

@@ -30,8 +30,9 @@ class Stage:
     loss: float | None  # the last recovery batch's loss
 
 
-def recover_(model: Model, tokens: Tensor, steps: int, lr: float = 1e-5, batch_size: int = 4,
-             progress: bool = True) -> float:
+def recover_(
+    model: Model, tokens: Tensor, steps: int, lr: float = 1e-5, batch_size: int = 4, progress: bool = True
+) -> float:
     """Fine-tune on (N, T) token windows for `steps` AdamW steps (next-token loss); returns the last loss."""
     module = model.module
     module.train()
@@ -54,9 +55,19 @@ def recover_(model: Model, tokens: Tensor, steps: int, lr: float = 1e-5, batch_s
     return loss_value
 
 
-def iterative_prune_(model: Model, target: Target, method: str, stages: int, *, calib: Tensor | None = None,
-                     train: Tensor | None = None, steps: int = 20, lr: float = 1e-5,
-                     eval_windows: Tensor | None = None, progress: bool = True) -> list[Stage]:
+def iterative_prune_(
+    model: Model,
+    target: Target,
+    method: str,
+    stages: int,
+    *,
+    calib: Tensor | None = None,
+    train: Tensor | None = None,
+    steps: int = 20,
+    lr: float = 1e-5,
+    eval_windows: Tensor | None = None,
+    progress: bool = True,
+) -> list[Stage]:
     """Prune to `target` in `stages` rising steps with recovery fine-tuning between them (on `train`
     windows, `steps` steps each); logs each stage's sparsity and, with `eval_windows`, perplexity."""
     if stages < 1:
@@ -68,14 +79,17 @@ def iterative_prune_(model: Model, target: Target, method: str, stages: int, *, 
         stage_target = dataclasses.replace(target, sparsity=target.sparsity * k / stages)
         masks = prune_(model, stage_target, method, calib=calib, progress=progress)
         loss = recover_(model, train, steps, lr, progress=progress) if train is not None and steps > 0 else None
-        ppl = (perplexity(model.module, eval_windows, progress=progress).perplexity
-               if eval_windows is not None else None)
+        ppl = perplexity(model.module, eval_windows, progress=progress).perplexity if eval_windows is not None else None
         report = sparsity_report(model.module)
         targeted = [layer for layer in report.layers if layer.name in masks]
         sparsity = sum(layer.zeros for layer in targeted) / sum(layer.params for layer in targeted)
         log.append(Stage(sparsity, ppl, loss))
         if progress:
-            print(f"stage {k}/{stages}: sparsity {sparsity:.1%}"
-                  + (f", perplexity {ppl:.3f}" if ppl is not None else "")
-                  + (f", recovery loss {loss:.3f}" if loss is not None else ""), file=sys.stderr, flush=True)
+            print(
+                f"stage {k}/{stages}: sparsity {sparsity:.1%}"
+                + (f", perplexity {ppl:.3f}" if ppl is not None else "")
+                + (f", recovery loss {loss:.3f}" if loss is not None else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     return log

@@ -54,7 +54,7 @@ def global_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor
     keep = keep_top(flat, total - round(sparsity * total))
     masks, start = {}, 0
     for name, s in scores.items():
-        masks[name] = keep[start:start + s.numel()].view_as(s)
+        masks[name] = keep[start : start + s.numel()].view_as(s)
         start += s.numel()
     return masks
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from torch import nn
 
 
-
 @dataclass
 class LayerSparsity:
     name: str
@@ -37,9 +36,15 @@ class SparsityReport:
         return self.zeros / self.params if self.params else 0.0
 
     def to_dict(self) -> dict:
-        return {"params": self.params, "zeros": self.zeros, "sparsity": self.sparsity,
-                "layers": [{"name": layer.name, "params": layer.params, "zeros": layer.zeros,
-                            "sparsity": layer.sparsity} for layer in self.layers]}
+        return {
+            "params": self.params,
+            "zeros": self.zeros,
+            "sparsity": self.sparsity,
+            "layers": [
+                {"name": layer.name, "params": layer.params, "zeros": layer.zeros, "sparsity": layer.sparsity}
+                for layer in self.layers
+            ],
+        }
 
 
 def sparsity_report(module: nn.Module) -> SparsityReport:

@@ -17,8 +17,9 @@ from tuili.prune.masks import keep_top, nm_mask
 from tuili.quant.gptq import dead_inputs_zeroed, inverse_hessian_factor
 
 
-def sparsegpt(w: Tensor, hessian: Tensor, target: Target, damp: float = 0.01,
-              block_size: int = 128) -> tuple[Tensor, Tensor]:
+def sparsegpt(
+    w: Tensor, hessian: Tensor, target: Target, damp: float = 0.01, block_size: int = 128
+) -> tuple[Tensor, Tensor]:
     """The pruned, updated weight (float, zeros where pruned) and its mask (True = kept)."""
     rows, cols = w.shape
     W, H = dead_inputs_zeroed(w, hessian)
@@ -32,7 +33,7 @@ def sparsegpt(w: Tensor, hessian: Tensor, target: Target, damp: float = 0.01,
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, U1, Err1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(rows, i2 - i1)
-        saliency = W1 ** 2 / torch.diag(U1)[None, :] ** 2
+        saliency = W1**2 / torch.diag(U1)[None, :] ** 2
         if nm is None:  # blocks' counts add up to exactly round(sparsity × rows × cols) removed
             removed = round(target.sparsity * rows * i2) - round(target.sparsity * rows * i1)
             keep1 = keep_top(saliency, saliency.numel() - removed)

@@ -67,18 +67,20 @@ def _shrunk(linear: nn.Linear, rows: Tensor | None = None, cols: Tensor | None =
 
 
 @torch.no_grad()
-def _input_norms(module: LlamaForCausalLM, linears: list[nn.Linear], calib: Tensor,
-                 batch_size: int = 4) -> list[Tensor]:
+def _input_norms(
+    module: LlamaForCausalLM, linears: list[nn.Linear], calib: Tensor, batch_size: int = 4
+) -> list[Tensor]:
     """‖x_j‖₂ over calibration tokens of each linear's input columns (one pass of the whole model)."""
     stats = [InputNorms(m.in_features) for m in linears]
     with input_hooks({str(i): m for i, m in enumerate(linears)}, lambda name, x: stats[int(name)].add(x)):
         for start in range(0, calib.shape[0], batch_size):
-            module(calib[start:start + batch_size].to(module.device))
+            module(calib[start : start + batch_size].to(module.device))
     return [s.value() for s in stats]
 
 
-def _scored_module(model: Model, importance: str, choices: tuple[str, ...], what: str,
-                   calib: Tensor | None) -> LlamaForCausalLM:
+def _scored_module(
+    model: Model, importance: str, choices: tuple[str, ...], what: str, calib: Tensor | None
+) -> LlamaForCausalLM:
     """The model's module, once the importance is known and has the calibration it needs."""
     if importance not in choices:
         raise ValueError(f"unknown {what} importance {importance!r}: choose one of {', '.join(choices)}")
@@ -97,12 +99,17 @@ def neuron_scores(model: Model, importance: str = "activation", calib: Tensor | 
     if importance == "taylor":
         linears = {f"{i}.{p}": getattr(m, p) for i, m in enumerate(mlps) for p in ("gate_proj", "up_proj", "down_proj")}
         t = taylor(module, linears, calib, progress=False)
-        return [(t[f"{i}.gate_proj"].sum(1) + t[f"{i}.up_proj"].sum(1) + t[f"{i}.down_proj"].sum(0)).cpu()
-                for i in range(len(mlps))]
+        return [
+            (t[f"{i}.gate_proj"].sum(1) + t[f"{i}.up_proj"].sum(1) + t[f"{i}.down_proj"].sum(0)).cpu()
+            for i in range(len(mlps))
+        ]
     p = 1 if importance == "l1" else 2
-    return [(m.gate_proj.weight.detach().float().abs() ** p).sum(1).cpu()
-            + (m.up_proj.weight.detach().float().abs() ** p).sum(1).cpu()
-            + (m.down_proj.weight.detach().float().abs() ** p).sum(0).cpu() for m in mlps]
+    return [
+        (m.gate_proj.weight.detach().float().abs() ** p).sum(1).cpu()
+        + (m.up_proj.weight.detach().float().abs() ** p).sum(1).cpu()
+        + (m.down_proj.weight.detach().float().abs() ** p).sum(0).cpu()
+        for m in mlps
+    ]
 
 
 def prune_mlp_(model: Model, fraction: float, importance: str = "activation", calib: Tensor | None = None) -> int:
@@ -133,12 +140,19 @@ def head_scores(model: Model, importance: str = "activation", calib: Tensor | No
     if importance == "activation":
         norms = _input_norms(module, [a.o_proj for a in attns], calib)
         return [n.reshape(heads, d).norm(dim=1) * o for n, o in zip(norms, o_norms)]
-    return [a.q_proj.weight.detach().float().reshape(heads, d, -1).pow(2).sum((1, 2)).cpu() + o ** 2
-            for a, o in zip(attns, o_norms)]
+    return [
+        a.q_proj.weight.detach().float().reshape(heads, d, -1).pow(2).sum((1, 2)).cpu() + o**2
+        for a, o in zip(attns, o_norms)
+    ]
 
 
-def prune_heads_(model: Model, fraction: float, importance: str = "activation", calib: Tensor | None = None,
-                 whole_groups: bool = False) -> tuple[int, int]:
+def prune_heads_(
+    model: Model,
+    fraction: float,
+    importance: str = "activation",
+    calib: Tensor | None = None,
+    whole_groups: bool = False,
+) -> tuple[int, int]:
     """Remove about `fraction` of the attention heads of every layer: round(fraction × group size)
     query heads from each KV group, or (whole_groups) round(fraction × KV heads) KV groups with
     their query heads. Returns the new (query heads, KV heads)."""
@@ -148,11 +162,15 @@ def prune_heads_(model: Model, fraction: float, importance: str = "activation", 
     group = heads // kv
     drop = round(fraction * (kv if whole_groups else group))
     if drop < 1:
-        raise ValueError(f"{fraction:.0%} of {'KV groups' if whole_groups else 'each group'} "
-                         f"({kv if whole_groups else group}) rounds to no head: ask for more")
+        raise ValueError(
+            f"{fraction:.0%} of {'KV groups' if whole_groups else 'each group'} "
+            f"({kv if whole_groups else group}) rounds to no head: ask for more"
+        )
     if drop >= (kv if whole_groups else group):
-        raise ValueError(f"removing {drop} of {kv if whole_groups else group} "
-                         f"{'KV groups' if whole_groups else 'heads per group'} leaves none")
+        raise ValueError(
+            f"removing {drop} of {kv if whole_groups else group} "
+            f"{'KV groups' if whole_groups else 'heads per group'} leaves none"
+        )
     scores = head_scores(model, importance, calib)
     kept_per_layer = []
     for layer, s in zip(model.module.model.layers, scores):
@@ -174,8 +192,16 @@ def prune_heads_(model: Model, fraction: float, importance: str = "activation", 
         kept_per_layer.append(kept_heads.tolist())
     new_heads, new_kv = len(kept_heads), len(kept_groups)
     _set_config(model, num_attention_heads=new_heads, num_key_value_heads=new_kv)
-    model.record("pruned", structure="heads", importance=importance, fraction=fraction, whole_groups=whole_groups,
-                 num_attention_heads=new_heads, num_key_value_heads=new_kv, kept_heads=kept_per_layer)
+    model.record(
+        "pruned",
+        structure="heads",
+        importance=importance,
+        fraction=fraction,
+        whole_groups=whole_groups,
+        num_attention_heads=new_heads,
+        num_key_value_heads=new_kv,
+        kept_heads=kept_per_layer,
+    )
     return new_heads, new_kv
 
 
@@ -190,12 +216,13 @@ def block_influence(model: Model, calib: Tensor, batch_size: int = 4) -> Tensor:
         def fn(mod, args, out):
             x_in, x_out = args[0].float(), out[0].float()
             sums[i] += torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1).sum().double().cpu()
+
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         for start in range(0, calib.shape[0], batch_size):
-            ids = calib[start:start + batch_size]
+            ids = calib[start : start + batch_size]
             module(ids.to(module.device))
             count += ids.numel()
     finally:
@@ -228,8 +255,13 @@ def remove_layers_(model: Model, dropped: list[int], **record) -> None:
     model.record("pruned", structure="layers", dropped=sorted(dropped), **record)
 
 
-def prune_structured_(model: Model, spec: dict[str, float], importance: str = "activation",
-                      calib: Tensor | None = None, whole_groups: bool = False) -> dict:
+def prune_structured_(
+    model: Model,
+    spec: dict[str, float],
+    importance: str = "activation",
+    calib: Tensor | None = None,
+    whole_groups: bool = False,
+) -> dict:
     """Apply a `parse_structured` spec: MLP neurons, then heads, then layers; returns what changed."""
     changed: dict = {}
     if "mlp" in spec:

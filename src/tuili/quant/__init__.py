@@ -1,5 +1,6 @@
 """Quantization: maths, observers, quantized linear layers, RTN · GPTQ · AWQ · SmoothQuant."""
 
+from tuili.quant import format as _format  # noqa: F401 - registers the compressed-tensors checkpoint format
 from tuili.quant.api import AWQ, GPTQ, METHODS, RTN, SmoothQuant, quantize_, select_linears
 from tuili.quant.config import (
     Int4WeightInt8Activation,
@@ -10,9 +11,24 @@ from tuili.quant.config import (
     scheme_from_name,
 )
 from tuili.quant.kv import quantize_kv_cache_
-from tuili.quant import format as _format  # registers the compressed-tensors checkpoint format
 from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 
-__all__ = ["AWQ", "GPTQ", "METHODS", "RTN", "Int4WeightInt8Activation", "Int4WeightOnly", "Int8DynamicActivation", "Int8Linear",
-           "Int8StaticActivation", "Int8WeightOnly", "SmoothQuant", "W4A8Linear", "WeightOnlyLinear", "quantize_",
-           "quantize_kv_cache_", "scheme_from_name", "select_linears"]
+__all__ = [
+    "AWQ",
+    "GPTQ",
+    "METHODS",
+    "RTN",
+    "Int4WeightInt8Activation",
+    "Int4WeightOnly",
+    "Int8DynamicActivation",
+    "Int8Linear",
+    "Int8StaticActivation",
+    "Int8WeightOnly",
+    "SmoothQuant",
+    "W4A8Linear",
+    "WeightOnlyLinear",
+    "quantize_",
+    "quantize_kv_cache_",
+    "scheme_from_name",
+    "select_linears",
+]

@@ -86,22 +86,39 @@ ALPHA_SEARCH_ROWS = 4096  # calibration tokens, drawn from every sample, SmoothQ
 PEAK_ROWS = 64  # ... plus the tokens with the largest activations, which set static scales
 
 
-def select_linears(module: nn.Module, targets: Sequence[str] | None = None, ignore: Sequence[str] = DEFAULT_IGNORE,
-                   where: Callable[[str, nn.Module], bool] | None = None) -> dict[str, nn.Linear]:
+def select_linears(
+    module: nn.Module,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    where: Callable[[str, nn.Module], bool] | None = None,
+) -> dict[str, nn.Linear]:
     """nn.Linear layers by name: matching a `targets` pattern (default all), no `ignore` pattern, and `where`."""
 
     def matches(name: str, patterns: Sequence[str]) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or name.endswith("." + p) or name == p for p in patterns)
 
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and (targets is None or matches(name, targets))
-            and not matches(name, ignore) and (where is None or where(name, m))}
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear)
+        and (targets is None or matches(name, targets))
+        and not matches(name, ignore)
+        and (where is None or where(name, m))
+    }
 
 
-def quantize_(model: Model | nn.Module, scheme: QuantScheme, method: Method = RTN(), *,
-              calib: Tensor | None = None, targets: Sequence[str] | None = None,
-              ignore: Sequence[str] = DEFAULT_IGNORE, where: Callable[[str, nn.Module], bool] | None = None,
-              overrides: dict[str, QuantScheme] | None = None, progress: bool = True) -> Model | nn.Module:
+def quantize_(
+    model: Model | nn.Module,
+    scheme: QuantScheme,
+    method: Method = RTN(),
+    *,
+    calib: Tensor | None = None,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    where: Callable[[str, nn.Module], bool] | None = None,
+    overrides: dict[str, QuantScheme] | None = None,
+    progress: bool = True,
+) -> Model | nn.Module:
     """Quantize the selected nn.Linear layers of `model` in place and return it.
 
     Args:
@@ -117,16 +134,24 @@ def quantize_(model: Model | nn.Module, scheme: QuantScheme, method: Method = RT
     if not linears:
         raise ValueError("no nn.Linear layer matches targets/ignore/where: nothing to quantize")
     plan = {name: _scheme_for(name, scheme, overrides or {}) for name in linears}
-    if isinstance(method, RTN) and not isinstance(scheme, Int8StaticActivation) and all(
-            not isinstance(s, Int8StaticActivation) for s in plan.values()):
+    if (
+        isinstance(method, RTN)
+        and not isinstance(scheme, Int8StaticActivation)
+        and all(not isinstance(s, Int8StaticActivation) for s in plan.values())
+    ):
         for name, linear in linears.items():
             replace_module(module, name, quantize_layer(linear, plan[name]))
     else:
         _calibrated(require_tuili_model(module, method.name), linears, plan, method, calib, progress)
     if isinstance(model, Model):
-        model.record("quantized", scheme=scheme.scheme, method=method.name,
-                     config={k: v for k, v in asdict(scheme).items()}, layers=len(linears),
-                     ignore=list(ignore))
+        model.record(
+            "quantized",
+            scheme=scheme.scheme,
+            method=method.name,
+            config={k: v for k, v in asdict(scheme).items()},
+            layers=len(linears),
+            ignore=list(ignore),
+        )
     return model
 
 
@@ -146,8 +171,7 @@ def check_combination(scheme: QuantScheme, method: Method) -> None:
     """Refuse a method that does not apply to the scheme (GPTQ/AWQ: weight-only; SmoothQuant: W8A8)."""
     weight_only = isinstance(scheme, (Int8WeightOnly, Int4WeightOnly))
     if isinstance(method, (GPTQ, AWQ)) and not weight_only:
-        raise ValueError(f"{method.name} quantizes weights only: use it with w4a16 or w8a16, "
-                         "and SmoothQuant for w8a8")
+        raise ValueError(f"{method.name} quantizes weights only: use it with w4a16 or w8a16, and SmoothQuant for w8a8")
     if isinstance(method, SmoothQuant) and weight_only:
         raise ValueError("SmoothQuant prepares activations for int8: use it with w8a8-dynamic or w8a8-static")
 
@@ -156,8 +180,10 @@ def _check_combination(scheme: QuantScheme, method: Method, calib: Tensor | None
     check_combination(scheme, method)
     needs_data = not isinstance(method, RTN) or isinstance(scheme, Int8StaticActivation)
     if needs_data and calib is None:
-        raise ValueError(f"{method.name} with {scheme.scheme} needs calibration samples: pass calib=(N, T) token ids "
-                         "(tuili.data.calibration_samples)")
+        raise ValueError(
+            f"{method.name} with {scheme.scheme} needs calibration samples: pass calib=(N, T) token ids "
+            "(tuili.data.calibration_samples)"
+        )
 
 
 def _scheme_for(name: str, scheme: QuantScheme, overrides: dict[str, QuantScheme]) -> QuantScheme:
@@ -192,13 +218,19 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _calibrated(module: nn.Module, linears: dict[str, nn.Linear], plan: dict[str, QuantScheme],
-                method: Method, calib: Tensor, progress: bool) -> None:
+def _calibrated(
+    module: nn.Module,
+    linears: dict[str, nn.Linear],
+    plan: dict[str, QuantScheme],
+    method: Method,
+    calib: Tensor,
+    progress: bool,
+) -> None:
     """Sequential calibration: per decoder layer, gather inputs, (smooth,) quantize, move on."""
     runner = LayerRunner(module, calib)
     for i, layer in runner.layers(f"{method.name} calibration", progress):
         prefix = f"model.layers.{i}."
-        local = {n[len(prefix):]: m for n, m in linears.items() if n.startswith(prefix)}
+        local = {n[len(prefix) :]: m for n, m in linears.items() if n.startswith(prefix)}
         if isinstance(method, (AWQ, SmoothQuant)):
             _smooth_layer(runner, layer, local, plan, prefix, method)
         stats = _gather(runner, layer, local, plan, prefix, method)
@@ -282,10 +314,10 @@ def _gather(runner, layer, local, plan, prefix, method) -> dict[str, object]:
         return hessians
     if isinstance(method, AWQ):
         return _sample_inputs(runner, layer, local) if method.clip else dict.fromkeys(local)
-    static = {n: make_observer(plan[prefix + n].observer) for n in local
-              if isinstance(plan[prefix + n], Int8StaticActivation)}
-    hessians = {n: Hessian(m.in_features) for n, m in local.items()
-                if isinstance(method, SmoothQuant) and method.gptq}
+    static = {
+        n: make_observer(plan[prefix + n].observer) for n in local if isinstance(plan[prefix + n], Int8StaticActivation)
+    }
+    hessians = {n: Hessian(m.in_features) for n, m in local.items() if isinstance(method, SmoothQuant) and method.gptq}
 
     def observe(name, x):
         if name in static:

@@ -17,8 +17,7 @@ def fake_quantize_weight(w: Tensor, bits: int, group_size: int, symmetric: bool,
 
 
 @torch.no_grad()
-def search_scale(group: SmoothGroup, x: Tensor, bits: int, group_size: int, symmetric: bool,
-                 grid: int = 20) -> Tensor:
+def search_scale(group: SmoothGroup, x: Tensor, bits: int, group_size: int, symmetric: bool, grid: int = 20) -> Tensor:
     """The s = mean|x|^α (α on a grid in [0, 1)) minimising ‖Q(W·s)(x/s) − W x‖² over the group."""
     x = x.float()
     linears = list(group.linears.values())
@@ -28,8 +27,10 @@ def search_scale(group: SmoothGroup, x: Tensor, bits: int, group_size: int, symm
     for alpha in torch.arange(grid) / grid:
         s = x_mean.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        out = torch.cat([(x / s) @ fake_quantize_weight(m.weight.float() * s, bits, group_size, symmetric).T
-                         for m in linears], dim=1)
+        out = torch.cat(
+            [(x / s) @ fake_quantize_weight(m.weight.float() * s, bits, group_size, symmetric).T for m in linears],
+            dim=1,
+        )
         err = (out - reference).pow(2).mean().item()
         if err < best_err:
             best_s, best_err = s, err
@@ -37,8 +38,9 @@ def search_scale(group: SmoothGroup, x: Tensor, bits: int, group_size: int, symm
 
 
 @torch.no_grad()
-def search_clip(linear: nn.Linear, x: Tensor, bits: int, group_size: int, symmetric: bool,
-                ratios: int = 10, min_ratio: float = 0.5) -> Tensor:
+def search_clip(
+    linear: nn.Linear, x: Tensor, bits: int, group_size: int, symmetric: bool, ratios: int = 10, min_ratio: float = 0.5
+) -> Tensor:
     """Per (row, group) range shrink factor in [min_ratio, 1] minimising that group's output error."""
     w = split_groups(linear.weight.float(), group_size)  # (out, G, g)
     xg = split_groups(x.float(), group_size)  # (n, G, g)

@@ -22,8 +22,10 @@ from tuili.models.llama import LlamaForCausalLM
 @contextmanager
 def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
     """Call fn(name, x) with the (tokens, in_features) input of each module on every forward."""
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0].reshape(-1, args[0].shape[-1])))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0].reshape(-1, args[0].shape[-1])))
+        for name, m in modules.items()
+    ]
     try:
         yield
     finally:
@@ -49,10 +51,9 @@ class LayerRunner:
         """The layer's output for every sample (hooks on its linears see all inputs)."""
         outs = []
         for start in range(0, self.hidden.shape[0], self.batch_size):
-            x = self.hidden[start:start + self.batch_size]
+            x = self.hidden[start : start + self.batch_size]
             b = x.shape[0]
-            out, _ = layer(x, self.positions[:b], self.cos.expand(b, -1, -1), self.sin.expand(b, -1, -1),
-                           None, False)
+            out, _ = layer(x, self.positions[:b], self.cos.expand(b, -1, -1), self.sin.expand(b, -1, -1), None, False)
             outs.append(out)
         return torch.cat(outs)
 
@@ -66,6 +67,8 @@ class LayerRunner:
 
 def require_tuili_model(module: nn.Module, method: str) -> LlamaForCausalLM:
     if not isinstance(module, LlamaForCausalLM):
-        raise ValueError(f"{method} calibrates layer by layer and needs tuili's own model "
-                         f"(tuili.load(...)); got {type(module).__name__}")
+        raise ValueError(
+            f"{method} calibrates layer by layer and needs tuili's own model "
+            f"(tuili.load(...)); got {type(module).__name__}"
+        )
     return module

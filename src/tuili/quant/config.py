@@ -78,9 +78,10 @@ class Int8StaticActivation:
 
 QuantScheme = Int8WeightOnly | Int4WeightOnly | Int4WeightInt8Activation | Int8DynamicActivation | Int8StaticActivation
 
-SCHEMES: dict[str, type] = {c.scheme: c for c in (Int8WeightOnly, Int4WeightOnly, Int4WeightInt8Activation,
-                                                  Int8DynamicActivation,
-                                                  Int8StaticActivation)}
+SCHEMES: dict[str, type] = {
+    c.scheme: c
+    for c in (Int8WeightOnly, Int4WeightOnly, Int4WeightInt8Activation, Int8DynamicActivation, Int8StaticActivation)
+}
 
 
 def scheme_from_name(name: str, group_size: int | None = None) -> QuantScheme:

@@ -26,15 +26,23 @@ def _scheme(m: nn.Module) -> tuple[str, dict[str, Any]]:
     """(format, QuantizationScheme fields) of one quantized layer."""
     if isinstance(m, WeightOnlyLinear):
         channel = m.group_size >= m.in_features
-        weights = dict(num_bits=m.bits, type="int", symmetric=m.symmetric,
-                       strategy="channel" if channel else "group", group_size=None if channel else m.group_size)
+        weights = dict(
+            num_bits=m.bits,
+            type="int",
+            symmetric=m.symmetric,
+            strategy="channel" if channel else "group",
+            group_size=None if channel else m.group_size,
+        )
         if isinstance(m, W4A8Linear):
             acts = dict(num_bits=8, type="int", symmetric=True, strategy="group", group_size=m.group_size, dynamic=True)
             return "pack-quantized", {"weights": weights, "input_activations": acts}
         return "pack-quantized", {"weights": weights}
     weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
-    acts = (dict(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False) if m.static
-            else dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True))
+    acts = (
+        dict(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
+        if m.static
+        else dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    )
     return "int-quantized", {"weights": weights, "input_activations": acts}
 
 
@@ -61,8 +69,10 @@ def save_compressed(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
         groups.setdefault(key, (fmt, scheme, []))[2].append(f"re:^{re.escape(name)}$")
     formats = {fmt for fmt, _, _ in groups.values()}
     config = QuantizationConfig(
-        config_groups={f"group_{i}": QuantizationScheme(targets=targets, format=fmt, **scheme)
-                       for i, (fmt, scheme, targets) in enumerate(groups.values())},
+        config_groups={
+            f"group_{i}": QuantizationScheme(targets=targets, format=fmt, **scheme)
+            for i, (fmt, scheme, targets) in enumerate(groups.values())
+        },
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=[n for n, m in module.named_modules() if isinstance(m, nn.Linear)],
@@ -75,9 +85,11 @@ def _compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
 
     if isinstance(m, WeightOnlyLinear):
         codes = (m.codes().to(torch.int16) - _offset(m)).to(torch.int8)
-        out = {"weight_packed": pack_to_int32(codes, m.bits),
-               "weight_scale": m.scale.to(dtype).contiguous(),
-               "weight_shape": torch.tensor([m.out_features, m.in_features])}
+        out = {
+            "weight_packed": pack_to_int32(codes, m.bits),
+            "weight_scale": m.scale.to(dtype).contiguous(),
+            "weight_shape": torch.tensor([m.out_features, m.in_features]),
+        }
         if not m.symmetric:
             zero = (m.zero.to(torch.int16) - _offset(m)).to(torch.int8)
             out["weight_zero_point"] = pack_to_int32(zero, m.bits, packed_dim=0)
@@ -97,8 +109,10 @@ def load_compressed(module: nn.Module, state: dict[str, Tensor], qconfig: dict[s
     except ValueError as e:
         raise ModelFormatError(f"config.json: invalid compressed-tensors quantization_config ({e})") from e
     if config.quantization_status != "compressed":
-        raise ModelFormatError(f"config.json: compressed-tensors status {config.quantization_status!r}; "
-                               "tuili reads compressed checkpoints only")
+        raise ModelFormatError(
+            f"config.json: compressed-tensors status {config.quantization_status!r}; "
+            "tuili reads compressed checkpoints only"
+        )
     linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
     for name, linear in linears.items():
         scheme = _match(name, config)
@@ -129,12 +143,20 @@ def _restore(name: str, linear: nn.Linear, scheme, state: dict[str, Tensor]) -> 
 
     w, acts = scheme.weights, scheme.input_activations
     bias = state.pop(f"{name}.bias", None)
-    w4a8 = (acts is not None and w is not None and w.num_bits == 4 and acts.num_bits == 8 and acts.dynamic
-            and acts.strategy == "group" and acts.group_size == w.group_size)
+    w4a8 = (
+        acts is not None
+        and w is not None
+        and w.num_bits == 4
+        and acts.num_bits == 8
+        and acts.dynamic
+        and acts.strategy == "group"
+        and acts.group_size == w.group_size
+    )
     if (acts is None or w4a8) and w is not None and w.type == "int":
         group_size = w.group_size if w.strategy == "group" else linear.in_features
-        m = (W4A8Linear if w4a8 else WeightOnlyLinear)(linear.in_features, linear.out_features, w.num_bits, group_size, w.symmetric,
-                             bias is not None)
+        m = (W4A8Linear if w4a8 else WeightOnlyLinear)(
+            linear.in_features, linear.out_features, w.num_bits, group_size, w.symmetric, bias is not None
+        )
         shape = torch.Size(take("weight_shape").tolist())
         codes = unpack_from_int32(take("weight_packed"), w.num_bits, shape).to(torch.int16) + _offset(m)
         m.scale = take("weight_scale").float().reshape(linear.out_features, -1).contiguous()
@@ -150,8 +172,10 @@ def _restore(name: str, linear: nn.Linear, scheme, state: dict[str, Tensor]) -> 
         if m.static:
             m.input_scale = take("input_scale").float().reshape(())
     else:
-        raise ModelFormatError(f"{name}: compressed-tensors scheme {scheme.model_dump()} is not one tuili runs "
-                               "(int weights, optionally with int8 activations)")
+        raise ModelFormatError(
+            f"{name}: compressed-tensors scheme {scheme.model_dump()} is not one tuili runs "
+            "(int weights, optionally with int8 activations)"
+        )
     if bias is not None:
         m.bias.data = bias.float()
     return m

@@ -49,8 +49,16 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
-def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool,
-         damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+def gptq(
+    w: Tensor,
+    hessian: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> QuantizedWeight:
     """GPTQ, Alg. 1 with lazy batch updates. `act_order` visits columns by decreasing H_jj; its group
     parameters then come from the original weight ("static groups"), so groups stay contiguous."""
     rows, cols = w.shape

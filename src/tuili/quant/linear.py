@@ -23,11 +23,9 @@ from tuili.quant.primitives import (
     QuantizedWeight,
     dequantize_groups,
     pack_int4,
-    qrange,
     quantize_weight,
     unpack_int4,
 )
-
 
 _COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("tuili_compute_dtype", default=None)
 
@@ -144,10 +142,18 @@ def shared_input(layers: tuple[nn.Module, ...], x: Tensor) -> list[Tensor]:
     every layer's blocks, about half the time of separate calls for a layer's q, k, v). Calls
     `forward`, not the module: hooks do not run (the engine's decode step checks for them first)."""
     ext = kernels.extension()
-    if ext is not None and x.dim() == 2 and x.shape[0] <= kernels.MAX_M and (
-            x.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16):
-        args = [layer.__dict__.get("_bf16_kernel_args") or layer.bf16_kernel_args()
-                if isinstance(layer, _KernelLinear) else () for layer in layers]
+    if (
+        ext is not None
+        and x.dim() == 2
+        and x.shape[0] <= kernels.MAX_M
+        and (x.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16)
+    ):
+        args = [
+            layer.__dict__.get("_bf16_kernel_args") or layer.bf16_kernel_args()
+            if isinstance(layer, _KernelLinear)
+            else ()
+            for layer in layers
+        ]
         if all(a and a[0] == "w8_linear_i16" for a in args):
             packed, scales, widths, groups, biases = zip(*(a[1:] for a in args))
             outs = ext.w8_linear_i16_multi(x, list(packed), list(scales), list(widths), list(groups))
@@ -161,8 +167,16 @@ class WeightOnlyLinear(_KernelLinear):
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
     _buffer_names = ("qweight", "scale", "zero", "bias")
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
-                 bias: bool, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -177,8 +191,15 @@ class WeightOnlyLinear(_KernelLinear):
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None) -> WeightOnlyLinear:
         out_features, in_features = qw.q.shape
-        layer = cls(in_features, out_features, qw.bits, qw.group_size, qw.symmetric, bias is not None,
-                    bias.dtype if bias is not None else torch.float32)
+        layer = cls(
+            in_features,
+            out_features,
+            qw.bits,
+            qw.group_size,
+            qw.symmetric,
+            bias is not None,
+            bias.dtype if bias is not None else torch.float32,
+        )
         layer.qweight = pack_int4(qw.q) if qw.bits == 4 else qw.q
         layer.scale = qw.scale.float().contiguous()
         if not qw.symmetric:
@@ -222,8 +243,13 @@ class WeightOnlyLinear(_KernelLinear):
             packed = kernels.pack_w4_bf16(qweight, self.in_features, self.symmetric, scale, zs)
             return ("w4_linear_bf16", *packed, self.out_features, self.group_size, self.bias)
         # W8: int16 activations (one widening per 32 codes instead of an int8 → bf16 conversion)
-        return ("w8_linear_i16", *kernels.pack_w8_i16(self.qweight, self.scale), self.out_features,
-                self.group_size, self.bias)
+        return (
+            "w8_linear_i16",
+            *kernels.pack_w8_i16(self.qweight, self.scale),
+            self.out_features,
+            self.group_size,
+            self.bias,
+        )
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = _COMPUTE_DTYPE.get() or rows.dtype
@@ -233,19 +259,30 @@ class WeightOnlyLinear(_KernelLinear):
         return x
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"
+        )
 
 
 class W4A8Linear(WeightOnlyLinear):
     """W4A16's packed weights with activations rounded to int8 per token and weight group at run
     time: tuili's VNNI kernel for small batches, the same rounding then a float GEMM otherwise."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
-                 bias: bool, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
         if bits != 4 or group_size % 32:
-            raise ValueError(f"W4A8 takes 4-bit weights in groups of a multiple of 32, got {bits} bits, "
-                             f"group size {group_size}")
+            raise ValueError(
+                f"W4A8 takes 4-bit weights in groups of a multiple of 32, got {bits} bits, group size {group_size}"
+            )
         super().__init__(in_features, out_features, bits, group_size, symmetric, bias, dtype)
 
     def _make_kernel_args(self) -> tuple:
@@ -265,8 +302,9 @@ class Int8Linear(_KernelLinear):
     quant_method = "compressed-tensors"
     _buffer_names = ("qweight", "weight_scale", "input_scale", "bias")
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, static: bool,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, static: bool, dtype: torch.dtype = torch.float32
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -277,8 +315,9 @@ class Int8Linear(_KernelLinear):
     @classmethod
     def from_float(cls, linear: nn.Linear, input_scale: Tensor | None = None) -> Int8Linear:
         """Round-to-nearest int8 weights per output channel."""
-        return cls.from_quantized(quantize_weight(linear.weight.detach(), 8, "channel", symmetric=True), linear.bias,
-                                  input_scale)
+        return cls.from_quantized(
+            quantize_weight(linear.weight.detach(), 8, "channel", symmetric=True), linear.bias, input_scale
+        )
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, input_scale: Tensor | None = None) -> Int8Linear:
@@ -286,8 +325,13 @@ class Int8Linear(_KernelLinear):
         if qw.bits != 8 or not qw.symmetric or qw.scale.shape[1] != 1:
             raise ValueError("Int8Linear takes symmetric 8-bit weights with one scale per output channel")
         out_features, in_features = qw.q.shape
-        layer = cls(in_features, out_features, bias is not None, input_scale is not None,
-                    bias.dtype if bias is not None else torch.float32)
+        layer = cls(
+            in_features,
+            out_features,
+            bias is not None,
+            input_scale is not None,
+            bias.dtype if bias is not None else torch.float32,
+        )
         layer.qweight = qw.q
         layer.weight_scale = qw.scale[:, 0].contiguous()
         if input_scale is not None:

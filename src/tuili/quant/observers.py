@@ -42,8 +42,9 @@ class MovingAverageMinMax(MinMax):
     def observe(self, x: Tensor) -> None:
         check_finite(x, "activation")
         batch_max = x.detach().abs().max().item()
-        self.average = batch_max if self.average is None else (
-            (1 - self.momentum) * self.average + self.momentum * batch_max)
+        self.average = (
+            batch_max if self.average is None else ((1 - self.momentum) * self.average + self.momentum * batch_max)
+        )
 
     def threshold(self) -> float:
         return self.average or 0.0
@@ -146,8 +147,13 @@ def _kl(p: Tensor, q: Tensor) -> float:
     return float((p[mask] * (p[mask] / q).log()).sum())
 
 
-OBSERVERS = {"minmax": MinMax, "moving-average": MovingAverageMinMax, "percentile": Percentile,
-             "mse": MSE, "entropy": Entropy}
+OBSERVERS = {
+    "minmax": MinMax,
+    "moving-average": MovingAverageMinMax,
+    "percentile": Percentile,
+    "mse": MSE,
+    "entropy": Entropy,
+}
 
 
 def make_observer(name: str) -> MinMax:

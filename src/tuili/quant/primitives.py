@@ -25,7 +25,7 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     check_bits(bits)
     if symmetric:
         return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
+    return 0, 2**bits - 1
 
 
 def check_bits(bits: int) -> None:
@@ -66,6 +66,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: 
 
 # ---- weights in groups ------------------------------------------------------------------------
 
+
 @dataclass
 class QuantizedWeight:
     """Integer codes (out, in) with a scale and zero point per (row, group)."""
@@ -105,8 +106,9 @@ def split_groups(w: Tensor, group_size: int) -> Tensor:
     return F.pad(w, (0, num_groups * group_size - cols)).view(rows, num_groups, group_size)
 
 
-def quantize_weight(w: Tensor, bits: int, granularity: Granularity, symmetric: bool,
-                    clip: Tensor | None = None) -> QuantizedWeight:
+def quantize_weight(
+    w: Tensor, bits: int, granularity: Granularity, symmetric: bool, clip: Tensor | None = None
+) -> QuantizedWeight:
     """Round-to-nearest quantization of a (out, in) weight, min-max range per row or group;
     `clip` (out, num_groups) shrinks each group's range (AWQ's clipping search)."""
     check_finite(w, "weight")
@@ -119,8 +121,9 @@ def quantize_weight(w: Tensor, bits: int, granularity: Granularity, symmetric: b
     return quantize_weight_with(w, scale, zero, bits, group_size, symmetric)
 
 
-def quantize_weight_with(w: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
-                         symmetric: bool) -> QuantizedWeight:
+def quantize_weight_with(
+    w: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int, symmetric: bool
+) -> QuantizedWeight:
     """Quantize `w` with given per-group scales and zero points (from a search or GPTQ)."""
     cols = w.shape[1]
     groups = split_groups(w.float(), group_size)
@@ -136,6 +139,7 @@ def dequantize_groups(q: Tensor, scale: Tensor, zero: Tensor, group_size: int) -
 
 
 # ---- 4-bit packing ----------------------------------------------------------------------------
+
 
 def pack_int4(q: Tensor) -> Tensor:
     """Two 4-bit codes per byte, in chunks of 32 codes per 16 bytes along the last dim: byte j of a
@@ -157,6 +161,7 @@ def unpack_int4(packed: Tensor, cols: int, signed: bool) -> Tensor:
 
 
 # ---- errors -----------------------------------------------------------------------------------
+
 
 def check_finite(x: Tensor, what: str) -> None:
     if not torch.isfinite(x).all():

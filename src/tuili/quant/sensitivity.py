@@ -33,8 +33,14 @@ class LayerError:
 
 
 @torch.no_grad()
-def layer_errors(model: Model, scheme: QuantScheme, calib: Tensor, eval_windows: Tensor | None = None,
-                 ignore: tuple[str, ...] = ("lm_head",), progress: bool = True) -> list[LayerError]:
+def layer_errors(
+    model: Model,
+    scheme: QuantScheme,
+    calib: Tensor,
+    eval_windows: Tensor | None = None,
+    ignore: tuple[str, ...] = ("lm_head",),
+    progress: bool = True,
+) -> list[LayerError]:
     """One row per selected linear layer, most sensitive first (by perplexity change when measured,
     else by output SQNR). Each layer is quantized with RTN on its own; the model is left unchanged."""
     module = model.module
@@ -49,8 +55,9 @@ def layer_errors(model: Model, scheme: QuantScheme, calib: Tensor, eval_windows:
         module(calib)
     base = perplexity(module, eval_windows, progress=False).perplexity if eval_windows is not None else None
     rows = []
-    for name, linear in tqdm(linears.items(), desc="layer sensitivity", unit="layer", disable=not progress,
-                             leave=False):
+    for name, linear in tqdm(
+        linears.items(), desc="layer sensitivity", unit="layer", disable=not progress, leave=False
+    ):
         x = torch.cat(inputs[name])[:MAX_ROWS]
         quantized = quantize_layer(linear, scheme, _static_scale(scheme, x))
         ref, out = linear(x), quantized(x)

@@ -27,17 +27,24 @@ def smooth_groups(layer: nn.Module) -> list[SmoothGroup]:
     """The foldable groups of a decoder layer (tuili's and transformers' Llama-family layers alike)."""
     attn, mlp = layer.self_attn, layer.mlp
     groups = [
-        SmoothGroup(layer.input_layernorm, {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj,
-                                            "self_attn.v_proj": attn.v_proj}),
+        SmoothGroup(
+            layer.input_layernorm,
+            {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj, "self_attn.v_proj": attn.v_proj},
+        ),
         SmoothGroup(layer.post_attention_layernorm, {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}),
         SmoothGroup(mlp.up_proj, {"mlp.down_proj": mlp.down_proj}),
     ]
     # v_proj's rows feed o_proj's columns one to one only without GQA (a KV head serves several heads)
     if attn.q_proj.out_features == attn.v_proj.out_features:
         groups.append(SmoothGroup(attn.v_proj, {"self_attn.o_proj": attn.o_proj}))
-    return [g for g in groups if all(isinstance(m, nn.Linear) for m in g.linears.values())
-            and isinstance(g.source, nn.Module) and hasattr(g.source, "weight")
-            and g.source.weight.dtype.is_floating_point]
+    return [
+        g
+        for g in groups
+        if all(isinstance(m, nn.Linear) for m in g.linears.values())
+        and isinstance(g.source, nn.Module)
+        and hasattr(g.source, "weight")
+        and g.source.weight.dtype.is_floating_point
+    ]
 
 
 @torch.no_grad()

@@ -35,8 +35,9 @@ def static_fake_quant(x: Tensor, threshold: float) -> Tensor:
 
 
 @torch.no_grad()
-def search_alpha(group: SmoothGroup, x: Tensor, act_max: Tensor, static: bool,
-                 alphas: tuple[float, ...] = ALPHAS) -> tuple[float, Tensor]:
+def search_alpha(
+    group: SmoothGroup, x: Tensor, act_max: Tensor, static: bool, alphas: tuple[float, ...] = ALPHAS
+) -> tuple[float, Tensor]:
     """(α, s) minimising Σ ‖Q_x(x/s) · Q_w(W·s)ᵀ − x · Wᵀ‖² over the group's linears on input rows x.
 
     Static activations are quantized with the threshold max_j(act_max_j / s_j): the largest smoothed

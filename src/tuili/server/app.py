@@ -31,13 +31,24 @@ from tuili.server.errors import APIError
 from tuili.server.metrics import CONTENT_TYPE, Metrics
 from tuili.server.middleware import AccessLog, ApiKey, BodyLimit
 from tuili.server.openai import DONE, Formatter, TokenText, sse_error, usage
-from tuili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                                   LoglikelihoodRequest, TokenizeRequest, _Request, _Sampling, message_dict)
+from tuili.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    LoglikelihoodRequest,
+    TokenizeRequest,
+    _Request,
+    _Sampling,
+    message_dict,
+)
 
 log = logging.getLogger("tuili.server")
 OPEN_PATHS = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
-_WARMUP_TEXT = ("Warm-up: the server runs a few short requests through every path before it reports "
-                "that it is ready, so the first real request does not pay for compiling kernels.")
+_WARMUP_TEXT = (
+    "Warm-up: the server runs a few short requests through every path before it reports "
+    "that it is ready, so the first real request does not pay for compiling kernels."
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,13 @@ class _Choices:
 
     _END = object()
 
-    def __init__(self, llm: AsyncLLM, jobs: list[tuple[int, list[int], SamplingParams]], request_id: str,
-                 on_done: Callable[[bool], None]):
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        jobs: list[tuple[int, list[int], SamplingParams]],
+        request_id: str,
+        on_done: Callable[[bool], None],
+    ):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.remaining = len(jobs)
         self.finished: set[int] = set()
@@ -125,12 +141,20 @@ class Server:
         self.ready = False
         self.failure: str | None = None  # why warm-up failed, if it did
         self.in_flight = 0  # sequences running or waiting in the engine for this server
-        self.embedder = DynamicBatcher(self._embed_batch, max_batch_size=config.embed_batch_size,
-                                       max_wait=config.embed_max_wait, max_batch_tokens=config.embed_batch_tokens,
-                                       size=len)
-        self.scorer = DynamicBatcher(self._score_batch, max_batch_size=config.embed_batch_size,
-                                     max_wait=config.embed_max_wait, max_batch_tokens=config.embed_batch_tokens,
-                                     size=lambda item: len(item[0]) + len(item[1]))
+        self.embedder = DynamicBatcher(
+            self._embed_batch,
+            max_batch_size=config.embed_batch_size,
+            max_wait=config.embed_max_wait,
+            max_batch_tokens=config.embed_batch_tokens,
+            size=len,
+        )
+        self.scorer = DynamicBatcher(
+            self._score_batch,
+            max_batch_size=config.embed_batch_size,
+            max_wait=config.embed_max_wait,
+            max_batch_tokens=config.embed_batch_tokens,
+            size=lambda item: len(item[0]) + len(item[1]),
+        )
         self.app = self._build()
 
     # ---- the app ---------------------------------------------------------------------------
@@ -150,10 +174,14 @@ class Server:
         app = FastAPI(title="tuili", description="OpenAI-compatible API of a tuili model", lifespan=lifespan)
         errors.install(app)
         routes = [
-            ("POST", "/v1/completions", self.completions), ("POST", "/v1/chat/completions", self.chat),
-            ("GET", "/v1/models", self.models), ("POST", "/v1/embeddings", self.embeddings),
-            ("POST", "/v1/loglikelihood", self.loglikelihood), ("POST", "/tokenize", self.tokenize),
-            ("POST", "/detokenize", self.detokenize), ("GET", "/health", self.health),
+            ("POST", "/v1/completions", self.completions),
+            ("POST", "/v1/chat/completions", self.chat),
+            ("GET", "/v1/models", self.models),
+            ("POST", "/v1/embeddings", self.embeddings),
+            ("POST", "/v1/loglikelihood", self.loglikelihood),
+            ("POST", "/tokenize", self.tokenize),
+            ("POST", "/detokenize", self.detokenize),
+            ("GET", "/health", self.health),
             ("GET", "/ready", self.readiness),
             ("GET", "/metrics", self.metrics_page),
         ]
@@ -163,8 +191,11 @@ class Server:
         app.add_middleware(BodyLimit, limit=self.config.max_body_bytes)
         if self.config.api_key:
             app.add_middleware(ApiKey, key=self.config.api_key, open_paths=OPEN_PATHS)
-        app.add_middleware(AccessLog, count=lambda path, status: self.metrics.requests.labels(path, status).inc(),
-                           endpoints={path for _, path, _ in routes})
+        app.add_middleware(
+            AccessLog,
+            count=lambda path, status: self.metrics.requests.labels(path, status).inc(),
+            endpoints={path for _, path, _ in routes},
+        )
         return app
 
     # ---- operations ------------------------------------------------------------------------
@@ -210,19 +241,35 @@ class Server:
         if not self.llm.alive:
             raise APIError(503, f"the engine has stopped ({self.llm.error}); restart the server")
         if not self.ready:
-            raise APIError(503, "the server is warming up; retry in a moment (GET /ready says when)",
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                503, "the server is warming up; retry in a moment (GET /ready says when)", headers={"Retry-After": "1"}
+            )
         self._check_model(model)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.config.model_names:
-            raise APIError(404, f"the model {model!r} does not exist here; this server serves "
-                                f"{self.config.model_names[0]!r} (GET /v1/models)", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist here; this server serves "
+                f"{self.config.model_names[0]!r} (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
 
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.config.model_names[0], "object": "model", "created": 0,
-                                            "owned_by": "tuili", "root": self.model.source,
-                                            "max_model_len": self.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.model_names[0],
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tuili",
+                    "root": self.model.source,
+                    "max_model_len": self.context,
+                }
+            ],
+        }
 
     # ---- tokens ------------------------------------------------------------------------------
     def _encode(self, prompt: str | list[int], param: str, add_special_tokens: bool = True) -> list[int]:
@@ -247,8 +294,9 @@ class Server:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
             return self.tokenizer.encode(text, add_special_tokens=False)
         except (TuiliError, ValueError) as e:
-            raise APIError(400, f"the messages could not be rendered with the model's chat template: {e}",
-                           "messages") from None
+            raise APIError(
+                400, f"the messages could not be rendered with the model's chat template: {e}", "messages"
+            ) from None
 
     async def tokenize(self, body: TokenizeRequest, response: Response) -> dict:
         response.headers.update(_ignored(body))
@@ -279,8 +327,9 @@ class Server:
         ids = self._render_chat(body.conversation())
         return await self._generate(request, body, [ids], body.requested_max_tokens, body.num_logprobs, chat=True)
 
-    def _jobs(self, body: _Sampling, prompts: list[list[int]], max_tokens: int | None,
-              logprobs: int | None) -> list[tuple[int, list[int], SamplingParams]]:
+    def _jobs(
+        self, body: _Sampling, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None
+    ) -> list[tuple[int, list[int], SamplingParams]]:
         """Check every limit, then one (choice index, prompt ids, params) per prompt × n."""
         limit = self.config.max_tokens or self.context
         if max_tokens is not None and max_tokens > limit:
@@ -288,11 +337,18 @@ class Server:
         jobs = []
         for i, ids in enumerate(prompts):
             if self.config.max_prompt_tokens and len(ids) > self.config.max_prompt_tokens:
-                raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
-                                    f"{self.config.max_prompt_tokens}", "prompt")
+                raise APIError(
+                    400,
+                    f"the prompt has {len(ids)} tokens, over this server's limit of {self.config.max_prompt_tokens}",
+                    "prompt",
+                )
             if len(ids) >= self.context:
-                raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is {self.context} "
-                                    "tokens, and the completion needs room too: shorten the prompt", "prompt")
+                raise APIError(
+                    400,
+                    f"the prompt has {len(ids)} tokens; the model's context is {self.context} "
+                    "tokens, and the completion needs room too: shorten the prompt",
+                    "prompt",
+                )
             wanted = max_tokens if max_tokens is not None else min(limit, self.context - len(ids))
             for j in range(body.n):
                 try:
@@ -302,18 +358,35 @@ class Server:
                     raise APIError(400, str(e), "max_tokens" if "max_tokens" in str(e) else None) from None
                 jobs.append((i * body.n + j, ids, params))
         if self.in_flight + len(jobs) > self.config.max_queued_requests:
-            raise APIError(429, f"the server is busy ({self.in_flight} sequences running or queued, limit "
-                                f"{self.config.max_queued_requests}); retry after a second",
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is busy ({self.in_flight} sequences running or queued, limit "
+                f"{self.config.max_queued_requests}); retry after a second",
+                headers={"Retry-After": "1"},
+            )
         return jobs
 
-    async def _generate(self, request: Request, body: _Sampling, prompts: list[list[int]], max_tokens: int | None,
-                        logprobs: int | None, chat: bool) -> Response:
+    async def _generate(
+        self,
+        request: Request,
+        body: _Sampling,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: int | None,
+        chat: bool,
+    ) -> Response:
         jobs = self._jobs(body, prompts, max_tokens, logprobs)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         request.state.request_id = request_id
-        fmt = Formatter(request_id, self.config.model_names[0], int(time.time()), chat, self.tokens,
-                        logprobs is not None, body.include_usage)
+        fmt = Formatter(
+            request_id,
+            self.config.model_names[0],
+            int(time.time()),
+            chat,
+            self.tokens,
+            logprobs is not None,
+            body.include_usage,
+        )
         record = _Recorder(self.metrics, time.perf_counter(), [len(ids) for ids in prompts], body.n)
         self.in_flight += len(jobs)
         choices = _Choices(self.llm, jobs, request_id, self._sequence_done)
@@ -322,8 +395,11 @@ class Server:
         gone.add_done_callback(lambda task: task.cancelled() or choices.cancel())
         headers = {"X-Request-Id": request_id, **_ignored(body)}
         if body.stream:
-            return StreamingResponse(self._stream(choices, gone, fmt, record, len(jobs)),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+            return StreamingResponse(
+                self._stream(choices, gone, fmt, record, len(jobs)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", **headers},
+            )
         response = await self._complete(choices, gone, fmt, record)
         response.headers.update(headers)
         return response
@@ -360,11 +436,14 @@ class Server:
         return JSONResponse(fmt.response([fmt.choice(i, out) for i, out in enumerate(outs)], record.usage(outs)))
 
     def _timeout_message(self) -> str:
-        return (f"the request ran past this server's time limit of {self.config.request_timeout:g} s and was "
-                "stopped; ask for fewer tokens (max_tokens), or start the server with a larger --request-timeout")
+        return (
+            f"the request ran past this server's time limit of {self.config.request_timeout:g} s and was "
+            "stopped; ask for fewer tokens (max_tokens), or start the server with a larger --request-timeout"
+        )
 
-    async def _stream(self, choices: _Choices, gone: asyncio.Task, fmt: Formatter, record: _Recorder,
-                      count: int) -> AsyncIterator[str]:
+    async def _stream(
+        self, choices: _Choices, gone: asyncio.Task, fmt: Formatter, record: _Recorder, count: int
+    ) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
         try:
             if fmt.chat:
@@ -411,20 +490,28 @@ class Server:
             raise APIError(400, str(e), "input") from None
         hidden = self.model.config.hidden_size
         if body.dimensions is not None and body.dimensions != hidden:
-            raise APIError(400, f"this model's embeddings have {hidden} dimensions; it cannot give "
-                                f"{body.dimensions}", "dimensions")
+            raise APIError(
+                400, f"this model's embeddings have {hidden} dimensions; it cannot give {body.dimensions}", "dimensions"
+            )
         for ids in inputs:
             if len(ids) > self.context:
                 raise APIError(400, f"an input has {len(ids)} tokens; the model's context is {self.context}", "input")
         vectors = await asyncio.gather(*(self.embedder.submit(ids) for ids in inputs))
         data = []
         for i, v in enumerate(vectors):
-            value = (base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
-                     else v.tolist())
+            value = (
+                base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+                if body.encoding_format == "base64"
+                else v.tolist()
+            )
             data.append({"object": "embedding", "index": i, "embedding": value})
         tokens = sum(map(len, inputs))
-        return {"object": "list", "data": data, "model": self.config.model_names[0],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.config.model_names[0],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     async def loglikelihood(self, body: LoglikelihoodRequest, response: Response) -> dict:
         response.headers.update(_ignored(body))
@@ -438,26 +525,44 @@ class Server:
             context = self.tokenizer.encode(pair.context)
             continuation = self.tokenizer.encode(pair.continuation, add_special_tokens=False)
             if not context:
-                raise APIError(400, "a context is empty and this tokenizer adds no BOS token: there is nothing to "
-                                    "predict the continuation from", "input")
+                raise APIError(
+                    400,
+                    "a context is empty and this tokenizer adds no BOS token: there is nothing to "
+                    "predict the continuation from",
+                    "input",
+                )
             if not continuation:
                 raise APIError(400, "a continuation has no tokens", "input")
             if len(context) + len(continuation) > self.context:
-                raise APIError(400, f"a context and continuation have {len(context) + len(continuation)} tokens; "
-                                    f"the model's context is {self.context}", "input")
+                raise APIError(
+                    400,
+                    f"a context and continuation have {len(context) + len(continuation)} tokens; "
+                    f"the model's context is {self.context}",
+                    "input",
+                )
             items.append((context, continuation, body.top_logprobs))
         scores = await asyncio.gather(*(self.scorer.submit(item) for item in items))
         data = []
         for i, (score, (_, continuation, _)) in enumerate(zip(scores, items)):
-            entry = {"object": "loglikelihood", "index": i, "logprob": score.logprob, "is_greedy": score.is_greedy,
-                     "num_tokens": len(continuation), "tokens": [self.tokens.of(t) for t in continuation],
-                     "token_logprobs": score.token_logprobs}
+            entry = {
+                "object": "loglikelihood",
+                "index": i,
+                "logprob": score.logprob,
+                "is_greedy": score.is_greedy,
+                "num_tokens": len(continuation),
+                "tokens": [self.tokens.of(t) for t in continuation],
+                "token_logprobs": score.token_logprobs,
+            }
             if body.top_logprobs:
                 entry["top_logprobs"] = [{self.tokens.of(t): lp for t, lp in top} for top in score.top_logprobs]
             data.append(entry)
         tokens = sum(len(c) + len(x) for c, x, _ in items)
-        return {"object": "list", "data": data, "model": self.config.model_names[0],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.config.model_names[0],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
 
 def _ignored(body: _Request) -> dict[str, str]:

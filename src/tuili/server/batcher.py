@@ -35,9 +35,15 @@ class DynamicBatcher(Generic[T, R]):
     len(batch) × max size, kept under max_batch_tokens).
     """
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_batch_size: int = 16,
-                 max_wait: float = 0.005, max_batch_tokens: int = 16384,
-                 size: Callable[[T], int] = lambda item: 1):
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        max_batch_size: int = 16,
+        max_wait: float = 0.005,
+        max_batch_tokens: int = 16384,
+        size: Callable[[T], int] = lambda item: 1,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait < 0:

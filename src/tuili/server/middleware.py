@@ -49,11 +49,19 @@ class AccessLog:
             path = scope["path"]
             self.count(path if path in self.endpoints else "other", status)
             client = scope.get("client")
-            access_log.info(json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": scope["method"], "path": path,
-                "status": status, "ms": round(1000 * (time.perf_counter() - start), 2),
-                "client": f"{client[0]}:{client[1]}" if client else None,
-                "request_id": scope.get("state", {}).get("request_id")}))
+            access_log.info(
+                json.dumps(
+                    {
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status,
+                        "ms": round(1000 * (time.perf_counter() - start), 2),
+                        "client": f"{client[0]}:{client[1]}" if client else None,
+                        "request_id": scope.get("state", {}).get("request_id"),
+                    }
+                )
+            )
 
 
 class ApiKey:
@@ -68,9 +76,13 @@ class ApiKey:
         headers = dict(scope["headers"])
         given = headers.get(b"authorization", b"")
         if not given.startswith(b"Bearer ") or not hmac.compare_digest(given[7:].strip(), self.key):
-            return await _send_error(send, 401, "missing or wrong API key: send the header "
-                                     "'Authorization: Bearer <key>' with the key the server was started with",
-                                     {"www-authenticate": "Bearer"})
+            return await _send_error(
+                send,
+                401,
+                "missing or wrong API key: send the header "
+                "'Authorization: Bearer <key>' with the key the server was started with",
+                {"www-authenticate": "Bearer"},
+            )
         return await self.app(scope, receive, send)
 
 
@@ -103,8 +115,9 @@ class BodyLimit:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
-            return await _send_error(send, 400, f"the request body is not valid UTF-8 (byte {e.start}): "
-                                                "send JSON encoded as UTF-8")
+            return await _send_error(
+                send, 400, f"the request body is not valid UTF-8 (byte {e.start}): send JSON encoded as UTF-8"
+            )
         replayed = False
 
         async def replay():

@@ -25,30 +25,48 @@ def completion_logprobs(entries: list[TokenLogprob], tokens: TokenText, offset: 
     for text in texts:
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{tokens.of(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+    return {
+        "tokens": texts,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{tokens.of(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText) -> dict:
     """The chat API's form: one object per token with its bytes and its top alternatives."""
+
     def item(token_id: int, logprob: float) -> dict:
         text = tokens.of(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries]}
+
+    return {
+        "content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 class Formatter:
     """Response objects for one request; `chat` picks the chat-completions shapes."""
 
-    def __init__(self, request_id: str, model: str, created: int, chat: bool, tokens: TokenText,
-                 logprobs: bool, include_usage: bool):
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        created: int,
+        chat: bool,
+        tokens: TokenText,
+        logprobs: bool,
+        include_usage: bool,
+    ):
         self.id, self.model, self.created, self.chat = request_id, model, created, chat
         self.tokens, self.logprobs, self.include_usage = tokens, logprobs, include_usage
         self.object = "chat.completion" if chat else "text_completion"
@@ -56,8 +74,15 @@ class Formatter:
         # The common stream chunk (text, no log-probabilities, not the last) is a template around
         # the JSON of its text: a streaming server writes one per token, and building and encoding
         # the whole object each time was most of the event loop's work per token.
-        head = json.dumps({"id": self.id, "object": self.object + ".chunk" if chat else self.object,
-                           "created": created, "model": model}, ensure_ascii=False)[:-1]
+        head = json.dumps(
+            {
+                "id": self.id,
+                "object": self.object + ".chunk" if chat else self.object,
+                "created": created,
+                "model": model,
+            },
+            ensure_ascii=False,
+        )[:-1]
         self._head = f'data: {head}, "choices": [{{"index": '
         self._field, self._close = (', "delta": {"content": ', "}") if chat else (', "text": ', "")
         usage_null = ', "usage": null' if include_usage else ""
@@ -73,8 +98,7 @@ class Formatter:
 
     def choice(self, index: int, out: RequestOutput) -> dict:
         """A finished choice of a non-streaming response."""
-        choice = {"index": index, "logprobs": self._logprobs(out.logprobs, index),
-                  "finish_reason": out.finish_reason}
+        choice = {"index": index, "logprobs": self._logprobs(out.logprobs, index), "finish_reason": out.finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
@@ -82,28 +106,41 @@ class Formatter:
         return choice
 
     def response(self, choices: list[dict], usage_: dict) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage_}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage_,
+        }
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
-        chunk = {"id": self.id, "object": self.object + ".chunk" if self.chat else self.object,
-                 "created": self.created, "model": self.model, "choices": choices}
+        chunk = {
+            "id": self.id,
+            "object": self.object + ".chunk" if self.chat else self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.include_usage:
             chunk["usage"] = usage_
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     def role_chunk(self, index: int) -> str:
         """Chat streams open each choice with the assistant's role."""
-        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])
+        return self._chunk(
+            [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        )
 
     def delta_chunk(self, index: int, out: RequestOutput) -> str | None:
         """A stream chunk for one step's output, or None when it carries nothing to show."""
         if not out.delta and not out.finished and not (self.logprobs and out.new_logprobs):
             return None
         if not out.finished and not self.logprobs:
-            return (f"{self._head}{index}{self._field}{json.dumps(out.delta, ensure_ascii=False)}{self._close}"
-                    f"{self._tail}")
+            return (
+                f"{self._head}{index}{self._field}{json.dumps(out.delta, ensure_ascii=False)}{self._close}{self._tail}"
+            )
         logprobs = self._logprobs(out.new_logprobs, index)
         if not self.chat and logprobs is not None:
             self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])

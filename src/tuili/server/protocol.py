@@ -81,8 +81,11 @@ class _Request(BaseModel):
             if name.startswith("guided_") or name in _UNSUPPORTED:
                 reason = _UNSUPPORTED.get(name, _UNSUPPORTED["guided_json"])
                 raise FieldError(name, f"{reason} by this server; remove the field")
-            raise FieldError(name, f"unknown field; tuili refuses fields it cannot honour rather than "
-                             f"ignore them (only {', '.join(sorted(IGNORABLE))} are ignored)")
+            raise FieldError(
+                name,
+                f"unknown field; tuili refuses fields it cannot honour rather than "
+                f"ignore them (only {', '.join(sorted(IGNORABLE))} are ignored)",
+            )
         return self
 
     @property
@@ -140,11 +143,20 @@ class _Sampling(_Request):
         """The engine's parameters for choice `index` (choices of one request get seeds seed + index)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else _signed64(self.seed + index), stop=stop,
-            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs)
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=None if self.seed is None else _signed64(self.seed + index),
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
 
 
 def _signed64(value: int) -> int:
@@ -209,8 +221,10 @@ class ChatMessage(BaseModel):
     @classmethod
     def _no_tools(cls, data: Any) -> Any:
         if isinstance(data, dict) and (data.get("role") == "tool" or _TOOL_KEYS & data.keys()):
-            raise ValueError("tool calls and tool results in the history (role 'tool', tool_calls, "
-                             "function_call) are not supported by this server")
+            raise ValueError(
+                "tool calls and tool results in the history (role 'tool', tool_calls, "
+                "function_call) are not supported by this server"
+            )
         return data
 
     def text(self) -> str:

@@ -44,8 +44,14 @@ def build_server(model, config: ServerConfig, **engine_options) -> Server:
 ENGINE_FAILED = 3  # the exit status after the engine stopped on a fault
 
 
-def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, grace: float = 30.0,
-          log_level: str = "info", sock: socket.socket | None = None) -> int:
+def serve(
+    server: Server,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    grace: float = 30.0,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> int:
     """Run until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop, 1 if it could
     not start, ENGINE_FAILED if the engine stopped on a fault).
 
@@ -55,8 +61,16 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, grace: floa
     stops the engine loop, which returns here.
     """
     configure_logging(log_level)
-    config = uvicorn.Config(server.app, host=host, port=port, access_log=False, log_level=log_level,
-                            timeout_graceful_shutdown=grace, lifespan="on", timeout_keep_alive=30)
+    config = uvicorn.Config(
+        server.app,
+        host=host,
+        port=port,
+        access_log=False,
+        log_level=log_level,
+        timeout_graceful_shutdown=grace,
+        lifespan="on",
+        timeout_keep_alive=30,
+    )
     uv = uvicorn.Server(config)
 
     def stop(signum, frame):
@@ -73,14 +87,23 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, grace: floa
             server.llm.shutdown()  # uvicorn has stopped (or never started): end the engine loop
 
     thread = threading.Thread(target=http, name="tuili-http")
-    log.info("serving %s on http://%s:%d (warming up; GET /ready answers 200 when ready)",
-             server.config.model_names[0], host, sock.getsockname()[1] if sock else port)
+    log.info(
+        "serving %s on http://%s:%d (warming up; GET /ready answers 200 when ready)",
+        server.config.model_names[0],
+        host,
+        sock.getsockname()[1] if sock else port,
+    )
     try:
         thread.start()
         server.llm.run()
         if server.llm.error is not None:
-            log.error("the engine stopped on a fault (%s: %s); the server exits with status %d so that its "
-                      "supervisor restarts it", type(server.llm.error).__name__, server.llm.error, ENGINE_FAILED)
+            log.error(
+                "the engine stopped on a fault (%s: %s); the server exits with status %d so that its "
+                "supervisor restarts it",
+                type(server.llm.error).__name__,
+                server.llm.error,
+                ENGINE_FAILED,
+            )
             uv.should_exit = True
         thread.join()
     finally:

@@ -375,7 +375,7 @@ torch::Tensor paged_attention(torch::Tensor q_in, torch::Tensor k_cache, torch::
 
 // Store N tokens' keys and values (N, Hkv, D; any strides) at flat slots of one layer's paged cache
 // (num_blocks · block_size slots, Hkv, D), rounding to int8 per token and head (scale over D, as
-// tuili.quant.kv.quantize_kv) for int8 caches. One call per layer instead of two scatters.
+// tuili.kernels.kv_format.quantize_kv) for int8 caches. One call per layer instead of two scatters.
 namespace {
 template <typename S, typename T>
 void write_rows(const torch::Tensor& x, T* cache, float* scales, const int64_t* slots, std::atomic<bool>& finite) {

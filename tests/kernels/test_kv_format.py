@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tuili.quant.kv import dequantize_kv, quantize_kv
+from tuili.kernels.kv_format import dequantize_kv, quantize_kv
 from tuili.quant.primitives import sqnr
 
 
