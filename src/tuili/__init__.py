@@ -1,17 +1,27 @@
-"""tuili (推理): make language models smaller and faster, measure what it cost, and serve them."""
+"""tuili (推理): make language models smaller and faster, measure what it cost, and serve them.
 
-from tuili.errors import DataError, ModelFormatError, TuiliError
+The verbs: `load`, `quantize_`, `prune_`, `optimize`, `search`, and `LLM` with `SamplingParams`
+for generation (vLLM's offline API). The engine, pruning and the pipeline load when first used.
+"""
+
+from importlib import import_module
+
+from tuili.errors import DataError, ModelFormatError, RequestFailed, TuiliError
 from tuili.models import Model, load
 from tuili.quant import quantize_
 
 __version__ = "0.1.0"
-__all__ = ["DataError", "Model", "ModelFormatError", "TuiliError", "load", "optimize", "quantize_"]
+_LAZY = {  # name -> module: `import tuili` stays light (no engine, pruning, distillation, pipeline)
+    "LLM": "tuili.engine.offline",
+    "SamplingParams": "tuili.engine.sampling",
+    "prune_": "tuili.prune.api",
+    "optimize": "tuili.pipeline.optimize",
+    "search": "tuili.pipeline.search",
+}
+__all__ = ["DataError", "Model", "ModelFormatError", "RequestFailed", "TuiliError", "load", "quantize_", *_LAZY]
 
 
 def __getattr__(name: str):
-    # tuili.optimize(model, recipe) without importing the pipeline (distillation, pruning) on `import tuili`
-    if name == "optimize":
-        from tuili.pipeline.optimize import optimize
-
-        return optimize
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tuili' has no attribute {name!r}")

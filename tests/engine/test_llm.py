@@ -121,11 +121,17 @@ def test_logprobs_are_those_of_the_model(model):
     seq = [3, 4, 5] + out.token_ids
     with torch.no_grad():
         expected = torch.log_softmax(model.module(torch.tensor([seq])).logits[0, 2:-1].float(), dim=-1)
-    assert len(out.logprobs) == 4
-    for step, entry in enumerate(out.logprobs):
-        assert entry.token_id == out.token_ids[step]
-        assert entry.logprob == pytest.approx(float(expected[step, entry.token_id]), abs=1e-4)
-        assert [t for t, _ in entry.top] == expected[step].topk(3).indices.tolist()
+    logprobs = out.outputs[0].logprobs  # vLLM's shape: per token, {token id: Logprob}
+    assert len(logprobs) == 4
+    for step, entry in enumerate(logprobs):
+        chosen = entry[out.token_ids[step]]
+        assert chosen.logprob == pytest.approx(float(expected[step, out.token_ids[step]]), abs=1e-4)
+        assert chosen.rank == 1  # greedy
+        top = expected[step].topk(3).indices.tolist()
+        assert set(entry) == set(top) and [entry[t].rank for t in top] == [1, 2, 3]
+        assert entry[top[1]].decoded_token == model.tokenizer.decode([top[1]], skip_special_tokens=False)
+    total = sum(e[t].logprob for e, t in zip(logprobs, out.token_ids))
+    assert out.outputs[0].cumulative_logprob == pytest.approx(total)
 
 
 def test_stop_string_split_across_tokens_is_never_streamed(model):
@@ -200,7 +206,7 @@ def test_a_model_that_keeps_a_smaller_kv_cache_scores_the_same_without_one(kv):
     llm = LLM(model, block_size=4)
     assert llm.engine.cache.dtype == getattr(torch, kv)
     out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1))[0]
-    engine = torch.tensor([e.logprob for e in out.logprobs])
+    engine = torch.tensor([step[t].logprob for step, t in zip(out.outputs[0].logprobs, out.token_ids)])
     rounded = _scored(model.module, prompt, out.token_ids)
     quantize_kv_cache_(model, "float")
     unrounded = _scored(model.module, prompt, out.token_ids)

@@ -76,10 +76,11 @@ def test_penalties_follow_vllm_and_openai():
 def test_logprobs_of_the_chosen_token_and_the_top_alternatives():
     from tuili.engine.sampling import token_logprobs
 
-    [(chosen, top)] = token_logprobs(LOGITS, torch.tensor([1]), 2)
+    [entry] = token_logprobs(LOGITS, torch.tensor([1]), 2)
     expected = torch.log_softmax(LOGITS[0], -1)
-    assert chosen == pytest.approx(float(expected[1]))
-    assert [t for t, _ in top] == [0, 1] and top[0][1] == pytest.approx(float(expected[0]))
+    assert entry.token_id == 1 and entry.rank == 2  # the second most likely
+    assert entry.logprob == pytest.approx(float(expected[1]))
+    assert [t for t, _ in entry.top] == [0, 1] and entry.top[0][1] == pytest.approx(float(expected[0]))
 
 
 @pytest.mark.parametrize(
@@ -128,7 +129,7 @@ def test_extreme_but_valid_parameters_always_give_a_token(kwargs, row):
     for seed in range(20):
         token = sample(logits, params, torch.Generator().manual_seed(seed))
         assert token.shape == (1,) and 0 <= int(token) < 5
-    value, top = token_logprobs(logits, token, 5)[0]
+    _, value, top, _ = token_logprobs(logits, token, 5)[0]
     assert -1e4 <= value <= 0 and all(-1e4 <= lp <= 0 for _, lp in top)  # finite: JSON has no -inf
 
 

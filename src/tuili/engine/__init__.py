@@ -1,16 +1,20 @@
-"""Generation: sampling, the paged KV cache, continuous batching, streaming."""
+"""Generation: sampling, the paged KV cache, continuous batching, streaming; `LLM` in vLLM's shape."""
 
 from tuili.engine.async_llm import AsyncLLM
-from tuili.engine.generate import Completion, generate, stream
-from tuili.engine.llm import LLM, LLMEngine
-from tuili.engine.request import RequestOutput, TokenLogprob
-from tuili.engine.sampling import SamplingParams, sample
+from tuili.engine.generate import generate, stream
+from tuili.engine.llm import LLMEngine
+from tuili.engine.offline import LLM, Completion, CompletionOutput, EmbeddingRequestOutput, Logprob
+from tuili.engine.request import RequestOutput
+from tuili.engine.sampling import SamplingParams, TokenLogprob, sample
 
 __all__ = [
     "LLM",
     "AsyncLLM",
     "Completion",
+    "CompletionOutput",
+    "EmbeddingRequestOutput",
     "LLMEngine",
+    "Logprob",
     "RequestOutput",
     "SamplingParams",
     "TokenLogprob",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tuili.engine.llm import LLM, Completion, Prompt, encode_prompt
+from tuili.engine.llm import encode_prompt
+from tuili.engine.offline import LLM, Completion, Prompt
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model

@@ -1,8 +1,8 @@
 """The engine: requests in, one packed forward step at a time over the paged KV cache, outputs out.
 
-`LLMEngine` is the synchronous core (add_request / step / abort); `LLM` is the offline API on top
-of it (batched `generate`, `stream`); `AsyncLLM` (tuili.engine.async_llm) runs the same core on a
-thread for the server.
+`LLMEngine` is the synchronous core (add_request / step / abort); `LLM` (tuili.engine.offline) is
+the offline API on top of it in vLLM's shape; `AsyncLLM` (tuili.engine.async_llm) runs the same
+core on a thread for the server.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -22,43 +20,17 @@ from tuili.engine.detokenize import OutputText
 from tuili.engine.fused import cpp_step_applies, release_plans
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.plan import bf16_step
-from tuili.engine.request import Request, RequestOutput, TokenLogprob
-from tuili.engine.sampling import (
-    SamplingParams,
-    apply_penalties,
-    sample,
-    token_logprobs,
-)
+from tuili.engine.request import Request, RequestOutput
+from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
-from tuili.errors import RequestFailed
 from tuili.kernels import ops as kernels
 from tuili.models.model import Model
 from tuili.quant.linear import compute_dtype, engine_compute_dtype
 
 log = logging.getLogger("tuili.engine")
-Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
+Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages (the engine's own forms)
 MAX_DEFAULT_KV_BYTES = 4 << 30
 DEFAULT_KV_TOKENS_PER_SEQ = 2048
-
-
-@dataclass
-class Completion:
-    """A finished request."""
-
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (eos, stop token or stop string), "length" or "abort"
-    time_to_first_token: float  # seconds
-    seconds: float
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # with SamplingParams(logprobs=n)
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens after the first, per second of decoding (prefill excluded)."""
-        decode = self.seconds - self.time_to_first_token
-        return (len(self.token_ids) - 1) / decode if decode > 0 and len(self.token_ids) > 1 else 0.0
 
 
 def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
@@ -276,8 +248,7 @@ class LLMEngine:
         token = greedy if greedy is not None else int(sample(row, params, request.generator)[0])
         logprob = None
         if params.logprobs is not None:
-            value, top = token_logprobs(row, torch.tensor([token]), params.logprobs)[0]
-            logprob = TokenLogprob(token, value, top)
+            logprob = token_logprobs(row, torch.tensor([token]), params.logprobs)[0]
         return token, logprob
 
     def _finish(self, request: Request, reason: str, delta: str, new_tokens: int) -> RequestOutput:
@@ -303,86 +274,3 @@ class LLMEngine:
             "prefix_cache_hits": prefix.hits if prefix else 0,
             "preemptions": self.scheduler.num_preemptions,
         }
-
-
-class LLM:
-    """Offline inference: `LLM("default").generate(["a", "b"], SamplingParams(max_tokens=32))`.
-
-    Takes a loaded `Model` or anything `tuili.load` accepts; engine options as `LLMEngine`.
-    """
-
-    def __init__(self, model: Model | str, **engine_options):
-        if isinstance(model, str):
-            from tuili.models import load
-
-            model = load(model)
-        self.model = model
-        self.engine = LLMEngine(model, **engine_options)
-
-    def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
-    ) -> list[Completion]:
-        """Complete every prompt, all batched together; one completion per prompt, in order."""
-        prompts = _as_list(prompts)
-        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
-        start = time.perf_counter()
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        done: dict[str, RequestOutput] = {}
-        try:
-            while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = _succeeded(out)
-        finally:
-            for request_id in ids:
-                if request_id not in done:
-                    self.engine.abort(request_id)
-        return [_completion(done[i], start) for i in ids]
-
-    def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()) -> Iterator[str]:
-        """Yield one prompt's completion text piece by piece; closing the iterator aborts it."""
-        request_id = self.engine.add_request(prompt, params)
-        finished = False
-        try:
-            while not finished:
-                for out in self.engine.step():
-                    if out.request_id == request_id:
-                        finished = _succeeded(out).finished
-                        if out.delta:
-                            yield out.delta
-        finally:
-            if not finished:
-                self.engine.abort(request_id)
-
-
-def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, token ids, chat messages) or a sequence of them -> a list of prompts."""
-    if isinstance(prompts, str) or not prompts:
-        return [prompts]
-    first = prompts[0]
-    if isinstance(first, int) or isinstance(first, dict):
-        return [prompts]
-    return list(prompts)
-
-
-def _succeeded(out: RequestOutput) -> RequestOutput:
-    """The output, or RequestFailed where its request failed in its own work."""
-    if out.error is not None:
-        raise RequestFailed(f"request {out.request_id} failed: {out.error}")
-    return out
-
-
-def _completion(out: RequestOutput, start: float) -> Completion:
-    first = (out.first_token_time or out.finished_time) - max(start, out.arrival_time)
-    return Completion(
-        out.text,
-        out.token_ids,
-        out.prompt_token_ids,
-        out.finish_reason,
-        first,
-        out.finished_time - max(start, out.arrival_time),
-        out.logprobs,
-        out.num_cached_tokens,
-    )

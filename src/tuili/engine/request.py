@@ -5,25 +5,18 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from tuili.engine.blocks import BlockTable
 from tuili.engine.detokenize import OutputText
-from tuili.engine.sampling import SamplingParams
+from tuili.engine.sampling import SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class TokenLogprob(NamedTuple):
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the most likely tokens at that step, with their log-probabilities
 
 
 @dataclass(eq=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ class SamplingParams:
     and top_p=1 disable those filters. Every float must be finite."""
 
     max_tokens: int = 128
+    n: int = 1  # choices per prompt (LLM.generate runs them as n sequences, seeds seed + j)
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -47,6 +49,8 @@ class SamplingParams:
             object.__setattr__(self, "top_k", 0)
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be a 64-bit signed integer (in [-2**63, 2**63 - 1]), got {self.seed}")
+        if not 1 <= self.n <= 128:
+            raise ValueError(f"n must be in [1, 128], got {self.n}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -136,13 +140,34 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
-    """Per row: the chosen token's log-probability under the model's distribution, and the top_n
-    most likely tokens with theirs (at least LOGPROB_FLOOR: JSON has no -inf)."""
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability, its rank in the vocabulary (1: the most likely) and the
+    step's most likely tokens with theirs."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    rank: int = 1
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> list[TokenLogprob]:
+    """Per row: the chosen token's log-probability under the model's distribution, its rank, and the
+    top_n most likely tokens with theirs (at least LOGPROB_FLOOR: JSON has no -inf)."""
     logprobs = torch.log_softmax(finite(logits), dim=-1).nan_to_num(nan=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
-    chosen = logprobs.gather(1, tokens.view(-1, 1))[:, 0]
+    chosen = logprobs.gather(1, tokens.view(-1, 1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
     top = torch.topk(logprobs, top_n, dim=-1) if top_n else None
     return [
-        (float(chosen[i]), [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())))
+        TokenLogprob(
+            int(tokens[i]),
+            float(chosen[i, 0]),
+            [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist())),
+            int(ranks[i]),
+        )
         for i in range(logits.shape[0])
     ]
+
+
+def wrap_seed(value: int) -> int:
+    """`value` wrapped into SEED_RANGE (choice j of n gets seed + j, which may pass 2**63 - 1)."""
+    return (value - SEED_RANGE[0]) % (1 << 64) + SEED_RANGE[0]

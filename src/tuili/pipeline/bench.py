@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tuili.engine.generate import generate
-from tuili.engine.llm import LLM
+from tuili.engine.offline import LLM
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model

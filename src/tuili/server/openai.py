@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from tuili.engine.request import RequestOutput, TokenLogprob
+from tuili.engine.request import RequestOutput
+from tuili.engine.sampling import TokenLogprob
 from tuili.models.tokenizer import Tokenizer
 from tuili.server.errors import error_body
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tuili.engine.sampling import SEED_RANGE, SamplingParams
+from tuili.engine.sampling import SEED_RANGE, SamplingParams, wrap_seed
 from tuili.server.errors import FieldError
 
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -151,17 +151,12 @@ class _Sampling(_Request):
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else _signed64(self.seed + index),
+            seed=None if self.seed is None else wrap_seed(self.seed + index),
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
         )
-
-
-def _signed64(value: int) -> int:
-    """`value` wrapped into the 64-bit signed range (choice seeds seed + index near 2**63 - 1)."""
-    return (value - SEED_RANGE[0]) % (1 << 64) + SEED_RANGE[0]
 
 
 class CompletionRequest(_Sampling):
