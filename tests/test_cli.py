@@ -112,7 +112,7 @@ def test_quantize_saves_a_model_that_loads(folder, capsys, tmp_path):
                 "16",
                 "--lm-head",
                 "int8",
-                "--kv-cache",
+                "--kv-cache-dtype",
                 "int8",
                 "--out",
                 str(out),
@@ -478,3 +478,33 @@ def test_distill_refuses_a_student_of_another_vocabulary(folder, capsys, tmp_pat
         == 2
     )
     assert "259 vocabulary entries and the student 300" in capsys.readouterr().err
+
+
+def test_the_cli_offers_exactly_what_the_registries_hold():
+    """Choices are read from the registries, so a new method or format appears on the CLI by itself."""
+    from tuili.cli import parser
+    from tuili.kernels.kv_format import KV_CACHE_FORMATS
+    from tuili.prune.api import METHODS as PRUNE_METHODS
+    from tuili.quant.api import METHODS as QUANT_METHODS
+    from tuili.quant.config import SCHEMES
+
+    commands = {name: sub for action in parser()._subparsers._group_actions for name, sub in action.choices.items()}
+
+    def choices(command, flag):
+        return next(tuple(a.choices) for a in commands[command]._actions if flag in a.option_strings)
+
+    assert choices("quantize", "--method") == choices("optimize", "--method") == tuple(QUANT_METHODS)
+    assert choices("quantize", "--scheme") == choices("optimize", "--scheme") == tuple(SCHEMES)
+    assert choices("prune", "--method") == choices("optimize", "--prune-method") == tuple(PRUNE_METHODS)
+    for command in ("quantize", "optimize", "search"):
+        assert choices(command, "--kv-cache-dtype") == KV_CACHE_FORMATS
+    for command in ("quantize", "prune"):  # the API's word
+        assert any("--ignore" in a.option_strings for a in commands[command]._actions)
+
+
+def test_python_m_tuili_cli_runs():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tuili.cli", "recipes"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "w8a16" in result.stdout, result.stderr

@@ -1,0 +1,91 @@
+"""`tuili serve`: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import os
+
+from tuili.cli.common import (
+    load_model,
+    model_args,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, embeddings, metrics)")
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--served-model-name",
+        action="append",
+        default=[],
+        help="a name clients send as 'model' (repeat for aliases; default: the --model spec)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TUILI_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $TUILI_API_KEY; none if unset)",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--kv-cache-gb", type=float, help="KV-cache memory (default: 2,048 tokens per sequence)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "float32", "bfloat16", "int8"),
+        default="auto",
+        help="what the KV cache stores (auto: the model's choice, saved by a recipe's kv_cache, else its dtype)",
+    )
+    p.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts (400)")
+    p.add_argument("--max-tokens", type=int, help="refuse requests asking for more tokens (400)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="refuse larger request bodies (413)")
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="sequences running or waiting at once; beyond it 429 with Retry-After",
+    )
+    p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a generation may run before it is stopped (504; 0: no limit)",
+    )
+    p.add_argument("--no-warmup", action="store_true", help="report ready at once (the first requests are slower)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=_serve)
+
+
+def _serve(args) -> int:
+    from tuili.server import ServerConfig, build_server, serve
+
+    for name, value in (
+        ("--port", args.port),
+        ("--max-num-seqs", args.max_num_seqs),
+        ("--max-queued-requests", args.max_queued_requests),
+    ):
+        if value < (0 if name == "--port" else 1):
+            raise ValueError(f"{name} must be positive, got {value}")
+    if not args.request_timeout >= 0:
+        raise ValueError(f"--request-timeout must be 0 (no limit) or a number of seconds, got {args.request_timeout}")
+    config = ServerConfig(
+        model_names=tuple(args.served_model_name) or (args.model,),
+        api_key=args.api_key or None,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_queued_requests=args.max_queued_requests,
+        warmup=not args.no_warmup,
+        request_timeout=args.request_timeout or None,
+    )
+    kv_bytes = int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None
+    server = build_server(
+        load_model(args),
+        config,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_bytes=kv_bytes,
+        kv_cache_dtype=args.kv_cache_dtype,
+        threads=args.threads,
+    )
+    return serve(server, args.host, args.port, args.grace, args.log_level)
