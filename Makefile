@@ -30,10 +30,11 @@ browser:
 	  $$SUDO apt-get install -y -q chromium >/dev/null || \
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
-# ruff's lint rules and formatting (pyproject.toml), checked before the tests
+# ruff's lint rules and formatting, and mypy on the packages [tool.mypy] lists (pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: $(STAMP) browser lint
 	$(PY) -m pytest -q tests

@@ -29,7 +29,7 @@ import torch
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.cpp"))
 NAME = "tuili_kernels"
-FLAGS = {"extra_cflags": ["-O3", "-fopenmp", "-std=c++17"], "extra_ldflags": ["-fopenmp"]}
+CFLAGS, LDFLAGS = ["-O3", "-fopenmp", "-std=c++17"], ["-fopenmp"]
 DISABLE_ENV = "TUILI_KERNELS"  # "0" forces the PyTorch fallback everywhere (tests run both paths)
 
 
@@ -99,7 +99,12 @@ def compile_extension(name: str, sources: list[Path], directory: Path, quiet: bo
             print("tuili: building tuili's CPU kernels (1-2 minutes, once) ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         module = load(
-            name=name, sources=[str(s) for s in sources], build_directory=str(directory), verbose=False, **FLAGS
+            name=name,
+            sources=[str(s) for s in sources],
+            build_directory=str(directory),
+            verbose=False,
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
         )
         if building and not quiet:
             print(
