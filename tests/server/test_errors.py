@@ -177,7 +177,7 @@ def test_requests_before_warm_up_finishes_get_503(tiny_model):
     server = Server(AsyncLLM(tiny_model), ServerConfig(model_names=(MODEL,)))
     try:
         with pytest.raises(Exception) as info:
-            server._check_ready_and_model(MODEL)
+            server.limits.serving(MODEL, server.ready)
         assert info.value.status == 503 and "warming up" in info.value.message
     finally:
         server.llm.shutdown()

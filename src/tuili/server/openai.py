@@ -1,15 +1,24 @@
 """Turning the engine's outputs into OpenAI response objects: choices, stream chunks, log-probabilities
-and usage, for completions and chat completions alike."""
+and usage for completions and chat completions, embeddings and log-likelihood lists, and the header
+that names the bookkeeping fields a request sent and tuili ignored."""
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 from functools import lru_cache
 
+from torch import Tensor
+
+from tuili.engine.pooling import Score
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import TokenLogprob
 from tuili.models.tokenizer import Tokenizer
 from tuili.server.errors import error_body
+from tuili.server.protocol import _Request
+
+log = logging.getLogger("tuili.server")
 
 
 class TokenText:
@@ -154,6 +163,56 @@ class Formatter:
 
     def usage_chunk(self, usage_: dict) -> str:
         return self._chunk([], usage_)
+
+
+def embedding_list(vectors: list[Tensor], encoding_format: str, model: str, prompt_tokens: int) -> dict:
+    """/v1/embeddings: one vector per input, as floats or base64 little-endian float32."""
+    data = []
+    for i, v in enumerate(vectors):
+        value = (
+            base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if encoding_format == "base64" else v.tolist()
+        )
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": model, "usage": usage_of(prompt_tokens)}
+
+
+def loglikelihood_list(
+    scores: list[Score],
+    continuations: list[list[int]],
+    top_logprobs: int,
+    tokens: TokenText,
+    model: str,
+    prompt_tokens: int,
+) -> dict:
+    """/v1/loglikelihood: per pair, log P(continuation | context), its tokens and theirs."""
+    data = []
+    for i, (score, continuation) in enumerate(zip(scores, continuations)):
+        entry = {
+            "object": "loglikelihood",
+            "index": i,
+            "logprob": score.logprob,
+            "is_greedy": score.is_greedy,
+            "num_tokens": len(continuation),
+            "tokens": [tokens.of(t) for t in continuation],
+            "token_logprobs": score.token_logprobs,
+        }
+        if top_logprobs:
+            entry["top_logprobs"] = [{tokens.of(t): lp for t, lp in top} for top in score.top_logprobs]
+        data.append(entry)
+    return {"object": "list", "data": data, "model": model, "usage": usage_of(prompt_tokens)}
+
+
+def usage_of(prompt_tokens: int) -> dict:
+    """Usage of a request that generates nothing (embeddings, scores)."""
+    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+
+
+def ignored_header(body: _Request) -> dict[str, str]:
+    """The response header naming the bookkeeping fields a request sent and tuili ignored (also logged)."""
+    if not body.ignored_fields:
+        return {}
+    log.info("ignored the bookkeeping fields %s", ", ".join(body.ignored_fields))
+    return {"X-Tuili-Ignored-Fields": ", ".join(body.ignored_fields)}
 
 
 def sse_error(status: int, message: str) -> str:

@@ -18,7 +18,8 @@ import threading
 import uvicorn
 
 from tuili.engine.async_llm import AsyncLLM
-from tuili.server.app import Server, ServerConfig
+from tuili.server.app import Server
+from tuili.server.config import ServerConfig
 
 log = logging.getLogger("tuili.server")
 
