@@ -52,6 +52,29 @@ def test_reference_equals_attention_over_a_contiguous_cache():
         torch.testing.assert_close(out[b], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_paged_decode_attention_equals_flash_attention(path):
+    """Decode attention over scattered blocks equals FlashAttention's tiled online softmax over the
+    same keys and values laid out contiguously (ragged lengths as key_lengths)."""
+    from tuili.kernels.flash import flash_attention
+
+    if path == "kernel" and ext is None:
+        pytest.skip("C++ kernels not built on this machine")
+    lens, hq, hkv, d, bs = [3, 40, 17], 8, 2, 64, 16
+    k, v, tables, ctx, _, _ = paged_cache(lens, hkv, d, bs, seed=3)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(4))
+    attend = ops.paged_attention if path == "kernel" else ops.paged_attention_reference
+    out = attend(q, k, v, tables, ctx, 1 / math.sqrt(d))
+    width = max(lens)
+    kc = torch.zeros(len(lens), hkv, width, d)
+    vc = torch.zeros(len(lens), hkv, width, d)
+    for b, n in enumerate(lens):
+        kc[b, :, :n] = k[tables[b].long()].reshape(-1, hkv, d)[:n].transpose(0, 1)
+        vc[b, :, :n] = v[tables[b].long()].reshape(-1, hkv, d)[:n].transpose(0, 1)
+    expected = flash_attention(q[:, :, None], kc, vc, causal=False, key_lengths=ctx.long(), block_k=8)[:, :, 0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
 @pytest.mark.parametrize(

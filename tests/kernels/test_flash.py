@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tuili.engine.flash import flash_attention
+from tuili.kernels.flash import flash_attention
 
 
 def naive(q, k, v, causal=True, key_lengths=None):
@@ -61,7 +61,7 @@ def test_bad_shapes_are_refused():
 
 PEAK = """
 import resource, sys, torch
-from tuili.engine.flash import flash_attention
+from tuili.kernels.flash import flash_attention
 torch.set_num_threads(1)
 q, k, v = (torch.randn(1, 1, 8192, 64) for _ in range(3))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -6,8 +6,9 @@ and unnormalised output o:
     s = q·kᵀ·scale,  m' = max(m, rowmax s),  p = e^(s − m'),
     l' = l·e^(m − m') + rowsum p,  o' = o·e^(m − m') + p·v,  and finally o / l.
 Memory is O(T·D + block_q·block_k) instead of O(T·S). The engine's production paths are SDPA's
-CPU flash kernel (prefill) and tuili's paged-attention kernel (decode); this is what they are
-checked against and what the user's notes on FlashAttention describe.
+CPU flash kernel (prefill) and tuili's paged-attention kernel (decode); the paged kernel and its
+twin are checked against this (tests/kernels/test_attention.py), and it is what the user's notes on
+FlashAttention describe.
 """
 
 from __future__ import annotations
