@@ -56,7 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 // The same kernels as PyTorch operators (torch.ops.tuili.*), so that torch.compile can hold a whole
 // decode step in one graph and its generated code calls them without Python in between.
-// Fake (shape-only) implementations are registered in tuili.kernels.compiled.
+// Fake (shape-only) implementations are registered in tuili.kernels.ops (register_fakes).
 TORCH_LIBRARY(tuili, m) {
   m.def("w4_linear(Tensor x, Tensor w, Tensor scale, Tensor zs, int group_size, bool flip) -> Tensor");
   m.def("w8_linear(Tensor x, Tensor w, Tensor scale, int group_size) -> Tensor");
