@@ -14,11 +14,9 @@ from torch import nn
 
 import tuili.engine.fused as fused_module
 from tuili.engine import LLM, SamplingParams
-from tuili.engine.compiled import compile_, compiled_decode
 from tuili.engine.decode import decode_step
 from tuili.engine.fused import fused_decode, python_decode
 from tuili.kernels import ops as kernels
-from tuili.pipeline.optimize import compile_stage
 from tuili.quant import Int4WeightOnly, Int8WeightOnly, quantize_
 from tuili.quant.linear import compute_dtype
 
@@ -177,7 +175,6 @@ def test_a_planned_model_can_still_be_freed():
     one) is freed when the user drops it."""
     model = random_tiny("llama-gqa")
     fused_and_python(model)
-    assert compile_(model)._plan(False) is not None  # a compiled step's plan too (not compiled here)
     ref = weakref.ref(model.module)
     del model
     gc.collect()
@@ -196,27 +193,3 @@ def test_an_idle_engine_lets_go_of_the_weights_it_planned_with():
     gc.collect()
     assert old() is None
     assert llm.generate([[1, 2, 3]], params)[0].token_ids  # and the next request plans again
-
-
-def test_the_cpp_step_runs_before_a_compiled_graph():
-    """compile_ still applies where the C++ step does not (bf16 models); where both do, the C++ step
-    runs (measured faster: W8A16 255 against 216 tok/s) and nothing is compiled."""
-    model = random_tiny("llama-gqa")
-    (fast, _), _ = fused_and_python(model)
-    compiled = compile_(model)
-    cache = prefilled(model.module, model.config, PROMPTS)
-    with torch.inference_mode():
-        assert torch.equal(decode_step(model.module, cache, *STEP), fast)
-    assert compiled.compile_seconds == 0
-
-
-def test_the_compile_stage_compiles_only_where_the_cpp_step_does_not_apply():
-    stage = compile_stage()
-    fp32 = random_tiny("llama-gqa")
-    assert stage(fp32) == "compile: skipped, the engine's C++ decode step applies"
-    assert compiled_decode(fp32.module) is None
-    bf16 = random_tiny("llama-gqa")  # a bf16 model, every layer W8: the compiled graph's, not the C++ step's
-    bf16.module.to(torch.bfloat16)
-    quantize_(bf16, Int8WeightOnly(), ignore=(), progress=False)
-    assert stage(bf16).startswith("compile decode step (")
-    assert compiled_decode(bf16.module) is not None

@@ -46,8 +46,9 @@ BAD = [
     ),
     ("stages:\n  - save: out\n  - analyze\n", "r.yaml, line 3: analyze cannot come after save (line 2)"),
     ("stages:\n  - quantize: w8a16\n  - quantize: w4a16\n", "r.yaml, line 3: a second quantize stage"),
-    ("stages:\n  - compile\n  - quantize: w8a16\n", "r.yaml, line 3: quantize cannot come after compile (line 2)"),
-    ("stages:\n  - compile: {mode: fast}\n", "r.yaml, line 2: compile has no setting 'mode'"),
+    ("stages:\n  - benchmark\n  - quantize: w8a16\n", "r.yaml, line 3: quantize cannot come after benchmark (line 2)"),
+    ("stages:\n  - benchmark: {mode: fast}\n", "r.yaml, line 2: benchmark has no setting 'mode'"),
+    ("stages:\n  - compile\n", "r.yaml, line 2: unknown stage 'compile'"),
     ("stages:\n  - quantize: w9a9\n", "r.yaml, line 2: quantize: unknown scheme 'w9a9'"),
     (
         "stages:\n  - quantize: {scheme: w8a16, kv_cache: fp8}\n",
@@ -99,7 +100,6 @@ def test_every_stage_kind_is_documented_in_the_error_for_an_unknown_one():
 
 def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     import tuili
-    from tuili.engine.compiled import compiled_decode
     from tuili.pipeline import optimize
     from tuili.quant.linear import quantized_layers
 
@@ -108,7 +108,7 @@ def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     recipe.write_text(
         f"name: small\nstages:\n  - analyze: {{context_len: 64}}\n"
         f"  - prune: {{spec: mlp=0.5, calib_samples: 2, calib_len: 32}}\n"
-        f"  - quantize: {{scheme: w8a16, kv_cache: bfloat16}}\n  - compile\n"
+        f"  - quantize: {{scheme: w8a16, kv_cache: bfloat16}}\n"
         f"  - benchmark: {{max_tokens: 256, seq_len: 64, batch_sizes: [1, 3]}}\n"
         f"  - save: {tmp_path / 'out'}\n"
     )
@@ -116,9 +116,7 @@ def test_a_recipe_runs_its_stages_in_order_and_saves_the_result(tmp_path):
     width = model.config.intermediate_size
     report = optimize(model, recipe, data=str(tmp_path / "t.txt"), progress=False)
     assert [s.name for s in report.stages][:3] == ["baseline", "prune mlp=0.5", "quantize w8a16 rtn, bf16 KV cache"]
-    # the engine's C++ step applies to this model and is faster: nothing compiled
-    assert report.stages[3].name == "compile: skipped, the engine's C++ decode step applies"
-    assert compiled_decode(model.module) is None and report.stages[3].num_bytes == report.stages[2].num_bytes
+    assert len(report.stages) == 3
     assert report.stages[1].num_bytes < report.stages[0].num_bytes  # the quantize stage got the pruned model
     assert report.stages[2].num_bytes < report.stages[1].num_bytes
     assert report.stages[0].quality.num_tokens <= 256 and report.recipe == "small"

@@ -9,9 +9,8 @@ submodule's `forward` directly, and the cache's `decode` (paged write + paged at
 tuili's Llama, the engine runs the module's forward (which rewrites any keys and values this path
 stored before it met the hook with the same values).
 
-Where they apply, two faster versions of the same step run instead, in this order: the whole step
-as one C++ call (tuili.engine.fused, the default) and a compiled graph (tuili.engine.compiled,
-after `compile_`); this Python loop is what they are tested against.
+Where it applies, the whole step runs as one C++ call instead (tuili.engine.fused, the default);
+this Python loop is what it is tested against.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tuili.engine.compiled import compiled_decode
 from tuili.engine.fused import fused_decode
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.plan import bf16_step
@@ -35,17 +33,17 @@ def decode_step(
 ) -> Tensor | None:
     """Logits (len(logits_at), V) for token ids (N,) at positions (N,), one per sequence of the
     bound step; None where this path does not apply (the caller runs the module instead).
-    `check`: look again whether the model still matches the plans of the fast paths (compiled,
-    C++) made from it; the engine asks once per new request, not per token, because with the
-    weights streaming through the caches each step the ~400 Python objects that check reads are
-    cold: 0.34 ms of a 4 ms step (measured)."""
+    `check`: look again whether the model still matches the plan the C++ step made from it; the
+    engine asks once per new request, not per token, because with the weights streaming through the
+    caches each step the ~400 Python objects that check reads are cold: 0.34 ms of a 4 ms step
+    (measured)."""
     if type(module) is not LlamaForCausalLM or torch.is_grad_enabled() or not cache.decoding:
         return None
     bf16 = bf16_step(module.dtype, current_compute_dtype())
-    for fast in (fused_decode(module), compiled_decode(module)):  # C++ first: it measured faster
-        logits = None if fast is None else fast(cache, ids, positions, logits_at, bf16, check)
-        if logits is not None:
-            return logits
+    fused = fused_decode(module)
+    logits = None if fused is None else fused(cache, ids, positions, logits_at, bf16, check)
+    if logits is not None:
+        return logits
     backbone = module._modules["model"]  # _modules lookups: nn.Module.__getattr__ costs ~0.5 µs a name
     parts = backbone._modules
     embed, final_norm, head = parts["embed_tokens"], parts["norm"], module._modules["lm_head"]

@@ -168,8 +168,8 @@ def fused_decode(module: nn.Module) -> FusedDecode | None:
 
 @contextmanager
 def python_decode() -> Iterator[None]:
-    """The C++ step stands aside inside the block: decode steps run the compiled graph where
-    `compile_` made one, else the Python loop (tests and benchmarks compare them)."""
+    """The C++ step stands aside inside the block: decode steps run the Python loop (tests and
+    benchmarks compare them)."""
     global _disabled
     before, _disabled = _disabled, True
     try:

@@ -14,12 +14,10 @@ import time
 import torch
 from torch import Tensor
 
-from tuili.engine.compiled import compile_
 from tuili.engine.decode import decode_step
 from tuili.engine.detokenize import OutputText
-from tuili.engine.fused import cpp_step_applies, release_plans
+from tuili.engine.fused import release_plans
 from tuili.engine.paged_cache import PagedKVCache
-from tuili.engine.plan import bf16_step
 from tuili.engine.request import Request, RequestOutput
 from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
@@ -58,9 +56,6 @@ class LLMEngine:
     fast_decode: steps of one token per sequence skip nn.Module dispatch (tuili.engine.decode): one
         C++ call for tuili's Llama models. The model must not change while requests run: a new
         module, packed weights or hook is picked up when the next request is added.
-    compile: run decode steps as one compiled graph (tuili.engine.compiled), compiled here, before
-    the first request (about two minutes for the default model, then cached on disk by Inductor);
-    only where the C++ step does not apply (bf16 models), since it measured faster.
     """
 
     def __init__(
@@ -76,7 +71,6 @@ class LLMEngine:
         threads: int | None = None,
         bf16_activations: bool | None = None,
         fast_decode: bool = True,
-        compile: bool = False,
     ):
         if threads is not None:
             if threads < 1:
@@ -101,9 +95,6 @@ class LLMEngine:
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
         self.no_grad = torch.inference_mode if plain else torch.no_grad
-        bf16 = bf16_step(dtype, self.compute_dtype)
-        if compile and not cpp_step_applies(self.module, bf16):  # the C++ step measured faster where it applies
-            compile_(model).warm_up(self.cache, bf16)
 
     @property
     def max_tokens_per_request(self) -> int:

@@ -1,12 +1,11 @@
 """What a decode step reads from a model: every linear layer's kernel call and the weights, in order.
 
-The engine's fast decode paths (tuili.engine.compiled: one Inductor graph; tuili.engine.fused: one
-C++ call) both run a Llama decode step straight through tuili's kernels. `build_plan` lists what
-they need from the model (a `StepSpec`: each linear layer's kernel and constant arguments, the
-head counts, the norm's eps) and the weights in the order the step reads them, and its `Checks` tell
-whether the model is still the one the plan was made from: no module replaced, no quantized layer's
-packed weights changed, no hook added (a hook means someone watches the modules: then the eager
-path runs them).
+The engine's fast decode step (tuili.engine.fused: one C++ call) runs a Llama decode step straight
+through tuili's kernels. `build_plan` lists what it needs from the model (a `StepSpec`: each linear
+layer's kernel and constant arguments, the head counts, the norm's eps) and the weights in the
+order the step reads them, and its `Checks` tell whether the model is still the one the plan was
+made from: no module replaced, no quantized layer's packed weights changed, no hook added (a hook
+means someone watches the modules: then the eager path runs them).
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ def bf16_step(model_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> bo
 
 
 class ModelStep:
-    """A fast decode step of one model. It holds the model weakly: the registries that map models
-    to their steps are keyed by the model, and a strong hold would keep every model alive."""
+    """A fast decode step of one model. It holds the model weakly: the registry that maps models
+    to their steps is keyed by the model, and a strong hold would keep every model alive."""
 
     def __init__(self, module: LlamaForCausalLM):
         self._module = weakref.ref(module)
@@ -56,7 +55,7 @@ class LinearSpec:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """The step's layout: everything but the tensors (the compiled step bakes it into its code)."""
+    """The step's layout: everything but the tensors."""
 
     layers: tuple[tuple[LinearSpec, ...], ...]  # q, k, v, o, gate, up, down per layer
     head: LinearSpec

@@ -380,33 +380,3 @@ def argmax(logits: Tensor) -> Tensor:
 def f32_gemv() -> bool:
     """Whether tuili's fp32 GEMV (`f32_linear`) runs here: AVX-512 and the kernels built."""
     return not _forced_fallback and _has_avx512()
-
-
-@functools.cache
-def _register_fakes() -> bool:
-    """Shapes of `torch.ops.tuili.*` outputs for tracing (torch.compile); the operators themselves
-    are registered by the C++ extension (csrc/bindings.cpp)."""
-    if build.extension() is None:
-        return False
-    lib = "tuili::"
-
-    def linear_out(x: Tensor, n: int) -> Tensor:
-        return x.new_empty((x.shape[0], n))
-
-    for name in ("w4_linear", "w8_linear", "w4a8_linear"):
-        torch.library.register_fake(lib + name)(lambda x, w, *rest: linear_out(x, w.shape[0]))
-    torch.library.register_fake(lib + "f32_linear")(lambda x, w, bias: linear_out(x, w.shape[0]))
-    torch.library.register_fake(lib + "w8a8_linear")(lambda x, w, ws, xs: linear_out(x, w.shape[0]))
-    torch.library.register_fake(lib + "w4_linear_bf16")(lambda x, p, s, zs, n, g: linear_out(x, n))
-    torch.library.register_fake(lib + "w8_linear_i16")(lambda x, p, s, n, g: linear_out(x, n))
-    torch.library.register_fake(lib + "w8a8_linear_packed")(lambda x, p, rs, ws, xs, n: linear_out(x, n))
-    torch.library.register_fake(lib + "paged_attention")(lambda q, *rest: torch.empty_like(q))
-    torch.library.register_fake(lib + "paged_write")(lambda *args: None)
-    torch.library.register_fake(lib + "rms_norm")(lambda x, w, eps: torch.empty_like(x))
-    torch.library.register_fake(lib + "rope")(lambda x, cos, sin: torch.empty_like(x))
-    return True
-
-
-def register_fakes() -> bool:
-    """Make tuili's operators traceable by torch.compile; False where the kernels are not built."""
-    return not _forced_fallback and _register_fakes()

@@ -13,8 +13,6 @@ from tuili.data import calibration_samples, eval_windows, load_text, perplexity
 from tuili.data.batches import packed_sequences
 from tuili.data.perplexity import Perplexity
 from tuili.distill import DistillConfig, distill
-from tuili.engine.compiled import compile_, uncompile_
-from tuili.engine.fused import cpp_step_applies
 from tuili.kernels.kv_format import check_kv_cache_format
 from tuili.models.loading import load
 from tuili.models.model import Model
@@ -241,23 +239,6 @@ def distill_stage(
     return run
 
 
-def compile_stage() -> Callable[[Model], str]:
-    """A stage that makes the engine run the model's decode steps as one compiled graph
-    (tuili.engine.compiled), compiled here so that the benchmark after it times only steps; skipped
-    where the engine's C++ decode step (tuili.engine.fused) applies, which is faster."""
-
-    def run(model: Model) -> str:
-        if cpp_step_applies(model.module):  # it measured faster than the compiled graph (docs/engine.md)
-            return "compile: skipped, the engine's C++ decode step applies"
-        compiled = compile_(model)
-        if not compiled.warm_up():
-            uncompile_(model)
-            return "compile: not applicable to this model (eager decode step kept)"
-        return f"compile decode step ({compiled.compile_seconds:.0f} s)"
-
-    return run
-
-
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -323,7 +304,6 @@ def optimize(
 __all__ = [
     "OptimizeReport",
     "StageResult",
-    "compile_stage",
     "distill_stage",
     "optimize",
     "prune_stage",

@@ -81,7 +81,6 @@ KINDS: dict[str, _Kind] = {
         ("scheme",),
         rank=2,
     ),
-    "compile": _Kind(None, {}, rank=3),  # the engine's decode step as one compiled graph (tuili.engine.compiled)
     "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int, "batch_sizes": list}, rank=4),
     "save": _Kind("path", {"path": str}, ("path",), rank=5),
     "export": _Kind("path", {"path": str}, ("path",), rank=5, once=False),  # .onnx or .gguf, each checked
@@ -107,12 +106,9 @@ class Recipe:
         return next((s.settings for s in self.stages if s.kind == kind), {})
 
     def transforms(self, data: str = "builtin") -> list[Callable[[Model], str]]:
-        """The stages that change the model or how it runs (prune, distill, quantize, compile), as
-        `optimize` runs them."""
+        """The stages that change the model (prune, distill, quantize), as `optimize` runs them."""
         return [
-            _build(stage, data, self.source)
-            for stage in self.stages
-            if stage.kind in ("prune", "distill", "quantize", "compile")
+            _build(stage, data, self.source) for stage in self.stages if stage.kind in ("prune", "distill", "quantize")
         ]
 
     @property
@@ -130,12 +126,7 @@ def _where(source: str, line: int | None) -> str:
 
 def _build(stage: Stage, data: str, source: str) -> Callable[[Model], str]:
     """The stage's callable; the stage constructors check their values (scheme names, specs, ...)."""
-    from tuili.pipeline.optimize import (
-        compile_stage,
-        distill_stage,
-        prune_stage,
-        quantize_stage,
-    )
+    from tuili.pipeline.optimize import distill_stage, prune_stage, quantize_stage
 
     s = dict(stage.settings)
     try:
@@ -143,8 +134,6 @@ def _build(stage: Stage, data: str, source: str) -> Callable[[Model], str]:
             return prune_stage(s.pop("spec"), data=data, **s)
         if stage.kind == "distill":
             return distill_stage(s.pop("steps"), data=data, **s)
-        if stage.kind == "compile":
-            return compile_stage()
         return quantize_stage(s.pop("scheme"), data=data, **s)
     except (ValueError, KeyError, TypeError) as e:
         message = e.args[0] if e.args else str(e)

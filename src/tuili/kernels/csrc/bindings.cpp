@@ -53,39 +53,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   tuili::bind_decode_plan(m);
   m.def("bf16", &tuili::use_bf16, "whether this CPU takes the 16-bit dot-product kernels (AVX512-BF16 and VNNI)");
 }
-
-// The same kernels as PyTorch operators (torch.ops.tuili.*), so that torch.compile can hold a whole
-// decode step in one graph and its generated code calls them without Python in between.
-// Fake (shape-only) implementations are registered in tuili.kernels.ops (register_fakes).
-TORCH_LIBRARY(tuili, m) {
-  m.def("w4_linear(Tensor x, Tensor w, Tensor scale, Tensor zs, int group_size, bool flip) -> Tensor");
-  m.def("w8_linear(Tensor x, Tensor w, Tensor scale, int group_size) -> Tensor");
-  m.def("w4_linear_bf16(Tensor x, Tensor packed, Tensor scale, Tensor zs, int N, int group_size) -> Tensor");
-  m.def("w8_linear_i16(Tensor x, Tensor packed, Tensor scale, int N, int group_size) -> Tensor");
-  m.def("f32_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("w8a8_linear(Tensor x, Tensor w, Tensor weight_scale, Tensor? input_scale) -> Tensor");
-  m.def("w8a8_linear_packed(Tensor x, Tensor packed, Tensor row_sum, Tensor weight_scale, Tensor? input_scale, "
-        "int N) -> Tensor");
-  m.def("w4a8_linear(Tensor x, Tensor w, Tensor scale, Tensor zs, int group_size, bool flip) -> Tensor");
-  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "float sm_scale, Tensor? k_scale, Tensor? v_scale, int window) -> Tensor");
-  m.def("paged_write(Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor slots, Tensor k, Tensor v, "
-        "Tensor(c!)? k_scale, Tensor(d!)? v_scale) -> ()");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(tuili, CPU, m) {
-  m.impl("w4_linear", &tuili::w4_linear);
-  m.impl("w8_linear", &tuili::w8_linear);
-  m.impl("w4_linear_bf16", &tuili::w4_linear_bf16);
-  m.impl("w8_linear_i16", &tuili::w8_linear_i16);
-  m.impl("f32_linear", &tuili::f32_linear);
-  m.impl("w8a8_linear", &tuili::w8a8_linear);
-  m.impl("w8a8_linear_packed", &tuili::w8a8_linear_packed);
-  m.impl("w4a8_linear", &tuili::w4a8_linear);
-  m.impl("paged_attention", &tuili::paged_attention);
-  m.impl("paged_write", &tuili::paged_write_layer);
-  m.impl("rms_norm", &tuili::rms_norm);
-  m.impl("rope", &tuili::rope);
-}
