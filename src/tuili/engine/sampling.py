@@ -106,14 +106,20 @@ def finite(logits: Tensor) -> Tensor:
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """Next token ids (B,) from logits (B, V) (penalties, if any, already applied)."""
-    logits = finite(logits)  # fp32 for the softmax
-    best = logits.argmax(dim=-1)
+    """Next token ids (B,) from logits (B, V) (penalties, if any, already applied). The common case
+    costs one reduction more than the plain sampler (the check that the distribution is usable);
+    only a distribution that is not takes the safe path."""
     if params.greedy:
-        return best
-    # shift to a maximum of 0 before scaling, so a small temperature cannot overflow to inf
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
-    logits = logits.nan_to_num(nan=float("-inf"))  # -inf - -inf: a row with no finite logit
+        return logits.argmax(dim=-1)
+    probs = _probs(logits.float() / params.temperature, params)  # fp32 for the softmax
+    total = probs.sum(dim=-1)
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):  # NaN anywhere makes the sum NaN
+        probs = _safe_probs(logits, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The filtered distribution over scaled logits: min-p, top-k, top-p, then softmax."""
     if params.min_p > 0:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
@@ -122,13 +128,21 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1:
         logits = _top_p(logits, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def _safe_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution for logits with NaN or infinities, or a temperature that overflows them:
+    finite logits shifted to a maximum of 0 before scaling, and a row that still degenerates (every
+    token filtered or overflowed) put on its most likely token."""
+    logits = finite(logits)
+    best = logits.argmax(dim=-1)
+    scaled = ((logits - logits.amax(dim=-1, keepdim=True)) / params.temperature).nan_to_num(nan=float("-inf"))
+    probs = _probs(scaled, params)
     usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    if not bool(usable.all()):  # a degenerate row: its most likely token, never a NaN draw
-        probs = torch.where(
-            usable[:, None], probs.nan_to_num(0.0), torch.nn.functional.one_hot(best, probs.shape[-1]).float()
-        )
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(
+        usable[:, None], probs.nan_to_num(0.0), torch.nn.functional.one_hot(best, probs.shape[-1]).float()
+    )
 
 
 def _top_p(logits: Tensor, top_p: float) -> Tensor:
