@@ -64,8 +64,8 @@ def _distill(args) -> None:
         student_from_sizes,
         student_from_teacher,
     )
+    from tuili.distill.runtime import init_distributed
     from tuili.distill.students import parse_sizes
-    from tuili.distill.trainer import init_distributed
     from tuili.models import load
     from tuili.models.io import atomic_write_text
     from tuili.pipeline.report import markdown_table

@@ -113,8 +113,8 @@ def sample_ids(model: Model, batch: int = 2, tokens: int = 32, seed: int = 0) ->
 def check_onnx(path: str | Path, model: Model, ids: Tensor) -> float:
     """Largest absolute difference between onnxruntime's logits for `ids` (B, T) and tuili's."""
     ort = _require("onnxruntime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (output,) = session.run(["logits"], {"input_ids": ids.numpy()})
+    runtime = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = runtime.run(["logits"], {"input_ids": ids.numpy()})
     with torch.no_grad():
         expected = model.module(ids).logits
     return float((torch.from_numpy(output) - expected).abs().max())

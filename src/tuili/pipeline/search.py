@@ -2,10 +2,9 @@
 
 Each linear layer may stay float or become int8 or int4 (tuili.pipeline.sensitivity.OPTIONS), at a
 measured cost (bytes, or batch-1 seconds) and a predicted loss increase. Choosing one option per
-layer to minimise Σ ΔL subject to Σ cost ≤ budget is a multiple-choice knapsack; `plan` solves it
-greedily on each layer's lower convex hull (cost against ΔL), taking upgrades in order of loss
-saved per unit of cost, which is optimal up to the last upgrade that no longer fits. The plan is
-then applied and measured: a budget is reported met only when the measurement says so.
+layer to minimise Σ ΔL subject to Σ cost ≤ budget is a multiple-choice knapsack, which `plan`
+solves (tuili.pipeline.knapsack). The plan is then applied and measured: a budget is reported met
+only when the measurement says so.
 
 Sparsity: the search also tries removing a fraction of every MLP's intermediate neurons first
 (structured pruning, activation importance: tuili.prune.structured), the one kind of sparsity that
@@ -18,7 +17,6 @@ the budget with the lowest measured perplexity wins.
 from __future__ import annotations
 
 import copy
-import heapq
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -26,11 +24,11 @@ from dataclasses import dataclass, field
 
 from tuili.data import calibration_samples, eval_windows, load_text, perplexity
 from tuili.data.perplexity import Perplexity
-from tuili.errors import TuiliError
 from tuili.kernels.kv_format import check_kv_cache_format
 from tuili.models.model import Model
 from tuili.pipeline.analysis import analyze
 from tuili.pipeline.bench import Speed, measure_speed
+from tuili.pipeline.knapsack import SearchError, plan, show_cost
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.pipeline.sensitivity import OPTIONS, LayerCost, layer_costs
 from tuili.prune.structured import prune_mlp_
@@ -40,68 +38,6 @@ from tuili.quant.kv import quantize_kv_cache_
 from tuili.quant.linear import quantized_layers
 
 MLP_SPARSITIES = (0.0, 0.125, 0.25)  # fractions of MLP neurons tried by default
-
-
-class SearchError(TuiliError, ValueError):
-    """A budget no plan can meet, or settings that do not make a search."""
-
-
-def _hull(cost: LayerCost, key: str) -> list[str]:
-    """The layer's options on the lower convex hull of (cost, ΔL), cheapest first: an option that
-    costs more and loses more than another, or lies above the segment between two, is never worth it."""
-    by_cost = sorted(cost.delta, key=lambda o: (getattr(cost, key)[o], cost.delta[o]))
-    hull: list[str] = []
-    for o in by_cost:
-        c, d = getattr(cost, key)[o], cost.delta[o]
-        if hull and d >= cost.delta[hull[-1]]:
-            continue  # no cheaper in loss than a cheaper option
-        while len(hull) >= 2:
-            (c1, d1), (c2, d2) = ((getattr(cost, key)[h], cost.delta[h]) for h in hull[-2:])
-            if (d1 - d2) * (c - c2) <= (d2 - d) * (c2 - c1):  # hull[-1] is not below the chord
-                hull.pop()
-            else:
-                break
-        hull.append(o)
-    return hull
-
-
-def plan(costs: Sequence[LayerCost], budget: float, key: str = "num_bytes") -> dict[str, str]:
-    """Layer name -> option with Σ cost[key] ≤ budget and Σ ΔL as small as the greedy finds.
-    Raises SearchError if even the cheapest plan does not fit."""
-    hulls = {c.name: _hull(c, key) for c in costs}
-    by_name = {c.name: c for c in costs}
-    choice = {name: 0 for name in hulls}  # index into the hull
-    total = sum(getattr(by_name[n], key)[h[0]] for n, h in hulls.items())
-    if total > budget:
-        raise SearchError(
-            f"the budget ({_show(budget, key)}) is below the cheapest plan, every layer at its "
-            f"cheapest format ({_show(total, key)}): raise it"
-        )
-    heap: list[tuple[float, str]] = []
-
-    def push(name: str) -> None:
-        i, hull = choice[name], hulls[name]
-        if i + 1 < len(hull):
-            c = by_name[name]
-            extra = getattr(c, key)[hull[i + 1]] - getattr(c, key)[hull[i]]
-            saved = c.delta[hull[i]] - c.delta[hull[i + 1]]
-            heapq.heappush(heap, (-saved / max(extra, 1e-30), name))
-
-    for name in hulls:
-        push(name)
-    while heap:
-        _, name = heapq.heappop(heap)
-        c, hull, i = by_name[name], hulls[name], choice[name]
-        extra = getattr(c, key)[hull[i + 1]] - getattr(c, key)[hull[i]]
-        if total + extra <= budget:
-            total += extra
-            choice[name] = i + 1
-            push(name)
-    return {name: hulls[name][i] for name, i in choice.items()}
-
-
-def _show(value: float, key: str) -> str:
-    return human_bytes(value) if key == "num_bytes" else f"{1000 * value:.2f} ms/token"
 
 
 def apply_plan(model: Model, choice: dict[str, str]) -> Model:
@@ -412,7 +348,7 @@ def _search_at(
         tries.append(
             {
                 "mlp_sparsity": fraction,
-                "budget": _show(budget + (fixed_bytes if key == "num_bytes" else 0), key),
+                "budget": show_cost(budget + (fixed_bytes if key == "num_bytes" else 0), key),
                 "measured": f"{human_bytes(measured.num_bytes)}, {speedup:.2f}×",
             }
         )
