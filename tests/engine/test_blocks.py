@@ -95,7 +95,7 @@ def test_random_workload_keeps_every_invariant(seed):
 
 
 def test_ragged_workload_wastes_under_4_percent_of_allocated_slots():
-    """The issue's memory figure: 64 requests of 256 to 2,048 tokens in blocks of 16 slots."""
+    """The engine's memory figure: 64 requests of 256 to 2,048 tokens in blocks of 16 slots."""
     from tuili.engine.blocks import unused_fraction
 
     rng = random.Random(0)

@@ -40,11 +40,11 @@ def test_a_model_with_a_smaller_kv_cache_exports_its_rounding_too(tmp_path, kv):
 
 def test_the_graph_takes_input_ids_and_gives_logits(tmp_path):
     model = random_tiny()
-    session = ort.InferenceSession(
+    runtime = ort.InferenceSession(
         str(export_onnx(model, tmp_path / "m.onnx").path), providers=["CPUExecutionProvider"]
     )
-    assert [i.name for i in session.get_inputs()] == ["input_ids"]
-    (logits,) = session.run(["logits"], {"input_ids": sample_ids(model, 2, 7).numpy()})
+    assert [i.name for i in runtime.get_inputs()] == ["input_ids"]
+    (logits,) = runtime.run(["logits"], {"input_ids": sample_ids(model, 2, 7).numpy()})
     assert logits.shape == (2, 7, model.config.vocab_size)
 
 
