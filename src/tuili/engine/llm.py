@@ -14,13 +14,12 @@ import time
 import torch
 from torch import Tensor
 
-from tuili.engine.decode import decode_step
 from tuili.engine.detokenize import OutputText
-from tuili.engine.fused import release_plans
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput
 from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
+from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
 from tuili.models.model import Model
 from tuili.quant.linear import compute_dtype, engine_compute_dtype
@@ -53,9 +52,10 @@ class LLMEngine:
     (fp32 accumulation): prefill chunks as a bf16 GEMM, decode steps in tuili's AVX512-BF16
     kernels; about 3× faster at prefill and at 16 rows where the CPU has AVX512-BF16 or AMX, the
     default there. fp32 and bf16 models are unaffected.
-    fast_decode: steps of one token per sequence skip nn.Module dispatch (tuili.engine.decode): one
-        C++ call for tuili's Llama models. The model must not change while requests run: a new
-        module, packed weights or hook is picked up when the next request is added.
+    fast_decode: steps of one token per sequence run as one C++ call (tuili.engine.step) where the
+        kernels are built and every layer has one; the module forward otherwise, and with False.
+        The model must not change while requests run: a new module, packed weights or hook is
+        picked up when the next request is added.
     """
 
     def __init__(
@@ -91,6 +91,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.compute_dtype = engine_compute_dtype(dtype, bf16_activations)
         self.fast_decode = fast_decode
+        self.decode_step = DecodeStep(self.module)
         self._check_model = True  # look again whether the fast decode paths' plans fit the model
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
@@ -195,7 +196,7 @@ class LLMEngine:
         with compute_dtype(self.compute_dtype):
             logits = None
             if self.fast_decode:
-                logits = decode_step(self.module, self.cache, ids_t, positions_t, at, self._check_model)
+                logits = self.decode_step(self.cache, ids_t, positions_t, at, self.compute_dtype, self._check_model)
             if logits is not None:
                 self._check_model = False
                 return logits
@@ -247,7 +248,7 @@ class LLMEngine:
         request.finish_reason, request.finished_time = reason, time.perf_counter()
         del self.requests[request.id]
         if not self.requests:  # idle: let go of the weights the C++ step's plan holds
-            release_plans(self.module)
+            self.decode_step.release()
         return RequestOutput.of(request, delta, new_tokens)
 
     def stats(self) -> dict[str, float]:

@@ -202,21 +202,6 @@ class PagedKVCache:
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-    def decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """A bound step of one token per sequence (the engine's fast decode path): store k, v
-        (N, Hkv, D) and attend with q (N, H, D) -> (N, H, D), straight through the kernels."""
-        step = self._step
-        kernels.paged_write(
-            self.k[layer],
-            self.v[layer],
-            step.slots,
-            k,
-            v,
-            self._scale(self.k_scale, layer),
-            self._scale(self.v_scale, layer),
-        )
-        return self._paged(layer, q, step)
-
     def _paged(self, layer: int, q: Tensor, step: _Step) -> Tensor:
         """The paged-attention kernel for the step's leading one-token segments, q (nd, H, D)."""
         nd = step.num_decode

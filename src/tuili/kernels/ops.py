@@ -19,20 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tuili.kernels import build
+from tuili.kernels.contract import MAX_M_F32, OPS
 
-MAX_M = 64  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
-MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
-MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here
-# per kernel, the batch rows up to which it beats its PyTorch twin (layers pick by kernel name)
-MAX_ROWS = {
-    "w4_linear": MAX_M,
-    "w8_linear": MAX_M,
-    "w4a8_linear": MAX_M,
-    "w8a8_linear": MAX_M_INT8,
-    "w8a8_linear_packed": MAX_M_PACKED,
-    "w4_linear_bf16": MAX_M,
-    "w8_linear_i16": MAX_M,
-}
 _forced_fallback = False
 
 
@@ -98,19 +86,21 @@ def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, group_size: int) ->
     return (x.float() @ _dequantize(w, scale, torch.zeros_like(scale), group_size).T).to(x.dtype)
 
 
-def _run(name: str, reference, x: Tensor, max_rows: int | None, *args) -> Tensor:
-    """The kernel `name` on CPU for at most `max_rows` rows (None: any), else its PyTorch twin."""
-    fits = x.device.type == "cpu" and (max_rows is None or x.shape[0] <= max_rows)
+def _run(name: str, reference, x: Tensor, *args) -> Tensor:
+    """The kernel `name` on CPU for at most its contract's rows (any, for ops outside it), else
+    its PyTorch twin."""
+    op = OPS.get(name)
+    fits = x.device.type == "cpu" and (op is None or x.shape[0] <= op.max_rows)
     kernel = native(name) if fits else None
     return kernel(x, *args) if kernel is not None else reference(x, *args)
 
 
 def w4_linear(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
-    return _run("w4_linear", w4_linear_reference, x, MAX_M, w, scale, zs, group_size, flip)
+    return _run("w4_linear", w4_linear_reference, x, w, scale, zs, group_size, flip)
 
 
 def w8_linear(x: Tensor, w: Tensor, scale: Tensor, group_size: int) -> Tensor:
-    return _run("w8_linear", w8_linear_reference, x, MAX_M, w, scale, group_size)
+    return _run("w8_linear", w8_linear_reference, x, w, scale, group_size)
 
 
 def quantize_groups(x: Tensor, group_size: int) -> Tensor:
@@ -129,7 +119,7 @@ def w4a8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group
 
 
 def w4a8_linear(x: Tensor, w: Tensor, scale: Tensor, zs: Tensor, group_size: int, flip: bool) -> Tensor:
-    return _run("w4a8_linear", w4a8_linear_reference, x, MAX_M, w, scale, zs, group_size, flip)
+    return _run("w4a8_linear", w4a8_linear_reference, x, w, scale, zs, group_size, flip)
 
 
 def quantize_rows_i16(x: Tensor) -> Tensor:
@@ -156,7 +146,7 @@ def w8a8_linear_reference(x: Tensor, w: Tensor, weight_scale: Tensor, input_scal
 
 
 def w8a8_linear(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
-    return _run("w8a8_linear", w8a8_linear_reference, x, MAX_M_INT8, w, weight_scale, input_scale)
+    return _run("w8a8_linear", w8a8_linear_reference, x, w, weight_scale, input_scale)
 
 
 def w8a8_pack(w: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -256,7 +246,6 @@ def paged_attention(
         "paged_attention",
         paged_attention_reference,
         q,
-        None,
         k_cache,
         v_cache,
         block_tables,
@@ -301,7 +290,7 @@ def paged_write(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
 ) -> None:
-    _run("paged_write", paged_write_reference, k_cache, None, v_cache, slots, k, v, k_scale, v_scale)
+    _run("paged_write", paged_write_reference, k_cache, v_cache, slots, k, v, k_scale, v_scale)
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -314,9 +303,6 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
-
-
-MAX_M_F32 = 8  # fp32 rows up to which tuili's GEMV beats PyTorch's sgemm (measured, benchmarks/kernels.py)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -13,9 +13,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _nn_module
 
 from tuili.kernels import ops as kernels
+from tuili.kernels.contract import MAX_M_F32, KernelCall
 from tuili.models.attention import as_cached, attention, causal_mask, rope_cos_sin, rope_inv_freq
 from tuili.models.config import LlamaConfig
 
@@ -53,12 +53,10 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return kernels.linear(x, self.weight, self.bias)
 
-
-def hooked(modules: tuple[nn.Module, ...]) -> bool:
-    """Whether a forward hook (global, or on one of `modules`) watches these calls."""
-    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules
-    )
+    def kernel_call(self, bf16: bool = False) -> KernelCall:
+        """This layer's forward as one kernel call (for the engine's C++ decode step); the same
+        for any activations."""
+        return KernelCall.of("linear", self.weight, self.bias, ints=(MAX_M_F32,))
 
 
 class Attention(nn.Module):
@@ -100,6 +98,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    activation = "silu"  # the name the engine's C++ decode step knows it by
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

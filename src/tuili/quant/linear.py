@@ -13,12 +13,14 @@ import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuili.kernels import ops as kernels
+from tuili.kernels.contract import OPS, KernelCall
 from tuili.quant.primitives import (
     QuantizedWeight,
     dequantize_groups,
@@ -62,36 +64,37 @@ def engine_compute_dtype(model_dtype: torch.dtype, bf16_activations: bool | None
     return torch.bfloat16 if use_bf16 and model_dtype == torch.float32 else None
 
 
+_UNSET = object()
+_CALL_KEYS = ("_kernel_call", "_bf16_kernel_call")  # where a layer caches its call, by bf16
+
+
 class _KernelLinear(nn.Module, ABC):
     """A quantized linear layer whose forward calls one of tuili's kernels for small batches and its
     PyTorch path (`_reference`) otherwise. Decoding calls every layer once per token, so the call
-    is kept short: the kernel's tensor arguments sit in a plain attribute, dropped whenever a buffer
-    is assigned, loaded or moved, instead of being looked up through nn.Module each time."""
+    is kept short: the layer's `KernelCall` sits in a plain attribute, dropped whenever a buffer is
+    assigned, loaded or moved, instead of being rebuilt through nn.Module each time."""
 
     _buffer_names: tuple[str, ...] = ()
 
-    def kernel_args(self) -> tuple:
-        """(kernel name, tensors..., bias), or () where no kernel takes this layer's layout."""
-        args = self.__dict__.get("_kernel_args")
-        if args is None:
+    def kernel_call(self, bf16: bool = False) -> KernelCall | None:
+        """The kernel call of this layer's product for fp32 activations (`bf16`: for 16-bit ones, a
+        bf16 input or inside `compute_dtype(torch.bfloat16)`); None where no kernel takes its
+        layout or its weights are not on the CPU."""
+        key = _CALL_KEYS[bf16]
+        call = self.__dict__.get(key, _UNSET)
+        if call is _UNSET:
             on_cpu = all(t.device.type == "cpu" for t in self.buffers())
-            args = self.__dict__["_kernel_args"] = self._make_kernel_args() if on_cpu else ()
-        return args
-
-    def bf16_kernel_args(self) -> tuple:
-        """Like kernel_args, for bf16 activations (bf16 input, or inside `compute_dtype(torch.bfloat16)`)."""
-        args = self.__dict__.get("_bf16_kernel_args")
-        if args is None:
-            args = self.__dict__["_bf16_kernel_args"] = self._make_bf16_kernel_args()
-        return args
+            made = (self._make_bf16_kernel_call() if bf16 else self._make_kernel_call()) if on_cpu else None
+            call = self.__dict__[key] = made
+        return call  # type: ignore[return-value]
 
     @abstractmethod
-    def _make_kernel_args(self) -> tuple:
-        """(kernel name, tensors..., bias) for `kernels.native`, or () where no kernel applies."""
+    def _make_kernel_call(self) -> KernelCall | None:
+        """The call for fp32 activations, or None where no kernel applies."""
 
-    def _make_bf16_kernel_args(self) -> tuple:
-        """The kernel for bf16 activations: by default the same as for fp32 ones."""
-        return self.kernel_args()
+    def _make_bf16_kernel_call(self) -> KernelCall | None:
+        """The call for 16-bit activations: by default the same as for fp32 ones."""
+        return self.kernel_call()
 
     @abstractmethod
     def _reference(self, rows: Tensor) -> Tensor:
@@ -100,17 +103,14 @@ class _KernelLinear(nn.Module, ABC):
     def forward(self, x: Tensor) -> Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         ext = kernels.extension()
-        if ext is None:  # no kernels, or forced off (tests, export): nothing is packed or cached
-            args = ()
-        elif rows.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16:
-            args = self.__dict__.get("_bf16_kernel_args") or self.bf16_kernel_args()
-        else:
-            args = self.__dict__.get("_kernel_args")
-            if args is None:
-                args = self.kernel_args()
-        native = getattr(ext, args[0]) if args and rows.shape[0] <= kernels.MAX_ROWS[args[0]] else None
-        y = native(rows, *args[1:-1]) if native is not None else self._reference(rows)
-        bias = self.bias if not args else args[-1]
+        call = None
+        if ext is not None:  # no kernels, or forced off (tests, export): nothing is packed or cached
+            bf16 = rows.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16
+            call = self.__dict__.get(_CALL_KEYS[bf16], _UNSET)
+            if call is _UNSET:
+                call = self.kernel_call(bf16)
+        y = call.run(ext, rows) if call is not None and rows.shape[0] <= call.op.max_rows else self._reference(rows)
+        bias = self.bias if call is None else call.bias
         if bias is not None:
             y = y + bias
         if y.dtype != x.dtype:
@@ -119,46 +119,20 @@ class _KernelLinear(nn.Module, ABC):
 
     def __setattr__(self, name, value):
         if name in self._buffer_names:
-            self._forget_kernel_args()
+            self._forget_kernel_calls()
         super().__setattr__(name, value)
 
-    def _forget_kernel_args(self) -> None:
-        self.__dict__.pop("_kernel_args", None)
-        self.__dict__.pop("_bf16_kernel_args", None)
+    def _forget_kernel_calls(self) -> None:
+        for key in _CALL_KEYS:
+            self.__dict__.pop(key, None)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._forget_kernel_args()
+        self._forget_kernel_calls()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, *args, **kwargs):
-        self._forget_kernel_args()
+        self._forget_kernel_calls()
         return super()._apply(*args, **kwargs)
-
-
-def shared_input(layers: tuple[nn.Module, ...], x: Tensor) -> list[Tensor]:
-    """Each layer's output for the same input rows x (M, in): what `[layer(x) for layer in layers]`
-    gives. Where every layer is W8 under 16-bit activations (the engine's decode steps), one kernel
-    call computes them all (`w8_linear_i16_multi`: the input rounded once, one parallel loop over
-    every layer's blocks, about half the time of separate calls for a layer's q, k, v). Calls
-    `forward`, not the module: hooks do not run (the engine's decode step checks for them first)."""
-    ext = kernels.extension()
-    if (
-        ext is not None
-        and x.dim() == 2
-        and x.shape[0] <= kernels.MAX_M
-        and (x.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16)
-    ):
-        args = [
-            layer.__dict__.get("_bf16_kernel_args") or layer.bf16_kernel_args()
-            if isinstance(layer, _KernelLinear)
-            else ()
-            for layer in layers
-        ]
-        if all(a and a[0] == "w8_linear_i16" for a in args):
-            packed, scales, widths, groups, biases = zip(*(a[1:] for a in args))
-            outs = ext.w8_linear_i16_multi(x, list(packed), list(scales), list(widths), list(groups))
-            return [(y if b is None else y + b).to(x.dtype) for y, b in zip(outs, biases)]
-    return [layer.forward(x) for layer in layers]
 
 
 class WeightOnlyLinear(_KernelLinear):
@@ -224,32 +198,33 @@ class WeightOnlyLinear(_KernelLinear):
         zero = torch.zeros_like(self.scale) if self.zero is None else self.zero.float()
         return dequantize_groups(self.codes(), self.scale, zero, self.group_size)
 
-    def _make_kernel_args(self) -> tuple:
+    def _make_kernel_call(self) -> KernelCall | None:
         if self.bits == 4:
             zero = torch.full_like(self.scale, 8.0) if self.zero is None else self.zero.float()
             zs = (self.scale * zero).contiguous()  # scale · zero per group (symmetric: codes flipped, zero 8)
-            return "w4_linear", self.qweight, self.scale, zs, self.group_size, self.symmetric, self.bias
+            return KernelCall.of(
+                "w4_linear", self.qweight, self.scale, zs, ints=(self.group_size, self.symmetric), bias=self.bias
+            )
         if self.bits == 8 and self.symmetric:
-            return "w8_linear", self.qweight, self.scale, self.group_size, self.bias
-        return ()
+            return KernelCall.of("w8_linear", self.qweight, self.scale, ints=(self.group_size,), bias=self.bias)
+        return None
 
-    def _make_bf16_kernel_args(self) -> tuple:
+    def _make_bf16_kernel_call(self) -> KernelCall | None:
         # a repacked copy of the codes (as many bytes again), made on the first bf16 call
-        args = self.kernel_args()
-        if not args or not kernels.bf16_dot_products() or (self.group_size % 4 and self.group_size < self.in_features):
-            return args
+        call = self.kernel_call()
+        if (
+            call is None
+            or not kernels.bf16_dot_products()
+            or (self.group_size % 4 and self.group_size < self.in_features)
+        ):
+            return call
+        ints = (self.out_features, self.group_size)
         if self.bits == 4:
-            _, qweight, scale, zs = args[:4]  # the fp32 kernel's codes, scales and scale · zero
+            qweight, scale, zs = call.tensors  # the fp32 kernel's codes, scales and scale · zero
             packed = kernels.pack_w4_bf16(qweight, self.in_features, self.symmetric, scale, zs)
-            return ("w4_linear_bf16", *packed, self.out_features, self.group_size, self.bias)
+            return KernelCall.of("w4_linear_bf16", *packed, ints=ints, bias=self.bias)
         # W8: int16 activations (one widening per 32 codes instead of an int8 → bf16 conversion)
-        return (
-            "w8_linear_i16",
-            *kernels.pack_w8_i16(self.qweight, self.scale),
-            self.out_features,
-            self.group_size,
-            self.bias,
-        )
+        return KernelCall.of("w8_linear_i16", *kernels.pack_w8_i16(self.qweight, self.scale), ints=ints, bias=self.bias)
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = _COMPUTE_DTYPE.get() or rows.dtype
@@ -285,11 +260,12 @@ class W4A8Linear(WeightOnlyLinear):
             )
         super().__init__(in_features, out_features, bits, group_size, symmetric, bias, dtype)
 
-    def _make_kernel_args(self) -> tuple:
-        return ("w4a8_linear",) + super()._make_kernel_args()[1:]
+    def _make_kernel_call(self) -> KernelCall | None:
+        call = super()._make_kernel_call()
+        return None if call is None else replace(call, op=OPS["w4a8_linear"])
 
-    def _make_bf16_kernel_args(self) -> tuple:
-        return self.kernel_args()  # W4A8 rounds activations to int8 whatever their dtype
+    def _make_bf16_kernel_call(self) -> KernelCall | None:
+        return self.kernel_call()  # W4A8 rounds activations to int8 whatever their dtype
 
     def _activations(self, rows: Tensor) -> Tensor:
         return kernels.quantize_groups(rows, self.group_size).to(rows.dtype)
@@ -351,11 +327,18 @@ class Int8Linear(_KernelLinear):
         """int8 codes of x (N, in) and their scale, (N, 1) per token or () per tensor."""
         return kernels.quantize_rows(x, self.input_scale)
 
-    def _make_kernel_args(self) -> tuple:
+    def _make_kernel_call(self) -> KernelCall | None:
         packed = kernels.w8a8_pack(self.qweight)  # VNNI: a repacked copy (as many bytes again) for batches
         if packed is not None:
-            return ("w8a8_linear_packed", *packed, self.weight_scale, self.input_scale, self.out_features, self.bias)
-        return "w8a8_linear", self.qweight, self.weight_scale, self.input_scale, self.bias
+            return KernelCall.of(
+                "w8a8_linear_packed",
+                *packed,
+                self.weight_scale,
+                self.input_scale,
+                ints=(self.out_features,),
+                bias=self.bias,
+            )
+        return KernelCall.of("w8a8_linear", self.qweight, self.weight_scale, self.input_scale, bias=self.bias)
 
     def _reference(self, rows: Tensor) -> Tensor:
         return kernels.w8a8_linear_reference(rows, self.qweight, self.weight_scale, self.input_scale)

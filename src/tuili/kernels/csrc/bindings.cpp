@@ -2,17 +2,6 @@
 #include "ops.h"
 
 namespace tuili {
-// The paged cache's write as an operator takes the whole (layers, ...) cache and a layer: a mutated
-// view of a graph input is something Inductor's re-inplacing has been seen to mis-place (its offset).
-void paged_write_layer(torch::Tensor k_cache, torch::Tensor v_cache, int64_t layer, torch::Tensor slots,
-                       torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> k_scale,
-                       c10::optional<torch::Tensor> v_scale) {
-  auto at = [layer](const c10::optional<torch::Tensor>& t) -> c10::optional<torch::Tensor> {
-    return t.has_value() ? c10::optional<torch::Tensor>(t->select(0, layer)) : c10::nullopt;
-  };
-  paged_write(k_cache.select(0, layer), v_cache.select(0, layer), slots, k, v, at(k_scale), at(v_scale));
-}
-
 void bind_decode_plan(py::module_& m);  // decode_step.cpp
 
 std::string isa() {
@@ -35,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8_linear_i16_multi", &tuili::w8_linear_i16_multi,
         "w8_linear_i16 of several layers on one input, in one parallel loop; one output each", release());
   m.def("f32_linear", &tuili::f32_linear, "x · Wᵀ (+ b) in fp32 for small M, AVX-512", release());
+  m.def("linear", &tuili::linear, "a float layer: f32_linear up to gemv_rows fp32 rows, PyTorch's linear otherwise",
+        release());
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales", release());
   m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums",
         release());

@@ -325,4 +325,14 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::
   return y;
 }
 
+// A float layer as tuili.kernels.ops.linear runs it: f32_linear for 1 to gemv_rows fp32 rows on AVX-512, PyTorch's
+// linear (oneDNN / BLAS) otherwise.
+torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t gemv_rows) {
+  const int64_t rows = x.dim() == 2 ? x.size(0) : 0;
+  if (rows > 0 && rows <= gemv_rows && use_avx512() && x.scalar_type() == torch::kFloat &&
+      w.scalar_type() == torch::kFloat && w.is_contiguous())
+    return f32_linear(x, w, bias);
+  return at::linear(x, w, bias);
+}
+
 }  // namespace tuili
