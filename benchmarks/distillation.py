@@ -27,7 +27,7 @@ import torch
 import tuili
 from tuili.data import calibration_samples, eval_windows, load_text, perplexity
 from tuili.data.batches import packed_sequences
-from tuili.distill import DistillConfig, distill, student_from_teacher
+from tuili.distill import DistillConfig, Distiller, student_from_teacher
 from tuili.pipeline.report import markdown_table
 
 
@@ -95,13 +95,13 @@ def main() -> None:
     original_ppl = ppl(teacher)
     rows = [["the default model (fp32)", f"{teacher.config.num_parameters():,}", f"{original_ppl:.3f}", "", "", "", ""]]
     if args.correct_steps:
-        corrected = distill(
+        corrected = Distiller(
             None,
             teacher,
             correct_on,
             DistillConfig(**base, steps=args.correct_steps, alpha=0.0, warmup_steps=max(1, args.correct_steps // 20)),
             windows,
-        )
+        ).train()
         rows.append(
             [
                 (
@@ -157,7 +157,7 @@ def main() -> None:
     curves = []
     for name, config in runs:
         student = copy.deepcopy(pruned)
-        result = distill(teacher if config.needs_teacher else None, student, recover_on, config, windows)
+        result = Distiller(teacher if config.needs_teacher else None, student, recover_on, config, windows).train()
         after = result.student_perplexity
         recovered = (pruned_ppl - after) / (pruned_ppl - dense_ppl)
         curve = [(r["step"], r["student_perplexity"]) for r in result.log if r["student_perplexity"]]

@@ -24,6 +24,7 @@ from tuili.engine import LLM, SamplingParams
 from tuili.pipeline.analysis import analyze
 from tuili.pipeline.report import markdown_table
 from tuili.prune import SemiStructured, Unstructured, prune_, sparsity_report
+from tuili.prune.methods import method_named
 from tuili.prune.structured import drop_layers_, prune_heads_, prune_mlp_
 
 
@@ -67,7 +68,7 @@ def main() -> None:
         for method in ("magnitude", "taylor", "sparsegpt", "wanda"):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            prune_(model, target, method, calib=calib, progress=False)
+            prune_(model, target, method_named(method), calib=calib, progress=False)
             seconds = time.perf_counter() - start
             report = sparsity_report(model.module)
             value = ppl(model)

@@ -484,9 +484,9 @@ def test_the_cli_offers_exactly_what_the_registries_hold():
     """Choices are read from the registries, so a new method or format appears on the CLI by itself."""
     from tuili.cli import parser
     from tuili.kernels.kv_format import KV_CACHE_FORMATS
-    from tuili.prune.api import METHODS as PRUNE_METHODS
-    from tuili.quant.api import METHODS as QUANT_METHODS
+    from tuili.prune.methods import METHODS as PRUNE_METHODS
     from tuili.quant.config import SCHEMES
+    from tuili.quant.methods import METHODS as QUANT_METHODS
 
     commands = {name: sub for action in parser()._subparsers._group_actions for name, sub in action.choices.items()}
 

@@ -1,7 +1,8 @@
 """tuili (推理): make language models smaller and faster, measure what it cost, and serve them.
 
-The verbs: `load`, `quantize_`, `prune_`, `optimize`, `search`, and `LLM` with `SamplingParams`
-for generation (vLLM's offline API). The engine, pruning and the pipeline load when first used.
+The verbs: `load`, `quantize_`, `prune_`, `distill_`, `optimize`, `search`, and `LLM` with
+`SamplingParams` for generation (vLLM's offline API). In-place verbs end in `_`, take the model
+first, then a config, and return the model. The engine, pruning and the pipeline load when first used.
 """
 
 from importlib import import_module
@@ -15,6 +16,7 @@ _LAZY = {  # name -> module: `import tuili` stays light (no engine, pruning, dis
     "LLM": "tuili.engine.offline",
     "SamplingParams": "tuili.engine.sampling",
     "prune_": "tuili.prune.api",
+    "distill_": "tuili.distill.trainer",
     "optimize": "tuili.pipeline.optimize",
     "search": "tuili.pipeline.search",
 }

@@ -17,7 +17,7 @@ from tuili.distill import (
     DistillConfig,
     Distiller,
     DistillError,
-    distill,
+    distill_,
     soft_loss,
     student_from_teacher,
 )
@@ -40,9 +40,9 @@ def kl_to_teacher(teacher, student, ids=TRAIN):
 def test_distillation_drives_the_students_kl_to_the_teacher_down():
     teacher, student = pair()
     before = kl_to_teacher(teacher, student)
-    result = distill(
+    result = Distiller(
         teacher, student, TRAIN, DistillConfig(steps=30, alpha=1.0, temperature=1.0, **FAST), progress=False
-    )
+    ).train()
     assert kl_to_teacher(teacher, student) < 0.5 * before
     assert result.steps == 30 and len(result.log) == 30
     assert student.provenance[-1]["step"] == "distilled"
@@ -54,16 +54,27 @@ def test_distillation_drives_the_students_kl_to_the_teacher_down():
 def test_attention_and_hidden_losses_train_and_fall(extra):
     teacher, student = pair()
     weights = {"alpha": 0.0, "attention_weight": 1000.0, "hidden_weight": 10.0, "lr": 3e-3}  # these losses lead
-    result = distill(teacher, student, TRAIN, DistillConfig(steps=25, **{**FAST, **weights, **extra}), progress=False)
+    result = Distiller(
+        teacher, student, TRAIN, DistillConfig(steps=25, **{**FAST, **weights, **extra}), progress=False
+    ).train()
     for name in ("attention", "hidden"):
         if f"{name}_loss" in extra:
             first, last = result.log[0][name], result.log[-1][name]
             assert last < first, (name, first, last)
 
 
+def test_distill_is_an_in_place_verb_that_returns_the_model():
+    teacher, student = pair()
+    before = kl_to_teacher(teacher, student)
+    config = DistillConfig(steps=10, alpha=1.0, temperature=1.0, **FAST)
+    assert distill_(student, config, teacher=teacher, train=TRAIN, progress=False) is student
+    assert kl_to_teacher(teacher, student) < before
+    assert student.provenance[-1]["step"] == "distilled" and student.provenance[-1]["steps"] == 10
+
+
 def test_plain_fine_tuning_needs_no_teacher_and_lowers_the_label_loss():
     _, student = pair()
-    result = distill(None, student, TRAIN, DistillConfig(steps=20, alpha=0.0, **FAST), progress=False)
+    result = Distiller(None, student, TRAIN, DistillConfig(steps=20, alpha=0.0, **FAST), progress=False).train()
     assert result.log[-1]["hard"] < result.log[0]["hard"]
     assert result.log[0]["soft"] is None
     assert student.provenance[-1]["step"] == "fine-tuned"
@@ -86,7 +97,7 @@ class _Stop(Exception):
 def test_resuming_from_a_checkpoint_gives_the_same_next_losses_and_weights(tmp_path):
     config = DistillConfig(steps=6, alpha=0.5, grad_accum=2, **{**FAST, "batch_size": 3, "checkpoint_every": 2})
     teacher, straight = pair()
-    whole = distill(teacher, straight, TRAIN, config, run_dir=tmp_path / "a", progress=False)
+    whole = Distiller(teacher, straight, TRAIN, config, run_dir=tmp_path / "a", progress=False).train()
 
     teacher, student = pair()
     trainer = Distiller(teacher, student, TRAIN, config, run_dir=tmp_path / "b", progress=False)
@@ -120,7 +131,7 @@ def test_resuming_from_a_checkpoint_gives_the_same_next_losses_and_weights(tmp_p
 def test_resuming_with_other_settings_is_refused(tmp_path):
     config = DistillConfig(steps=2, **{**FAST, "checkpoint_every": 1})
     teacher, student = pair()
-    distill(teacher, student, TRAIN, config, run_dir=tmp_path, progress=False)
+    Distiller(teacher, student, TRAIN, config, run_dir=tmp_path, progress=False).train()
     other = DistillConfig(steps=2, **{**FAST, "checkpoint_every": 1, "lr": 0.5})
     with pytest.raises(DistillError, match="other settings \\(lr\\)"):
         Distiller(teacher, student, TRAIN, other, run_dir=tmp_path, resume=True)
@@ -142,7 +153,7 @@ def test_cached_teacher_logits_replace_the_teachers_forward_pass(tmp_path):
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], rel=1e-6)
     # k ≥ vocabulary: the cached loss is the exact one
     teacher, dense = pair()
-    exact = distill(teacher, dense, TRAIN, DistillConfig(steps=8, alpha=0.8, **FAST), progress=False).log
+    exact = Distiller(teacher, dense, TRAIN, DistillConfig(steps=8, alpha=0.8, **FAST), progress=False).train().log
     assert [r["soft"] for r in log1] == pytest.approx([r["soft"] for r in exact], rel=1e-4)
     other_teacher = random_tiny(seed=5)
     with pytest.raises(DistillError, match="made with another teacher"):

@@ -185,7 +185,7 @@ def _bytes_per_token(model):
 
 
 def test_bf16_activations_are_only_for_fp32_models_and_can_be_turned_off(model):
-    from tuili.quant.linear import bf16_is_fast
+    from tuili.kernels.ops import bf16_is_fast
 
     assert LLMEngine(model, bf16_activations=False).compute_dtype is None
     assert LLMEngine(model, bf16_activations=True).compute_dtype == torch.bfloat16

@@ -9,10 +9,10 @@ import torch
 import tuili
 from tuili.data import builtin_text, calibration_samples, eval_windows, perplexity
 from tuili.engine import SamplingParams, generate
+from tuili.models.layerwise import Hessian, input_hooks
 from tuili.quant import Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, SmoothQuant, quantize_
 from tuili.quant.awq import fake_quantize_weight, search_scale
-from tuili.quant.calibration import input_hooks
-from tuili.quant.gptq import Hessian, gptq
+from tuili.quant.gptq import gptq
 from tuili.quant.smooth import smooth_groups
 
 pytestmark = pytest.mark.integration

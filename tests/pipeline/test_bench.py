@@ -7,7 +7,7 @@ from helpers import random_tiny
 import tuili.pipeline.bench as bench
 from tuili.pipeline import optimize
 from tuili.pipeline.bench import Speed, measure_speed, speed_reference
-from tuili.pipeline.optimize import quantize_stage
+from tuili.pipeline.stages import QuantizeStage
 
 
 def test_a_reference_model_is_timed_in_turns():
@@ -41,7 +41,7 @@ def test_optimize_times_every_stage_in_turns_with_the_baseline(tmp_path, monkeyp
     text.write_text("some text to score and to calibrate on " * 60)
     report = optimize(
         random_tiny(),
-        [quantize_stage("w8a16", data=str(text))],
+        [QuantizeStage("w8a16")],
         data=str(text),
         seq_len=64,
         max_tokens=256,
@@ -55,7 +55,7 @@ def test_optimize_times_every_stage_in_turns_with_the_baseline(tmp_path, monkeyp
     monkeypatch.setattr(bench, "_available_memory", lambda: 1024)  # no room for a copy: one baseline run
     report = optimize(
         random_tiny(),
-        [quantize_stage("w8a16", data=str(text))],
+        [QuantizeStage("w8a16")],
         data=str(text),
         seq_len=64,
         max_tokens=256,

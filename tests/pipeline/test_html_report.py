@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from tests.helpers import random_tiny
-from tuili.pipeline import optimize, quantize_stage
+from tuili.pipeline import QuantizeStage, optimize
 from tuili.pipeline.html_report import pareto_front, render_html, write_report
 
 
@@ -27,7 +27,7 @@ def report(tmp_path_factory):
     text.write_text("the report renders in a browser " * 300)
     return optimize(
         random_tiny(),
-        [quantize_stage("w8a16", data=str(text))],
+        [QuantizeStage("w8a16")],
         data=str(text),
         seq_len=64,
         max_tokens=1024,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuili.prune import SemiStructured, Unstructured, attach_mask
+from tuili.prune import SemiStructured, Unstructured, attach_mask, keep_masks
 from tuili.prune.masks import global_masks, keep_top, nm_mask, unstructured_mask
 
 
@@ -82,6 +82,7 @@ def test_pruned_weights_stay_zero_through_fine_tuning(make):
     mask = keep_top(net[0].weight.abs(), 16 * 32 // 2)
     attach_mask(net[0], mask)
     opt = make(net.parameters())
+    keep_masks(opt, net)
     for _ in range(20):
         opt.zero_grad()
         net(torch.randn(8, 16)).pow(2).mean().backward()

@@ -6,10 +6,10 @@ import torch
 from helpers import random_tiny
 
 from tuili.data import builtin_text, calibration_samples
-from tuili.prune import SemiStructured, Unstructured, prune_, sparsegpt, sparsity_report
+from tuili.models.layerwise import Hessian, input_hooks
+from tuili.prune import SemiStructured, SparseGPT, Unstructured, Wanda, masks_of, prune_, sparsegpt, sparsity_report
 from tuili.prune.masks import unstructured_mask
-from tuili.quant.calibration import input_hooks
-from tuili.quant.gptq import Hessian
+from tuili.prune.methods import method_named
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,9 @@ def decoder_linears(module):
 def test_half_unstructured_is_exact_in_every_layer(method, calib):
     model = random_tiny("llama-gqa")
     head = model.module.lm_head.weight.clone()
-    masks = prune_(model, Unstructured(0.5), method, calib=calib, progress=False)
+    assert prune_(model, Unstructured(0.5), method_named(method), calib=calib, progress=False) is model
+    masks = masks_of(model.module)
+    assert set(masks) == set(decoder_linears(model.module))
     for name, m in decoder_linears(model.module).items():
         assert int((m.weight == 0).sum()) == m.weight.numel() // 2, name
         assert torch.equal(masks[name], m.weight_mask)
@@ -39,7 +41,7 @@ def test_half_unstructured_is_exact_in_every_layer(method, calib):
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 def test_nm_pattern_with_every_method(method, n, m, calib):
     model = random_tiny("llama-gqa")
-    prune_(model, SemiStructured(n, m), method, calib=calib, progress=False)
+    prune_(model, SemiStructured(n, m), method_named(method), calib=calib, progress=False)
     for name, lin in decoder_linears(model.module).items():
         nonzero = (lin.weight != 0).reshape(lin.out_features, -1, m).sum(-1)
         assert (nonzero <= n).all() and (lin.weight_mask.reshape(lin.out_features, -1, m).sum(-1) == n).all(), name
@@ -48,7 +50,7 @@ def test_nm_pattern_with_every_method(method, n, m, calib):
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_global_scope_is_exact_over_all_layers(method, calib):
     model = random_tiny("llama-gqa")
-    prune_(model, Unstructured(0.6, scope="global"), method, calib=calib, progress=False)
+    prune_(model, Unstructured(0.6, scope="global"), method_named(method), calib=calib, progress=False)
     report = sparsity_report(model.module)
     decoder = [layer for layer in report.layers if layer.name.startswith("model.layers")]
     total = sum(layer.params for layer in decoder)
@@ -83,13 +85,17 @@ def test_sparsegpt_update_lowers_the_output_error_below_masking(calib):
 def test_bad_requests_are_refused(calib):
     model = random_tiny("llama-gqa")
     with pytest.raises(ValueError, match="unknown pruning method"):
+        method_named("random")
+    with pytest.raises(TypeError, match="'random' is not a pruning method; use one of magnitude, taylor"):
         prune_(model, Unstructured(0.5), "random")
     with pytest.raises(ValueError, match="needs calibration"):
-        prune_(model, Unstructured(0.5), "wanda")
+        prune_(model, Unstructured(0.5), Wanda())
     with pytest.raises(ValueError, match="scope='layer'"):
-        prune_(model, Unstructured(0.5, scope="global"), "sparsegpt", calib=calib)
+        prune_(model, Unstructured(0.5, scope="global"), SparseGPT(), calib=calib)
+    with pytest.raises(ValueError, match="damp must be in"):
+        SparseGPT(damp=2)
     with pytest.raises(ValueError, match="outside them"):
-        prune_(model, Unstructured(0.5), "wanda", calib=calib, ignore=())
+        prune_(model, Unstructured(0.5), Wanda(), calib=calib, ignore=())
     with pytest.raises(ValueError, match="no linear layers"):
         prune_(model, Unstructured(0.5), targets=["nothing*"])
 
@@ -115,7 +121,7 @@ def test_a_sparse_model_saves_its_sparsity_and_loads_back_identically(tmp_path, 
     from tuili.prune import restore_masks
 
     model = random_tiny("llama-gqa")
-    prune_(model, SemiStructured(2, 4), "wanda", calib=calib, progress=False)
+    prune_(model, SemiStructured(2, 4), Wanda(), calib=calib, progress=False)
     model.save(tmp_path / "sparse")
     sparsity = json.loads((tmp_path / "sparse" / "config.json").read_text())["quantization_config"]["sparsity_config"]
     assert sparsity["format"] == "dense" and sparsity["sparsity_structure"] == "2:4"

@@ -104,12 +104,12 @@ def test_bad_requests_are_refused():
 
 
 def test_iterative_pruning_rises_in_stages_and_recovery_keeps_the_masks():
-    from tuili.prune import Unstructured
+    from tuili.prune import Magnitude, Unstructured
     from tuili.prune.iterative import iterative_prune_
 
     model = random_tiny("llama-gqa")
     stages = iterative_prune_(
-        model, Unstructured(0.6), "magnitude", 3, train=CALIB, steps=3, lr=1e-3, eval_windows=CALIB[:2], progress=False
+        model, Unstructured(0.6), Magnitude(), 3, train=CALIB, steps=3, lr=1e-3, eval_windows=CALIB[:2], progress=False
     )
     assert [round(s.sparsity, 3) for s in stages] == [0.2, 0.4, 0.6]
     assert all(s.perplexity is not None and s.loss is not None for s in stages)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import random_tiny
 
+from tuili.models.layerwise import Hessian
 from tuili.quant import (
     AWQ,
     GPTQ,
@@ -21,7 +22,7 @@ from tuili.quant import (
     scheme_from_name,
     select_linears,
 )
-from tuili.quant.gptq import Hessian, gptq
+from tuili.quant.gptq import gptq
 from tuili.quant.primitives import quantize_weight, sqnr
 
 

@@ -14,9 +14,9 @@ from tuili.cli.common import (
 )
 from tuili.errors import TuiliError
 from tuili.kernels.kv_format import KV_CACHE_FORMATS
-from tuili.prune.api import METHODS as PRUNE_METHODS
-from tuili.quant.api import METHODS as QUANT_METHODS
+from tuili.prune.methods import METHODS as PRUNE_METHODS
 from tuili.quant.config import SCHEMES
+from tuili.quant.methods import METHODS as QUANT_METHODS
 
 
 def add_parser(sub) -> None:
@@ -124,7 +124,7 @@ def add_parser(sub) -> None:
 
 
 def _optimize(args) -> None:
-    from tuili.pipeline import distill_stage, optimize, prune_stage, quantize_stage
+    from tuili.pipeline import DistillStage, PruneStage, QuantizeStage, optimize
     from tuili.pipeline.html_report import write_report
     from tuili.pipeline.recipe import load_recipe
 
@@ -134,20 +134,19 @@ def _optimize(args) -> None:
             raise TuiliError("give either --recipe or the stage flags (--prune, --distill-steps, --scheme), not both")
         stages = load_recipe(args.recipe)
     if args.prune:  # before quantizing: pruning works on float linear layers
-        stages.append(prune_stage(args.prune, args.prune_method, args.data, args.calib_samples, args.seq_len))
+        stages.append(PruneStage(args.prune, args.prune_method, args.calib_samples, args.seq_len))
     if args.distill_steps:
-        stages.append(distill_stage(args.distill_steps, data=args.data, lr=args.distill_lr))
+        stages.append(DistillStage.from_settings({"steps": args.distill_steps, "lr": args.distill_lr}))
     if args.scheme:
         stages.append(
-            quantize_stage(
+            QuantizeStage(
                 args.scheme,
                 args.method,
                 args.group_size,
-                args.data,
-                args.calib_samples,
-                args.seq_len,
                 args.lm_head,
                 args.kv_cache_dtype,
+                args.calib_samples,
+                args.seq_len,
             )
         )
     report = optimize(

@@ -11,7 +11,8 @@ from tuili.cli.common import (
     load_model,
     model_args,
 )
-from tuili.prune.api import METHODS as PRUNE_METHODS
+from tuili.prune.methods import METHODS as PRUNE_METHODS
+from tuili.prune.methods import method_named
 
 
 def add_parser(sub) -> None:
@@ -88,7 +89,7 @@ def _prune(args) -> None:
         stages = iterative_prune_(
             model,
             target,
-            args.method,
+            method_named(args.method),
             args.iterations,
             calib=calib,
             train=calib,
@@ -97,7 +98,7 @@ def _prune(args) -> None:
         )
         result["stages"] = [vars(stage) for stage in stages]
     else:
-        prune_(model, target, args.method, calib=calib, ignore=args.ignore)
+        prune_(model, target, method_named(args.method), calib=calib, ignore=args.ignore)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["params_after"] = analyze(model).num_parameters
     report = sparsity_report(model.module)

@@ -14,8 +14,8 @@ from tuili.cli.common import (
 )
 from tuili.errors import TuiliError
 from tuili.kernels.kv_format import KV_CACHE_FORMATS
-from tuili.quant.api import METHODS as QUANT_METHODS
 from tuili.quant.config import SCHEMES
+from tuili.quant.methods import METHODS as QUANT_METHODS
 
 
 def add_parser(sub) -> None:
@@ -69,28 +69,22 @@ def _quantize(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text, perplexity
     from tuili.pipeline.analysis import analyze
     from tuili.pipeline.report import human_bytes, markdown_table
-    from tuili.quant import (
-        METHODS,
-        Int8StaticActivation,
-        SmoothQuant,
-        quantize_,
-        quantize_kv_cache_,
-        scheme_from_name,
-    )
+    from tuili.quant import Int8StaticActivation, SmoothQuant, quantize_, quantize_kv_cache_, scheme_from_name
     from tuili.quant.api import lm_head_plan
+    from tuili.quant.methods import method_named
     from tuili.quant.sensitivity import layer_errors
 
     if not args.out and not args.analyze:
         raise ValueError("give --out DIR to save the quantized model (or --analyze for the error analysis only)")
     scheme = scheme_from_name(args.scheme, args.group_size)
-    if isinstance(scheme, Int8StaticActivation):
+    if scheme.static:
         scheme = Int8StaticActivation(args.observer)
     if args.gptq and args.method != "smoothquant":
         raise TuiliError(
             "--gptq rounds SmoothQuant's smoothed weights: use it with --method smoothquant "
             "(--method gptq is GPTQ on its own, for w4a16/w8a16/w4a8)"
         )
-    method = SmoothQuant(args.alpha, gptq=args.gptq) if args.method == "smoothquant" else METHODS[args.method]()
+    method = SmoothQuant(args.alpha, gptq=args.gptq) if args.method == "smoothquant" else method_named(args.method)
     model = load_model(args)
     calib = calibration_samples(
         model.tokenizer.encode(load_text(args.data, "calibration")), args.calib_samples, args.calib_len, args.seed

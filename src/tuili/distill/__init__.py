@@ -17,7 +17,7 @@ from tuili.distill.students import (
     student_from_sizes,
     student_from_teacher,
 )
-from tuili.distill.trainer import DistillConfig, Distiller, DistillResult, distill
+from tuili.distill.trainer import DistillConfig, Distiller, DistillResult, distill_
 
 __all__ = [
     "Alignment",
@@ -30,7 +30,7 @@ __all__ = [
     "alignment",
     "attention_loss",
     "check_pair",
-    "distill",
+    "distill_",
     "distillation_loss",
     "hard_loss",
     "hidden_loss",

@@ -47,6 +47,7 @@ from tuili.distill.losses import (
 from tuili.distill.runtime import bf16_supported, init_distributed
 from tuili.distill.students import Alignment, DistillError, alignment, check_pair
 from tuili.models.model import Model
+from tuili.prune.masks import keep_masks
 from tuili.quant.linear import quantized_layers
 
 
@@ -111,6 +112,7 @@ class Distiller:
         self.model = nn.parallel.DistributedDataParallel(self.wrapper) if self.world > 1 else self.wrapper
         self.params = [p for p in self.wrapper.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        keep_masks(self.optimizer, student.module)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.lr_at(s) / config.lr)
         self.sampler = BatchSampler(train.shape[0], config.batch_size * self.world, config.seed)
         self.step = 0
@@ -207,7 +209,7 @@ class Distiller:
             totals = dict(zip(totals, (values / self.world).tolist()))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()  # pruning masks, if any, are re-applied by their step hook
+        self.optimizer.step()  # pruning masks, if any, are re-applied by keep_masks' hook
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -368,20 +370,22 @@ class Distiller:
             print(f"resumed from {checkpoints[-1]} (step {self.step})", file=sys.stderr)
 
 
-def distill(
-    teacher: Model | None,
+def distill_(
     student: Model,
-    train: Tensor,
     config: DistillConfig | None = None,
+    *,
+    teacher: Model | None,
+    train: Tensor,
     eval_windows: Tensor | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-) -> DistillResult:
-    """Train `student` in place from `teacher` on packed sequences `train` (N, T); see `Distiller`."""
-    return Distiller(
-        teacher, student, train, config or DistillConfig(), eval_windows, run_dir, resume, progress
-    ).train()
+) -> Model:
+    """Train `student` in place from `teacher` (None: plain fine-tuning, with alpha=0) on packed
+    sequences `train` (N, T) and return it. What the run measured is recorded in
+    `student.provenance[-1]`; `Distiller(...).train()` returns the whole `DistillResult` (its log)."""
+    Distiller(teacher, student, train, config or DistillConfig(), eval_windows, run_dir, resume, progress).train()
+    return student
 
 
-__all__ = ["Alignment", "DistillConfig", "DistillResult", "Distiller", "distill", "init_distributed"]
+__all__ = ["Alignment", "DistillConfig", "DistillResult", "Distiller", "distill_", "init_distributed"]

@@ -2,40 +2,36 @@
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
+
 from tuili.models.tokenizer import Tokenizer
 
 
 class TextStream:
     """Feed token ids one at a time; get back only the new text, never half a UTF-8 character.
 
-    Only a short window is decoded per token (vLLM's prefix/read offsets): the text of
-    ids[prefix:] minus that of ids[prefix:read], so a long generation costs O(1) per token and
-    tokenizers that render a token differently at the start of a string (SentencePiece's "▁")
-    are decoded with the token before them as context.
+    `tokenizers.decoders.DecodeStream` does the work (the prefix/read-offset window vLLM and TGI
+    use): each token costs a short decode, and tokenizers that render a token differently at the
+    start of a string (SentencePiece's "▁") see the token before it as context. `flush` adds what
+    it still holds back at the end: an unfinished character, shown as U+FFFD.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
-        self._prefix = self._read = 0  # ids[prefix:read] is context already emitted
+        self._stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        text = self.tokenizer.decode(self.ids[self._prefix :])
-        if len(text) <= len(context) or text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        delta = text[len(context) :]
-        self._prefix, self._read = self._read, len(self.ids)
+        delta = self._stream.step(self.tokenizer.backend, token_id) or ""
         self.text += delta
         return delta
 
     def flush(self) -> str:
         """At the end of a generation: the rest, an unfinished character shown as U+FFFD."""
-        context = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        delta = self.tokenizer.decode(self.ids[self._prefix :])[len(context) :]
-        self._prefix = self._read = len(self.ids)
+        full = self.tokenizer.decode(self.ids)
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += delta
         return delta
 

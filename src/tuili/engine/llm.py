@@ -22,7 +22,7 @@ from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
 from tuili.models.model import Model
-from tuili.quant.linear import compute_dtype, engine_compute_dtype
+from tuili.quant.linear import compute_dtype
 
 log = logging.getLogger("tuili.engine")
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages (the engine's own forms)
@@ -40,6 +40,13 @@ def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
     return list(prompt)
 
 
+def engine_compute_dtype(model_dtype: torch.dtype, bf16_activations: bool | None = None) -> torch.dtype | None:
+    """The `compute_dtype` the engine runs an fp32 model's weight-only layers under: bf16 where
+    asked, or by default where this CPU multiplies bf16 natively; None (the activations' own) else."""
+    use_bf16 = kernels.bf16_is_fast() if bf16_activations is None else bf16_activations
+    return torch.bfloat16 if use_bf16 and model_dtype == torch.float32 else None
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model.
 
@@ -52,6 +59,8 @@ class LLMEngine:
     (fp32 accumulation): prefill chunks as a bf16 GEMM, decode steps in tuili's AVX512-BF16
     kernels; about 3× faster at prefill and at 16 rows where the CPU has AVX512-BF16 or AMX, the
     default there. fp32 and bf16 models are unaffected.
+    kernels: False runs every op on its PyTorch path (`tuili.kernels.fallback()` around each step:
+        for comparisons; tuili's kernels are what make decoding fast).
     fast_decode: steps of one token per sequence run as one C++ call (tuili.engine.step) where the
         kernels are built and every layer has one; the module forward otherwise, and with False.
         The model must not change while requests run: a new module, packed weights or hook is
@@ -71,6 +80,7 @@ class LLMEngine:
         threads: int | None = None,
         bf16_activations: bool | None = None,
         fast_decode: bool = True,
+        kernels: bool = True,
     ):
         if threads is not None:
             if threads < 1:
@@ -90,7 +100,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.compute_dtype = engine_compute_dtype(dtype, bf16_activations)
-        self.fast_decode = fast_decode
+        self.fast_decode, self.kernels = fast_decode, kernels
         self.decode_step = DecodeStep(self.module)
         self._check_model = True  # look again whether the fast decode paths' plans fit the model
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
@@ -172,7 +182,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        with self.no_grad():
+        with self.no_grad(), kernels.fallback(not self.kernels):
             self.cache.copy_blocks(self.scheduler.take_copies())
             logits = self._forward(chunks)
             sampling = [c.request for c in chunks if c.samples]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import repeat
 
 import torch
@@ -72,7 +73,7 @@ class StepPlan:
     window: int  # sliding window (0: none)
     activation: str
 
-    @property
+    @cached_property
     def max_rows(self) -> int:
         """Sequences per step up to which every layer's kernel applies."""
         return min(c.max_rows for c in self.calls())

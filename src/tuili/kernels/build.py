@@ -30,7 +30,6 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.cpp"))
 NAME = "tuili_kernels"
 CFLAGS, LDFLAGS = ["-O3", "-fopenmp", "-std=c++17"], ["-fopenmp"]
-DISABLE_ENV = "TUILI_KERNELS"  # "0" forces the PyTorch fallback everywhere (tests run both paths)
 
 
 def _cpu_id() -> str:
@@ -117,9 +116,7 @@ def compile_extension(name: str, sources: list[Path], directory: Path, quiet: bo
 
 @cache
 def extension() -> ModuleType | None:
-    """The compiled module, or None (fallback) when disabled, unsupported or the build failed."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
+    """The compiled module, or None (fallback) where the CPU has no AVX2 or the build failed."""
     if not _has_avx2():
         warnings.warn("tuili: this CPU has no AVX2; quantized layers use the PyTorch fallback", stacklevel=2)
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import ModuleType
 
 import torch
@@ -21,12 +22,14 @@ from torch import Tensor
 from tuili.kernels import build
 from tuili.kernels.contract import MAX_M_F32, OPS
 
-_forced_fallback = False
+# `fallback()`'s switch: a context variable, so it holds for the calls made inside the block (this
+# thread or task), not for another thread's engine; an engine takes the option as `kernels=False`.
+_FALLBACK: ContextVar[bool] = ContextVar("tuili_kernels_fallback", default=False)
 
 
 def extension() -> ModuleType | None:
-    """The compiled kernels, or None where they are disabled, unbuilt or forced off by `fallback()`."""
-    return None if _forced_fallback else build.extension()
+    """The compiled kernels, or None where they are unbuilt or forced off by `fallback()`."""
+    return None if _FALLBACK.get() else build.extension()
 
 
 def native(name: str):
@@ -36,14 +39,14 @@ def native(name: str):
 
 
 @contextmanager
-def fallback() -> Iterator[None]:
-    """Run every op on its PyTorch path inside the block (tests and benchmarks compare both)."""
-    global _forced_fallback
-    before, _forced_fallback = _forced_fallback, True
+def fallback(active: bool = True) -> Iterator[None]:
+    """Calls inside the block run every op on its PyTorch path (tests, benchmarks and the ONNX
+    exporter, which cannot trace into C++); `active=False` changes nothing."""
+    token = _FALLBACK.set(active or _FALLBACK.get())
     try:
         yield
     finally:
-        _forced_fallback = before
+        _FALLBACK.reset(token)
 
 
 def available() -> bool:
@@ -157,6 +160,11 @@ def w8a8_pack(w: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     packed, row_sum = ext.w8a8_pack(w)
     return packed, row_sum
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 GEMMs beat fp32."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def bf16_dot_products() -> bool:
@@ -365,4 +373,4 @@ def argmax(logits: Tensor) -> Tensor:
 
 def f32_gemv() -> bool:
     """Whether tuili's fp32 GEMV (`f32_linear`) runs here: AVX-512 and the kernels built."""
-    return not _forced_fallback and _has_avx512()
+    return not _FALLBACK.get() and _has_avx512()

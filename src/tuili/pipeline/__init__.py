@@ -1,6 +1,7 @@
-"""Analysis, the optimization job, benchmarks and reports."""
+"""Analysis, the optimization job and its stages, benchmarks and reports."""
 
 from tuili.pipeline.analysis import Analysis, analyze
-from tuili.pipeline.optimize import OptimizeReport, distill_stage, optimize, prune_stage, quantize_stage
+from tuili.pipeline.optimize import OptimizeReport, optimize
+from tuili.pipeline.stages import DistillStage, PruneStage, QuantizeStage
 
-__all__ = ["Analysis", "OptimizeReport", "analyze", "distill_stage", "optimize", "prune_stage", "quantize_stage"]
+__all__ = ["Analysis", "DistillStage", "OptimizeReport", "PruneStage", "QuantizeStage", "analyze", "optimize"]

@@ -5,16 +5,12 @@ uncompressed baseline from the same run."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuili.data import calibration_samples, eval_windows, load_text, perplexity
-from tuili.data.batches import packed_sequences
 from tuili.data.perplexity import Perplexity
-from tuili.distill import DistillConfig, distill
-from tuili.kernels.kv_format import check_kv_cache_format
-from tuili.models.loading import load
 from tuili.models.model import Model
 from tuili.pipeline.analysis import Analysis, analysis_markdown, analyze
 from tuili.pipeline.bench import Speed, measure_speed, speed_reference
@@ -23,13 +19,7 @@ from tuili.pipeline.gguf_export import export_gguf
 from tuili.pipeline.recipe import Recipe, load_recipe
 from tuili.pipeline.report import human_bytes, markdown_table
 from tuili.pipeline.sensitivity import LayerCost, layer_costs
-from tuili.prune import SemiStructured, Unstructured, prune_
-from tuili.prune.api import METHODS as PRUNE_METHODS
-from tuili.prune.config import parse_structured
-from tuili.prune.structured import prune_structured_
-from tuili.quant import METHODS, Int8StaticActivation, quantize_, scheme_from_name
-from tuili.quant.api import check_combination, lm_head_plan
-from tuili.quant.kv import quantize_kv_cache_
+from tuili.pipeline.stages import Transform
 from tuili.quant.linear import quantized_layers
 
 
@@ -159,98 +149,9 @@ def measure(
     )
 
 
-KV_LABELS = {"bfloat16": "bf16", "int8": "int8"}
-
-
-def quantize_stage(
-    scheme: str,
-    method: str = "rtn",
-    group_size: int | None = None,
-    data: str = "builtin",
-    calib_samples: int = 64,
-    calib_len: int = 512,
-    lm_head: str = "float",
-    kv_cache: str = "float",
-) -> Callable[[Model], str]:
-    """A stage that quantizes the model in place (calibrating on `data`'s calibration split);
-    `lm_head`: keep the head float, make it int8 weight-only, or give it the scheme too ("same");
-    `kv_cache`: what the engine's KV cache stores, "float" (the model's dtype), "bfloat16" or "int8"."""
-    ignore, overrides = lm_head_plan(lm_head)
-    check_kv_cache_format(kv_cache)  # now: a recipe is refused before anything runs
-    config = scheme_from_name(scheme, group_size)
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}: choose one of {', '.join(METHODS)}")
-    algorithm = METHODS[method]()
-    check_combination(config, algorithm)
-
-    def run(model: Model) -> str:
-        calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
-        needs_calib = not isinstance(algorithm, METHODS["rtn"]) or isinstance(config, Int8StaticActivation)
-        quantize_(model, config, algorithm, calib=calib if needs_calib else None, ignore=ignore, overrides=overrides)
-        quantize_kv_cache_(model, kv_cache)
-        detail = f" g{config.group_size}" if getattr(config, "group_size", None) else ""
-        head = "" if lm_head == "float" else f", {'int8' if lm_head == 'int8' else scheme} head"
-        kv = "" if kv_cache == "float" else f", {KV_LABELS[kv_cache]} KV cache"
-        return f"quantize {scheme}{detail} {method}{head}{kv}"
-
-    return run
-
-
-def prune_stage(
-    spec: str, method: str = "wanda", data: str = "builtin", calib_samples: int = 64, calib_len: int = 512
-) -> Callable[[Model], str]:
-    """A stage that prunes the model in place: `spec` is a sparsity ("0.5"), an N:M pattern ("2:4")
-    or structured parts ("mlp=0.25,heads=0.34,layers=4")."""
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"unknown pruning method {method!r}: choose one of {', '.join(PRUNE_METHODS)}")
-    if "=" in spec:
-        structured, target = parse_structured(spec), None
-    else:
-        structured = None
-        target = SemiStructured.parse(spec) if ":" in spec else Unstructured(_number(spec))
-
-    def run(model: Model) -> str:
-        calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
-        if structured is not None:
-            prune_structured_(model, structured, "activation", calib)
-            return f"prune {spec}"
-        prune_(model, target, method, calib=calib, progress=False)
-        return f"prune {spec} {method}"
-
-    return run
-
-
-def distill_stage(
-    steps: int, teacher: str | None = None, data: str = "builtin", seq_len: int = 256, **settings
-) -> Callable[[Model], str]:
-    """A stage that trains the model in place from a teacher (default: the model as loaded from its
-    source, i.e. before this run's pruning) for `steps` steps; `settings` go to `DistillConfig`."""
-    config = DistillConfig(
-        steps=steps, checkpoint_every=0, eval_every=0, **{"warmup_steps": max(1, steps // 20), **settings}
-    )
-
-    def run(model: Model) -> str:
-        spec = teacher or model.source
-        teacher_model = load(spec, dtype=str(model.module.dtype).removeprefix("torch."))
-        train = packed_sequences(model.tokenizer.encode(load_text(data, "calibration")), seq_len)
-        distill(teacher_model, model, train, config, progress=False)
-        return f"distill {steps} steps from {spec} (T={config.temperature:g}, α={config.alpha:g})"
-
-    return run
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(
-            f"a pruning spec is a sparsity (0.5), a pattern (2:4) or mlp=F,heads=F,layers=N; got {text!r}"
-        ) from None
-
-
 def optimize(
     model: Model,
-    recipe: Recipe | str | Path | Sequence[Callable[[Model], str]] = (),
+    recipe: Recipe | str | Path | Sequence[Transform] = (),
     data: str = "builtin",
     seq_len: int = 512,
     max_tokens: int | None = 16384,
@@ -262,7 +163,8 @@ def optimize(
     """Analyze `model`, measure it, then apply and measure each stage in turn.
 
     `recipe`: a Recipe, a recipe file or the name of a shipped one (tuili.pipeline.recipe), or
-    stage callables (`quantize_stage(...)`, ...). A recipe's analyze and benchmark settings replace
+    stage configs (`QuantizeStage("w8a16")`, `PruneStage("0.5")`, ... from tuili.pipeline.stages).
+    A recipe's analyze and benchmark settings replace
     `context_len`, `seq_len`, `max_tokens` and `batch_sizes` (concurrent requests whose output
     tokens/s are measured too); its save and export stages write the model at the end.
     `sensitivity`: also measure each linear layer's sensitivity to int8/int4 (tuili.pipeline.sensitivity,
@@ -276,7 +178,7 @@ def optimize(
         bench = recipe.settings("benchmark")
         seq_len, max_tokens = bench.get("seq_len", seq_len), bench.get("max_tokens", max_tokens)
         batch_sizes = bench.get("batch_sizes", batch_sizes)
-        stages, save_to, exports, name = recipe.transforms(data), recipe.save_path, recipe.export_paths, recipe.name
+        stages, save_to, exports, name = recipe.transforms(), recipe.save_path, recipe.export_paths, recipe.name
     else:
         stages, name = list(recipe), None
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
@@ -288,7 +190,7 @@ def optimize(
     reference = speed_reference(model) if stages else None  # the baseline, timed in turns with each stage
     for stage in stages:
         start = time.perf_counter()
-        stage_name = stage(model)
+        stage_name = stage.run(model, data)
         report.stages.append(
             measure(model, stage_name, windows, progress, time.perf_counter() - start, batch_sizes, reference)
         )
@@ -301,11 +203,4 @@ def optimize(
     return report
 
 
-__all__ = [
-    "OptimizeReport",
-    "StageResult",
-    "distill_stage",
-    "optimize",
-    "prune_stage",
-    "quantize_stage",
-]
+__all__ = ["OptimizeReport", "StageResult", "optimize"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable
+import types
+import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 import yaml
 
 from tuili.errors import TuiliError
-from tuili.models.model import Model
+from tuili.pipeline.stages import KINDS, StageConfig, Transform
 
 
 class RecipeError(TuiliError, ValueError):
@@ -37,61 +38,11 @@ class RecipeError(TuiliError, ValueError):
 
 
 @dataclass(frozen=True)
-class _Kind:
-    main: str | None  # the setting a bare value stands for (prune: mlp=0.25 means spec="mlp=0.25")
-    fields: dict[str, type]
-    required: tuple[str, ...] = ()
-    rank: int = 1  # stages run in non-decreasing rank
-    once: bool = True
-
-
-_DISTILL_FIELDS = {
-    "steps": int,
-    "teacher": str,
-    "seq_len": int,
-    "lr": float,
-    "min_lr": float,
-    "warmup_steps": int,
-    "batch_size": int,
-    "grad_accum": int,
-    "temperature": float,
-    "alpha": float,
-    "attention_loss": str,
-    "hidden_loss": str,
-    "logits_cache": str,
-    "seed": int,
-}
-KINDS: dict[str, _Kind] = {
-    "analyze": _Kind(None, {"context_len": int, "sensitivity": bool}, rank=0),
-    "prune": _Kind(
-        "spec", {"spec": str, "method": str, "calib_samples": int, "calib_len": int}, ("spec",), rank=1, once=False
-    ),
-    "distill": _Kind("steps", _DISTILL_FIELDS, ("steps",), rank=1, once=False),
-    "quantize": _Kind(
-        "scheme",
-        {
-            "scheme": str,
-            "method": str,
-            "group_size": int,
-            "lm_head": str,
-            "kv_cache": str,
-            "calib_samples": int,
-            "calib_len": int,
-        },
-        ("scheme",),
-        rank=2,
-    ),
-    "benchmark": _Kind(None, {"max_tokens": int, "seq_len": int, "batch_sizes": list}, rank=4),
-    "save": _Kind("path", {"path": str}, ("path",), rank=5),
-    "export": _Kind("path", {"path": str}, ("path",), rank=5, once=False),  # .onnx or .gguf, each checked
-}
-
-
-@dataclass(frozen=True)
 class Stage:
     kind: str
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # as the recipe gives them, checked
     line: int | None = None  # 1-based line in the recipe's text
+    config: StageConfig | None = None  # the stage's config, made from the settings
 
 
 @dataclass(frozen=True)
@@ -105,11 +56,14 @@ class Recipe:
         """The settings of the (single) stage of this kind, {} when the recipe has none."""
         return next((s.settings for s in self.stages if s.kind == kind), {})
 
-    def transforms(self, data: str = "builtin") -> list[Callable[[Model], str]]:
+    def config(self, kind: str) -> StageConfig:
+        """The config of the (single) stage of this kind; its defaults when the recipe has none."""
+        found = next((s.config for s in self.stages if s.kind == kind), None)
+        return found if found is not None else KINDS[kind]()  # type: ignore[call-arg]
+
+    def transforms(self) -> list[Transform]:
         """The stages that change the model (prune, distill, quantize), as `optimize` runs them."""
-        return [
-            _build(stage, data, self.source) for stage in self.stages if stage.kind in ("prune", "distill", "quantize")
-        ]
+        return [s.config for s in self.stages if isinstance(s.config, Transform)]
 
     @property
     def save_path(self) -> str | None:
@@ -124,46 +78,33 @@ def _where(source: str, line: int | None) -> str:
     return f"{source}, line {line}" if line else source
 
 
-def _build(stage: Stage, data: str, source: str) -> Callable[[Model], str]:
-    """The stage's callable; the stage constructors check their values (scheme names, specs, ...)."""
-    from tuili.pipeline.optimize import distill_stage, prune_stage, quantize_stage
-
-    s = dict(stage.settings)
-    try:
-        if stage.kind == "prune":
-            return prune_stage(s.pop("spec"), data=data, **s)
-        if stage.kind == "distill":
-            return distill_stage(s.pop("steps"), data=data, **s)
-        return quantize_stage(s.pop("scheme"), data=data, **s)
-    except (ValueError, KeyError, TypeError) as e:
-        message = e.args[0] if e.args else str(e)
-        raise RecipeError(f"{_where(source, stage.line)}: {stage.kind}: {message}") from None
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
 
 
 def _check_value(kind: str, key: str, value: Any, where: str) -> Any:
-    expected = KINDS[kind].fields[key]
-    if expected is list:  # batch sizes: whole numbers from 1
+    """`value` as the setting's type hint wants it (ints read as floats, numbers as text for a
+    stage's main setting); RecipeError naming the setting and the type otherwise."""
+    hint = KINDS[kind].settings()[key]
+    options = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    expected = next(t for t in options if t is not type(None))
+    if typing.get_origin(expected) is tuple:  # batch sizes: whole numbers from 1
         if (
             not isinstance(value, list)
             or not value
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
         ):
             raise RecipeError(f"{where}: {kind}.{key} must be a list of whole numbers from 1, got {value!r}")
-        return value
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return tuple(value)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is float and numeric:
         return float(value)
-    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("spec", "path"):
+    if expected is str and numeric and key == KINDS[kind].main:
         return str(value)  # prune: 0.5 (a sparsity) reads as a number
-    if expected is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: {kind}.{key} must be true or false, got {value!r}")
-        return value
-    if not isinstance(value, expected) or isinstance(value, bool):
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         raise RecipeError(f"{where}: {kind}.{key} must be {_TYPE_NAMES[expected]}, got {value!r}")
     return value
-
-
-_TYPE_NAMES = {int: "a whole number", float: "a number", str: "text"}
 
 
 def _stage(item: Any, line: int | None, key_lines: dict[str, int], source: str) -> Stage:
@@ -180,6 +121,7 @@ def _stage(item: Any, line: int | None, key_lines: dict[str, int], source: str) 
     if kind not in KINDS:
         raise RecipeError(f"{where}: unknown stage {kind!r}; stages are {', '.join(KINDS)}")
     spec = KINDS[kind]
+    fields = spec.settings()
     if raw is None:
         settings = {}
     elif isinstance(raw, dict):
@@ -187,22 +129,24 @@ def _stage(item: Any, line: int | None, key_lines: dict[str, int], source: str) 
     elif spec.main is not None:
         settings = {spec.main: raw}
     else:
-        raise RecipeError(f"{where}: {kind} takes settings as a mapping ({', '.join(spec.fields)}), got {raw!r}")
+        raise RecipeError(f"{where}: {kind} takes settings as a mapping ({', '.join(fields)}), got {raw!r}")
     for key in settings:
-        if key not in spec.fields:
+        if key not in fields:
             raise RecipeError(
                 f"{_where(source, key_lines.get(key, line))}: {kind} has no setting {key!r}; "
-                f"its settings are {', '.join(spec.fields)}"
+                f"its settings are {', '.join(fields)}"
             )
         settings[key] = _check_value(kind, key, settings[key], _where(source, key_lines.get(key, line)))
-    missing = [k for k in spec.required if k not in settings]
+    missing = [k for k in spec.required() if k not in settings]
     if missing:
         raise RecipeError(f"{where}: {kind} needs {', '.join(missing)}")
-    if kind == "export" and not settings["path"].endswith((".onnx", ".gguf")):
-        raise RecipeError(
-            f"{where}: export writes ONNX or GGUF: its path must end in .onnx or .gguf, got {settings['path']!r}"
-        )
-    return Stage(kind, settings, line)
+    try:  # the config checks its values (schemes, specs, rates): a bad one is refused before anything runs
+        config = spec.from_settings(settings)
+    except (ValueError, KeyError, TypeError) as e:
+        message = str(e.args[0] if e.args else e)
+        named = message if message.startswith(f"{kind} ") else f"{kind}: {message}"  # the stage named once
+        raise RecipeError(f"{where}: {named}") from None
+    return Stage(kind, settings, line, config)
 
 
 def _check_order(stages: list[Stage], source: str) -> None:
@@ -260,9 +204,7 @@ def parse_recipe(text: str, source: str = "<recipe>", fmt: str = "yaml") -> Reci
     stages = [_stage(item, *(lines[i] if i < len(lines) else (None, {})), source) for i, item in enumerate(items)]
     _check_order(stages, source)
     name = str(document.get("name") or Path(source).stem)
-    recipe = Recipe(name, tuple(stages), str(document.get("description", "")), source)
-    recipe.transforms()  # build every stage once: bad values (schemes, specs, rates) are refused now
-    return recipe
+    return Recipe(name, tuple(stages), str(document.get("description", "")), source)
 
 
 def _yaml_stage_lines(root) -> list[tuple[int, dict[str, int]]]:

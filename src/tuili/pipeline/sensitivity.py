@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tuili.kernels.ops import bf16_is_fast
 from tuili.models.model import Model
+from tuili.models.selection import select_linears
 from tuili.pipeline.analysis import module_bytes
-from tuili.quant.api import quantize_layer, select_linears
+from tuili.quant.api import quantize_layer
 from tuili.quant.config import Int4WeightOnly, Int8WeightOnly, QuantScheme
-from tuili.quant.linear import bf16_is_fast, compute_dtype
+from tuili.quant.linear import compute_dtype
 
 # the formats a layer may take: float (kept), int8 per channel, int4 in groups of 32 or 128
 OPTIONS: dict[str, QuantScheme | None] = {

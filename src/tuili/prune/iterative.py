@@ -20,6 +20,7 @@ from tuili.data.perplexity import perplexity
 from tuili.models.model import Model
 from tuili.prune.api import prune_
 from tuili.prune.config import Target, Unstructured
+from tuili.prune.masks import keep_masks, masks_of
 from tuili.prune.report import sparsity_report
 
 
@@ -38,6 +39,7 @@ def recover_(
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    keep_masks(optimizer, module)
     loss_value = float("nan")
     generator = torch.Generator().manual_seed(0)
     try:
@@ -48,7 +50,7 @@ def recover_(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()  # the masks are re-applied after every step (tuili.prune.masks)
+            optimizer.step()  # keep_masks re-applies the masks after every step
             loss_value = float(loss.detach())
     finally:
         module.eval()
@@ -58,7 +60,7 @@ def recover_(
 def iterative_prune_(
     model: Model,
     target: Target,
-    method: str,
+    method: object,
     stages: int,
     *,
     calib: Tensor | None = None,
@@ -77,7 +79,8 @@ def iterative_prune_(
     log = []
     for k in range(1, stages + 1):
         stage_target = dataclasses.replace(target, sparsity=target.sparsity * k / stages)
-        masks = prune_(model, stage_target, method, calib=calib, progress=progress)
+        prune_(model, stage_target, method, calib=calib, progress=progress)
+        masks = masks_of(model.module)
         loss = recover_(model, train, steps, lr, progress=progress) if train is not None and steps > 0 else None
         ppl = perplexity(model.module, eval_windows, progress=progress).perplexity if eval_windows is not None else None
         report = sparsity_report(model.module)

@@ -6,11 +6,8 @@ cannot make the sparsity drift from its target.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def keep_top(scores: Tensor, keep: int) -> Tensor:
@@ -60,16 +57,13 @@ def global_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor
 
 
 # ---- masks that survive training -------------------------------------------------------------
-_MASKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_STEP_HOOK = None
 
 
 def attach_mask(linear: nn.Linear, mask: Tensor) -> None:
     """Zero the weights the mask removes and keep them zero through training: the mask is a buffer
-    of the module (`weight_mask`), gradients of removed weights are zeroed, and after every
-    optimizer step (any torch optimizer) the mask is applied again, so momentum, weight decay or
-    a manual edit cannot revive a pruned weight."""
-    global _STEP_HOOK
+    of the module (`weight_mask`), and gradients of removed weights are zeroed. Whoever trains
+    re-applies the masks after each optimizer step (`keep_masks`), so momentum, weight decay or a
+    manual edit cannot revive a pruned weight."""
     mask = mask.to(device=linear.weight.device, dtype=torch.bool)
     if mask.shape != linear.weight.shape:
         raise ValueError(f"a mask of shape {tuple(mask.shape)} does not fit weight {tuple(linear.weight.shape)}")
@@ -80,15 +74,28 @@ def attach_mask(linear: nn.Linear, mask: Tensor) -> None:
         linear.weight.register_hook(lambda grad, module=linear: grad * module.weight_mask)
     with torch.no_grad():
         linear.weight.mul_(linear.weight_mask)
-    _MASKED.add(linear)
-    if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_post_hook(lambda *_: reapply_masks())
+
+
+def masks_of(module: nn.Module) -> dict[str, Tensor]:
+    """Every masked layer's mask (True = kept), by name."""
+    return {
+        name: m.weight_mask for name, m in module.named_modules() if isinstance(getattr(m, "weight_mask", None), Tensor)
+    }
 
 
 @torch.no_grad()
-def reapply_masks() -> None:
-    for module in list(_MASKED):
-        module.weight.mul_(module.weight_mask)
+def reapply_masks(module: nn.Module) -> None:
+    """Zero again every weight a mask of `module` removed."""
+    for m in module.modules():
+        mask = getattr(m, "weight_mask", None)
+        if isinstance(mask, Tensor):
+            m.weight.mul_(mask)
+
+
+def keep_masks(optimizer: torch.optim.Optimizer, module: nn.Module):
+    """Re-apply `module`'s masks after every step of this optimizer (a hook on it alone; returns
+    its handle). Training loops over pruned models call this once."""
+    return optimizer.register_step_post_hook(lambda *_: reapply_masks(module))
 
 
 def restore_masks(model) -> int:

@@ -22,10 +22,10 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from tuili.models.layerwise import input_hooks
 from tuili.models.llama import Linear, LlamaForCausalLM
 from tuili.models.model import Model
 from tuili.prune.importance import InputNorms, taylor
-from tuili.quant.calibration import input_hooks
 from tuili.quant.linear import quantized_layers
 
 NEURON_IMPORTANCE = ("l1", "l2", "activation", "taylor")

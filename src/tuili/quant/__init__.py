@@ -1,7 +1,8 @@
 """Quantization: maths, observers, quantized linear layers, RTN · GPTQ · AWQ · SmoothQuant."""
 
+from tuili.models.selection import select_linears
 from tuili.quant import format as _format  # noqa: F401 - registers the compressed-tensors checkpoint format
-from tuili.quant.api import AWQ, GPTQ, METHODS, RTN, SmoothQuant, quantize_, select_linears
+from tuili.quant.api import AWQ, GPTQ, METHODS, RTN, SmoothQuant, quantize_
 from tuili.quant.config import (
     Int4WeightInt8Activation,
     Int4WeightOnly,

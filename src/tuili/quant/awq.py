@@ -4,11 +4,16 @@ calibration inputs; then search a clipping ratio per weight group."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from tuili.models.layerwise import LayerRunner, first_rows
+from tuili.quant.config import QuantScheme
+from tuili.quant.methods import MAX_SAMPLE_ROWS, LayerStats, MethodHandler, register
 from tuili.quant.primitives import fake_quantize, qparams, quantize_weight, split_groups
-from tuili.quant.smooth import SmoothGroup
+from tuili.quant.smooth import SmoothGroup, apply_smoothing, group_scheme, smooth_targets
 
 
 def fake_quantize_weight(w: Tensor, bits: int, group_size: int, symmetric: bool, clip: Tensor | None = None) -> Tensor:
@@ -55,3 +60,42 @@ def search_clip(
         better = err < best_err
         best[better], best_err[better] = ratio, err[better]
     return best
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ: activation-aware channel scales searched on a grid of `grid` exponents, then clipping."""
+
+    grid: int = 20
+    clip: bool = True
+    name = "awq"
+
+
+@register(AWQ)
+class AWQHandler(MethodHandler):
+    """Each layer's channels scaled by a searched power of their mean |x|, then each weight group's
+    range clipped where that lowers the output error."""
+
+    schemes = "weight-only"
+    calibrated = True
+
+    def __init__(self, config: AWQ) -> None:
+        super().__init__(config)
+        self.samples = config.clip
+
+    def smooth(self, runner: LayerRunner, layer: nn.Module, local: dict[str, nn.Linear], schemes: dict) -> None:
+        groups = smooth_targets(layer, local)
+        if not groups:
+            return
+        samples = first_rows(runner, layer, {g.first: g.linears[g.first] for g in groups}, MAX_SAMPLE_ROWS)
+        for g in groups:
+            bits, group_size, symmetric = group_scheme(g, schemes).weight_groups(g.linears[g.first].in_features)
+            apply_smoothing(g, search_scale(g, samples[g.first], bits, group_size, symmetric, self.config.grid))
+
+    def quantize(self, linear: nn.Linear, scheme: QuantScheme, stats: LayerStats) -> nn.Module:
+        if stats.samples is None:
+            return super().quantize(linear, scheme, stats)
+        bits, group_size, symmetric = scheme.weight_groups(linear.in_features)
+        clip = search_clip(linear, stats.samples, bits, group_size, symmetric)
+        qw = quantize_weight(linear.weight.detach().float(), bits, group_size, symmetric, clip)
+        return scheme.from_quantized(qw, linear.bias)

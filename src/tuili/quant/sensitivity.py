@@ -10,10 +10,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tuili.data.perplexity import perplexity
+from tuili.models.layerwise import input_hooks
 from tuili.models.model import Model
-from tuili.quant.api import quantize_layer, replace_module, select_linears
-from tuili.quant.calibration import input_hooks
-from tuili.quant.config import Int8StaticActivation, QuantScheme
+from tuili.models.selection import replace_module, select_linears
+from tuili.quant.api import quantize_layer
+from tuili.quant.config import QuantScheme
 from tuili.quant.observers import make_observer
 from tuili.quant.primitives import mse, sqnr
 
@@ -72,8 +73,8 @@ def layer_errors(
 
 
 def _static_scale(scheme: QuantScheme, x: Tensor) -> Tensor | None:
-    if not isinstance(scheme, Int8StaticActivation):
+    if not scheme.static:
         return None
-    observer = make_observer(scheme.observer)
+    observer = make_observer(scheme.observer)  # type: ignore[attr-defined]
     observer.observe(x)
     return observer.scale()

@@ -47,6 +47,16 @@ def smooth_groups(layer: nn.Module) -> list[SmoothGroup]:
     ]
 
 
+def smooth_targets(layer: nn.Module, local: dict[str, nn.Module]) -> list[SmoothGroup]:
+    """The layer's foldable groups with at least one linear layer being quantized (in `local`)."""
+    return [g for g in smooth_groups(layer) if any(n in local for n in g.linears)]
+
+
+def group_scheme(group: SmoothGroup, schemes: dict):
+    """The scheme of the group's first linear layer being quantized."""
+    return schemes[next(n for n in group.linears if n in schemes)]
+
+
 @torch.no_grad()
 def apply_smoothing(group: SmoothGroup, s: Tensor) -> None:
     """Divide the source's output channel j by s_j and multiply every reader's input column j by s_j."""

@@ -6,15 +6,23 @@ of their scale) minimising the group's int8 output error on calibration rows."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tuili.kernels import ops as kernels
+from tuili.models.layerwise import LayerRunner, input_hooks
 from tuili.quant.awq import fake_quantize_weight
+from tuili.quant.config import QuantScheme
+from tuili.quant.gptq import gptq
+from tuili.quant.methods import LayerStats, MethodHandler, register
 from tuili.quant.primitives import qrange
-from tuili.quant.smooth import SmoothGroup, weight_column_max
+from tuili.quant.smooth import SmoothGroup, apply_smoothing, group_scheme, smooth_targets, weight_column_max
 
 ALPHAS = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1
+ALPHA_SEARCH_ROWS = 4096  # calibration tokens, drawn from every sample, the α search looks at
+PEAK_ROWS = 64  # ... plus the tokens with the largest activations, which set static scales
 
 
 def smoothing_scale(act_max: Tensor, w_max: Tensor, alpha: float) -> Tensor:
@@ -58,3 +66,69 @@ def search_alpha(
         if err < best_err:
             best, best_err = (alpha, s), err
     return best
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant: s = max|X|^α / max|W|^(1−α) migrates activation outliers into the weights (W8A8).
+    `alpha="auto"` searches α per smoothing group for the least int8 output error on calibration
+    rows (for static activations it assumes min-max scales, the observer to pair it with)."""
+
+    alpha: float | str = 0.5
+    gptq: bool = False  # round the smoothed int8 weights with GPTQ instead of to nearest (llm-compressor's W8A8 recipe)
+    name = "smoothquant"
+
+    def __post_init__(self):
+        if self.alpha != "auto" and (isinstance(self.alpha, str) or not 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+
+
+@register(SmoothQuant)
+class SmoothQuantHandler(MethodHandler):
+    """Each layer smoothed, then its int8 weights rounded to nearest (or by GPTQ)."""
+
+    schemes = "w8a8"
+    calibrated = True
+
+    def __init__(self, config: SmoothQuant) -> None:
+        super().__init__(config)
+        self.hessians = config.gptq
+
+    def smooth(self, runner: LayerRunner, layer: nn.Module, local: dict[str, nn.Linear], schemes: dict) -> None:
+        """One pass gathers each group's per-channel max |x| (and, for alpha="auto", a uniform sample
+        of input rows plus the rows with the largest |x|, which set static scales); then smooth."""
+        groups = smooth_targets(layer, local)
+        if not groups:
+            return
+        alpha = self.config.alpha
+        firsts = {g.first: g.linears[g.first] for g in groups}
+        act_max = {n: torch.zeros(m.in_features) for n, m in firsts.items()}
+        rows: dict[str, list[Tensor]] = {n: [] for n in firsts}
+        peaks: dict[str, Tensor] = {}
+        total = runner.hidden.shape[0] * runner.hidden.shape[1]
+        generator = torch.Generator().manual_seed(0)
+
+        def track(name, x):
+            x = x.detach().float()
+            act_max[name] = torch.maximum(act_max[name], x.abs().amax(0))
+            if alpha == "auto":
+                keep = max(1, round(x.shape[0] * ALPHA_SEARCH_ROWS / total))
+                rows[name].append(x[torch.randperm(x.shape[0], generator=generator)[:keep]])
+                both = x if name not in peaks else torch.cat([peaks[name], x])
+                peaks[name] = both[both.abs().amax(1).topk(min(PEAK_ROWS, both.shape[0])).indices]
+
+        with input_hooks(firsts, track):
+            runner.run(layer)
+        for g in groups:
+            if alpha == "auto":
+                static = group_scheme(g, schemes).static
+                _, s = search_alpha(g, torch.cat(rows[g.first] + [peaks[g.first]]), act_max[g.first], static)
+            else:
+                s = smoothing_scale(act_max[g.first], weight_column_max(g), float(alpha))
+            apply_smoothing(g, s)
+
+    def quantize(self, linear: nn.Linear, scheme: QuantScheme, stats: LayerStats) -> nn.Module:
+        if stats.hessian is None:
+            return super().quantize(linear, scheme, stats)
+        qw = gptq(linear.weight.detach().float(), stats.hessian.value(), 8, linear.in_features, True, act_order=True)
+        return scheme.from_quantized(qw, linear.bias, stats.input_scale())

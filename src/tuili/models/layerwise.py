@@ -1,8 +1,9 @@
-"""Calibration plumbing: see what each linear layer receives, one decoder layer at a time.
+"""Layer-by-layer calibration, shared by quantization and pruning: see what each linear layer
+receives, one decoder layer at a time, and the statistics methods keep of it.
 
 Sequential (as GPTQ and llm-compressor do): calibration samples run through the embedding, then
-through each decoder layer in turn; a layer is quantized from what it received, and its quantized
-output is what the next layer receives. Only one layer's inputs are held at a time, so memory
+through each decoder layer in turn; a layer is quantized (or pruned) from what it received, and
+its new output is what the next layer receives. Only one layer's inputs are held at a time, so memory
 stays bounded whatever the model's depth.
 """
 
@@ -31,6 +32,22 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]
     finally:
         for h in handles:
             h.remove()
+
+
+class Hessian:
+    """Running H = 2/n Σ x xᵀ over the rows x of a layer's inputs."""
+
+    def __init__(self, in_features: int):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.h += (x.T @ x).double()  # fp32 product per batch (fast), fp64 running sum (exact enough)
+        self.count += x.shape[0]
+
+    def value(self) -> Tensor:
+        return (2 * self.h / max(self.count, 1)).float()
 
 
 class LayerRunner:
@@ -63,6 +80,20 @@ class LayerRunner:
         for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress, leave=False)):
             yield i, layer
             self.hidden = self.run(layer)
+
+
+def first_rows(runner: LayerRunner, layer: nn.Module, modules: dict[str, nn.Module], limit: int) -> dict[str, Tensor]:
+    """The first `limit` input rows of each module, from one pass over the calibration set."""
+    rows: dict[str, list[Tensor]] = {n: [] for n in modules}
+
+    def keep(name, x):
+        have = sum(r.shape[0] for r in rows[name])
+        if have < limit:
+            rows[name].append(x[: limit - have].detach().float().clone())
+
+    with input_hooks(modules, keep):
+        runner.run(layer)
+    return {n: torch.cat(r) for n, r in rows.items()}
 
 
 def require_tuili_model(module: nn.Module, method: str) -> LlamaForCausalLM:
