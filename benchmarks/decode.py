@@ -1,8 +1,8 @@
-"""Batch-1 decode of the default model, fp32 and three quantized forms, through the engine's C++
-decode step and through the model's module forward, timed in turns within one process.
+"""Batch-1 decode of the default model, fp32 (or bf16) and three quantized forms, through the engine's
+C++ decode step and through the model's module forward, timed in turns within one process.
 
     .venv/bin/python benchmarks/decode.py [--rounds 5] [--new-tokens 64] [--prompt-tokens 512]
-                                          [--models fp32 w8a16 w4a16 w8a8]
+                                          [--models fp32 bf16 w8a16 w4a16 w8a8]
 
 Each round times every (model × step) once, in the same order; the table gives each one's median
 tokens/s over the rounds and the median of the per-round ratios, so that this shared machine's
@@ -31,6 +31,7 @@ from tuili.quant.kv import quantize_kv_cache_
 
 SCHEMES = {
     "fp32": None,
+    "bf16": None,  # the model's weights cast to bf16
     "w8a16": Int8WeightOnly(),
     "w4a16": Int4WeightOnly(group_size=32),
     "w8a8": Int8DynamicActivation(),
@@ -38,6 +39,10 @@ SCHEMES = {
 
 
 def quantized(model, name: str):
+    if name == "bf16":
+        bf16 = copy.deepcopy(model)
+        bf16.module.to(torch.bfloat16)
+        return bf16
     if SCHEMES[name] is None:
         return model
     model = copy.deepcopy(model)
@@ -57,7 +62,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--models", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
+    parser.add_argument("--models", nargs="+", choices=list(SCHEMES), default=["fp32", "w8a16", "w4a16", "w8a8"])
     args = parser.parse_args()
     fp32 = tuili.load()
     vocab = fp32.config.vocab_size

@@ -160,14 +160,15 @@ class AsyncLLM:
                 if request_id in self._streams:  # not already abandoned by its caller
                     try:
                         self.engine.enqueue(prompt_ids, params, request_id)
-                    except Exception as error:  # noqa: BLE001 - this request's alone
-                        self._send(request_id, RequestFailed(f"the request could not start: {error}"))
+                    except Exception as refused:  # noqa: BLE001 - this request's alone
+                        self._send(request_id, RequestFailed(f"the request could not start: {refused}"))
             elif message[0] == "abort":
                 out = self.engine.abort(message[1])
                 if out is not None:
                     self._deliver([out])
             elif message[0] == "call":
                 _, future, fn, args = message
+                error: Exception | None
                 try:
                     with self.engine.no_grad():
                         result, error = fn(*args), None

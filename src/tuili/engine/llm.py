@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from tuili.engine.blocks import BlockTable
 from tuili.engine.detokenize import OutputText
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput
@@ -25,7 +27,7 @@ from tuili.models.model import Model
 from tuili.quant.linear import compute_dtype
 
 log = logging.getLogger("tuili.engine")
-Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages (the engine's own forms)
+Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages (the engine's own forms)
 MAX_DEFAULT_KV_BYTES = 4 << 30
 DEFAULT_KV_TOKENS_PER_SEQ = 2048
 
@@ -37,7 +39,7 @@ def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
     if prompt and isinstance(prompt[0], dict):
         text = model.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         return model.tokenizer.encode(text, add_special_tokens=False)
-    return list(prompt)
+    return list(cast(list[int], prompt))
 
 
 def engine_compute_dtype(model_dtype: torch.dtype, bf16_activations: bool | None = None) -> torch.dtype | None:
@@ -192,14 +194,18 @@ class LLMEngine:
             return [self._advance(request, logits[i : i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
 
     def _forward(self, chunks: list[Chunk]) -> Tensor:
-        ids, positions, sample_at = [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        sample_at: list[int] = []
         for chunk in chunks:
             end = chunk.start + chunk.length
             ids += chunk.request.all_ids[chunk.start : end]
             positions += range(chunk.start, end)
             if chunk.samples:
                 sample_at.append(len(ids) - 1)
-        self.cache.bind([c.request.table for c in chunks], [c.start for c in chunks], [c.length for c in chunks])
+        tables = [c.request.table for c in chunks]
+        assert all(t is not None for t in tables), "a scheduled request holds its blocks"
+        self.cache.bind(cast(list[BlockTable], tables), [c.start for c in chunks], [c.length for c in chunks])
         device = self.module.device
         ids_t, positions_t = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
         at = torch.tensor(sample_at, dtype=torch.long, device=device)

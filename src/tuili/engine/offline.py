@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from tuili.engine.llm import LLMEngine, encode_prompt
 from tuili.engine.request import RequestOutput
@@ -120,7 +120,7 @@ class LLM:
         params = _per_prompt(sampling_params, len(prompts))
         start = time.perf_counter()
         jobs = [(i, j, self._choice(p, sp, j)) for i, (p, sp) in enumerate(zip(prompts, params)) for j in range(sp.n)]
-        ids = [self.engine.add_request(prompt_ids, sp) for _, _, (prompt_ids, sp) in jobs]
+        ids = [self.engine.add_request(tokens, sp) for _, _, (tokens, sp) in jobs]
         done: dict[str, RequestOutput] = {}
         try:
             while len(done) < len(ids):
@@ -144,23 +144,24 @@ class LLM:
     ) -> list[Completion]:
         """Answer one conversation (a list of {"role", "content"} messages) or several, each rendered
         with the model's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        one = bool(messages) and isinstance(messages[0], dict)
+        conversations = cast(list[Prompt], [messages] if one else list(messages))
         return self.generate(conversations, sampling_params, use_tqdm)
 
     def embed(self, prompts: Prompt | Sequence[Prompt]) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (mean-pooled, L2-normalised final hidden states)."""
         from tuili.engine.pooling import embed
 
-        ids = [_prompt_ids(self.model, p) for p in _as_list(prompts)]
-        for prompt_ids in ids:
-            self.engine.validate(prompt_ids, SamplingParams(max_tokens=1))
+        ids = [prompt_ids(self.model, p) for p in _as_list(prompts)]
+        for tokens in ids:
+            self.engine.validate(tokens, SamplingParams(max_tokens=1))
         with self.engine.no_grad():
             vectors = embed(self.model, ids)
         return [EmbeddingRequestOutput(p, EmbeddingOutput(v.tolist())) for p, v in zip(ids, vectors)]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield one prompt's completion text piece by piece; closing the iterator aborts it."""
-        request_id = self.engine.add_request(_prompt_ids(self.model, prompt), params or SamplingParams())
+        request_id = self.engine.add_request(prompt_ids(self.model, prompt), params or SamplingParams())
         finished = False
         try:
             while not finished:
@@ -176,11 +177,13 @@ class LLM:
     def _choice(self, prompt: Prompt, params: SamplingParams, j: int) -> tuple[list[int], SamplingParams]:
         """A prompt's ids and choice j's parameters (one sequence each: n=1, seed + j)."""
         seed = None if params.seed is None else wrap_seed(params.seed + j)
-        return _prompt_ids(self.model, prompt), dataclasses.replace(params, n=1, seed=seed)
+        return prompt_ids(self.model, prompt), dataclasses.replace(params, n=1, seed=seed)
 
     def _completion(self, prompt: Prompt, outs: list[RequestOutput], start: float) -> Completion:
-        first = min((o.first_token_time or o.finished_time) for o in outs) - max(start, outs[0].arrival_time)
-        last = max(o.finished_time for o in outs) - max(start, outs[0].arrival_time)
+        began = max(start, outs[0].arrival_time)
+        finished = [o.finished_time or began for o in outs]
+        first = min((o.first_token_time or f) for o, f in zip(outs, finished)) - began
+        last = max(finished) - began
         choices = [self._output(j, out) for j, out in enumerate(outs)]
         text = prompt if isinstance(prompt, str) else prompt.get("prompt") if isinstance(prompt, dict) else None
         return Completion(
@@ -211,14 +214,14 @@ class LLM:
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     """One prompt (text, token ids, chat messages, a prompt dict) or a sequence of them -> a list."""
     if isinstance(prompts, (str, dict)) or not prompts:
-        return [prompts]
+        return [cast(Prompt, prompts)]
     first = prompts[0]
     if isinstance(first, int) or (isinstance(first, dict) and "role" in first):
-        return [prompts]
-    return list(prompts)
+        return [cast(Prompt, prompts)]
+    return list(cast(Sequence[Prompt], prompts))
 
 
-def _prompt_ids(model: Model, prompt: Prompt) -> list[int]:
+def prompt_ids(model: Model, prompt: Prompt) -> list[int]:
     """Token ids of any prompt form; vLLM's {"prompt": ...} and {"prompt_token_ids": [...]} included."""
     if isinstance(prompt, dict):
         unknown = set(prompt) - {"prompt", "prompt_token_ids"}

@@ -108,7 +108,7 @@ class PagedKVCache:
     @property
     def num_bytes(self) -> int:
         total = 2 * self.k.numel() * self.k.element_size()
-        return total + (2 * self.k_scale.numel() * 4 if self.kv_int8 else 0)
+        return total + (2 * self.k_scale.numel() * 4 if self.k_scale is not None else 0)
 
     def new_sequence(self) -> BlockTable:
         return BlockTable(self.allocator, self.block_size)
@@ -122,10 +122,14 @@ class PagedKVCache:
         """
         width = max(1, max(len(t.blocks) for t in tables))
         self._tables = torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.int32)
-        self._step = None if starts is None else self._plan(starts, lengths, tables)
+        if starts is not None and lengths is None:
+            raise ValueError("bind() needs one length per start")
+        self._step = None if starts is None else self._plan(starts, lengths or [], tables)
 
     def _plan(self, starts: list[int], lengths: list[int], block_tables: list[BlockTable] | None = None) -> _Step:
         tables, size = self._tables, self.block_size
+        if tables is None:
+            raise RuntimeError("bind() the step's sequences before planning it")
         if len(starts) != tables.shape[0] or len(lengths) != len(starts):
             raise ValueError("bind() needs one start and one length per block table")
         if block_tables is not None and all(n == 1 for n in lengths):  # a decode step: every token's slot in Python
@@ -141,14 +145,14 @@ class PagedKVCache:
             )
         seg = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(lengths))
         pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
-        slots = tables.long()[seg, pos // size] * size + pos % size
+        flat = tables.long()[seg, pos // size] * size + pos % size
         num_decode = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
         decode_lens = torch.tensor(starts[:num_decode], dtype=torch.int32) + 1
         gathers = []
         for i in range(num_decode, len(starts)):
             k_pos = torch.arange(starts[i] + lengths[i])
             gathers.append(tables[i].long()[k_pos // size] * size + k_pos % size)
-        return _Step(tables, list(starts), list(lengths), slots, num_decode, decode_lens, gathers)
+        return _Step(tables, list(starts), list(lengths), flat, num_decode, decode_lens, gathers)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply the copy-on-write copies that BlockTable.append returned, in every layer."""

@@ -96,7 +96,7 @@ class Scheduler:
         """The step ran: the chunk's keys and values are in the cache."""
         request = chunk.request
         request.num_computed = chunk.start + chunk.length
-        if self.prefix is not None:
+        if self.prefix is not None and request.table is not None:
             self.prefix.insert(request.table, request.all_ids, request.block_keys)
 
     def finish(self, request: Request) -> None:
@@ -124,11 +124,13 @@ class Scheduler:
 
     def _grow(self, request: Request, num_tokens: int) -> bool:
         """Make room for `num_tokens` in the request's blocks, evicting cached prefixes if needed."""
-        short = request.table.blocks_needed(num_tokens) - self.cache.allocator.num_free
+        table = request.table
+        assert table is not None, "a running request holds its block table"
+        short = table.blocks_needed(num_tokens) - self.cache.allocator.num_free
         if short > 0 and self.prefix is not None:
             self.prefix.evict(short)
         try:
-            self.copies += request.table.append(num_tokens)
+            self.copies += table.append(num_tokens)
         except NoFreeBlocks:
             return False
         return True

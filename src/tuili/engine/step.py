@@ -18,6 +18,7 @@ import operator
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import repeat
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,9 @@ from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import LlamaForCausalLM
 
 _MISSING = object()
-LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"))
-LINEARS += (("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+LINEARS: tuple[tuple[str, str], ...] = tuple(
+    ("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+) + tuple(("mlp", n) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def hooked(modules: tuple[nn.Module, ...]) -> bool:
@@ -106,7 +108,7 @@ class Checks:
     cached kernel call was dropped. Kept as parallel lists so that one check of ~500 entries is a
     few C-level `map`s (~40 µs), not a Python loop (~370 µs)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.parents: list[dict] = []
         self.names: list[str] = []
         self.children: list[object] = []
@@ -143,9 +145,10 @@ class Checks:
         )
 
 
-def build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[Checks, StepPlan | None] | None:
+def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None:
     """What must still hold for the plan to apply, and the plan. The plan is None where a layer has
-    no kernel call (the checks then say when to look again); None in all where a hook watches."""
+    no kernel call (the checks then say when to look again); None in all where a hook watches.
+    `module` is read by its parts' Hugging Face names (a LlamaForCausalLM), hence `Any`."""
     if kernels.extension() is None or hooked(()):
         return None
     backbone = module._modules["model"]
@@ -160,7 +163,7 @@ def build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[Checks, StepPlan |
         checks.add(layer_list._modules, name, layer)
     checks.add(layer_list._modules, str(len(layer_list)), None)  # no layer appended
 
-    def call(parent: nn.Module, name: str) -> KernelCall | None:
+    def call(parent: Any, name: str) -> KernelCall | None:
         child = parent._modules[name]
         checks.add(parent._modules, name, child)
         make = getattr(child, "kernel_call", None)
@@ -211,7 +214,7 @@ def build_plan(module: LlamaForCausalLM, bf16: bool) -> tuple[Checks, StepPlan |
     return checks, plan
 
 
-def weight(module: nn.Module, checks: Checks) -> Tensor:
+def weight(module: Any, checks: Checks) -> Tensor:
     """module.weight, with a check that it is still that tensor (pruning may assign a new one)."""
     checks.add(module._parameters, "weight", module.weight)
     return module.weight
@@ -223,7 +226,7 @@ class DecodeStep:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self._plans: dict[bool, tuple[Checks, StepPlan | None, object]] = {}
+        self._plans: dict[bool, tuple[Checks, StepPlan | None, Any]] = {}
 
     def __call__(
         self,
@@ -249,6 +252,7 @@ class DecodeStep:
         x = F.embedding(ids, plan.embed)
         cos, sin = rope_cos_sin(plan.inv_freq, positions[None], x.dtype)
         step = cache._step
+        assert step is not None  # cache.decoding
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
         return native.step(x, cos, sin, *caches, step.slots, step.tables, step.decode_lens, logits_at)
 
@@ -258,7 +262,7 @@ class DecodeStep:
             return False
         return self._plan(bf16_step(self.module.dtype, compute_dtype)) is not None
 
-    def _plan(self, bf16: bool, check: bool = True) -> tuple[StepPlan, object] | None:
+    def _plan(self, bf16: bool, check: bool = True) -> tuple[StepPlan, Any] | None:
         planned = self._plans.get(bf16)
         if planned is None or (check and not planned[0].still()):
             made = build_plan(self.module, bf16)  # type: ignore[arg-type]

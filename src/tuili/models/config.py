@@ -30,8 +30,8 @@ class LlamaConfig:
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+    num_key_value_heads: int = 0  # 0 (or None): as many as attention heads
+    head_dim: int = 0  # 0 (or None): hidden_size / num_attention_heads
     model_type: str = "llama"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -56,9 +56,9 @@ class LlamaConfig:
                 f"unsupported architecture {self.model_type!r}: tuili runs "
                 f"{', '.join(sorted(ARCHITECTURES))} (Llama-family decoders)"
             )
-        if self.num_key_value_heads is None:
+        if not self.num_key_value_heads:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.model_type == "qwen2":
             self.attention_bias = True

@@ -9,7 +9,7 @@ stays bounded whatever the model's depth.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -21,7 +21,7 @@ from tuili.models.llama import LlamaForCausalLM
 
 
 @contextmanager
-def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+def input_hooks(modules: Mapping[str, nn.Module], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
     """Call fn(name, x) with the (tokens, in_features) input of each module on every forward."""
     handles = [
         m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, args[0].reshape(-1, args[0].shape[-1])))
@@ -82,7 +82,9 @@ class LayerRunner:
             self.hidden = self.run(layer)
 
 
-def first_rows(runner: LayerRunner, layer: nn.Module, modules: dict[str, nn.Module], limit: int) -> dict[str, Tensor]:
+def first_rows(
+    runner: LayerRunner, layer: nn.Module, modules: Mapping[str, nn.Module], limit: int
+) -> dict[str, Tensor]:
     """The first `limit` input rows of each module, from one pass over the calibration set."""
     rows: dict[str, list[Tensor]] = {n: [] for n in modules}
 

@@ -90,12 +90,13 @@ def _compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
             "weight_scale": m.scale.to(dtype).contiguous(),
             "weight_shape": torch.tensor([m.out_features, m.in_features]),
         }
-        if not m.symmetric:
+        if m.zero is not None:
             zero = (m.zero.to(torch.int16) - _offset(m)).to(torch.int8)
             out["weight_zero_point"] = pack_to_int32(zero, m.bits, packed_dim=0)
         return out
+    assert isinstance(m, Int8Linear)
     out = {"weight": m.qweight, "weight_scale": m.weight_scale[:, None].to(dtype).contiguous()}
-    if m.static:
+    if m.input_scale is not None:
         out["input_scale"] = m.input_scale.reshape(1).to(dtype)
     return out
 
@@ -154,6 +155,7 @@ def _restore(name: str, linear: nn.Linear, scheme, state: dict[str, Tensor]) -> 
     )
     if (acts is None or w4a8) and w is not None and w.type == "int":
         group_size = w.group_size if w.strategy == "group" else linear.in_features
+        m: WeightOnlyLinear | Int8Linear
         m = (W4A8Linear if w4a8 else WeightOnlyLinear)(
             linear.in_features, linear.out_features, w.num_bits, group_size, w.symmetric, bias is not None
         )
@@ -177,7 +179,7 @@ def _restore(name: str, linear: nn.Linear, scheme, state: dict[str, Tensor]) -> 
             "(int weights, optionally with int8 activations)"
         )
     if bias is not None:
-        m.bias.data = bias.float()
+        m.bias = nn.Parameter(bias.float(), requires_grad=False)
     return m
 
 

@@ -3,6 +3,8 @@ tuili.kernels.kv_format)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from tuili.kernels.kv_format import check_kv_cache_format
 
 
@@ -14,7 +16,7 @@ def quantize_kv_cache_(model, kv_dtype: str) -> None:
     perplexity includes the cost), and `Model.save` records it in config.json (vLLM's
     `kv_cache_dtype`, decided by the model rather than the server)."""
     module = getattr(model, "module", model)
-    config = getattr(module, "config", None)
+    config: Any = getattr(module, "config", None)
     if not hasattr(config, "kv_cache_dtype"):
         raise ValueError(
             f"the KV cache format is a setting of tuili's Llama models (tuili.load); got {type(module).__name__}"

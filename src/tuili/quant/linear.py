@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,9 @@ class _KernelLinear(nn.Module, ABC):
     assigned, loaded or moved, instead of being rebuilt through nn.Module each time."""
 
     _buffer_names: tuple[str, ...] = ()
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
 
     def kernel_call(self, bf16: bool = False) -> KernelCall | None:
         """The kernel call of this layer's product for fp32 activations (`bf16`: for 16-bit ones, a
@@ -124,6 +128,9 @@ class WeightOnlyLinear(_KernelLinear):
 
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
     _buffer_names = ("qweight", "scale", "zero", "bias")
+    qweight: Tensor
+    scale: Tensor
+    zero: Tensor | None
 
     def __init__(
         self,
@@ -163,7 +170,7 @@ class WeightOnlyLinear(_KernelLinear):
         if not qw.symmetric:
             layer.zero = qw.zero.to(torch.uint8)
         if bias is not None:
-            layer.bias.data = bias.detach().clone()
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
 
     @classmethod
@@ -204,7 +211,7 @@ class WeightOnlyLinear(_KernelLinear):
             return call
         ints = (self.out_features, self.group_size)
         if self.bits == 4:
-            qweight, scale, zs = call.tensors  # the fp32 kernel's codes, scales and scale · zero
+            qweight, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)  # codes, scales, scale · zero
             packed = kernels.pack_w4_bf16(qweight, self.in_features, self.symmetric, scale, zs)
             return KernelCall.of("w4_linear_bf16", *packed, ints=ints, bias=self.bias)
         # W8: int16 activations (one widening per 32 codes instead of an int8 → bf16 conversion)
@@ -261,6 +268,9 @@ class Int8Linear(_KernelLinear):
 
     quant_method = "compressed-tensors"
     _buffer_names = ("qweight", "weight_scale", "input_scale", "bias")
+    qweight: Tensor
+    weight_scale: Tensor
+    input_scale: Tensor | None
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, static: bool, dtype: torch.dtype = torch.float32
@@ -297,7 +307,7 @@ class Int8Linear(_KernelLinear):
         if input_scale is not None:
             layer.input_scale = input_scale.float().reshape(())
         if bias is not None:
-            layer.bias.data = bias.detach().clone()
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
 
     @property

@@ -37,7 +37,8 @@ class MovingAverageMinMax(MinMax):
 
     def __init__(self, momentum: float = 0.1):
         super().__init__()
-        self.momentum, self.average = momentum, None
+        self.momentum = momentum
+        self.average: float | None = None
 
     def observe(self, x: Tensor) -> None:
         check_finite(x, "activation")

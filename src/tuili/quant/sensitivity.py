@@ -65,9 +65,10 @@ def layer_errors(
         delta = None
         if eval_windows is not None:
             replace_module(module, name, quantized)
-            delta = perplexity(module, eval_windows, progress=False).perplexity - base
+            delta = perplexity(module, eval_windows, progress=False).perplexity - (base or 0.0)
             replace_module(module, name, linear)
-        rows.append(LayerError(name, sqnr(linear.weight, quantized.dequantize()), mse(ref, out), sqnr(ref, out), delta))
+        weight_sqnr = sqnr(linear.weight, quantized.dequantize())  # type: ignore[operator]
+        rows.append(LayerError(name, weight_sqnr, mse(ref, out), sqnr(ref, out), delta))
     key = (lambda r: -r.perplexity_delta) if eval_windows is not None else (lambda r: r.output_sqnr)
     return sorted(rows, key=key)
 

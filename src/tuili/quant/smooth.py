@@ -5,7 +5,9 @@ s; this module knows where it can be folded in a Llama-family layer."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +25,7 @@ class SmoothGroup:
         return next(iter(self.linears))
 
 
-def smooth_groups(layer: nn.Module) -> list[SmoothGroup]:
+def smooth_groups(layer: Any) -> list[SmoothGroup]:
     """The foldable groups of a decoder layer (tuili's and transformers' Llama-family layers alike)."""
     attn, mlp = layer.self_attn, layer.mlp
     groups = [
@@ -47,7 +49,7 @@ def smooth_groups(layer: nn.Module) -> list[SmoothGroup]:
     ]
 
 
-def smooth_targets(layer: nn.Module, local: dict[str, nn.Module]) -> list[SmoothGroup]:
+def smooth_targets(layer: nn.Module, local: Mapping[str, nn.Module]) -> list[SmoothGroup]:
     """The layer's foldable groups with at least one linear layer being quantized (in `local`)."""
     return [g for g in smooth_groups(layer) if any(n in local for n in g.linears)]
 
@@ -66,7 +68,8 @@ def apply_smoothing(group: SmoothGroup, s: Tensor) -> None:
         if source.bias is not None:
             source.bias.div_(s.to(source.bias.dtype))
     else:
-        source.weight.div_(s.to(source.weight.dtype))
+        weight = cast(Tensor, source.weight)
+        weight.div_(s.to(weight.dtype))
     for linear in group.linears.values():
         linear.weight.mul_(s[None, :].to(linear.weight.dtype))
 
