@@ -20,12 +20,8 @@ from tuili.data import eval_windows, load_text, perplexity
 from tuili.models.loading import load
 from tuili.pipeline.analysis import analyze
 from tuili.pipeline.report import human_bytes, markdown_table
-from tuili.pipeline.search import (
-    CANDIDATE_HEADERS,
-    MLP_SPARSITIES,
-    candidate_row,
-    search,
-)
+from tuili.pipeline.search import MLP_SPARSITIES, search
+from tuili.pipeline.search_result import CANDIDATE_HEADERS, candidate_row
 from tuili.quant import quantize_
 from tuili.quant.config import Int4WeightOnly, Int8WeightOnly
 

@@ -60,7 +60,8 @@ def test_a_second_process_waits_for_the_lock_and_says_so(tmp_path):
     directory.mkdir()
     (directory / "lock").touch()  # a stale lock left by a killed build
     code = (
-        f"from pathlib import Path\nfrom tuili.kernels.build import build_lock\n"
+        f"import sys\nfrom pathlib import Path\nfrom tuili.kernels.build import build_lock\n"
+        f"print('ready', file=sys.stderr, flush=True)\n"
         f"with build_lock(Path({str(directory)!r})):\n    print('held', Path({str(directory)!r}, 'lock').exists())"
     )
     with open(directory / ".tuili-build.lock", "a") as handle:
@@ -68,6 +69,7 @@ def test_a_second_process_waits_for_the_lock_and_says_so(tmp_path):
         waiting = subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        assert waiting.stderr.readline().strip() == "ready"  # imported (slow on a loaded host), about to lock
         time.sleep(1.0)
         assert waiting.poll() is None  # it waits while the lock is held
     out, err = waiting.communicate(timeout=60)

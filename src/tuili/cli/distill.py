@@ -56,21 +56,38 @@ def add_parser(sub) -> None:
 
 
 def _distill(args) -> None:
-    from tuili.data import calibration_samples, eval_windows, load_text
+    from tuili.data import eval_windows, load_text
     from tuili.data.batches import packed_sequences
-    from tuili.distill import (
-        DistillConfig,
-        Distiller,
-        student_from_sizes,
-        student_from_teacher,
-    )
+    from tuili.distill import Distiller
     from tuili.distill.runtime import init_distributed
-    from tuili.distill.students import parse_sizes
-    from tuili.models import load
-    from tuili.models.io import atomic_write_text
-    from tuili.pipeline.report import markdown_table
 
-    config = DistillConfig(
+    config = _config(args)
+    rank, _ = init_distributed()
+    run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher = load_model(argparse.Namespace(model=args.teacher, dtype=args.dtype, threads=None))
+    tok = teacher.tokenizer
+    train_text = tok.encode(load_text(args.data, "calibration"))
+    student = _student(args, teacher, train_text)
+    train = packed_sequences(train_text, args.seq_len)
+    windows = eval_windows(tok.encode(load_text(args.eval_data, "evaluation")), 512, args.eval_tokens)
+    trainer = Distiller(teacher, student, train, config, windows, run_dir, args.resume)
+    if rank == 0 and trainer.align is not None:
+        print(
+            f"student layer i stands for teacher layer {list(trainer.align.layers)} ({trainer.align.source})",
+            file=sys.stderr,
+        )
+    result = trainer.train()
+    if rank == 0:
+        _report(args, teacher, student, result, run_dir)
+
+
+def _config(args):
+    """The run's DistillConfig from the flags (min_lr: a tenth of lr; warm-up: a twentieth of the steps)."""
+    from tuili.distill import DistillConfig
+
+    return DistillConfig(
         steps=args.steps,
         lr=args.lr,
         min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
@@ -92,32 +109,28 @@ def _distill(args) -> None:
         cache_top_k=args.cache_top_k,
         seed=args.seed,
     )
-    rank, _ = init_distributed()
-    run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    teacher = load_model(argparse.Namespace(model=args.teacher, dtype=args.dtype, threads=None))
-    tok = teacher.tokenizer
-    train_text = tok.encode(load_text(args.data, "calibration"))
-    if args.prune or (args.student and "=" in args.student):
-        calib = calibration_samples(train_text, args.calib_samples, min(512, len(train_text)), args.seed)
-        if args.prune:
-            student = student_from_teacher(teacher, args.prune, calib, args.importance)
-        else:
-            student = student_from_sizes(teacher, **parse_sizes(args.student), calib=calib)
-    else:
-        student = load(args.student, dtype=args.dtype)
-    train = packed_sequences(train_text, args.seq_len)
-    windows = eval_windows(tok.encode(load_text(args.eval_data, "evaluation")), 512, args.eval_tokens)
-    trainer = Distiller(teacher, student, train, config, windows, run_dir, args.resume)
-    if rank == 0 and trainer.align is not None:
-        print(
-            f"student layer i stands for teacher layer {list(trainer.align.layers)} ({trainer.align.source})",
-            file=sys.stderr,
-        )
-    result = trainer.train()
-    if rank != 0:
-        return
+
+
+def _student(args, teacher, train_text: list[int]):
+    """The student: pruned from the teacher (--prune), made at sizes (--student k=v,...), or loaded."""
+    from tuili.data import calibration_samples
+    from tuili.distill import student_from_sizes, student_from_teacher
+    from tuili.distill.students import parse_sizes
+    from tuili.models import load
+
+    if not (args.prune or (args.student and "=" in args.student)):
+        return load(args.student, dtype=args.dtype)
+    calib = calibration_samples(train_text, args.calib_samples, min(512, len(train_text)), args.seed)
+    if args.prune:
+        return student_from_teacher(teacher, args.prune, calib, args.importance)
+    return student_from_sizes(teacher, **parse_sizes(args.student), calib=calib)
+
+
+def _report(args, teacher, student, result, run_dir) -> None:
+    """Save the student, write summary.json in the run folder, and print the summary."""
+    from tuili.models.io import atomic_write_text
+    from tuili.pipeline.report import markdown_table
+
     out = student.save(args.out)
     summary = {
         "out": str(out),

@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
 def _prune(args) -> None:
     from tuili.data import calibration_samples, eval_windows, load_text, perplexity
     from tuili.pipeline.analysis import analyze
-    from tuili.pipeline.report import markdown_table, sparsity_markdown
+    from tuili.pipeline.report import sparsity_markdown
     from tuili.prune import SemiStructured, Unstructured, prune_, sparsity_report
     from tuili.prune.config import parse_structured
     from tuili.prune.iterative import iterative_prune_
@@ -112,11 +112,18 @@ def _prune(args) -> None:
         return
     if args.report:
         print(sparsity_markdown(report))
+    _summary(result, report.sparsity)
+
+
+def _summary(result: dict, sparsity: float) -> None:
+    """The before/after table and where the model went."""
+    from tuili.pipeline.report import markdown_table
+
     rows = [
         ["parameters", f"{result['params_before']:,}", f"{result['params_after']:,}"],
-        ["zeros in linear weights", "", f"{report.sparsity:.2%}"],
+        ["zeros in linear weights", "", f"{sparsity:.2%}"],
     ]
-    if windows is not None:
+    if "perplexity_after" in result:
         rows.append(["perplexity", f"{result['perplexity_before']:.4f}", f"{result['perplexity_after']:.4f}"])
     print(markdown_table(["", "before", "after"], rows))
-    print(f"pruned in {result['seconds']} s" + (f", saved to {result['out']}" if args.out else ""))
+    print(f"pruned in {result['seconds']} s" + (f", saved to {result['out']}" if "out" in result else ""))

@@ -100,21 +100,7 @@ def _quantize(args) -> None:
         rows = layer_errors(model, scheme, calib[:8], short, ignore=tuple(args.ignore))
         result["layers"] = [r.to_dict() for r in rows]
         if not args.json:
-            print(
-                markdown_table(
-                    ["layer", "weight SQNR (dB)", "output SQNR (dB)", "output MSE", "Δ perplexity"],
-                    [
-                        [
-                            r.name,
-                            f"{r.weight_sqnr:.1f}",
-                            f"{r.output_sqnr:.1f}",
-                            f"{r.output_mse:.3g}",
-                            f"{r.perplexity_delta:+.4f}",
-                        ]
-                        for r in rows
-                    ],
-                )
-            )
+            print(_layer_table(rows))
     if args.out:
         before_bytes = analyze(model).num_bytes
         if args.eval:
@@ -135,3 +121,15 @@ def _quantize(args) -> None:
             print(f"quantized in {result['seconds']} s, saved to {result['out']}")
     if args.json:
         print(json.dumps(result, indent=2))
+
+
+def _layer_table(rows) -> str:
+    """`--analyze`'s table: each layer's errors when it alone is quantized, most sensitive first."""
+    from tuili.pipeline.report import markdown_table
+
+    headers = ["layer", "weight SQNR (dB)", "output SQNR (dB)", "output MSE", "Δ perplexity"]
+    cells = [
+        [r.name, f"{r.weight_sqnr:.1f}", f"{r.output_sqnr:.1f}", f"{r.output_mse:.3g}", f"{r.perplexity_delta:+.4f}"]
+        for r in rows
+    ]
+    return markdown_table(headers, cells)

@@ -16,12 +16,8 @@ not run at all, which makes the fair baseline for what distillation adds.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -44,6 +40,7 @@ from tuili.distill.losses import (
     hard_loss,
     hidden_loss,
 )
+from tuili.distill.run_folder import RunFolder
 from tuili.distill.runtime import bf16_supported, init_distributed
 from tuili.distill.students import Alignment, DistillError, alignment, check_pair
 from tuili.models.model import Model
@@ -103,6 +100,7 @@ class Distiller:
         self.train_ids, self.eval_windows = train, eval_windows
         self.rank, self.world = init_distributed()
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.folder = RunFolder(self.run_dir) if self.run_dir is not None else None
         self.progress = progress and self.rank == 0
         self.device = student.module.device
         self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
@@ -274,29 +272,12 @@ class Distiller:
         )
         return DistillResult(self.step - start_step, tokens, seconds, final, self.teacher_ppl, self.log)
 
-    # -- logs and checkpoints ---------------------------------------------------------------
+    # -- logs and checkpoints (tuili.distill.run_folder) ---------------------------------------
     def _append(self, row: dict[str, Any]) -> None:
         row = {k: row.get(k) for k in LOG_FIELDS}
         self.log.append(row)
-        if self.rank != 0 or self.run_dir is None:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        new = not (self.run_dir / "log.csv").exists()
-        with open(self.run_dir / "log.csv", "a", newline="") as f:
-            writer = csv.DictWriter(f, LOG_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def _rewrite_logs(self) -> None:
-        """After a resume: the logs hold exactly the steps up to the checkpoint."""
-        for name in ("log.csv", "log.jsonl"):
-            (self.run_dir / name).unlink(missing_ok=True)
-        rows, self.log = self.log, []
-        for row in rows:
-            self._append(row)
+        if self.rank == 0 and self.folder is not None:
+            self.folder.append(row)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -315,25 +296,9 @@ class Distiller:
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-NNNNNN in the run folder (temporary name, then rename); keep the newest few."""
-        if self.rank != 0 or self.run_dir is None:
-            self._barrier()
-            return None
-        folder = self.run_dir / "checkpoints"
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"step-{self.step:06d}"
-        tmp = folder / f".step-{self.step:06d}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            torch.save(self._state(), tmp / "state.pt")
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for old in sorted(folder.glob("step-*"))[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        target = None
+        if self.rank == 0 and self.folder is not None:
+            target = self.folder.save(self._state(), self.step, self.config.keep_checkpoints)
         self._barrier()
         return target
 
@@ -342,17 +307,17 @@ class Distiller:
             dist.barrier()
 
     def _resume(self) -> None:
-        checkpoints = sorted((self.run_dir / "checkpoints").glob("step-*")) if self.run_dir is not None else []
-        if not checkpoints:
+        latest = self.folder.latest() if self.folder is not None else None
+        if latest is None:
             return  # nothing to resume: a fresh run
-        state = torch.load(checkpoints[-1] / "state.pt", map_location=self.device, weights_only=False)
+        state = torch.load(latest / "state.pt", map_location=self.device, weights_only=False)
         saved, now = state["config"], dataclasses.asdict(self.config)
         differ = [k for k in _FIXED if saved.get(k) != now.get(k)]
         if state.get("world_size", 1) != self.world:
             differ.append("number of processes")
         if differ:
             raise DistillError(
-                f"{checkpoints[-1]} was written with other settings ({', '.join(differ)}): "
+                f"{latest} was written with other settings ({', '.join(differ)}): "
                 "resume with the same ones, or start a fresh run in another folder"
             )
         self.student.module.load_state_dict(state["student"])
@@ -364,10 +329,10 @@ class Distiller:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         random.setstate(state["rng"]["python"])
         self.step, self.teacher_ppl, self.log = state["step"], state["teacher_perplexity"], state["log"]
-        if self.rank == 0:
-            self._rewrite_logs()
+        if self.rank == 0 and self.folder is not None:
+            self.folder.rewrite(self.log)
         if self.progress:
-            print(f"resumed from {checkpoints[-1]} (step {self.step})", file=sys.stderr)
+            print(f"resumed from {latest} (step {self.step})", file=sys.stderr)
 
 
 def distill_(

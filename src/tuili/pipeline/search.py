@@ -20,16 +20,15 @@ import copy
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from tuili.data import calibration_samples, eval_windows, load_text, perplexity
-from tuili.data.perplexity import Perplexity
 from tuili.kernels.kv_format import check_kv_cache_format
 from tuili.models.model import Model
 from tuili.pipeline.analysis import analyze
-from tuili.pipeline.bench import Speed, measure_speed
+from tuili.pipeline.bench import measure_speed
 from tuili.pipeline.knapsack import SearchError, plan, show_cost
-from tuili.pipeline.report import human_bytes, markdown_table
+from tuili.pipeline.report import human_bytes
+from tuili.pipeline.search_result import Measured, SearchResult
 from tuili.pipeline.sensitivity import OPTIONS, LayerCost, layer_costs
 from tuili.prune.structured import prune_mlp_
 from tuili.quant import quantize_
@@ -47,129 +46,6 @@ def apply_plan(model: Model, choice: dict[str, str]) -> Model:
         quantize_(model, Int8WeightOnly(), targets=list(quantized), ignore=(), overrides=quantized, progress=False)
     model.record("searched", plan=dict(Counter(choice.values())))
     return model
-
-
-@dataclass
-class Measured:
-    num_bytes: int
-    quality: Perplexity
-    speed: Speed
-
-    def to_dict(self) -> dict:
-        return {"num_bytes": self.num_bytes, "quality": self.quality.to_dict(), "speed": self.speed.to_dict()}
-
-
-@dataclass
-class SearchResult:
-    budget: dict  # max_bytes / min_speedup / max_ppl_increase as asked
-    baseline: Measured
-    result: Measured
-    choice: dict[str, str]
-    predicted_delta: float  # Σ predicted ΔL of the plan (Fisher), nats/token
-    met: dict[str, bool]  # per budget, from the measurement
-    attempts: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    mlp_sparsity: float = 0.0  # the fraction of MLP neurons the chosen plan removed
-    candidates: list[dict] = field(default_factory=list)  # one per sparsity tried, measured
-
-    @property
-    def ppl_increase(self) -> float:
-        return 100 * (self.result.quality.perplexity / self.baseline.quality.perplexity - 1)
-
-    @property
-    def speedup(self) -> float:
-        return self.result.speed.decode_tokens_per_second / self.baseline.speed.decode_tokens_per_second
-
-    def to_dict(self) -> dict:
-        return {
-            "budget": self.budget,
-            "baseline": self.baseline.to_dict(),
-            "result": self.result.to_dict(),
-            "choice": self.choice,
-            "predicted_delta": self.predicted_delta,
-            "met": self.met,
-            "attempts": self.attempts,
-            "seconds": self.seconds,
-            "mlp_sparsity": self.mlp_sparsity,
-            "candidates": self.candidates,
-        }
-
-    def to_markdown(self) -> str:
-        b, r = self.baseline, self.result
-        rows = [
-            [
-                name,
-                human_bytes(m.num_bytes),
-                f"{m.quality.perplexity:.3f}",
-                f"{100 * (m.quality.perplexity / b.quality.perplexity - 1):+.2f}%",
-                f"{m.speed.decode_tokens_per_second:.1f}",
-                f"{m.speed.decode_tokens_per_second / b.speed.decode_tokens_per_second:.2f}×",
-            ]
-            for name, m in (("baseline", b), ("searched plan", r))
-        ]
-        table = markdown_table(["model", "weights", "perplexity", "Δ perplexity", "decode tok/s", "speed-up"], rows)
-        kinds: dict[str, Counter] = {}
-        for name, option in self.choice.items():
-            kinds.setdefault(name.rsplit(".", 1)[-1], Counter())[option] += 1
-        options = list(OPTIONS)
-        plan_table = markdown_table(
-            ["layer kind", *options], [[k, *(str(c[o]) for o in options)] for k, c in kinds.items()]
-        )
-        asked = {
-            "max_bytes": lambda v: f"weights ≤ {human_bytes(v)} (measured {human_bytes(r.num_bytes)})",
-            "min_speedup": lambda v: f"decode ≥ {v:.2f}× the baseline (measured {self.speedup:.2f}×)",
-            "max_ppl_increase": lambda v: f"perplexity ≤ +{v:.2f}% (measured {self.ppl_increase:+.2f}%)",
-        }
-        budgets = "\n".join(
-            f"- {asked[k](v)}: **{'met' if self.met[k] else 'NOT met'}**"
-            for k, v in self.budget.items()
-            if v is not None
-        )
-        tries = "".join(
-            f"\n- attempt {i + 1}: {a['mlp_sparsity']:.1%} of MLP neurons removed, budget {a['budget']}, "
-            f"measured {a['measured']}"
-            for i, a in enumerate(self.attempts)
-        )
-        pruned = (
-            f"MLP neurons removed first: {self.mlp_sparsity:.1%} of every layer's (structured).\n\n"
-            if self.mlp_sparsity
-            else ""
-        )
-        tried = ""
-        if len(self.candidates) > 1:
-            tried = (
-                "Sparsities tried (each with its own plan, measured):\n\n"
-                + markdown_table(CANDIDATE_HEADERS, [candidate_row(c) for c in self.candidates])
-                + "\n\n"
-            )
-        return (
-            f"# tuili search\n\n{budgets}\n\n{table}\n\n{pruned}Layers per format:\n\n{plan_table}\n\n"
-            f"{tried}Predicted loss increase of the plan's formats (Fisher): {self.predicted_delta:.2e} "
-            f"nats/token. Search took {self.seconds:.0f} s.\n\nAttempts:{tries}\n"
-        )
-
-
-CANDIDATE_HEADERS = ["MLP neurons removed", "weights", "perplexity", "Δ perplexity", "speed-up", "budget met"]
-
-
-def candidate_row(candidate: dict) -> list[str]:
-    """One sparsity the search tried (`SearchResult.candidates`), as a row under CANDIDATE_HEADERS."""
-    c = candidate
-    if "perplexity" not in c:  # no plan at this sparsity
-        why = (
-            f"its smallest plan weighs {human_bytes(c['smallest_bytes'])}"
-            if c.get("smallest_bytes") is not None
-            else c["skipped"]
-        )
-        return [f"{c['mlp_sparsity']:.1%}", "", "", "", "", f"no: {why}"]
-    return [
-        f"{c['mlp_sparsity']:.1%}",
-        human_bytes(c["num_bytes"]),
-        f"{c['perplexity']:.3f}",
-        f"{c['ppl_increase']:+.2f}%",
-        f"{c['speedup']:.2f}×",
-        "yes" if c["met"] else "no",
-    ]
 
 
 def _measure(model: Model, windows) -> Measured:
@@ -227,19 +103,7 @@ def search(
     a speed budget a plan is re-made with a tighter time budget when the measurement falls short,
     up to `attempts` times. Returns the compressed model (a copy: `model` is left as it was) and
     the result."""
-    if (max_bytes is None) == (min_speedup is None):
-        raise SearchError("give one budget to search under: --max-bytes B or --min-speedup S")
-    if max_bytes is not None and max_bytes <= 0 or min_speedup is not None and min_speedup <= 1:
-        raise SearchError("--max-bytes must be positive and --min-speedup above 1 (the float model is 1×)")
-    levels = sorted(set(mlp_sparsity))
-    if not levels or not all(0 <= f < 1 for f in levels):
-        raise SearchError(f"MLP sparsities are fractions in [0, 1), at least one; got {list(mlp_sparsity)}")
-    if quantized_layers(model.module):
-        raise SearchError("the model is already quantized: search starts from a float model")
-    try:
-        check_kv_cache_format(kv_cache)
-    except ValueError as e:
-        raise SearchError(str(e)) from None
+    levels = _check_request(model, max_bytes, min_speedup, mlp_sparsity, kv_cache)
     start = time.perf_counter()
     windows = eval_windows(model.tokenizer.encode(load_text(data, "evaluation")), seq_len, max_tokens)
     calib = calibration_samples(model.tokenizer.encode(load_text(data, "calibration")), calib_samples, calib_len)
@@ -254,23 +118,11 @@ def search(
                 {"mlp_sparsity": fraction, "skipped": str(e), "smallest_bytes": getattr(e, "smallest_bytes", None)}
             )
             continue
-        compressed, measured, choice, costs, tries = outcome
-        speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
-        met = measured.num_bytes <= max_bytes if max_bytes is not None else speedup >= min_speedup
-        candidates.append(
-            {
-                "mlp_sparsity": fraction,
-                "num_bytes": measured.num_bytes,
-                "attempts": tries,
-                "perplexity": measured.quality.perplexity,
-                "speedup": speedup,
-                "met": met,
-                "ppl_increase": 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1),
-            }
-        )
-        found.append((not met, measured.quality.perplexity, fraction, outcome))
+        candidate = _candidate(fraction, outcome, baseline, max_bytes, min_speedup)
+        candidates.append(candidate)
+        found.append((not candidate["met"], candidate["perplexity"], fraction, outcome))
     if not found:
-        if len(candidates) == 1:
+        if len(candidates) == 1 and last_error is not None:
             raise last_error
         raise SearchError(
             "no plan meets the budget: "
@@ -278,17 +130,56 @@ def search(
             + " (raise the budget, or try larger --mlp-sparsity)"
         )
     # the plans that meet the budget first, then the lowest measured perplexity, then the less pruned
-    _, _, fraction, (compressed, measured, choice, costs, _) = min(found, key=lambda f: f[:3])
+    _, _, fraction, outcome = min(found, key=lambda f: f[:3])
+    asked = {"max_bytes": max_bytes, "min_speedup": min_speedup, "max_ppl_increase": max_ppl_increase}
+    return outcome[0], _result(asked, baseline, fraction, outcome, candidates, time.perf_counter() - start)
+
+
+def _check_request(model: Model, max_bytes, min_speedup, mlp_sparsity: Sequence[float], kv_cache: str) -> list[float]:
+    """The MLP sparsities to try, once the budget and the model are known to make sense."""
+    if (max_bytes is None) == (min_speedup is None):
+        raise SearchError("give one budget to search under: --max-bytes B or --min-speedup S")
+    if max_bytes is not None and max_bytes <= 0 or min_speedup is not None and min_speedup <= 1:
+        raise SearchError("--max-bytes must be positive and --min-speedup above 1 (the float model is 1×)")
+    levels = sorted(set(mlp_sparsity))
+    if not levels or not all(0 <= f < 1 for f in levels):
+        raise SearchError(f"MLP sparsities are fractions in [0, 1), at least one; got {list(mlp_sparsity)}")
+    if quantized_layers(model.module):
+        raise SearchError("the model is already quantized: search starts from a float model")
+    try:
+        check_kv_cache_format(kv_cache)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+    return levels
+
+
+def _candidate(fraction: float, outcome, baseline, max_bytes, min_speedup) -> dict:
+    """One MLP sparsity's measured plan, as the result lists it."""
+    _, measured, _, _, tries = outcome
+    speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
+    return {
+        "mlp_sparsity": fraction,
+        "num_bytes": measured.num_bytes,
+        "attempts": tries,
+        "perplexity": measured.quality.perplexity,
+        "speedup": speedup,
+        "met": measured.num_bytes <= max_bytes if max_bytes is not None else speedup >= min_speedup,
+        "ppl_increase": 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1),
+    }
+
+
+def _result(asked: dict, baseline, fraction: float, outcome, candidates: list[dict], seconds: float) -> SearchResult:
+    """The chosen plan's result: what was asked and what was met, every candidate and attempt."""
+    _, measured, choice, costs, _ = outcome
     tries = [t for c in candidates for t in c.pop("attempts", [])]
     speedup = measured.speed.decode_tokens_per_second / baseline.speed.decode_tokens_per_second
     ppl_up = 100 * (measured.quality.perplexity / baseline.quality.perplexity - 1)
     met = {
-        "max_bytes": max_bytes is not None and measured.num_bytes <= max_bytes,
-        "min_speedup": min_speedup is not None and speedup >= min_speedup,
-        "max_ppl_increase": max_ppl_increase is not None and ppl_up <= max_ppl_increase,
+        "max_bytes": asked["max_bytes"] is not None and measured.num_bytes <= asked["max_bytes"],
+        "min_speedup": asked["min_speedup"] is not None and speedup >= asked["min_speedup"],
+        "max_ppl_increase": asked["max_ppl_increase"] is not None and ppl_up <= asked["max_ppl_increase"],
     }
-    asked = {"max_bytes": max_bytes, "min_speedup": min_speedup, "max_ppl_increase": max_ppl_increase}
-    result = SearchResult(
+    return SearchResult(
         asked,
         baseline,
         measured,
@@ -296,11 +187,10 @@ def search(
         sum(c.delta[choice[c.name]] for c in costs),
         {k: met[k] for k, v in asked.items() if v is not None},
         tries,
-        time.perf_counter() - start,
+        seconds,
         fraction,
         candidates,
     )
-    return compressed, result
 
 
 def _search_at(
@@ -359,12 +249,10 @@ def _search_at(
 
 
 __all__ = [
-    "CANDIDATE_HEADERS",
     "MLP_SPARSITIES",
     "SearchError",
     "SearchResult",
     "apply_plan",
-    "candidate_row",
     "plan",
     "search",
 ]
