@@ -72,7 +72,8 @@ def test_a_second_process_waits_for_the_lock_and_says_so(tmp_path):
         assert waiting.stderr.readline().strip() == "ready"  # imported (slow on a loaded host), about to lock
         time.sleep(1.0)
         assert waiting.poll() is None  # it waits while the lock is held
-    out, err = waiting.communicate(timeout=60)
+    waiting.wait(timeout=60)  # then read through the same buffered files readline used (communicate
+    out, err = waiting.stdout.read(), waiting.stderr.read()  # reads the raw pipes, losing what they hold)
     assert "waiting for another process" in err and out.strip() == "held False"
 
 
