@@ -50,6 +50,9 @@ CONFIGS = {
     ),
     "mistral-sliding": dict(model_type="mistral", sliding_window=8, head_dim=24),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    "llama-gelu": dict(model_type="llama", hidden_act="gelu"),
+    "llama-gelu-tanh": dict(model_type="llama", hidden_act="gelu_pytorch_tanh", mlp_bias=True),
 }
 
 

@@ -213,15 +213,17 @@ def test_hooks_prefill_steps_and_unknown_layers_take_the_module_forward(monkeypa
 def test_a_decode_plan_refuses_what_it_cannot_call():
     plan = kernels.extension().DecodePlan
     w, norm = torch.zeros(16, 16), torch.ones(16)
-    args = (2, 1, 8, 1e-5, 0, "silu")
+    args = (2, 1, 8, 1e-5, 0, "silu", [])
     with pytest.raises(RuntimeError, match="no kernel named w3_linear"):
         plan(["w3_linear"], [[w, None]], [[]], [None], [norm], *args)
     with pytest.raises(RuntimeError, match="7 linear layers per decoder layer and a head"):
         plan(["linear"] * 2, [[w, None]] * 2, [[8]] * 2, [None] * 2, [norm], *args)
     with pytest.raises(RuntimeError, match="two norms per layer and a final one"):
         plan(["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8, [norm], *args)
-    with pytest.raises(RuntimeError, match="no activation named gelu"):
-        plan(["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8, [norm] * 3, 2, 1, 8, 1e-5, 0, "gelu")
+    with pytest.raises(RuntimeError, match="no q/k norms, or two per layer"):
+        plan(["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8, [norm] * 3, 2, 1, 8, 1e-5, 0, "silu", [norm])
+    with pytest.raises(RuntimeError, match="no activation named gelu_new"):
+        plan(["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8, [norm] * 3, 2, 1, 8, 1e-5, 0, "gelu_new", [])
 
 
 def test_the_cpp_step_knows_every_kernel_of_the_contract():

@@ -217,6 +217,30 @@ def test_unsupported_architecture(folder):
         tuili.load(folder)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("hidden_act", "gelu_new", "unsupported hidden_act 'gelu_new': tuili computes silu, gelu"),
+        ("final_logit_softcapping", 30.0, "sets final_logit_softcapping=30.0, which tuili's llama model does not"),
+        ("num_local_experts", 8, "sets num_local_experts=8"),
+        ("partial_rotary_factor", 0.5, "sets partial_rotary_factor=0.5"),
+    ],
+)
+def test_a_config_tuili_would_compute_wrongly_is_refused(folder, key, value, message):
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match=message):
+        tuili.load(folder)
+
+
+def test_neutral_values_of_other_families_keys_load(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(partial_rotary_factor=1.0, pretraining_tp=1, final_logit_softcapping=None)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert tuili.load(folder).config.extra["pretraining_tp"] == 1
+
+
 def test_weights_that_do_not_fit_the_config(folder):
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] = 128

@@ -67,6 +67,8 @@ def test_gguf_export_refuses_bad_paths_and_cli_checks(tmp_path, capsys):
         export_gguf(random_tiny(), tmp_path / "m.bin")
     with pytest.raises(ExportError, match="MLP has biases"):
         export_gguf(random_tiny("llama-mha-untied-bias"), tmp_path / "m.gguf")
+    with pytest.raises(ExportError, match="computes gelu, and llama.cpp's llama graph computes SiLU"):
+        export_gguf(random_tiny("llama-gelu"), tmp_path / "m.gguf")
     folder = random_tiny().save(tmp_path / "tiny")
     assert main(["export", "--model", str(folder), "--out", str(tmp_path / "m.gguf")]) == 0
     out = capsys.readouterr().out

@@ -52,11 +52,13 @@ def bf16_step(model_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> bo
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer: its two RMSNorm weights and seven linear layers' calls."""
+    """One decoder layer: its two RMSNorm weights, seven linear layers' calls, and (Qwen3) the
+    RMSNorm weights of each head's q and k."""
 
     input_norm: Tensor
     post_norm: Tensor
     calls: tuple[KernelCall, ...]  # q, k, v, o, gate, up, down (LINEARS' order)
+    qk_norms: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class StepPlan:
         """The extension's DecodePlan for this plan."""
         calls = self.calls()
         norms = [w for layer in self.layers for w in (layer.input_norm, layer.post_norm)] + [self.final_norm]
+        qk_norms = [w for layer in self.layers for w in (layer.qk_norms or ())]
         return kernels.extension().DecodePlan(
             [c.name for c in calls],
             [list(c.tensors) for c in calls],
@@ -99,6 +102,7 @@ class StepPlan:
             self.eps,
             self.window,
             self.activation,
+            qk_norms,
         )
 
 
@@ -184,16 +188,23 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         for name, child in sub.items():
             checks.add(sub, name, child)
         calls = tuple(call(sub[part], name) for part, name in LINEARS)
-        layers.append((weight(sub["input_layernorm"], checks), weight(sub["post_attention_layernorm"], checks), calls))
+        layers.append(
+            LayerPlan(
+                weight(sub["input_layernorm"], checks),
+                weight(sub["post_attention_layernorm"], checks),
+                calls,  # type: ignore[arg-type]
+                qk_norms(sub["self_attn"], checks),
+            )
+        )
     head = call(module, "lm_head")
     embed_weight, norm_weight = weight(embed, checks), weight(final_norm, checks)
     if not checks.still():  # a hook watches one of the modules: the module forward calls them
         return None
-    norms = [norm_weight] + [w for a, b, _ in layers for w in (a, b)]
+    norms = [norm_weight] + [w for p in layers for w in (p.input_norm, p.post_norm, *(p.qk_norms or ()))]
     if (
         type(embed) is not nn.Embedding
         or head is None
-        or any(None in calls for _, _, calls in layers)
+        or any(None in p.calls for p in layers)
         or any(w.dtype != embed_weight.dtype for w in norms)  # the C++ step keeps one dtype for the stream
     ):
         return checks, None
@@ -201,7 +212,7 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
     plan = StepPlan(
         embed=embed_weight,
         inv_freq=module.inv_freq,
-        layers=tuple(LayerPlan(a, b, calls) for a, b, calls in layers),  # type: ignore[arg-type]
+        layers=tuple(layers),
         final_norm=norm_weight,
         head=head,
         heads=attn.num_heads,
@@ -212,6 +223,18 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         activation=getattr(mlp, "activation", ""),
     )
     return checks, plan
+
+
+def qk_norms(attn: Any, checks: Checks) -> tuple[Tensor, Tensor] | None:
+    """The attention's per-head q and k RMSNorm weights (Qwen3), None where it has none; the checks
+    hold either way."""
+    parts = attn._modules
+    q_norm, k_norm = parts.get("q_norm"), parts.get("k_norm")
+    checks.add(parts, "q_norm", q_norm)
+    checks.add(parts, "k_norm", k_norm)
+    if q_norm is None or k_norm is None:
+        return None
+    return weight(q_norm, checks), weight(k_norm, checks)
 
 
 def weight(module: Any, checks: Checks) -> Tensor:

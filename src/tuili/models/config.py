@@ -1,4 +1,4 @@
-"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral and Qwen2.
+"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral, Qwen2 and Qwen3.
 
 It reads and writes the Hugging Face `config.json` keys, so a saved folder loads in transformers.
 """
@@ -16,8 +16,27 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",  # Qwen2's layout without q/k/v bias, with an RMSNorm on each head's q and k
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+# hidden_act values tuili computes (transformers' ACT2FN names); another is refused, never replaced by SiLU
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+# config.json keys of other families that change what the model computes: refused unless neutral
+FOREIGN = {
+    "final_logit_softcapping": (None,),
+    "attn_logit_softcapping": (None,),
+    "query_pre_attn_scalar": (None,),
+    "partial_rotary_factor": (None, 1, 1.0),
+    "num_experts": (None, 0),
+    "num_local_experts": (None, 0),
+    "embedding_multiplier": (None, 1, 1.0),
+    "residual_multiplier": (None, 1, 1.0),
+    "attention_multiplier": (None,),
+    "logits_scaling": (None, 1, 1.0),
+    "use_qk_norm": (None, False),
+    "qk_layernorm": (None, False),
+    "pretraining_tp": (None, 1),
+}
 KV_CACHE_DTYPES = (None, "float32", "bfloat16", "int8")  # what tuili's caches and kernels store
 
 
@@ -34,6 +53,7 @@ class LlamaConfig:
     head_dim: int = 0  # 0 (or None): hidden_size / num_attention_heads
     model_type: str = "llama"
     rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"  # the MLP's activation: activation(gate) · up
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
@@ -72,6 +92,17 @@ class LlamaConfig:
                 f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}: choose one of "
                 f"{', '.join(d for d in KV_CACHE_DTYPES if d)} (or leave it out)"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelFormatError(
+                f"unsupported hidden_act {self.hidden_act!r}: tuili computes {', '.join(ACTIVATIONS)} "
+                "(another activation would give wrong logits, so the model is refused)"
+            )
+        foreign = [f"{k}={v!r}" for k, v in self.extra.items() if k in FOREIGN and v not in FOREIGN[k]]
+        if foreign:
+            raise ModelFormatError(
+                f"config.json sets {', '.join(foreign)}, which tuili's {self.model_type} model does not "
+                "compute; tuili refuses the model rather than give wrong logits"
+            )
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
             raise ModelFormatError(
@@ -85,8 +116,13 @@ class LlamaConfig:
 
     @property
     def o_proj_bias(self) -> bool:
-        """Llama's attention_bias also covers o_proj; Qwen2's q/k/v bias does not."""
-        return self.model_type == "llama" and self.attention_bias
+        """Llama's and Qwen3's attention_bias also covers o_proj; Qwen2's q/k/v bias does not."""
+        return self.model_type in ("llama", "qwen3") and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Each head's q and k go through an RMSNorm (over head_dim) before RoPE (Qwen3)."""
+        return self.model_type == "qwen3"
 
     @property
     def num_query_groups(self) -> int:
@@ -113,8 +149,8 @@ class LlamaConfig:
                 data.setdefault("rope_scaling", rope)
         if data.get("torch_dtype") is None:
             data["torch_dtype"] = data.get("dtype") or "float32"
-        if model_type == "mistral" or model_type == "qwen2":
-            if model_type == "qwen2" and not data.get("use_sliding_window", False):
+        if model_type in ("mistral", "qwen2", "qwen3"):
+            if model_type != "mistral" and not data.get("use_sliding_window", False):
                 data["sliding_window"] = None
         else:
             data["sliding_window"] = None
@@ -136,12 +172,11 @@ class LlamaConfig:
         stale = ("architectures", "dtype", "rope_parameters", "transformers_version")
         out.update({k: v for k, v in self.extra.items() if k not in stale})
         out["architectures"] = [self.architecture]
-        out["hidden_act"] = "silu"
         if self.sliding_window is None:
             out.pop("sliding_window")
         if self.kv_cache_dtype is None:
             out.pop("kv_cache_dtype")
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = self.sliding_window is not None
         return out
 
@@ -151,7 +186,7 @@ class LlamaConfig:
         qkv = h * d * (self.num_attention_heads + 2 * self.num_key_value_heads)
         if self.attention_bias:
             qkv += d * (self.num_attention_heads + 2 * self.num_key_value_heads)
-        attn = qkv + self.num_attention_heads * d * h + (h if self.o_proj_bias else 0)
+        attn = qkv + self.num_attention_heads * d * h + (h if self.o_proj_bias else 0) + (2 * d if self.qk_norm else 0)
         mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)

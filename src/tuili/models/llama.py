@@ -1,4 +1,4 @@
-"""tuili's Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) in plain PyTorch.
+"""tuili's Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) in plain PyTorch.
 
 Module names equal the Hugging Face ones (`model.layers.0.self_attn.q_proj`), so a state dict
 moves between tuili and transformers unchanged and compression sees ordinary `nn.Linear`s.
@@ -8,6 +8,7 @@ The forward takes token ids, positions and an optional KV cache, so the engine c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -72,13 +73,20 @@ class Attention(nn.Module):
         self.k_proj = Linear(h, self.num_kv_heads * d, bias=bias)
         self.v_proj = Linear(h, self.num_kv_heads * d, bias=bias)
         self.o_proj = Linear(self.num_heads * d, h, bias=config.o_proj_bias)
+        # Qwen3: an RMSNorm over each head's q and k, before RoPE
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self, x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, return_probs: bool
     ) -> tuple[Tensor, Tensor | None]:
         b, t, _ = x.shape
-        q = kernels.rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = kernels.rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = kernels.rope(q, cos, sin).transpose(1, 2)
+        k = kernels.rope(k, cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         probs = None
         if cache is not None:
@@ -96,20 +104,28 @@ class Attention(nn.Module):
         return self.o_proj(out), probs
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x))."""
+ACTIVATIONS = {  # config.hidden_act -> the function (transformers' ACT2FN names)
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
 
-    activation = "silu"  # the name the engine's C++ decode step knows it by
+
+class MLP(nn.Module):
+    """Gated: down(act(gate(x)) · up(x)); SwiGLU with the default SiLU."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        self.activation = config.hidden_act  # the name the engine's C++ decode step knows it by too
+        self.act = ACTIVATIONS[config.hidden_act]
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -104,6 +104,10 @@ def export_gguf(model: Model, path: str | Path, float_type: str = "f16", check: 
         raise ExportError(f"GGUF export covers Llama-family models ({', '.join(_ARCH)}), not {cfg.model_type!r}")
     if cfg.mlp_bias:
         raise ExportError("the model's MLP has biases, which llama.cpp's Llama graph does not take")
+    if cfg.hidden_act != "silu":
+        raise ExportError(
+            f"the model's MLP computes {cfg.hidden_act}, and llama.cpp's {_ARCH[cfg.model_type]} graph computes SiLU"
+        )
     path = Path(path)
     if path.suffix != ".gguf":
         raise ExportError(f"the GGUF file's name must end in .gguf, got {path.name!r}")

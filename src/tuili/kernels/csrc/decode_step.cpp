@@ -59,10 +59,14 @@ const std::map<std::string, Kernel>& kernels() {
   return table;
 }
 
-enum class Activation { SiLU };
+// The MLP's activation, by transformers' hidden_act name (tuili.models.llama.ACTIVATIONS).
+enum class Activation { SiLU, GELU, GELUTanh, ReLU };
 
 Activation activation_named(const std::string& name) {
   if (name == "silu") return Activation::SiLU;
+  if (name == "gelu") return Activation::GELU;
+  if (name == "gelu_pytorch_tanh") return Activation::GELUTanh;
+  if (name == "relu") return Activation::ReLU;
   TORCH_CHECK(false, "DecodePlan: no activation named ", name);
 }
 
@@ -124,11 +128,14 @@ std::vector<std::string> decode_kernels() {
 class DecodePlan {
  public:
   // linears: q, k, v, o, gate, up, down of every layer, then the head, each as (kernel name, tensors,
-  // integers, bias); norms: every layer's input and post-attention RMSNorm weights, then the final one.
+  // integers, bias); norms: every layer's input and post-attention RMSNorm weights, then the final one;
+  // qk_norms: none, or every layer's q and k RMSNorm weights (over head_dim, before RoPE: Qwen3).
   DecodePlan(std::vector<std::string> ops, std::vector<Tensors> tensors, std::vector<Ints> ints,
              std::vector<c10::optional<torch::Tensor>> biases, std::vector<torch::Tensor> norms, int64_t heads,
-             int64_t kv_heads, int64_t head_dim, double eps, int64_t window, const std::string& activation)
+             int64_t kv_heads, int64_t head_dim, double eps, int64_t window, const std::string& activation,
+             std::vector<torch::Tensor> qk_norms)
       : norms_(std::move(norms)),
+        qk_norms_(std::move(qk_norms)),
         heads_(heads),
         kv_heads_(kv_heads),
         dim_(head_dim),
@@ -143,6 +150,11 @@ class DecodePlan {
     for (const auto& w : norms_)
       TORCH_CHECK(w.dim() == 1 && w.scalar_type() == norms_[0].scalar_type(),
                   "DecodePlan: norm weights are vectors of one dtype");
+    TORCH_CHECK(qk_norms_.empty() || qk_norms_.size() == static_cast<size_t>(2 * layers_),
+                "DecodePlan: no q/k norms, or two per layer");
+    for (const auto& w : qk_norms_)
+      TORCH_CHECK(w.dim() == 1 && w.size(0) == head_dim && w.scalar_type() == norms_[0].scalar_type(),
+                  "DecodePlan: q/k norm weights are (head_dim,) vectors of the norms' dtype");
     TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0, "DecodePlan: bad head counts");
     for (size_t k = 0; k < n; ++k) linears_.emplace_back(ops[k], std::move(tensors[k]), std::move(ints[k]), biases[k]);
   }
@@ -167,8 +179,13 @@ class DecodePlan {
       const Linear* l = &linears_[7 * i];
       const torch::Tensor h = rms_norm(x, norms_[2 * i], eps_);
       auto qkv = shared_input({l, l + 1, l + 2}, h);
-      const torch::Tensor q = rope(qkv[0].view({1, M, heads_, dim_}), cos, sin)[0];
-      const torch::Tensor k = rope(qkv[1].view({1, M, kv_heads_, dim_}), cos, sin)[0];
+      torch::Tensor q = qkv[0].view({1, M, heads_, dim_}), k = qkv[1].view({1, M, kv_heads_, dim_});
+      if (!qk_norms_.empty()) {
+        q = rms_norm(q, qk_norms_[2 * i], eps_);
+        k = rms_norm(k, qk_norms_[2 * i + 1], eps_);
+      }
+      q = rope(q, cos, sin)[0];
+      k = rope(k, cos, sin)[0];
       const torch::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);
       const auto ks = layer_of(k_scale, i), vs = layer_of(v_scale, i);
       paged_write(kc, vc, slots, k, qkv[2].view({M, kv_heads_, dim_}), ks, vs);
@@ -186,12 +203,15 @@ class DecodePlan {
   torch::Tensor activate(torch::Tensor& gate) const {
     switch (activation_) {
       case Activation::SiLU: return at::silu_(gate);
+      case Activation::GELU: return at::gelu_(gate, "none");
+      case Activation::GELUTanh: return at::gelu_(gate, "tanh");
+      case Activation::ReLU: return at::relu_(gate);
     }
     return gate;
   }
 
   std::vector<Linear> linears_;
-  std::vector<torch::Tensor> norms_;
+  std::vector<torch::Tensor> norms_, qk_norms_;
   int64_t layers_ = 0, heads_, kv_heads_, dim_;
   double eps_;
   int64_t window_;
@@ -202,7 +222,7 @@ void bind_decode_plan(py::module_& m) {
   py::class_<DecodePlan>(m, "DecodePlan", "A Llama-family decode step in one C++ call (built by tuili.engine.step)")
       .def(py::init<std::vector<std::string>, std::vector<Tensors>, std::vector<Ints>,
                     std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>, int64_t, int64_t, int64_t,
-                    double, int64_t, const std::string&>())
+                    double, int64_t, const std::string&, std::vector<torch::Tensor>>())
       .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodePlan::num_layers);
   m.def("decode_kernels", &decode_kernels, "the kernel names a DecodePlan's linear layers may call");
