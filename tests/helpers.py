@@ -48,6 +48,10 @@ CONFIGS = {
             "original_max_position_embeddings": 32,
         },
     ),
+    "llama-rope-yarn": dict(
+        model_type="llama",
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    ),
     "mistral-sliding": dict(model_type="mistral", sliding_window=8, head_dim=24),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),

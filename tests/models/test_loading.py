@@ -224,6 +224,8 @@ def test_unsupported_architecture(folder):
         ("final_logit_softcapping", 30.0, "sets final_logit_softcapping=30.0, which tuili's llama model does not"),
         ("num_local_experts", 8, "sets num_local_experts=8"),
         ("partial_rotary_factor", 0.5, "sets partial_rotary_factor=0.5"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "'yarn' needs original_max_position_embeddings"),
+        ("rope_scaling", {"rope_type": "longrope"}, "unsupported rope_scaling type 'longrope'"),
     ],
 )
 def test_a_config_tuili_would_compute_wrongly_is_refused(folder, key, value, message):

@@ -67,6 +67,7 @@ class StepPlan:
 
     embed: Tensor
     inv_freq: Tensor
+    rope_scaling: float  # YaRN's factor on cos and sin (1 otherwise)
     layers: tuple[LayerPlan, ...]
     final_norm: Tensor
     head: KernelCall
@@ -212,6 +213,7 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
     plan = StepPlan(
         embed=embed_weight,
         inv_freq=module.inv_freq,
+        rope_scaling=module.rope_scaling,
         layers=tuple(layers),
         final_norm=norm_weight,
         head=head,
@@ -273,7 +275,7 @@ class DecodeStep:
             return None
         plan, native = planned
         x = F.embedding(ids, plan.embed)
-        cos, sin = rope_cos_sin(plan.inv_freq, positions[None], x.dtype)
+        cos, sin = rope_cos_sin(plan.inv_freq, positions[None], x.dtype, plan.rope_scaling)
         step = cache._step
         assert step is not None  # cache.decoding
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)

@@ -20,7 +20,47 @@ def rope_inv_freq(config: LlamaConfig) -> Tensor:
         return inv_freq / scaling["factor"]
     if config.rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
+    if config.rope_type == "yarn":
+        return _yarn_inv_freq(config.rope_theta, dim, scaling)
     return inv_freq
+
+
+def rope_attention_scaling(config: LlamaConfig) -> float:
+    """The factor YaRN multiplies cos and sin by (1 for every other RoPE type)."""
+    if config.rope_type != "yarn":
+        return 1.0
+    s = config.rope_scaling or {}
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    factor, mscale, mscale_all_dim = s["factor"], s.get("mscale"), s.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(base: float, dim: int, s: dict) -> Tensor:
+    """YaRN (arXiv:2309.00071): high frequencies kept, low ones divided by `factor`, a linear ramp
+    between the dimensions that turn beta_fast and beta_slow times over the original context."""
+    factor, original = s["factor"], s["original_max_position_embeddings"]
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def dimension(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = dimension(beta_fast), dimension(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp  # the share of each dimension kept as it was
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def _llama3_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
@@ -36,11 +76,17 @@ def _llama3_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of position · θ, (B, T, D), computed in fp32 (angles reach 1e5 radians)."""
+def rope_cos_sin(
+    inv_freq: Tensor, positions: Tensor, dtype: torch.dtype, scaling: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of position · θ, (B, T, D), computed in fp32 (angles reach 1e5 radians), times
+    `scaling` (YaRN's attention factor; 1 otherwise)."""
     freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
+    return cos.to(dtype), sin.to(dtype)
 
 
 def as_cached(x: Tensor, kv_dtype: str) -> Tensor:

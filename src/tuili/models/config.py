@@ -18,7 +18,12 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",  # Qwen2's layout without q/k/v bias, with an RMSNorm on each head's q and k
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
 # hidden_act values tuili computes (transformers' ACT2FN names); another is refused, never replaced by SiLU
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 # config.json keys of other families that change what the model computes: refused unless neutral
@@ -108,6 +113,9 @@ class LlamaConfig:
             raise ModelFormatError(
                 f"unsupported rope_scaling type {rope_type!r}: tuili supports {', '.join(ROPE_TYPES)}"
             )
+        lacking = [k for k in ROPE_KEYS.get(rope_type, ()) if (self.rope_scaling or {}).get(k) is None]
+        if lacking:
+            raise ModelFormatError(f"rope_scaling of type {rope_type!r} needs {', '.join(lacking)}")
 
     @property
     def rope_type(self) -> str:

@@ -61,7 +61,7 @@ class LayerRunner:
             self.hidden = module.model.embed_tokens(calib)  # (N, T, H)
         n, t = calib.shape
         self.positions = torch.arange(t, device=device).expand(n, t)
-        self.cos, self.sin = rope_cos_sin(module.inv_freq, self.positions[:1], self.hidden.dtype)
+        self.cos, self.sin = rope_cos_sin(module.inv_freq, self.positions[:1], self.hidden.dtype, module.rope_scaling)
 
     @torch.no_grad()
     def run(self, layer: nn.Module) -> Tensor:

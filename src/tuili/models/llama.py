@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import MAX_M_F32, KernelCall
-from tuili.models.attention import as_cached, attention, causal_mask, rope_cos_sin, rope_inv_freq
+from tuili.models.attention import (
+    as_cached,
+    attention,
+    causal_mask,
+    rope_attention_scaling,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from tuili.models.config import LlamaConfig
 
 
@@ -162,6 +169,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.rope_scaling = rope_attention_scaling(config)  # YaRN's factor on cos and sin (1 otherwise)
 
     def forward(
         self,
@@ -213,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.rope_scaling)
         for layer in self.model.layers:
             if hidden is not None:
                 hidden.append(x)
