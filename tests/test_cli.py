@@ -167,6 +167,20 @@ def test_quantize_needs_an_output(folder, capsys):
     assert "--out" in capsys.readouterr().err
 
 
+def test_quantize_writes_symmetric_4_bit_by_default_and_asymmetric_on_request(folder, capsys, tmp_path):
+    import json
+
+    for flags, symmetric in (([], True), (["--asymmetric"], False)):
+        out = tmp_path / f"w4-{symmetric}"
+        args = ["quantize", "--model", folder, "--scheme", "w4a16", "--group-size", "32", "--out", str(out)]
+        assert main(args + flags) == 0
+        config = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert config["config_groups"]["group_0"]["weights"]["symmetric"] is symmetric
+    capsys.readouterr()
+    assert main(["quantize", "--model", folder, "--scheme", "w8a16", "--asymmetric", "--out", str(tmp_path / "x")]) == 2
+    assert "w8a16 has symmetric int8 weights" in capsys.readouterr().err
+
+
 def test_quantize_static_smoothquant_auto_with_gptq_weights(folder, capsys, tmp_path):
     out = tmp_path / "s"
     assert (

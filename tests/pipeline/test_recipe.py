@@ -1,6 +1,7 @@
 """Recipes: shipped ones load, bad ones are refused with the line and what to change, and the
 stages of a recipe run in order, each on the model the previous one left."""
 
+import dataclasses
 import json
 
 import pytest
@@ -156,3 +157,30 @@ def test_cli_runs_a_recipe_and_refuses_it_beside_stage_flags(tmp_path, capsys):
     assert "either --recipe or the stage flags" in capsys.readouterr().err
     assert main(["recipes"]) == 0
     assert "prune-mlp-25+distill+w4a16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w4a16-gptq", "prune-mlp-25+distill+w4a16"])
+def test_the_shipped_recipes_quantize_to_files_transformers_loads(name, tmp_path):
+    """The shipped weight-only recipes' quantize stage (its scheme, method, group size, head and
+    their symmetric 4-bit default) on a tiny model: transformers loads the saved folder and agrees."""
+    import torch
+    import transformers
+
+    stage = load_recipe(name).config("quantize")
+    (tmp_path / "t.txt").write_text("some text to score and to calibrate on " * 60)
+    stage = dataclasses.replace(stage, calib_samples=2, calib_len=32, kv_cache="float")
+    model = random_tiny()
+    stage.run(model, str(tmp_path / "t.txt"))
+    folder = model.save(tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.module(ids).logits, atol=1e-3, rtol=0)
+
+
+def test_asymmetric_4_bit_weights_are_a_choice_and_only_for_4_bit():
+    recipe = parse_recipe("stages:\n  - quantize: {scheme: w4a16, symmetric: false}\n", "r.yaml")
+    assert recipe.config("quantize").config().symmetric is False
+    assert parse_recipe("stages:\n  - quantize: w4a16\n", "r.yaml").config("quantize").config().symmetric is True
+    with pytest.raises(RecipeError, match="w8a16 has symmetric int8 weights"):
+        parse_recipe("stages:\n  - quantize: {scheme: w8a16, symmetric: false}\n", "r.yaml")

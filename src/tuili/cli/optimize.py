@@ -27,6 +27,11 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="rtn", choices=list(QUANT_METHODS))
     p.add_argument("--group-size", type=int)
     p.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="w4a16/w4a8: zero points per group (transformers cannot load these files; default: symmetric)",
+    )
+    p.add_argument(
         "--lm-head",
         default="float",
         choices=["float", "int8", "same"],
@@ -143,10 +148,11 @@ def _optimize(args) -> None:
                 args.scheme,
                 args.method,
                 args.group_size,
-                args.lm_head,
-                args.kv_cache_dtype,
-                args.calib_samples,
-                args.seq_len,
+                symmetric=not args.asymmetric,
+                lm_head=args.lm_head,
+                kv_cache=args.kv_cache_dtype,
+                calib_samples=args.calib_samples,
+                calib_len=args.seq_len,
             )
         )
     report = optimize(

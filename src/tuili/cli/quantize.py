@@ -24,6 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("--scheme", required=True, choices=list(SCHEMES))
     p.add_argument("--method", default="rtn", choices=list(QUANT_METHODS))
     p.add_argument("--group-size", type=int, help="weights per scale along the input (w4a16, w4a8: default 128)")
+    p.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="w4a16/w4a8: zero points per group (transformers cannot load these files; default: symmetric)",
+    )
     p.add_argument("--ignore", nargs="*", default=["lm_head"], help="layer name patterns left in float")
     p.add_argument(
         "--lm-head",
@@ -76,7 +81,10 @@ def _quantize(args) -> None:
 
     if not args.out and not args.analyze:
         raise ValueError("give --out DIR to save the quantized model (or --analyze for the error analysis only)")
-    scheme = scheme_from_name(args.scheme, args.group_size)
+    four_bit = args.scheme in ("w4a16", "w4a8")  # --asymmetric with another scheme is refused
+    scheme = scheme_from_name(
+        args.scheme, args.group_size, not args.asymmetric if four_bit or args.asymmetric else None
+    )
     if scheme.static:
         scheme = Int8StaticActivation(args.observer)
     if args.gptq and args.method != "smoothquant":

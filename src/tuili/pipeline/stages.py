@@ -76,11 +76,14 @@ def _calibration(model: Model, data: str, samples: int, length: int):
 @dataclass(frozen=True)
 class QuantizeStage(Transform):
     """Quantize in place: `lm_head` keeps the head float, makes it int8 weight-only or gives it the
-    scheme too ("same"); `kv_cache` is what the engine's KV cache stores ("float": the model's dtype)."""
+    scheme too ("same"); `kv_cache` is what the engine's KV cache stores ("float": the model's dtype);
+    `symmetric`: 4-bit weights without zero points (the files transformers and vLLM load; false:
+    asymmetric, which tuili and compressed-tensors read back but transformers does not)."""
 
     scheme: str
     method: str = "rtn"
     group_size: int | None = None
+    symmetric: bool = True
     lm_head: str = "float"
     kv_cache: str = "float"
     calib_samples: int = 64
@@ -96,7 +99,10 @@ class QuantizeStage(Transform):
         handler_for(quant_method_named(self.method)).check(self.config())
 
     def config(self):
-        return scheme_from_name(self.scheme, self.group_size)
+        four_bit = self.scheme in ("w4a16", "w4a8")  # elsewhere only asymmetric is a choice (refused)
+        return scheme_from_name(
+            self.scheme, self.group_size, self.symmetric if four_bit or not self.symmetric else None
+        )
 
     def run(self, model: Model, data: str) -> str:
         config, method = self.config(), quant_method_named(self.method)
@@ -107,6 +113,7 @@ class QuantizeStage(Transform):
         quantize_(model, config, method, calib=calib, ignore=ignore, overrides=overrides)
         quantize_kv_cache_(model, self.kv_cache)
         detail = f" g{config.group_size}" if getattr(config, "group_size", None) else ""
+        detail += "" if getattr(config, "symmetric", True) else " asymmetric"
         head = "" if self.lm_head == "float" else f", {'int8' if self.lm_head == 'int8' else self.scheme} head"
         kv = "" if self.kv_cache == "float" else f", {KV_LABELS[self.kv_cache]} KV cache"
         return f"quantize {self.scheme}{detail} {self.method}{head}{kv}"

@@ -138,13 +138,16 @@ SCHEMES: dict[str, type] = {
 }
 
 
-def scheme_from_name(name: str, group_size: int | None = None) -> QuantScheme:
-    """'w4a16' or 'w4a8' (with a group size), 'w8a16', 'w8a8-dynamic' or 'w8a8-static' -> a config."""
+def scheme_from_name(name: str, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
+    """'w4a16' or 'w4a8' (with a group size, and symmetric or not; None: the class's default),
+    'w8a16', 'w8a8-dynamic' or 'w8a8-static' -> a config."""
     if name not in SCHEMES:
         raise ValueError(f"unknown scheme {name!r}: choose one of {', '.join(SCHEMES)}")
     cls = SCHEMES[name]
     if cls in (Int4WeightOnly, Int4WeightInt8Activation):
-        return cls(group_size=group_size or 128)
+        return cls(group_size=group_size or 128, **({} if symmetric is None else {"symmetric": symmetric}))
+    if symmetric is False:
+        raise ValueError(f"{name} has symmetric int8 weights; asymmetric weights are a choice of w4a16 and w4a8")
     if cls is Int8WeightOnly:
         return Int8WeightOnly(group_size=group_size)
     return cls()
