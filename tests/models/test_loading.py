@@ -303,3 +303,23 @@ def test_an_unknown_kv_cache_format_in_config_json(folder):
         ModelFormatError, match="unsupported kv_cache_dtype 'fp8_e4m3': choose one of float32, bfloat16, int8"
     ):
         tuili.load(folder)
+
+
+def test_a_sharded_checkpoint_loads_and_a_missing_shard_is_named(folder):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(folder / shard))
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "stray.safetensors").write_bytes(b"not listed in the index, so never read")
+    model = tuili.load(folder)
+    ids = torch.randint(0, 259, (1, 8))
+    assert torch.equal(model.module(ids).logits, random_tiny().module(ids).logits)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match="lists 2 shards and model-00002-of-00002.safetensors is missing"):
+        tuili.load(folder)

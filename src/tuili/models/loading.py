@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, device: str) -> Model:
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
+    files = _safetensors_files(folder)
     if files:
         state = {}
         for file in files:
@@ -105,6 +106,26 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
         except Exception as e:  # pickle and zip errors have no common base
             raise ModelFormatError(f"{file}: unreadable PyTorch checkpoint ({e})") from e
     return state
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files: the shards its `model.safetensors.index.json` lists (each
+    one checked to be there), or every *.safetensors file where there is no index."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFormatError(f"{index}: not a safetensors index (no readable weight_map: {e})") from None
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise ModelFormatError(
+            f"{index} lists {len(shards)} shards and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing from {folder}: download the whole checkpoint"
+        )
+    return [folder / name for name in shards]
 
 
 def _assemble(
