@@ -81,10 +81,7 @@ def _quantize(args) -> None:
 
     if not args.out and not args.analyze:
         raise ValueError("give --out DIR to save the quantized model (or --analyze for the error analysis only)")
-    four_bit = args.scheme in ("w4a16", "w4a8")  # --asymmetric with another scheme is refused
-    scheme = scheme_from_name(
-        args.scheme, args.group_size, not args.asymmetric if four_bit or args.asymmetric else None
-    )
+    scheme = scheme_from_name(args.scheme, args.group_size, not args.asymmetric)
     if scheme.static:
         scheme = Int8StaticActivation(args.observer)
     if args.gptq and args.method != "smoothquant":

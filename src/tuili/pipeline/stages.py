@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -61,12 +62,12 @@ class StageConfig:
         return cls(**settings)
 
 
-class Transform(StageConfig):
+class Transform(StageConfig, ABC):
     """A stage that changes the model."""
 
+    @abstractmethod
     def run(self, model: Model, data: str) -> str:
         """Apply the stage to `model` in place (calibrating on `data`); the stage's name."""
-        raise NotImplementedError
 
 
 def _calibration(model: Model, data: str, samples: int, length: int):
@@ -99,10 +100,7 @@ class QuantizeStage(Transform):
         handler_for(quant_method_named(self.method)).check(self.config())
 
     def config(self):
-        four_bit = self.scheme in ("w4a16", "w4a8")  # elsewhere only asymmetric is a choice (refused)
-        return scheme_from_name(
-            self.scheme, self.group_size, self.symmetric if four_bit or not self.symmetric else None
-        )
+        return scheme_from_name(self.scheme, self.group_size, self.symmetric)
 
     def run(self, model: Model, data: str) -> str:
         config, method = self.config(), quant_method_named(self.method)

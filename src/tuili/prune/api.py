@@ -17,7 +17,7 @@ from tuili.models.model import Model
 from tuili.models.selection import DEFAULT_IGNORE, select_linears
 from tuili.prune.config import SemiStructured, Target
 from tuili.prune.masks import attach_mask
-from tuili.prune.methods import Magnitude, PruneHandler, handler_for, target_masks
+from tuili.prune.methods import LayerwiseHandler, Magnitude, handler_for, target_masks
 
 
 def prune_(
@@ -45,7 +45,7 @@ def prune_(
     linears = select_linears(module, targets, ignore)
     if not linears:
         raise ValueError("no linear layers match the targets: nothing to prune")
-    if handler.layerwise:
+    if isinstance(handler, LayerwiseHandler):
         masks = _sequential(require_tuili_model(module, handler.name), linears, target, handler, calib, progress)
     else:
         masks = target_masks(handler.scores(module, linears, calib, progress), target, per_row=False)
@@ -60,7 +60,7 @@ def prune_(
 
 
 def _sequential(
-    module, linears: dict[str, nn.Linear], target: Target, handler: PruneHandler, calib, progress: bool
+    module, linears: dict[str, nn.Linear], target: Target, handler: LayerwiseHandler, calib, progress: bool
 ) -> dict[str, Tensor]:
     outside = sorted(n for n in linears if not n.startswith("model.layers."))
     if outside:

@@ -3,12 +3,14 @@
 `prune_(model, Unstructured(0.5), Wanda())` looks up the handler registered for the config's type.
 A handler scores the whole model at once (magnitude, Taylor) or one decoder layer at a time from
 the inputs it receives (Wanda, SparseGPT: tuili.models.layerwise), and says which targets it takes.
-Adding a method: a frozen dataclass with a `name` for its options, a `PruneHandler` subclass
+Adding a method: a frozen dataclass with a `name` for its options, a `ScoringHandler` or
+`LayerwiseHandler` subclass
 decorated with `@register(ThatConfig)` (here, or in a module imported by tuili.prune.api).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,11 +39,10 @@ def global_target(target: Target) -> bool:
 
 
 class PruneHandler:
-    """How one method prunes. Whole-model methods implement `scores`; layer-by-layer ones
-    (`layerwise`) `statistic` and `prune_layer`."""
+    """How one method prunes: a `ScoringHandler` (the whole model at once) or a `LayerwiseHandler`
+    (one decoder layer at a time)."""
 
     calibrated: ClassVar[bool] = False  # needs calibration token ids
-    layerwise: ClassVar[bool] = False  # prunes one decoder layer at a time
 
     def __init__(self, config) -> None:
         self.config = config
@@ -53,21 +54,27 @@ class PruneHandler:
     def check(self, target: Target) -> None:
         """Refuse a target the method cannot prune to."""
 
+
+class ScoringHandler(PruneHandler, ABC):
+    @abstractmethod
     def scores(
         self, module: nn.Module, linears: dict[str, nn.Linear], calib: Tensor | None, progress: bool
     ) -> dict[str, Tensor]:
         """Every targeted layer's weight scores (larger: kept), for the whole model at once."""
-        raise NotImplementedError
 
+
+class LayerwiseHandler(PruneHandler, ABC):
+    calibrated = True
+
+    @abstractmethod
     def statistic(self, in_features: int) -> InputNorms | Hessian:
-        """What a layer-by-layer method accumulates over a layer's calibration inputs."""
-        raise NotImplementedError
+        """What the method accumulates over a layer's calibration inputs."""
 
+    @abstractmethod
     def prune_layer(
         self, local: dict[str, nn.Linear], stats: dict, target: Target
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """One decoder layer: (masks to attach now, scores left for one global threshold)."""
-        raise NotImplementedError
 
 
 REGISTRY: Registry[PruneHandler] = Registry("pruning method")
@@ -112,13 +119,13 @@ class SparseGPT:
 
 
 @register(Magnitude)
-class MagnitudeHandler(PruneHandler):
+class MagnitudeHandler(ScoringHandler):
     def scores(self, module, linears, calib, progress):
         return {n: magnitude(m.weight) for n, m in linears.items()}
 
 
 @register(Taylor)
-class TaylorHandler(PruneHandler):
+class TaylorHandler(ScoringHandler):
     calibrated = True
 
     def scores(self, module, linears, calib, progress):
@@ -126,10 +133,7 @@ class TaylorHandler(PruneHandler):
 
 
 @register(Wanda)
-class WandaHandler(PruneHandler):
-    calibrated = True
-    layerwise = True
-
+class WandaHandler(LayerwiseHandler):
     def statistic(self, in_features: int) -> InputNorms:
         return InputNorms(in_features)
 
@@ -141,10 +145,7 @@ class WandaHandler(PruneHandler):
 
 
 @register(SparseGPT)
-class SparseGPTHandler(PruneHandler):
-    calibrated = True
-    layerwise = True
-
+class SparseGPTHandler(LayerwiseHandler):
     def check(self, target: Target) -> None:
         if global_target(target):
             raise ValueError(

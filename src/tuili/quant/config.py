@@ -7,6 +7,7 @@ SmoothQuant: tuili.quant.methods) only decides how the weights are rounded.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,7 +19,7 @@ from tuili.quant.primitives import QuantizedWeight, check_bits, quantize_weight
 GROUP_SIZES = (32, 64, 128, 256)
 
 
-class QuantScheme:
+class QuantScheme(ABC):
     """What a quantized layer stores and computes; subclasses are frozen dataclasses."""
 
     scheme: ClassVar[str]  # the name the CLI, recipes and saved checkpoints use
@@ -34,9 +35,9 @@ class QuantScheme:
         bits, group, symmetric = self.weight_format()
         return bits, in_features if group == "channel" else int(group), symmetric
 
+    @abstractmethod
     def from_quantized(self, qw: QuantizedWeight, bias: Tensor | None, input_scale: Tensor | None = None) -> nn.Module:
         """The layer holding weights rounded by any method (and a static input scale)."""
-        raise NotImplementedError
 
     def from_float(self, linear: nn.Linear, input_scale: Tensor | None = None) -> nn.Module:
         """The layer for `linear`'s weights rounded to nearest."""
@@ -140,7 +141,7 @@ SCHEMES: dict[str, type] = {
 
 def scheme_from_name(name: str, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
     """'w4a16' or 'w4a8' (with a group size, and symmetric or not; None: the class's default),
-    'w8a16', 'w8a8-dynamic' or 'w8a8-static' -> a config."""
+    'w8a16', 'w8a8-dynamic' or 'w8a8-static' (always symmetric: `symmetric=False` is refused) -> a config."""
     if name not in SCHEMES:
         raise ValueError(f"unknown scheme {name!r}: choose one of {', '.join(SCHEMES)}")
     cls = SCHEMES[name]
