@@ -52,6 +52,19 @@ CONFIGS = {
         model_type="llama",
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
     ),
+    "llama-rope-dynamic": dict(model_type="llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "phi3": dict(model_type="phi3", sliding_window=24),
+    "phi3-longrope": dict(
+        model_type="phi3",
+        head_dim=16,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=64,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(8)],
+            "long_factor": [1.0 + 0.9 * i for i in range(8)],
+        },
+    ),
     "mistral-sliding": dict(model_type="mistral", sliding_window=8, head_dim=24),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
@@ -61,7 +74,7 @@ CONFIGS = {
 
 
 def tiny_config(name: str = "llama-gqa") -> LlamaConfig:
-    return LlamaConfig(**{**TINY, **CONFIGS[name]})
+    return LlamaConfig.from_hf({**TINY, **CONFIGS[name]})
 
 
 def tiny_tokenizer() -> Tokenizer:

@@ -81,7 +81,7 @@ def test_the_cpp_step_is_the_module_forward_bit_for_bit(arch, scheme, activation
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("arch", ["llama-mha-untied-bias", "mistral-sliding"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
 def test_every_kv_cache_format(arch, kv_dtype):
     model = random_tiny(arch)
     quantize_(model, Int8WeightOnly(), ignore=(), progress=False)

@@ -72,3 +72,39 @@ def test_attention_probabilities_need_no_cache(pair):
     cache = ContiguousKVCache(model.config, 1, 8)
     with pytest.raises(ValueError, match="without a KV cache"):
         model.module(torch.zeros(1, 4, dtype=torch.long), cache=cache, output_attentions=True)
+
+
+@pytest.mark.parametrize(
+    "name, limits",
+    [
+        ("llama-rope-dynamic", {"max_position_embeddings": 12}),
+        ("phi3-longrope", {"original_max_position_embeddings": 12}),
+    ],
+)
+def test_rope_that_changes_with_length_matches_transformers_token_by_token(tmp_path, name, limits):
+    # past the limit each new token takes the frequencies of its own position, as transformers'
+    # cached decoding gives it; keys already cached keep theirs
+    import transformers
+    from helpers import CONFIGS, TINY, tiny_tokenizer
+    from transformers import DynamicCache
+
+    hf_dict = {**tuili.models.LlamaConfig.from_hf({**TINY, **CONFIGS[name], **limits}).to_hf()}
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**hf_dict), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save(tmp_path)
+    model = tuili.load(tmp_path)
+    ids = torch.randint(0, 259, (1, 24), generator=torch.Generator().manual_seed(4))
+    hf_cache, cache = DynamicCache(config=hf.config), ContiguousKVCache(model.config, batch_size=1, max_len=24)
+    with torch.no_grad():
+        expected = [hf(ids[:, :5], cache=hf_cache, use_cache=True).logits]
+        got = [model.module(ids[:, :5], torch.arange(5)[None], cache).logits]
+        for t in range(5, 24):
+            expected.append(hf(ids[:, t : t + 1], cache=hf_cache, use_cache=True).logits)
+            got.append(model.module(ids[:, t : t + 1], torch.full((1, 1), t), cache).logits)
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(expected, 1), atol=1e-4, rtol=0)
+    rope = model.module.rotary_emb  # the limit was crossed: position 20 turns at other frequencies
+    cos, _ = rope(torch.tensor([[20]]), torch.float32)
+    assert not torch.allclose(cos[0, 0, : rope.inv_freq.numel()], (20 * rope.inv_freq).cos() * rope.scaling)

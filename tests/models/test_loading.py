@@ -17,7 +17,7 @@ def same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "mistral-sliding", "qwen2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "mistral-sliding", "qwen2", "qwen3", "phi3-longrope"])
 def test_save_then_load_is_bit_exact(tmp_path, name):
     model = random_tiny(name)
     model.save(tmp_path / "m")
@@ -34,9 +34,10 @@ def test_tied_embeddings_stay_tied_after_loading(tmp_path):
     assert module.lm_head.weight is module.model.embed_tokens.weight
 
 
-def test_transformers_loads_a_tuili_folder(tmp_path):
+@pytest.mark.parametrize("name", ["qwen2", "phi3-longrope"])
+def test_transformers_loads_a_tuili_folder(tmp_path, name):
     transformers = pytest.importorskip("transformers")
-    model = random_tiny("qwen2")
+    model = random_tiny(name)
     model.save(tmp_path / "m")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     ids = torch.randint(0, 259, (2, 12))
@@ -225,7 +226,13 @@ def test_unsupported_architecture(folder):
         ("num_local_experts", 8, "sets num_local_experts=8"),
         ("partial_rotary_factor", 0.5, "sets partial_rotary_factor=0.5"),
         ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "'yarn' needs original_max_position_embeddings"),
-        ("rope_scaling", {"rope_type": "longrope"}, "unsupported rope_scaling type 'longrope'"),
+        ("rope_scaling", {"rope_type": "longrope"}, "'longrope' needs short_factor, long_factor"),
+        ("rope_scaling", {"rope_type": "mrope"}, "unsupported rope_scaling type 'mrope'"),
+        (
+            "rope_scaling",
+            {"rope_type": "longrope", "short_factor": [1], "long_factor": [1], "original_max_position_embeddings": 8},
+            "short_factor has 1 entries; a head of 16 needs 8",
+        ),
     ],
 )
 def test_a_config_tuili_would_compute_wrongly_is_refused(folder, key, value, message):
@@ -323,3 +330,16 @@ def test_a_sharded_checkpoint_loads_and_a_missing_shard_is_named(folder):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ModelFormatError, match="lists 2 shards and model-00002-of-00002.safetensors is missing"):
         tuili.load(folder)
+
+
+def test_phi3_early_longrope_names_load_as_longrope(tmp_path):
+    model = random_tiny("phi3-longrope")
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["rope_scaling"] = {**config["rope_scaling"], "type": "su"}
+    del config["rope_scaling"]["rope_type"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    again = tuili.load(tmp_path / "m")
+    assert again.config.rope_type == "longrope"
+    ids = torch.randint(0, 259, (1, 16))
+    assert torch.equal(model.module(ids).logits, again.module(ids).logits)

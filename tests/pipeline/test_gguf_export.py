@@ -24,7 +24,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "qwen2", "mistral-sliding"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "qwen2", "mistral-sliding", "qwen3", "phi3-longrope"])
 @pytest.mark.parametrize("scheme, block", CASES)
 def test_gguf_round_trip_keeps_the_logits(tmp_path, name, scheme, block):
     model = random_tiny(name)
@@ -32,8 +32,11 @@ def test_gguf_round_trip_keeps_the_logits(tmp_path, name, scheme, block):
         quantize_(model, scheme, progress=False)
     result = export_gguf(model, tmp_path / "m.gguf", "f32")
     assert result.path.exists() and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temporary left
+    linears = [n for n, m in model.module.named_modules() if hasattr(m, "qweight")]
+    stored = {model.stored_name(n) for n in linears}  # Phi-3 stores q/k/v and gate/up as one tensor each
+    assert len(stored) == (4 if name.startswith("phi3") else 7) * model.config.num_hidden_layers or scheme is None
     if block:
-        assert result.tensor_types[block] == 7 * model.config.num_hidden_layers and not result.dequantized
+        assert result.tensor_types[block] == len(stored) and not result.dequantized
     elif scheme is not None:  # per-channel int8: no GGUF twin, listed
         assert len(result.dequantized) == 7 * model.config.num_hidden_layers
     ids = torch.randint(3, 200, (2, 12))

@@ -39,9 +39,10 @@ def outputs(model):
     return model.module(ids).logits
 
 
+@pytest.mark.parametrize("name", ["qwen2", "phi3"])  # q/k/v biases travel; Phi-3 stores q/k/v and gate/up fused
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: repr(s))
-def test_save_load_round_trip_is_exact(tmp_path, scheme):
-    model = random_tiny("qwen2")  # q/k/v biases travel too
+def test_save_load_round_trip_is_exact(tmp_path, scheme, name):
+    model = random_tiny(name)
     quantize_(model, scheme, calib=CALIB)
     model.save(tmp_path / "q")
     again = tuili.load(tmp_path / "q")
@@ -87,10 +88,11 @@ def test_saved_weights_are_packed(tmp_path):
         assert "model.layers.0.mlp.up_proj.weight" not in f.keys()
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "phi3"])
 @pytest.mark.parametrize("scheme", [Int4WeightOnly(group_size=32, symmetric=True), Int8WeightOnly()], ids=repr)
-def test_transformers_loads_a_tuili_quantized_folder(tmp_path, scheme):
+def test_transformers_loads_a_tuili_quantized_folder(tmp_path, scheme, name):
     transformers = pytest.importorskip("transformers")
-    model = random_tiny("llama-gqa")
+    model = random_tiny(name)
     quantize_(model, scheme)
     model.save(tmp_path / "q")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
@@ -131,3 +133,26 @@ def test_a_tied_head_quantized_with_int8_activations_is_saved_apart(tmp_path):
     again = tuili.load(tmp_path / "q")
     assert isinstance(again.module.lm_head, Int8Linear)
     assert torch.equal(outputs(model), outputs(again))
+
+
+def test_a_fused_family_is_stored_fused(tmp_path):
+    from safetensors import safe_open
+
+    model = random_tiny("phi3")
+    quantize_(model, Int4WeightOnly(group_size=32, symmetric=True))
+    model.save(tmp_path / "q")
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.0.self_attn.qkv_proj.weight_shape").tolist() == [64 + 2 * 32, 64]
+        assert f.get_tensor("model.layers.0.mlp.gate_up_proj.weight_scale").shape == (2 * 96, 2)
+    assert not any("q_proj" in k or "gate_proj" in k for k in keys)
+    groups = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert any("qkv_proj" in t for g in groups.values() for t in g["targets"])
+
+
+def test_layers_stored_together_must_be_quantized_alike(tmp_path):
+    model = random_tiny("phi3")
+    quantize_(model, Int4WeightOnly(group_size=32), overrides={"*q_proj": Int8WeightOnly()})
+    with pytest.raises(tuili.ModelFormatError, match="stored as part of model.layers.0.self_attn.qkv_proj"):
+        model.save(tmp_path / "q")
+    assert not (tmp_path / "q").exists()

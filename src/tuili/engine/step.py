@@ -28,7 +28,7 @@ from torch.nn.modules import module as _nn_module
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import KernelCall
-from tuili.models.attention import rope_cos_sin
+from tuili.models.attention import RotaryEmbedding
 from tuili.models.llama import LlamaForCausalLM
 
 _MISSING = object()
@@ -66,8 +66,7 @@ class StepPlan:
     """What the C++ step reads from a model."""
 
     embed: Tensor
-    inv_freq: Tensor
-    rope_scaling: float  # YaRN's factor on cos and sin (1 otherwise)
+    rope: RotaryEmbedding  # cos and sin of the new tokens' positions (computed in Python)
     layers: tuple[LayerPlan, ...]
     final_norm: Tensor
     head: KernelCall
@@ -163,7 +162,7 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
     checks.watch(module)  # the root: only its hooks (the checks must not keep it alive)
     for parent, name in ((module._modules, "model"), (parts, "embed_tokens"), (parts, "norm"), (parts, "layers")):
         checks.add(parent, name, parent[name])
-    checks.add(module._buffers, "inv_freq", module.inv_freq)
+    checks.add(module._modules, "rotary_emb", module.rotary_emb)
     for name, layer in layer_list._modules.items():
         checks.add(layer_list._modules, name, layer)
     checks.add(layer_list._modules, str(len(layer_list)), None)  # no layer appended
@@ -212,8 +211,7 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
     attn, mlp = layer_list[0]._modules["self_attn"], layer_list[0]._modules["mlp"]
     plan = StepPlan(
         embed=embed_weight,
-        inv_freq=module.inv_freq,
-        rope_scaling=module.rope_scaling,
+        rope=module.rotary_emb,
         layers=tuple(layers),
         final_norm=norm_weight,
         head=head,
@@ -275,7 +273,7 @@ class DecodeStep:
             return None
         plan, native = planned
         x = F.embedding(ids, plan.embed)
-        cos, sin = rope_cos_sin(plan.inv_freq, positions[None], x.dtype, plan.rope_scaling)
+        cos, sin = plan.rope(positions[None], x.dtype)
         step = cache._step
         assert step is not None  # cache.decoding
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)

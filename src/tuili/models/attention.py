@@ -6,16 +6,74 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from tuili.models.config import LlamaConfig
 
 
-def rope_inv_freq(config: LlamaConfig) -> Tensor:
-    """Inverse frequencies θ_i = base^(-2i/d), rescaled by the config's rope_scaling type."""
+class RotaryEmbedding(nn.Module):
+    """cos and sin of each position's rotary angles, for the config's RoPE type.
+
+    Most types have one set of frequencies. Two change them with the sequence length, and tuili
+    gives each token the frequencies of its own position (so a cached key never changes with the
+    batch it was computed in): dynamic NTK rescales the base for positions at or past
+    max_position_embeddings, LongRoPE switches from short_factor to long_factor at
+    original_max_position_embeddings. transformers does the same when decoding token by token; a
+    prompt that crosses the limit in one forward gets the long frequencies there for all its tokens.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        dim, base, s = config.head_dim, config.rope_theta, config.rope_parameters
+        self.rope_type = config.rope_type
+        self.scaling = _attention_scaling(config)  # on cos and sin: YaRN's and LongRoPE's factor, 1 otherwise
+        self.switch = 1 << 62  # the position from which `long_inv_freq` applies
+        self.ntk: tuple[float, float, int] | None = None  # dynamic NTK: (factor, base, max_position_embeddings)
+        long = None
+        if self.rope_type == "longrope":
+            exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+            inv_freq = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * base**exponents)
+            long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * base**exponents)
+            self.switch = int(s["original_max_position_embeddings"])
+        else:
+            inv_freq = _inv_freq(config)
+            if self.rope_type == "dynamic":
+                self.ntk = (float(s["factor"]), base, config.max_position_embeddings)
+                self.switch = config.max_position_embeddings
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("long_inv_freq", long, persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin (B, T, D) for positions (B, T), computed in fp32 (angles reach 1e5 radians)."""
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        if self.rope_type in ("dynamic", "longrope"):  # no branch on the values: exported graphs keep both
+            freqs = torch.where(positions[..., None] >= self.switch, self._past_switch(positions), freqs)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    def _past_switch(self, positions: Tensor) -> Tensor:
+        """The angles of positions at or past `switch` (B, T, D/2): LongRoPE's long factors, or
+        dynamic NTK's base rescaled for a sequence of position + 1 tokens."""
+        if self.ntk is None:
+            assert self.long_inv_freq is not None
+            return positions[..., None].float() * self.long_inv_freq
+        factor, base, max_len = self.ntk
+        dim = 2 * self.inv_freq.shape[0]
+        seq_len = (positions.double() + 1).clamp(min=max_len)
+        bases = base * ((factor * seq_len / max_len) - (factor - 1)) ** (dim / (dim - 2))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+        inv_freq = 1.0 / (bases.float()[..., None] ** exponents)
+        return positions[..., None].float() * inv_freq
+
+
+def _inv_freq(config: LlamaConfig) -> Tensor:
+    """Inverse frequencies θ_i = base^(-2i/d), rescaled by the config's (static) rope_scaling type."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
+    scaling = config.rope_parameters
     if config.rope_type == "linear":
         return inv_freq / scaling["factor"]
     if config.rope_type == "llama3":
@@ -25,13 +83,17 @@ def rope_inv_freq(config: LlamaConfig) -> Tensor:
     return inv_freq
 
 
-def rope_attention_scaling(config: LlamaConfig) -> float:
-    """The factor YaRN multiplies cos and sin by (1 for every other RoPE type)."""
-    if config.rope_type != "yarn":
+def _attention_scaling(config: LlamaConfig) -> float:
+    """The factor YaRN and LongRoPE multiply cos and sin by (1 for every other RoPE type)."""
+    s = config.rope_parameters
+    if config.rope_type not in ("yarn", "longrope"):
         return 1.0
-    s = config.rope_scaling or {}
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
+    if config.rope_type == "longrope":
+        original = s["original_max_position_embeddings"]
+        factor = s.get("factor") or config.max_position_embeddings / original
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     factor, mscale, mscale_all_dim = s["factor"], s.get("mscale"), s.get("mscale_all_dim")
     if mscale and mscale_all_dim:
         return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
@@ -74,19 +136,6 @@ def _llama3_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
-
-
-def rope_cos_sin(
-    inv_freq: Tensor, positions: Tensor, dtype: torch.dtype, scaling: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """cos and sin of position · θ, (B, T, D), computed in fp32 (angles reach 1e5 radians), times
-    `scaling` (YaRN's attention factor; 1 otherwise)."""
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    if scaling != 1.0:
-        cos, sin = cos * scaling, sin * scaling
-    return cos.to(dtype), sin.to(dtype)
 
 
 def as_cached(x: Tensor, kv_dtype: str) -> Tensor:

@@ -1,4 +1,4 @@
-"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral, Qwen2 and Qwen3.
+"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral, Qwen2, Qwen3 and Phi-3.
 
 It reads and writes the Hugging Face `config.json` keys, so a saved folder loads in transformers.
 """
@@ -17,12 +17,15 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",  # Qwen2's layout without q/k/v bias, with an RMSNorm on each head's q and k
+    "phi3": "Phi3ForCausalLM",  # Llama's computation, q/k/v and gate/up stored fused (tuili.models.families)
 }
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-ROPE_KEYS = {
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_KEYS = {  # what each type needs (original_max_position_embeddings may also sit at the top level)
     "linear": ("factor",),
+    "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
 # hidden_act values tuili computes (transformers' ACT2FN names); another is refused, never replaced by SiLU
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
@@ -113,14 +116,33 @@ class LlamaConfig:
             raise ModelFormatError(
                 f"unsupported rope_scaling type {rope_type!r}: tuili supports {', '.join(ROPE_TYPES)}"
             )
-        lacking = [k for k in ROPE_KEYS.get(rope_type, ()) if (self.rope_scaling or {}).get(k) is None]
+        scaling = self.rope_parameters
+        lacking = [k for k in ROPE_KEYS.get(rope_type, ()) if scaling.get(k) is None]
         if lacking:
             raise ModelFormatError(f"rope_scaling of type {rope_type!r} needs {', '.join(lacking)}")
+        if scaling.get("partial_rotary_factor", 1) != 1:
+            raise ModelFormatError(
+                f"rope_scaling sets partial_rotary_factor={scaling['partial_rotary_factor']}: tuili rotates "
+                "whole heads and refuses the model rather than give wrong logits"
+            )
+        for key in ("short_factor", "long_factor"):
+            if key in scaling and len(scaling[key]) != self.head_dim // 2:
+                raise ModelFormatError(
+                    f"rope_scaling.{key} has {len(scaling[key])} entries; a head of {self.head_dim} needs "
+                    f"{self.head_dim // 2}"
+                )
 
     @property
     def rope_type(self) -> str:
         scaling = self.rope_scaling or {}
         return scaling.get("rope_type", scaling.get("type", "default"))
+
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        """rope_scaling with the top-level original_max_position_embeddings (Phi-3 keeps it there)."""
+        out = {"original_max_position_embeddings": self.extra.get("original_max_position_embeddings")}
+        out.update({k: v for k, v in (self.rope_scaling or {}).items() if v is not None})
+        return out
 
     @property
     def o_proj_bias(self) -> bool:
@@ -155,10 +177,14 @@ class LlamaConfig:
             data.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
                 data.setdefault("rope_scaling", rope)
+        scaling = data.get("rope_scaling")
+        if model_type == "phi3" and scaling and scaling.get("rope_type", scaling.get("type")) in ("su", "yarn"):
+            data["rope_scaling"] = {**scaling, "rope_type": "longrope"}  # Phi-3's early names for LongRoPE
+            data["rope_scaling"].pop("type", None)
         if data.get("torch_dtype") is None:
             data["torch_dtype"] = data.get("dtype") or "float32"
-        if model_type in ("mistral", "qwen2", "qwen3"):
-            if model_type != "mistral" and not data.get("use_sliding_window", False):
+        if model_type in ("mistral", "qwen2", "qwen3", "phi3"):
+            if model_type in ("qwen2", "qwen3") and not data.get("use_sliding_window", False):
                 data["sliding_window"] = None
         else:
             data["sliding_window"] = None

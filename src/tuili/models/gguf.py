@@ -18,7 +18,7 @@ from tuili.errors import ModelFormatError
 from tuili.models.config import LlamaConfig
 from tuili.models.tokenizer import Tokenizer
 
-_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PER_LAYER = {
     "attn_norm": "input_layernorm",
@@ -30,7 +30,12 @@ _PER_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",  # Phi-3, split on load (tuili.models.families)
 }
+ARCH_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}  # Phi-3's ffn_up holds gate and up
+_ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -44,18 +49,34 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
     config = _config(meta, path)
     tensor_names = {t.name for t in reader.tensors}
     config.tie_word_embeddings = "output.weight" not in tensor_names
-    state = {}
+    state, rope_factors = {}, {}
     for t in reader.tensors:
-        name = _hf_name(t.name, path)
+        if t.name in _ROPE_FACTORS:  # LongRoPE's factors, stored as tensors
+            rope_factors[_ROPE_FACTORS[t.name]] = np.asarray(t.data, dtype=np.float32).tolist()
+            continue
+        name = _hf_name(t.name, path, ARCH_NAMES.get(config.model_type, {}))
         try:
             array = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:  # unsupported or truncated block data
             raise ModelFormatError(f"{path}: cannot read tensor {t.name} ({e})") from e
         array = np.asarray(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
         state[name] = torch.from_numpy(array.copy())
+    if rope_factors:
+        config = _with_longrope(config, rope_factors, meta, path)
     if config.model_type == "llama":  # llama.cpp stores q and k rows interleaved for its RoPE
         _unpermute_qk(state, config)
     return config, state, Tokenizer.from_gguf(meta)
+
+
+def _with_longrope(config: LlamaConfig, factors: dict[str, list[float]], meta: dict[str, Any], path: Path):
+    arch = meta["general.architecture"]
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if len(factors) != 2 or original is None:
+        raise ModelFormatError(f"{path}: LongRoPE needs both factor tensors and rope.scaling.original_context_length")
+    scaling = {"rope_type": "longrope", **factors, "original_max_position_embeddings": int(original)}
+    if meta.get(f"{arch}.rope.scaling.attn_factor") is not None:
+        scaling["attention_factor"] = float(meta[f"{arch}.rope.scaling.attn_factor"])
+    return LlamaConfig.from_hf({**config.to_hf(), "rope_scaling": scaling})
 
 
 def _config(meta: dict[str, Any], path: Path) -> LlamaConfig:
@@ -92,14 +113,15 @@ def _config(meta: dict[str, Any], path: Path) -> LlamaConfig:
     )
 
 
-def _hf_name(name: str, path: Path) -> str:
+def _hf_name(name: str, path: Path, arch_names: dict[str, str]) -> str:
     stem, _, kind = name.rpartition(".")
     if stem in _GLOBAL:
         return f"{_GLOBAL[stem]}.{kind}"
     match = _BLOCK.match(name)
-    if match and match.group(2) in _PER_LAYER:
+    names = {**_PER_LAYER, **arch_names}
+    if match and match.group(2) in names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_PER_LAYER[part]}.{kind}"
+        return f"model.layers.{layer}.{names[part]}.{kind}"
     raise ModelFormatError(f"{path}: tensor {name!r} has no place in a Llama-family model")
 
 

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tuili.models.attention import rope_cos_sin
 from tuili.models.llama import LlamaForCausalLM
 
 
@@ -61,7 +60,7 @@ class LayerRunner:
             self.hidden = module.model.embed_tokens(calib)  # (N, T, H)
         n, t = calib.shape
         self.positions = torch.arange(t, device=device).expand(n, t)
-        self.cos, self.sin = rope_cos_sin(module.inv_freq, self.positions[:1], self.hidden.dtype, module.rope_scaling)
+        self.cos, self.sin = module.rotary_emb(self.positions[:1], self.hidden.dtype)
 
     @torch.no_grad()
     def run(self, layer: nn.Module) -> Tensor:

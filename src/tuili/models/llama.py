@@ -17,14 +17,7 @@ from torch import Tensor, nn
 
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import MAX_M_F32, KernelCall
-from tuili.models.attention import (
-    as_cached,
-    attention,
-    causal_mask,
-    rope_attention_scaling,
-    rope_cos_sin,
-    rope_inv_freq,
-)
+from tuili.models.attention import RotaryEmbedding, as_cached, attention, causal_mask
 from tuili.models.config import LlamaConfig
 
 
@@ -105,7 +98,8 @@ class Attention(nn.Module):
             if kv_dtype is not None:  # what a cache of that dtype would hand back
                 k, v = as_cached(k, kv_dtype), as_cached(v, kv_dtype)
             window = self.sliding_window
-            mask = causal_mask(positions, positions, window) if window and t > window else None
+            # built whatever t is: a branch on t would be frozen into an exported graph
+            mask = causal_mask(positions, positions, window) if window else None
             out, probs = attention(q, k, v, mask, is_causal=t > 1, return_probs=return_probs)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), probs
@@ -168,8 +162,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.rope_scaling = rope_attention_scaling(config)  # YaRN's factor on cos and sin (1 otherwise)
+        self.rotary_emb = RotaryEmbedding(config)  # buffers only: nothing in the state dict
 
     def forward(
         self,
@@ -221,7 +214,7 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.rope_scaling)
+        cos, sin = self.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:
             if hidden is not None:
                 hidden.append(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,8 +14,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from tuili.errors import ModelFormatError
-from tuili.models.attention import rope_inv_freq
+from tuili.models.attention import RotaryEmbedding
 from tuili.models.config import LlamaConfig
+from tuili.models.families import checkpoint_name, split_fused
 from tuili.models.formats import FORMATS
 from tuili.models.gguf import read_gguf
 from tuili.models.io import read_json
@@ -140,7 +142,7 @@ def _assemble(
     """Put weights into a fresh LlamaForCausalLM, checking every name and shape against the config."""
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    state = split_fused({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}, config, source)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     exact = _restore_compressed(module, state, config)
@@ -159,7 +161,7 @@ def _assemble(
     )
     if config.tie_word_embeddings:
         module.lm_head.weight = module.model.embed_tokens.weight
-    module.inv_freq = rope_inv_freq(config).to(device)  # built on meta above: compute it for real
+    module.rotary_emb = RotaryEmbedding(config).to(device)  # built on meta above: compute it for real
     config.torch_dtype = str(dtype).removeprefix("torch.")
     module.eval()
     model = Model(module, tokenizer, config, source)
@@ -178,7 +180,7 @@ def _restore_compressed(module: LlamaForCausalLM, state: dict[str, Tensor], conf
             f"config.json: quantization method {method!r} is not supported "
             f"(tuili reads {', '.join(sorted(FORMATS)) or 'none'})"
         )
-    FORMATS[method].load(module, state, qconfig)
+    FORMATS[method].load(module, state, qconfig, partial(checkpoint_name, config=config))
     quantized = {n for n, m in module.named_modules() if hasattr(m, "quant_method")}
     return {k for k in state if k.rpartition(".")[0] in quantized and not k.endswith(".bias")}
 

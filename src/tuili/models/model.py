@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from tuili.models.config import LlamaConfig
+from tuili.models.families import checkpoint_name, fuse_split
 from tuili.models.formats import FORMATS, format_of
 from tuili.models.io import atomic_folder, write_json
 from tuili.models.llama import LlamaForCausalLM
@@ -38,6 +39,10 @@ class Model:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
+    def stored_name(self, name: str) -> str:
+        """The name a module of this model is stored under (a Phi-3 q_proj: its layer's qkv_proj)."""
+        return checkpoint_name(name, self.config)
+
     def record(self, step: str, **details: Any) -> None:
         """Append a step (loaded, quantized, pruned ...) to the provenance saved with the model."""
         self.provenance.append({"step": step, "time": _now(), **details})
@@ -62,8 +67,8 @@ class Model:
                         "sparsity_config": sparsity,
                     }
             else:
-                state, config["quantization_config"] = FORMATS[method].save(self.module)
-            state = {k: v.detach().contiguous() for k, v in state.items()}
+                state, config["quantization_config"] = FORMATS[method].save(self.module, self.stored_name)
+            state = {k: v.detach().contiguous() for k, v in fuse_split(state, self.config).items()}
             if self.config.tie_word_embeddings:
                 head = state.get("lm_head.weight")
                 if (
@@ -101,8 +106,8 @@ def _sparsity_config(model: Model) -> dict[str, Any] | None:
         "format": "dense",
         "global_sparsity": round(zeros / total, 6),
         "sparsity_structure": structure,
-        "targets": sorted(masked),
-        "ignore": sorted(set(linears) - set(masked)),
+        "targets": sorted({model.stored_name(n) for n in masked}),
+        "ignore": sorted({model.stored_name(n) for n in linears} - {model.stored_name(n) for n in masked}),
     }
 
 

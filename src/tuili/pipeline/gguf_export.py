@@ -21,15 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tuili.models.gguf import _GLOBAL, _PER_LAYER
+from tuili.models.gguf import _GLOBAL, _PER_LAYER, _ROPE_FACTORS, ARCH_NAMES
 from tuili.models.io import atomic_file
 from tuili.models.model import Model
 from tuili.models.tokenizer import gguf_pre_name
 from tuili.pipeline.export import ExportError, verify
 from tuili.quant.linear import WeightOnlyLinear
 
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 _TO_GGUF = {**{hf: g for g, hf in _GLOBAL.items()}, **{hf: g for g, hf in _PER_LAYER.items()}}
+_ARCH_TO_GGUF = {arch: {hf: g for g, hf in names.items()} for arch, names in ARCH_NAMES.items()}
 _BLOCK = 32
 
 
@@ -41,13 +42,14 @@ class GGUFExport:
     max_abs_diff: float | None = None  # the file read back against tuili's logits (None: not checked)
 
 
-def _gguf_name(hf: str) -> str:
+def _gguf_name(hf: str, arch: str = "llama") -> str:
+    names = {**_TO_GGUF, **_ARCH_TO_GGUF.get(arch, {})}
     stem, _, kind = hf.rpartition(".")
-    if stem in _TO_GGUF:
-        return f"{_TO_GGUF[stem]}.{kind}"
+    if stem in names:
+        return f"{names[stem]}.{kind}"
     parts = stem.split(".")  # model.layers.{i}.self_attn.q_proj
-    if len(parts) >= 4 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _TO_GGUF:
-        return f"blk.{parts[2]}.{_TO_GGUF['.'.join(parts[3:])]}.{kind}"
+    if len(parts) >= 4 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in names:
+        return f"blk.{parts[2]}.{names['.'.join(parts[3:])]}.{kind}"
     raise ExportError(f"tensor {hf!r} has no GGUF name (tuili exports Llama-family models)")
 
 
@@ -86,6 +88,26 @@ def _blocks(layer: WeightOnlyLinear, rows: Tensor | None) -> tuple[np.ndarray, g
         return np.concatenate([d, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_0
     m = _fp16(-(scale * zero.float()))
     return np.concatenate([d, m, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_1
+
+
+def _add_linear(add, name: str, parts: list[tuple[str, nn.Module]], model: Model, float_dtype, result) -> None:
+    """One GGUF tensor (and its bias) for one or more linear layers stored stacked by rows: their
+    GGUF blocks where all have the same block type, else their weights in float."""
+    rows = [_rope_rows(hf_name, getattr(sub, "out_features", 0), model) for hf_name, sub in parts]
+
+    def stacked(tensors: list[Tensor]) -> np.ndarray:
+        return torch.cat([t if r is None else t[r] for t, r in zip(tensors, rows)]).numpy()
+
+    blocks = [_blocks(sub, r) if isinstance(sub, WeightOnlyLinear) else None for (_, sub), r in zip(parts, rows)]
+    kinds = {b[1] for b in blocks if b is not None}
+    if None not in blocks and len(kinds) == 1:
+        add(name, np.concatenate([b[0] for b in blocks if b is not None]), kinds.pop())
+    else:
+        result.dequantized += [hf_name for hf_name, sub in parts if hasattr(sub, "qweight")]
+        add(name, stacked([_float_weight(sub) for _, sub in parts]).astype(float_dtype))
+    biases = [getattr(sub, "bias", None) for _, sub in parts]
+    if all(isinstance(b, Tensor) for b in biases):
+        add(name.removesuffix(".weight") + ".bias", stacked([b.detach().float() for b in biases]))
 
 
 def _float_weight(module: nn.Module) -> Tensor:
@@ -133,30 +155,23 @@ def _write_gguf(writer: gguf.GGUFWriter, model: Model, arch: str, float_type: st
             kind = raw.name if raw is not None else ("F32" if array.dtype == np.float32 else "F16")
             result.tensor_types[kind] = result.tensor_types.get(kind, 0) + 1
 
+        stored: dict[str, list[tuple[str, nn.Module]]] = {}  # layers stored as one (Phi-3's qkv_proj)
         for hf_name, sub in module.named_modules():
             has_weight = isinstance(getattr(sub, "weight", None), Tensor) or hasattr(sub, "qweight")
             if not hf_name or not has_weight or any(c for c in sub.children()):
                 continue
             if hf_name == "lm_head" and cfg.tie_word_embeddings and not hasattr(sub, "qweight"):
                 continue  # tied: llama.cpp reuses token_embd
-            name = _gguf_name(f"{hf_name}.weight")
             weight = getattr(sub, "weight", None)
             if isinstance(weight, Tensor) and weight.dim() == 1:
-                add(name, weight.detach().float().numpy())  # norms stay F32
+                add(_gguf_name(f"{hf_name}.weight", arch), weight.detach().float().numpy())  # norms stay F32
                 continue
-            rows = _rope_rows(hf_name, getattr(sub, "out_features", 0), model)
-            blocks = _blocks(sub, rows) if isinstance(sub, WeightOnlyLinear) else None
-            if blocks is not None:
-                add(name, *blocks)
-            else:
-                if hasattr(sub, "qweight"):
-                    result.dequantized.append(hf_name)
-                w = _float_weight(sub)
-                add(name, (w[rows] if rows is not None else w).numpy().astype(float_dtype))
-            bias = getattr(sub, "bias", None)
-            if isinstance(bias, Tensor):
-                b = bias.detach().float()
-                add(_gguf_name(f"{hf_name}.bias"), (b[rows] if rows is not None else b).numpy())
+            stored.setdefault(model.stored_name(hf_name), []).append((hf_name, sub))
+        for name, parts in stored.items():
+            _add_linear(add, _gguf_name(f"{name}.weight", arch), parts, model, float_dtype, result)
+        for tensor, key in _ROPE_FACTORS.items():
+            if cfg.rope_type == "longrope":
+                add(tensor, np.asarray(cfg.rope_parameters[key], dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -189,10 +204,13 @@ def _write_metadata(writer: gguf.GGUFWriter, model: Model, arch: str) -> None:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_vocab_size(cfg.vocab_size)
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
+    if cfg.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
-    elif cfg.rope_scaling:
+        writer.add_rope_scaling_factor(float(cfg.rope_parameters["factor"]))
+    elif cfg.rope_type == "longrope" and arch == "phi3":  # the factors are tensors (rope_factors_*)
+        writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_parameters["original_max_position_embeddings"]))
+        writer.add_rope_scaling_attn_factors(model.module.rotary_emb.scaling)
+    elif cfg.rope_type != "default":
         raise ExportError(f"rope scaling {cfg.rope_scaling} has no GGUF form tuili writes")
     if cfg.sliding_window:
         writer.add_sliding_window(cfg.sliding_window)

@@ -15,14 +15,14 @@ from torch import Tensor, nn
 from tuili.models.layerwise import LayerRunner, input_hooks, require_tuili_model
 from tuili.models.model import Model
 from tuili.models.selection import DEFAULT_IGNORE, select_linears
-from tuili.prune.config import SemiStructured, Target
+from tuili.prune.config import SemiStructured, Target, Unstructured
 from tuili.prune.masks import attach_mask
 from tuili.prune.methods import LayerwiseHandler, Magnitude, handler_for, target_masks
 
 
 def prune_(
     model: Model | nn.Module,
-    target: Target,
+    target: Target | float,
     method: object = Magnitude(),
     *,
     calib: Tensor | None = None,
@@ -32,11 +32,17 @@ def prune_(
 ) -> Model | nn.Module:
     """Prune the model's linear layers in place to `target` and return the model.
 
+    target: a fraction of each layer's weights (0.5, the same as Unstructured(0.5)), Unstructured
+    (per layer or global) or SemiStructured (N:M).
     method: Magnitude (default), Taylor, Wanda or SparseGPT (tuili.prune). calib: (N, T) token ids,
     needed by Taylor, Wanda and SparseGPT. Each layer's mask stays with it (`weight_mask`;
     `tuili.prune.masks_of(model)` lists them): fine-tuning with `keep_masks` cannot revive a
     pruned weight.
     """
+    if isinstance(target, int | float) and not isinstance(target, bool):
+        target = Unstructured(float(target))
+    if not isinstance(target, Unstructured | SemiStructured):
+        raise TypeError(f"target must be a fraction, Unstructured or SemiStructured, got {target!r}")
     handler = handler_for(method)
     if handler.calibrated and calib is None:
         raise ValueError(f"{handler.name} needs calibration token ids (calib=...): e.g. tuili.data.calibration_samples")

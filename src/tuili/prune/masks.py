@@ -103,10 +103,10 @@ def restore_masks(model) -> int:
     zeros, so further fine-tuning keeps them. Returns the number of layers masked (0: not sparse)."""
     qconfig = model.config.extra.get("quantization_config") or {}
     sparsity = qconfig.get("sparsity_config") or {}
-    names = sparsity.get("targets") or []
-    modules = dict(model.module.named_modules())
-    for name in names:
-        linear = modules.get(name)
-        if isinstance(linear, nn.Linear):
-            attach_mask(linear, linear.weight != 0)
-    return sum(isinstance(modules.get(n), nn.Linear) for n in names)
+    targets = set(sparsity.get("targets") or [])  # stored names (a Phi-3 qkv_proj masks q, k and v)
+    masked = [
+        m for n, m in model.module.named_modules() if isinstance(m, nn.Linear) and model.stored_name(n) in targets
+    ]
+    for linear in masked:
+        attach_mask(linear, linear.weight != 0)
+    return len(masked)

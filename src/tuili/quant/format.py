@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from tuili.errors import ModelFormatError
-from tuili.models.formats import CheckpointFormat, register
+from tuili.models.formats import CheckpointFormat, StoredName, register
 from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 from tuili.quant.primitives import pack_int4
 
@@ -51,7 +51,7 @@ def _offset(m: WeightOnlyLinear) -> int:
     return 0 if m.symmetric else 2 ** (m.bits - 1)
 
 
-def save_compressed(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def save_compressed(module: nn.Module, stored: StoredName) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     state = {k: v for k, v in module.state_dict().items()}
@@ -66,7 +66,15 @@ def save_compressed(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
         state.update({f"{name}.{k}": v for k, v in _compressed_tensors(m, dtype).items()})
         fmt, scheme = _scheme(m)
         key = repr((fmt, scheme))
-        groups.setdefault(key, (fmt, scheme, []))[2].append(f"re:^{re.escape(name)}$")
+        target = f"re:^{re.escape(stored(name))}$"
+        taken = [g for g in groups.values() if target in g[2]]
+        if taken and taken[0] is not groups.get(key):
+            raise ModelFormatError(
+                f"{name} is stored as part of {stored(name)}, whose other parts are quantized otherwise; "
+                "quantize the layers stored together with one scheme"
+            )
+        if not taken:
+            groups.setdefault(key, (fmt, scheme, []))[2].append(target)
     formats = {fmt for fmt, _, _ in groups.values()}
     config = QuantizationConfig(
         config_groups={
@@ -75,7 +83,7 @@ def save_compressed(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
         },
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
-        ignore=[n for n, m in module.named_modules() if isinstance(m, nn.Linear)],
+        ignore=list(dict.fromkeys(stored(n) for n, m in module.named_modules() if isinstance(m, nn.Linear))),
     )
     return state, config.model_dump(exclude_none=False)
 
@@ -101,7 +109,7 @@ def _compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     return out
 
 
-def load_compressed(module: nn.Module, state: dict[str, Tensor], qconfig: dict[str, Any]) -> None:
+def load_compressed(module: nn.Module, state: dict[str, Tensor], qconfig: dict[str, Any], stored: StoredName) -> None:
     """Replace the layers that qconfig's groups target with tuili's quantized layers."""
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -116,7 +124,7 @@ def load_compressed(module: nn.Module, state: dict[str, Tensor], qconfig: dict[s
         )
     linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
     for name, linear in linears.items():
-        scheme = _match(name, config)
+        scheme = _match(stored(name), config)
         if scheme is None:
             continue
         new = _restore(name, linear, scheme, state)

@@ -1,0 +1,111 @@
+"""What a model family changes about how its checkpoint is stored, on top of the shared decoder.
+
+tuili runs every family through one decoder (tuili.models.llama) with Hugging Face's Llama module
+names. A family whose checkpoint stores several of those layers as one tensor (Phi-3's `qkv_proj`
+and `gate_up_proj`) declares it here, once: loading splits the stored tensors into tuili's layers
+(quantized ones too: their codes, scales and zero points are split by rows), and saving stacks
+them back, so the folder tuili writes is the family's own and transformers and vLLM read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tuili.errors import ModelFormatError
+from tuili.models.config import LlamaConfig
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One stored layer that holds several of tuili's layers stacked by output rows."""
+
+    name: str  # within a decoder layer: "self_attn.qkv_proj"
+    parts: tuple[str, ...]  # tuili's layers, in the stored order: ("self_attn.q_proj", ...)
+    rows: Callable[[LlamaConfig], tuple[int, ...]]  # each part's output rows
+
+
+def _qkv_rows(c: LlamaConfig) -> tuple[int, ...]:
+    return (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim)
+
+
+FUSED: dict[str, tuple[Fused, ...]] = {
+    "phi3": (
+        Fused("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _qkv_rows),
+        Fused("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), lambda c: (c.intermediate_size,) * 2),
+    ),
+}
+_SHAPE = "weight_shape"  # compressed-tensors' (rows, columns) of a packed layer: rows add up
+_PER_COLUMN = "g_idx"  # each input column's group (act-order): the same for every part
+
+
+def _fused_layers(config: LlamaConfig):
+    """(stored prefix, tuili prefixes, rows) of every fused layer of every decoder layer."""
+    for i in range(config.num_hidden_layers):
+        for f in FUSED.get(config.model_type, ()):
+            yield f"model.layers.{i}.{f.name}", tuple(f"model.layers.{i}.{p}" for p in f.parts), f.rows(config)
+
+
+def checkpoint_name(name: str, config: LlamaConfig) -> str:
+    """The name under which a tuili module is stored (Phi-3's q_proj: its layer's qkv_proj)."""
+    for f in FUSED.get(config.model_type, ()):
+        for part in f.parts:
+            if name.endswith("." + part):
+                return name[: -len(part)] + f.name
+    return name
+
+
+def split_fused(state: dict[str, Tensor], config: LlamaConfig, source: str) -> dict[str, Tensor]:
+    """The state dict with each stored fused tensor split into tuili's layers (rows in order)."""
+    state = dict(state)
+    for stored, parts, rows in _fused_layers(config):
+        for key in [k for k in state if k.startswith(stored + ".")]:
+            suffix = key[len(stored) :]
+            pieces = _split(state.pop(key), rows, suffix, f"{source}: {key}")
+            state.update({p + suffix: t for p, t in zip(parts, pieces)})
+    return state
+
+
+def fuse_split(state: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
+    """The state dict with tuili's layers stacked back into the family's fused tensors."""
+    state = dict(state)
+    for stored, parts, _ in _fused_layers(config):
+        suffixes = [{k[len(p) :] for k in state if k.startswith(p + ".")} for p in parts]
+        if not any(suffixes):
+            continue
+        if any(s != suffixes[0] for s in suffixes):
+            raise ModelFormatError(
+                f"{', '.join(parts)} are stored as one layer ({stored}) and must be compressed alike; "
+                f"they hold {[sorted(s) for s in suffixes]}"
+            )
+        for suffix in sorted(suffixes[0]):
+            state[stored + suffix] = _stack([state.pop(p + suffix) for p in parts], suffix, stored)
+    return state
+
+
+def _split(t: Tensor, rows: tuple[int, ...], suffix: str, where: str) -> list[Tensor]:
+    if suffix.endswith(_SHAPE):
+        return [torch.tensor([r, *t.tolist()[1:]], dtype=t.dtype) for r in rows]
+    if t.dim() == 0 or t.numel() == 1 or suffix.endswith(_PER_COLUMN):  # one for the whole layer
+        return [t.clone() for _ in rows]
+    total = sum(rows)
+    per_row = total // t.shape[0] if t.shape[0] and total % t.shape[0] == 0 else 0  # packed rows (zero points)
+    if not per_row or any(r % per_row for r in rows):
+        raise ModelFormatError(f"{where}: {tuple(t.shape)} does not split into layers of {rows} rows")
+    return [p.clone() for p in t.split([r // per_row for r in rows])]
+
+
+def _stack(parts: list[Tensor], suffix: str, stored: str) -> Tensor:
+    if suffix.endswith(_SHAPE):
+        return torch.tensor([sum(int(p[0]) for p in parts), *parts[0].tolist()[1:]], dtype=parts[0].dtype)
+    if suffix.endswith(_PER_COLUMN) or all(p.dim() == 0 or p.numel() == 1 for p in parts):
+        if any(not torch.equal(p, parts[0]) for p in parts):
+            raise ModelFormatError(
+                f"{stored}{suffix}: its parts ({', '.join(p.rsplit('.', 1)[-1] for p in [])}) hold different "
+                "values and the stored layer has one; quantize them alike (same calibration input)"
+            )
+        return parts[0]
+    return torch.cat(parts)

@@ -1,0 +1,120 @@
+"""Every model family through every verb, on a tiny random model of that family: quantize with each
+method, prune each way, distill, save and load, serve, and export. Logits against transformers are
+checked in test_llama.py; the C++ decode step against the module forward in tests/engine."""
+
+import httpx
+import pytest
+import torch
+from helpers import random_tiny
+from live import MODEL, live_server
+
+import tuili
+from tuili.distill import DistillConfig
+from tuili.engine import LLM, SamplingParams
+from tuili.pipeline.export import check_onnx, export_onnx, sample_ids
+from tuili.pipeline.gguf_export import check_gguf, export_gguf
+from tuili.prune import SemiStructured, SparseGPT, Wanda, prune_
+from tuili.prune.structured import prune_heads_, prune_mlp_
+from tuili.quant import (
+    AWQ,
+    GPTQ,
+    RTN,
+    Int4WeightOnly,
+    Int8DynamicActivation,
+    SmoothQuant,
+    quantize_,
+)
+
+FAMILIES = ["llama-gqa", "mistral-sliding", "qwen2", "qwen3", "phi3-longrope"]
+CALIB = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(1))
+PROMPT = [5, 70, 80, 90, 100]
+
+
+def greedy_by_recomputation(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model.module(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def engine_matches_recomputation(model):
+    got = LLM(model).generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert got.outputs[0].token_ids == greedy_by_recomputation(model, PROMPT, 12)
+
+
+def round_trips(model, folder):
+    model.save(folder)
+    again = tuili.load(folder)
+    with torch.no_grad():
+        assert torch.equal(model.module(IDS).logits, again.module(IDS).logits)
+    return again
+
+
+@pytest.mark.parametrize(
+    "scheme, method",
+    [
+        (Int4WeightOnly(group_size=32, symmetric=True), RTN()),
+        (Int4WeightOnly(group_size=32, symmetric=True), GPTQ()),
+        (Int4WeightOnly(group_size=32, symmetric=True), AWQ(grid=4)),
+        (Int8DynamicActivation(), SmoothQuant()),
+    ],
+    ids=["rtn", "gptq", "awq", "smoothquant"],
+)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantize(tmp_path, family, scheme, method):
+    model = random_tiny(family)
+    with torch.no_grad():
+        before = model.module(IDS).logits
+    quantize_(model, scheme, method, calib=CALIB, progress=False)
+    with torch.no_grad():
+        after = model.module(IDS).logits
+    assert torch.nn.functional.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.9
+    engine_matches_recomputation(round_trips(model, tmp_path / "q"))
+
+
+@pytest.mark.parametrize("how", ["wanda", "sparsegpt-2:4", "heads-and-neurons"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune(tmp_path, family, how):
+    model = random_tiny(family)
+    if how == "wanda":
+        prune_(model, 0.5, Wanda(), calib=CALIB)
+    elif how == "sparsegpt-2:4":
+        prune_(model, SemiStructured(2, 4), SparseGPT(), calib=CALIB)
+    else:
+        prune_heads_(model, 0.5, "l2", CALIB)
+        prune_mlp_(model, 0.25, "l2", CALIB)
+        assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 72
+    engine_matches_recomputation(round_trips(model, tmp_path / "p"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distill(family):
+    teacher, student = random_tiny(family, seed=0), random_tiny(family, seed=1)
+    before = [p.detach().clone() for p in student.module.parameters()]
+    train = torch.randint(3, 259, (8, 24), generator=torch.Generator().manual_seed(2))
+    config = DistillConfig(steps=2, batch_size=4, warmup_steps=0, lr=1e-3, eval_every=100, bf16=False)
+    tuili.distill_(student, config, teacher=teacher, train=train, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.module.parameters()))
+    assert student.provenance[-1]["step"] == "distilled"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_serve(family):
+    model = random_tiny(family)
+    with live_server(model) as (base, _):
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export(tmp_path, family):
+    model = quantize_(random_tiny(family), Int4WeightOnly(group_size=32, symmetric=True), progress=False)
+    onnx = export_onnx(model, tmp_path / "m.onnx")
+    assert check_onnx(onnx.path, model, sample_ids(model)) < 1e-3
+    gguf = export_gguf(model, tmp_path / "m.gguf", "f32")
+    assert gguf.tensor_types["Q4_0"] and not gguf.dequantized
+    assert check_gguf(gguf.path, model, IDS) < 2e-3
