@@ -213,17 +213,26 @@ def test_hooks_prefill_steps_and_unknown_layers_take_the_module_forward(monkeypa
 def test_a_decode_plan_refuses_what_it_cannot_call():
     plan = kernels.extension().DecodePlan
     w, norm = torch.zeros(16, 16), torch.ones(16)
-    args = (2, 1, 8, 1e-5, 0, "silu", [])
+
+    def rest(layers=1, activation="silu", qk_norms=(), scale=8**-0.5, softcap=0.0, windows=None):
+        windows = [0] * layers if windows is None else windows
+        return (2, 1, 8, 1e-5, windows, activation, list(qk_norms), scale, softcap, [False] * layers, False)
+
     with pytest.raises(RuntimeError, match="no kernel named w3_linear"):
-        plan(["w3_linear"], [[w, None]], [[]], [None], [norm], *args)
+        plan(["w3_linear"], [[w, None]], [[]], [None], [norm], *rest(0))
     with pytest.raises(RuntimeError, match="7 linear layers per decoder layer and a head"):
-        plan(["linear"] * 2, [[w, None]] * 2, [[8]] * 2, [None] * 2, [norm], *args)
-    with pytest.raises(RuntimeError, match="two norms per layer and a final one"):
-        plan(["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8, [norm], *args)
+        plan(["linear"] * 2, [[w, None]] * 2, [[8]] * 2, [None] * 2, [norm], *rest())
+    linears = (["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8)
+    with pytest.raises(RuntimeError, match="two norms per layer .four with output norms. and a final one"):
+        plan(*linears, [norm], *rest())
+    with pytest.raises(RuntimeError, match="one window and one RoPE choice per layer"):
+        plan(*linears, [norm] * 3, *rest(windows=[]))
+    with pytest.raises(RuntimeError, match="the attention scale must be positive, the soft cap >= 0"):
+        plan(*linears, [norm] * 3, *rest(softcap=-1.0))
     with pytest.raises(RuntimeError, match="no q/k norms, or two per layer"):
-        plan(["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8, [norm] * 3, 2, 1, 8, 1e-5, 0, "silu", [norm])
+        plan(*linears, [norm] * 3, *rest(qk_norms=[norm]))
     with pytest.raises(RuntimeError, match="no activation named gelu_new"):
-        plan(["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8, [norm] * 3, 2, 1, 8, 1e-5, 0, "gelu_new", [])
+        plan(*linears, [norm] * 3, *rest(activation="gelu_new"))
 
 
 def test_the_cpp_step_knows_every_kernel_of_the_contract():

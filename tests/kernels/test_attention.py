@@ -97,7 +97,7 @@ def test_kernel_matches_reference(dtype, lens, hq, hkv, d, bs):
     q = torch.randn(len(lens), hq, d)
     args = (q, k, v, tables, ctx, 1 / math.sqrt(d), ks, vs)
     torch.testing.assert_close(
-        ext.paged_attention(*args, 0), ops.paged_attention_reference(*args), atol=2e-5, rtol=1e-4
+        ext.paged_attention(*args, 0, 0.0), ops.paged_attention_reference(*args), atol=2e-5, rtol=1e-4
     )
 
 
@@ -108,15 +108,29 @@ def test_sliding_window_sees_only_the_last_tokens(window):
     q = torch.randn(2, 4, 16)
     args = (q, k, v, tables, ctx, 0.25, None, None)
     torch.testing.assert_close(
-        ext.paged_attention(*args, window), ops.paged_attention_reference(*args, window), atol=2e-5, rtol=1e-4
+        ext.paged_attention(*args, window, 0.0), ops.paged_attention_reference(*args, window), atol=2e-5, rtol=1e-4
     )
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("window", [0, 6])
+def test_soft_capped_scores_match_the_reference(dtype, window):
+    k, v, tables, ctx, ks, vs = paged_cache([30, 9], 2, 16, 4, dtype)
+    q = torch.randn(2, 4, 16) * 3  # scores well past the cap, so that tanh bends
+    args = (q, k, v, tables, ctx, 0.25, ks, vs, window, 1.5)
+    got = ext.paged_attention(*args)
+    torch.testing.assert_close(got, ops.paged_attention_reference(*args), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, ops.paged_attention_reference(*args[:-1]), atol=1e-3)
+    with pytest.raises(RuntimeError, match="softcap must be"):
+        ext.paged_attention(*args[:-1], -1.0)
 
 
 @needs_kernels
 def test_bf16_queries_give_bf16_output():
     k, v, tables, ctx, _, _ = paged_cache([10], 1, 16, 4, torch.bfloat16)
     q = torch.randn(1, 2, 16).bfloat16()
-    out = ext.paged_attention(q, k, v, tables, ctx, 0.25, None, None, 0)
+    out = ext.paged_attention(q, k, v, tables, ctx, 0.25, None, None, 0, 0.0)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ops.paged_attention_reference(q, k, v, tables, ctx, 0.25), atol=1e-2, rtol=1e-2)
 
@@ -128,11 +142,11 @@ def test_bad_tables_and_lengths_are_refused_not_read():
     bad = tables.clone()
     bad[0, 1] = 1000
     with pytest.raises(RuntimeError, match="is not a block of the cache"):
-        ext.paged_attention(q, k, v, bad, ctx, 0.25, None, None, 0)
+        ext.paged_attention(q, k, v, bad, ctx, 0.25, None, None, 0, 0.0)
     with pytest.raises(RuntimeError, match="outside"):
-        ext.paged_attention(q, k, v, tables, torch.tensor([13], dtype=torch.int32), 0.25, None, None, 0)
+        ext.paged_attention(q, k, v, tables, torch.tensor([13], dtype=torch.int32), 0.25, None, None, 0, 0.0)
     with pytest.raises(RuntimeError, match="need k_scale"):
-        ext.paged_attention(q, k.to(torch.int8), v.to(torch.int8), tables, ctx, 0.25, None, None, 0)
+        ext.paged_attention(q, k.to(torch.int8), v.to(torch.int8), tables, ctx, 0.25, None, None, 0, 0.0)
 
 
 def test_fallback_runs_the_reference():

@@ -34,7 +34,7 @@ def test_tied_embeddings_stay_tied_after_loading(tmp_path):
     assert module.lm_head.weight is module.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("name", ["qwen2", "phi3-longrope"])
+@pytest.mark.parametrize("name", ["qwen2", "phi3-longrope", "gemma2", "gemma3"])
 def test_transformers_loads_a_tuili_folder(tmp_path, name):
     transformers = pytest.importorskip("transformers")
     model = random_tiny(name)
@@ -343,3 +343,12 @@ def test_phi3_early_longrope_names_load_as_longrope(tmp_path):
     assert again.config.rope_type == "longrope"
     ids = torch.randint(0, 259, (1, 16))
     assert torch.equal(model.module(ids).logits, again.module(ids).logits)
+
+
+def test_gemma_bidirectional_attention_is_refused(tmp_path):
+    random_tiny("gemma3").save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["use_bidirectional_attention"] = True
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="sets use_bidirectional_attention=True"):
+        tuili.load(tmp_path / "m")

@@ -57,7 +57,7 @@ class PagedKVCache:
         self.k_scale = torch.zeros(shape[:-1]) if self.kv_int8 else None
         self.v_scale = torch.zeros(shape[:-1]) if self.kv_int8 else None
         self.allocator = BlockAllocator(num_blocks)
-        self.scale = config.head_dim**-0.5
+        self.scale = config.attention_scale
         self._tables: Tensor | None = None
         self._step: _Step | None = None
 
@@ -184,7 +184,8 @@ class PagedKVCache:
     def _attend_segments(self, layer: int, q: Tensor, step: _Step) -> Tensor:
         """q (1, H, N) packed segments -> (1, H, N, D): decodes through the paged kernel, longer
         segments through SDPA over their gathered keys."""
-        window = self.config.sliding_window or 0
+        window = self.config.layer_window(layer) or 0
+        softcap = self.config.attn_softcap
         outs = []
         nd = step.num_decode
         if nd:
@@ -196,12 +197,11 @@ class PagedKVCache:
             values = self._read(self.v, self.v_scale, layer, gather[None], q.dtype)
             q_seg = q[:, :, offset : offset + n]
             if start == 0 and not (window and n > window):
-                out, _ = attention(q_seg, keys, values, None, is_causal=n > 1)
+                out, _ = attention(q_seg, keys, values, None, n > 1, False, self.scale, softcap)
             else:
                 q_pos = torch.arange(start, start + n)[None]
-                out, _ = attention(
-                    q_seg, keys, values, causal_mask(q_pos, torch.arange(start + n)[None], window or None)
-                )
+                mask = causal_mask(q_pos, torch.arange(start + n)[None], window or None)
+                out, _ = attention(q_seg, keys, values, mask, False, False, self.scale, softcap)
             outs.append(out)
             offset += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -218,7 +218,8 @@ class PagedKVCache:
             self.scale,
             self._scale(self.k_scale, layer),
             self._scale(self.v_scale, layer),
-            self.config.sliding_window or 0,
+            self.config.layer_window(layer) or 0,
+            self.config.attn_softcap or 0.0,
         )
 
     @property

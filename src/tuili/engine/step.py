@@ -28,7 +28,7 @@ from torch.nn.modules import module as _nn_module
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import KernelCall
-from tuili.models.attention import RotaryEmbedding
+from tuili.models.attention import RotaryEmbedding, scale_embeddings, soft_cap
 from tuili.models.llama import LlamaForCausalLM
 
 _MISSING = object()
@@ -52,13 +52,17 @@ def bf16_step(model_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> bo
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer: its two RMSNorm weights, seven linear layers' calls, and (Qwen3) the
-    RMSNorm weights of each head's q and k."""
+    """One decoder layer: its two RMSNorm weights, seven linear layers' calls, and what families
+    add: the RMSNorm weights of each head's q and k (Qwen3, Gemma 3) and of the attention's and
+    the MLP's outputs (Gemma), its sliding window and RoPE."""
 
     input_norm: Tensor
     post_norm: Tensor
     calls: tuple[KernelCall, ...]  # q, k, v, o, gate, up, down (LINEARS' order)
     qk_norms: tuple[Tensor, Tensor] | None = None
+    output_norms: tuple[Tensor, Tensor] | None = None
+    window: int = 0  # 0: none
+    local_rope: bool = False  # rotates by the model's local RoPE (Gemma 3's sliding-window layers)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,9 @@ class StepPlan:
     """What the C++ step reads from a model."""
 
     embed: Tensor
+    embed_scale: float | None
     rope: RotaryEmbedding  # cos and sin of the new tokens' positions (computed in Python)
+    local_rope: RotaryEmbedding | None
     layers: tuple[LayerPlan, ...]
     final_norm: Tensor
     head: KernelCall
@@ -74,8 +80,10 @@ class StepPlan:
     kv_heads: int
     head_dim: int
     eps: float
-    window: int  # sliding window (0: none)
     activation: str
+    sm_scale: float
+    softcap: float | None  # on attention scores
+    final_softcap: float | None  # on logits
 
     @cached_property
     def max_rows(self) -> int:
@@ -88,8 +96,11 @@ class StepPlan:
     def native(self):
         """The extension's DecodePlan for this plan."""
         calls = self.calls()
-        norms = [w for layer in self.layers for w in (layer.input_norm, layer.post_norm)] + [self.final_norm]
+        norms = [
+            w for layer in self.layers for w in (layer.input_norm, layer.post_norm, *(layer.output_norms or ()))
+        ] + [self.final_norm]
         qk_norms = [w for layer in self.layers for w in (layer.qk_norms or ())]
+        output_norms = self.layers[0].output_norms is not None
         return kernels.extension().DecodePlan(
             [c.name for c in calls],
             [list(c.tensors) for c in calls],
@@ -100,9 +111,13 @@ class StepPlan:
             self.kv_heads,
             self.head_dim,
             self.eps,
-            self.window,
+            [layer.window for layer in self.layers],
             self.activation,
             qk_norms,
+            self.sm_scale,
+            self.softcap or 0.0,
+            [layer.local_rope for layer in self.layers],
+            output_norms,
         )
 
 
@@ -163,6 +178,7 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
     for parent, name in ((module._modules, "model"), (parts, "embed_tokens"), (parts, "norm"), (parts, "layers")):
         checks.add(parent, name, parent[name])
     checks.add(module._modules, "rotary_emb", module.rotary_emb)
+    checks.add(module._modules, "rotary_emb_local", module.rotary_emb_local)
     for name, layer in layer_list._modules.items():
         checks.add(layer_list._modules, name, layer)
     checks.add(layer_list._modules, str(len(layer_list)), None)  # no layer appended
@@ -188,19 +204,25 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         for name, child in sub.items():
             checks.add(sub, name, child)
         calls = tuple(call(sub[part], name) for part, name in LINEARS)
+        attn = sub["self_attn"]
         layers.append(
             LayerPlan(
                 weight(sub["input_layernorm"], checks),
                 weight(sub["post_attention_layernorm"], checks),
                 calls,  # type: ignore[arg-type]
-                qk_norms(sub["self_attn"], checks),
+                norm_pair(attn._modules, "q_norm", "k_norm", checks),
+                norm_pair(sub, "attn_output_norm", "mlp_output_norm", checks),
+                attn.sliding_window or 0,
+                attn.local_rope,
             )
         )
     head = call(module, "lm_head")
     embed_weight, norm_weight = weight(embed, checks), weight(final_norm, checks)
     if not checks.still():  # a hook watches one of the modules: the module forward calls them
         return None
-    norms = [norm_weight] + [w for p in layers for w in (p.input_norm, p.post_norm, *(p.qk_norms or ()))]
+    norms = [norm_weight] + [
+        w for p in layers for w in (p.input_norm, p.post_norm, *(p.qk_norms or ()), *(p.output_norms or ()))
+    ]
     if (
         type(embed) is not nn.Embedding
         or head is None
@@ -209,9 +231,12 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
     ):
         return checks, None
     attn, mlp = layer_list[0]._modules["self_attn"], layer_list[0]._modules["mlp"]
+    config = module.config
     plan = StepPlan(
         embed=embed_weight,
+        embed_scale=config.embed_scale,
         rope=module.rotary_emb,
+        local_rope=module.rotary_emb_local,
         layers=tuple(layers),
         final_norm=norm_weight,
         head=head,
@@ -219,22 +244,23 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         kv_heads=attn.num_kv_heads,
         head_dim=attn.head_dim,
         eps=final_norm.eps,
-        window=module.config.sliding_window or 0,
         activation=getattr(mlp, "activation", ""),
+        sm_scale=attn.scale,
+        softcap=attn.softcap,
+        final_softcap=config.final_softcap,
     )
     return checks, plan
 
 
-def qk_norms(attn: Any, checks: Checks) -> tuple[Tensor, Tensor] | None:
-    """The attention's per-head q and k RMSNorm weights (Qwen3), None where it has none; the checks
-    hold either way."""
-    parts = attn._modules
-    q_norm, k_norm = parts.get("q_norm"), parts.get("k_norm")
-    checks.add(parts, "q_norm", q_norm)
-    checks.add(parts, "k_norm", k_norm)
-    if q_norm is None or k_norm is None:
+def norm_pair(parts: dict, first: str, second: str, checks: Checks) -> tuple[Tensor, Tensor] | None:
+    """Two optional RMSNorms' weights (a family's q/k norms, or Gemma's norms on the attention's and
+    the MLP's outputs), None where the module has not both; the checks hold either way."""
+    a, b = parts.get(first), parts.get(second)
+    checks.add(parts, first, a)
+    checks.add(parts, second, b)
+    if a is None or b is None:
         return None
-    return weight(q_norm, checks), weight(k_norm, checks)
+    return weight(a, checks), weight(b, checks)
 
 
 def weight(module: Any, checks: Checks) -> Tensor:
@@ -272,12 +298,14 @@ class DecodeStep:
         if planned is None or ids.shape[0] > planned[0].max_rows:
             return None
         plan, native = planned
-        x = F.embedding(ids, plan.embed)
+        x = scale_embeddings(F.embedding(ids, plan.embed), plan.embed_scale)
         cos, sin = plan.rope(positions[None], x.dtype)
+        local = (None, None) if plan.local_rope is None else plan.local_rope(positions[None], x.dtype)
         step = cache._step
         assert step is not None  # cache.decoding
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
-        return native.step(x, cos, sin, *caches, step.slots, step.tables, step.decode_lens, logits_at)
+        logits = native.step(x, cos, sin, *local, *caches, step.slots, step.tables, step.decode_lens, logits_at)
+        return soft_cap(logits, plan.final_softcap)
 
     def applies(self, compute_dtype: torch.dtype | None) -> bool:
         """Whether decode steps under this compute dtype run the C++ step, looked at now."""

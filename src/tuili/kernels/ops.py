@@ -216,10 +216,12 @@ def paged_attention_reference(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """Decode attention for q (B, Hq, D) over caches (blocks, block_size, Hkv, D) mapped by block_tables
     (B, max_blocks): softmax(q·Kᵀ·scale)·V over each sequence's context_lens[b] tokens (the last
-    `window` when > 0). int8 caches carry one scale per token and head, (blocks, block_size, Hkv)."""
+    `window` when > 0), each score s soft-capped to softcap · tanh(s / softcap) when softcap > 0.
+    int8 caches carry one scale per token and head, (blocks, block_size, Hkv)."""
     block_size, kv_heads, dim = k_cache.shape[1:]
     outs = []
     for b, length in enumerate(context_lens.tolist()):
@@ -234,7 +236,10 @@ def paged_attention_reference(
 
         k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)  # (T, Hkv, D)
         qb = q[b].float().reshape(kv_heads, -1, dim)  # (Hkv, group, D): query heads grouped by their KV head
-        probs = torch.softmax(torch.einsum("hgd,thd->hgt", qb, k) * scale, dim=-1)
+        scores = torch.einsum("hgd,thd->hgt", qb, k) * scale
+        if softcap > 0:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores, dim=-1)
         outs.append(torch.einsum("hgt,thd->hgd", probs, v).reshape(-1, dim))
     return torch.stack(outs).to(q.dtype)
 
@@ -249,6 +254,7 @@ def paged_attention(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     return _run(
         "paged_attention",
@@ -262,6 +268,7 @@ def paged_attention(
         k_scale,
         v_scale,
         window,
+        softcap,
     )
 
 

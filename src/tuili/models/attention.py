@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,8 +23,12 @@ class RotaryEmbedding(nn.Module):
     prompt that crosses the limit in one forward gets the long frequencies there for all its tokens.
     """
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, local: bool = False):
+        """`local`: the default RoPE at config.local_rope_theta (Gemma 3's sliding-window layers)."""
         super().__init__()
+        if local:
+            assert config.local_rope_theta is not None
+            config = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
         dim, base, s = config.head_dim, config.rope_theta, config.rope_parameters
         self.rope_type = config.rope_type
         self.scaling = _attention_scaling(config)  # on cos and sin: YaRN's and LongRoPE's factor, 1 otherwise
@@ -138,6 +143,16 @@ def _llama3_inv_freq(inv_freq: Tensor, s: dict) -> Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def soft_cap(x: Tensor, cap: float | None) -> Tensor:
+    """cap · tanh(x / cap): Gemma 2's soft-capping of attention scores and logits (x for None or 0)."""
+    return torch.tanh(x / cap) * cap if cap else x
+
+
+def scale_embeddings(x: Tensor, scale: float | None) -> Tensor:
+    """Embeddings times `scale` in their own dtype (Gemma's √hidden), x for None."""
+    return x if scale is None else x * torch.tensor(scale, dtype=x.dtype)
+
+
 def as_cached(x: Tensor, kv_dtype: str) -> Tensor:
     """Keys or values (…, H, T, D) as a KV cache storing `kv_dtype` hands them back: rounded to
     bf16, or int8 codes with one scale per token and head (tuili.kernels.kv_format). Evaluation without a
@@ -168,13 +183,16 @@ def attention(
     mask: Tensor | None,
     is_causal: bool = False,
     return_probs: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """softmax(q kᵀ/√d + mask) v for q (B, H, T, D) and k, v (B, Hkv, S, D); GQA by head groups.
+    """softmax(q kᵀ · scale + mask) v for q (B, H, T, D) and k, v (B, Hkv, S, D); GQA by head
+    groups. scale: 1/√D by default; softcap: scores become softcap · tanh(score / softcap) (Gemma 2).
 
-    With `return_probs` the probabilities are materialised (eager path, softmax in fp32) so that
-    distillation can read them; otherwise PyTorch's fused SDPA kernel runs.
+    With `return_probs` or `softcap` the probabilities are materialised (eager path, softmax in
+    fp32; distillation reads them); otherwise PyTorch's fused SDPA kernel runs.
     """
-    if not return_probs:
+    if not return_probs and not softcap:
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -182,11 +200,13 @@ def attention(
             attn_mask=mask,
             is_causal=is_causal and mask is None,
             enable_gqa=k.shape[1] != q.shape[1],
+            scale=scale,
         )
         return out, None
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = (q @ k.transpose(-1, -2)).float() * (scale or q.shape[-1] ** -0.5)  # (B, H, T, S)
+    scores = soft_cap(scores, softcap)
     if mask is None and is_causal:
         t, s = scores.shape[-2:]
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)

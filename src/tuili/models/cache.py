@@ -28,7 +28,7 @@ class ContiguousKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
-        self.sliding_window = config.sliding_window
+        self.config = config
 
     @property
     def num_bytes(self) -> int:
@@ -44,11 +44,12 @@ class ContiguousKVCache:
         self.v[layer_idx][rows, :, positions] = v.transpose(1, 2)
         keys, values = self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
         t = q.shape[2]
-        window = self.sliding_window
+        config = self.config
+        window = config.layer_window(layer_idx)
         if t == 1 and int(positions.min()) == end - 1 and (window is None or end <= window):
             mask = None  # every row's one query sits at the newest position: it sees all keys
         else:
             k_pos = torch.arange(end, device=q.device).expand(q.shape[0], end)
             mask = causal_mask(positions, k_pos, window)
-        out, _ = attention(q, keys, values, mask)
+        out, _ = attention(q, keys, values, mask, False, False, config.attention_scale, config.attn_softcap)
         return out

@@ -1,4 +1,4 @@
-"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral, Qwen2, Qwen3 and Phi-3.
+"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3.
 
 It reads and writes the Hugging Face `config.json` keys, so a saved folder loads in transformers.
 """
@@ -18,7 +18,13 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",  # Qwen2's layout without q/k/v bias, with an RMSNorm on each head's q and k
     "phi3": "Phi3ForCausalLM",  # Llama's computation, q/k/v and gate/up stored fused (tuili.models.families)
+    # (1 + w) RMSNorms (stored as w: tuili.models.families), norms after attention and MLP too, the
+    # embedding scaled by √hidden, query_pre_attn_scalar, sliding-window and global layers alternating
+    "gemma2": "Gemma2ForCausalLM",  # + attention and final logit soft-capping
+    "gemma3_text": "Gemma3ForCausalLM",  # + q/k norms, local layers' own RoPE base
 }
+GEMMA = ("gemma2", "gemma3_text")
+GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # every n-th layer global when config.json has no layer_types
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ROPE_KEYS = {  # what each type needs (original_max_position_embeddings may also sit at the top level)
     "linear": ("factor",),
@@ -44,6 +50,11 @@ FOREIGN = {
     "use_qk_norm": (None, False),
     "qk_layernorm": (None, False),
     "pretraining_tp": (None, 1),
+    "use_bidirectional_attention": (None, False),
+}
+FAMILY_KEYS = {  # FOREIGN keys a family computes
+    "gemma2": ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
+    "gemma3_text": ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
 }
 KV_CACHE_DTYPES = (None, "float32", "bfloat16", "int8")  # what tuili's caches and kernels store
 
@@ -105,7 +116,10 @@ class LlamaConfig:
                 f"unsupported hidden_act {self.hidden_act!r}: tuili computes {', '.join(ACTIVATIONS)} "
                 "(another activation would give wrong logits, so the model is refused)"
             )
-        foreign = [f"{k}={v!r}" for k, v in self.extra.items() if k in FOREIGN and v not in FOREIGN[k]]
+        computed = FAMILY_KEYS.get(self.model_type, ())
+        foreign = [
+            f"{k}={v!r}" for k, v in self.extra.items() if k in FOREIGN and v not in FOREIGN[k] and k not in computed
+        ]
         if foreign:
             raise ModelFormatError(
                 f"config.json sets {', '.join(foreign)}, which tuili's {self.model_type} model does not "
@@ -151,8 +165,55 @@ class LlamaConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """Each head's q and k go through an RMSNorm (over head_dim) before RoPE (Qwen3)."""
-        return self.model_type == "qwen3"
+        """Each head's q and k go through an RMSNorm (over head_dim) before RoPE (Qwen3, Gemma 3)."""
+        return self.model_type in ("qwen3", "gemma3_text")
+
+    @property
+    def output_norms(self) -> bool:
+        """The attention's and the MLP's outputs go through an RMSNorm before the residual add (Gemma)."""
+        return self.model_type in GEMMA
+
+    @property
+    def embed_scale(self) -> float | None:
+        """What the embeddings are multiplied by (Gemma: √hidden_size), None for 1."""
+        return self.hidden_size**0.5 if self.model_type in GEMMA else None
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q·k: query_pre_attn_scalar^-½ (Gemma), head_dim^-½ otherwise."""
+        return (self.extra.get("query_pre_attn_scalar") or self.head_dim) ** -0.5
+
+    @property
+    def attn_softcap(self) -> float | None:
+        """Attention scores become cap · tanh(score / cap) (Gemma 2), None: no cap."""
+        return self.extra.get("attn_logit_softcapping")
+
+    @property
+    def final_softcap(self) -> float | None:
+        """Logits become cap · tanh(logit / cap) (Gemma 2), None: no cap."""
+        return self.extra.get("final_logit_softcapping")
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Each layer's attention: "sliding_attention" (within sliding_window) or "full_attention"."""
+        if self.model_type not in GEMMA:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            return [kind] * self.num_hidden_layers
+        if self.extra.get("layer_types"):
+            return list(self.extra["layer_types"])
+        n = self.extra.get("sliding_window_pattern") or GEMMA_PATTERN[self.model_type]
+        return ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(self.num_hidden_layers)]
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer's attention (None: it sees every earlier token)."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    @property
+    def local_rope_theta(self) -> float | None:
+        """Gemma 3's sliding-window layers rotate with their own base (default RoPE); None: one RoPE."""
+        if self.model_type != "gemma3_text":
+            return None
+        return float(self.extra.get("rope_local_base_freq") or 10000.0)
 
     @property
     def num_query_groups(self) -> int:
@@ -170,8 +231,16 @@ class LlamaConfig:
         model_type = data.get("model_type")
         if model_type is None:
             raise ModelFormatError("config.json has no 'model_type'")
-        # transformers 5 folds rope_theta and rope_scaling into rope_parameters.
+        # transformers 5 folds rope_theta and rope_scaling into rope_parameters (Gemma 3: one per layer type).
         rope = data.pop("rope_parameters", None)
+        if rope and "full_attention" in rope:
+            local = rope.get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise ModelFormatError(
+                    f"rope_parameters.sliding_attention {local}: tuili rotates local layers by default RoPE"
+                )
+            data.setdefault("rope_local_base_freq", local.get("rope_theta"))
+            rope = rope["full_attention"]
         if rope:
             rope = dict(rope)
             data.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
@@ -181,9 +250,11 @@ class LlamaConfig:
         if model_type == "phi3" and scaling and scaling.get("rope_type", scaling.get("type")) in ("su", "yarn"):
             data["rope_scaling"] = {**scaling, "rope_type": "longrope"}  # Phi-3's early names for LongRoPE
             data["rope_scaling"].pop("type", None)
+        if model_type in GEMMA:
+            data["hidden_act"] = data.pop("hidden_activation", None) or data.get("hidden_act") or "gelu_pytorch_tanh"
         if data.get("torch_dtype") is None:
             data["torch_dtype"] = data.get("dtype") or "float32"
-        if model_type in ("mistral", "qwen2", "qwen3", "phi3"):
+        if model_type in ("mistral", "qwen2", "qwen3", "phi3", *GEMMA):
             if model_type in ("qwen2", "qwen3") and not data.get("use_sliding_window", False):
                 data["sliding_window"] = None
         else:
@@ -212,6 +283,9 @@ class LlamaConfig:
             out.pop("kv_cache_dtype")
         if self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = self.sliding_window is not None
+        if self.model_type in GEMMA:
+            out["hidden_activation"] = out.pop("hidden_act")
+            out["layer_types"] = self.layer_types
         return out
 
     def num_parameters(self) -> int:
@@ -222,6 +296,6 @@ class LlamaConfig:
             qkv += d * (self.num_attention_heads + 2 * self.num_key_value_heads)
         attn = qkv + self.num_attention_heads * d * h + (h if self.o_proj_bias else 0) + (2 * d if self.qk_norm else 0)
         mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + mlp + (4 if self.output_norms else 2) * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embed + h

@@ -1,16 +1,20 @@
 """What a model family changes about how its checkpoint is stored, on top of the shared decoder.
 
 tuili runs every family through one decoder (tuili.models.llama) with Hugging Face's Llama module
-names. A family whose checkpoint stores several of those layers as one tensor (Phi-3's `qkv_proj`
-and `gate_up_proj`) declares it here, once: loading splits the stored tensors into tuili's layers
-(quantized ones too: their codes, scales and zero points are split by rows), and saving stacks
-them back, so the folder tuili writes is the family's own and transformers and vLLM read it.
+names. Where a family stores its layers otherwise, it says so here, once, and loading and saving
+translate; the folder tuili writes is the family's own, so transformers and vLLM read it:
+- fused layers: several of tuili's layers stacked by rows in one tensor (Phi-3's `qkv_proj`,
+  `gate_up_proj`); quantized ones too: their codes, scales and zero points are split by rows;
+- renamed modules: Gemma's norm after attention is `post_attention_layernorm`, the name Llama
+  gives the norm before the MLP (Gemma's `pre_feedforward_layernorm`);
+- norm offsets: Gemma's RMSNorms multiply by (1 + w) and store w; tuili holds 1 + w (computed in
+  fp32, as Gemma does), so one RMSNorm serves every family and SmoothQuant folds scales into it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,50 +32,93 @@ class Fused:
     rows: Callable[[LlamaConfig], tuple[int, ...]]  # each part's output rows
 
 
+@dataclass(frozen=True)
+class Family:
+    """How a family's checkpoint differs from the Llama layout tuili computes with."""
+
+    fused: tuple[Fused, ...] = ()
+    renamed: dict[str, str] = field(default_factory=dict)  # within a decoder layer: stored -> tuili
+    norm_offset: float = 0.0  # an RMSNorm computes (offset + w): tuili holds offset + w
+
+
 def _qkv_rows(c: LlamaConfig) -> tuple[int, ...]:
     return (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim)
 
 
-FUSED: dict[str, tuple[Fused, ...]] = {
-    "phi3": (
-        Fused("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _qkv_rows),
-        Fused("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), lambda c: (c.intermediate_size,) * 2),
+_GEMMA = Family(
+    renamed={
+        "post_attention_layernorm": "attn_output_norm",
+        "pre_feedforward_layernorm": "post_attention_layernorm",
+        "post_feedforward_layernorm": "mlp_output_norm",
+    },
+    norm_offset=1.0,
+)
+FAMILIES: dict[str, Family] = {
+    "phi3": Family(
+        fused=(
+            Fused("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _qkv_rows),
+            Fused("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), lambda c: (c.intermediate_size,) * 2),
+        )
     ),
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
 }
+_PLAIN = Family()
 _SHAPE = "weight_shape"  # compressed-tensors' (rows, columns) of a packed layer: rows add up
 _PER_COLUMN = "g_idx"  # each input column's group (act-order): the same for every part
+_NORM = "norm.weight"  # every RMSNorm's weight, and nothing else, ends so
+
+
+def family(config: LlamaConfig) -> Family:
+    return FAMILIES.get(config.model_type, _PLAIN)
 
 
 def _fused_layers(config: LlamaConfig):
     """(stored prefix, tuili prefixes, rows) of every fused layer of every decoder layer."""
     for i in range(config.num_hidden_layers):
-        for f in FUSED.get(config.model_type, ()):
+        for f in family(config).fused:
             yield f"model.layers.{i}.{f.name}", tuple(f"model.layers.{i}.{p}" for p in f.parts), f.rows(config)
 
 
 def checkpoint_name(name: str, config: LlamaConfig) -> str:
     """The name under which a tuili module is stored (Phi-3's q_proj: its layer's qkv_proj)."""
-    for f in FUSED.get(config.model_type, ()):
+    fam = family(config)
+    for f in fam.fused:
         for part in f.parts:
             if name.endswith("." + part):
                 return name[: -len(part)] + f.name
+    return _renamed(name, {v: k for k, v in fam.renamed.items()})
+
+
+def _renamed(name: str, names: dict[str, str]) -> str:
+    """model.layers.{i}.{a}... -> model.layers.{i}.{names[a]}..."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[3] in names:
+        return ".".join([*parts[:3], names[parts[3]], *parts[4:]])
     return name
 
 
-def split_fused(state: dict[str, Tensor], config: LlamaConfig, source: str) -> dict[str, Tensor]:
-    """The state dict with each stored fused tensor split into tuili's layers (rows in order)."""
-    state = dict(state)
+def to_tuili(state: dict[str, Tensor], config: LlamaConfig, source: str) -> dict[str, Tensor]:
+    """A checkpoint's state dict as tuili's modules hold it: fused tensors split (rows in order),
+    modules renamed, norm weights offset (in fp32)."""
+    fam = family(config)
+    state = {_renamed(k, fam.renamed): v for k, v in state.items()}
     for stored, parts, rows in _fused_layers(config):
         for key in [k for k in state if k.startswith(stored + ".")]:
             suffix = key[len(stored) :]
             pieces = _split(state.pop(key), rows, suffix, f"{source}: {key}")
             state.update({p + suffix: t for p, t in zip(parts, pieces)})
+    if fam.norm_offset:
+        state.update({k: v.float() + fam.norm_offset for k, v in state.items() if k.endswith(_NORM)})
     return state
 
 
-def fuse_split(state: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
-    """The state dict with tuili's layers stacked back into the family's fused tensors."""
-    state = dict(state)
+def to_stored(state: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
+    """tuili's state dict as the family stores it (the inverse of `to_tuili`)."""
+    fam = family(config)
+    if fam.norm_offset:
+        state = {k: (v.float() - fam.norm_offset).to(v.dtype) if k.endswith(_NORM) else v for k, v in state.items()}
+    state = {_renamed(k, {v: k for k, v in fam.renamed.items()}): v for k, v in state.items()}
     for stored, parts, _ in _fused_layers(config):
         suffixes = [{k[len(p) :] for k in state if k.startswith(p + ".")} for p in parts]
         if not any(suffixes):

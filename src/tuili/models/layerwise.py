@@ -57,10 +57,12 @@ class LayerRunner:
         device = module.device
         calib = calib.to(device)
         with torch.no_grad():
-            self.hidden = module.model.embed_tokens(calib)  # (N, T, H)
+            self.hidden = module.embed(calib)  # (N, T, H)
         n, t = calib.shape
         self.positions = torch.arange(t, device=device).expand(n, t)
-        self.cos, self.sin = module.rotary_emb(self.positions[:1], self.hidden.dtype)
+        self.rope = module.rotary_emb(self.positions[:1], self.hidden.dtype)
+        local = module.rotary_emb_local
+        self.local_rope = self.rope if local is None else local(self.positions[:1], self.hidden.dtype)
 
     @torch.no_grad()
     def run(self, layer: nn.Module) -> Tensor:
@@ -69,7 +71,8 @@ class LayerRunner:
         for start in range(0, self.hidden.shape[0], self.batch_size):
             x = self.hidden[start : start + self.batch_size]
             b = x.shape[0]
-            out, _ = layer(x, self.positions[:b], self.cos.expand(b, -1, -1), self.sin.expand(b, -1, -1), None, False)
+            cos, sin = self.local_rope if layer.self_attn.local_rope else self.rope
+            out, _ = layer(x, self.positions[:b], cos.expand(b, -1, -1), sin.expand(b, -1, -1), None, False)
             outs.append(out)
         return torch.cat(outs)
 

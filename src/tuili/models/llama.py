@@ -1,4 +1,4 @@
-"""tuili's Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) in plain PyTorch.
+"""tuili's Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3) in plain PyTorch.
 
 Module names equal the Hugging Face ones (`model.layers.0.self_attn.q_proj`), so a state dict
 moves between tuili and transformers unchanged and compression sees ordinary `nn.Linear`s.
@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import MAX_M_F32, KernelCall
-from tuili.models.attention import RotaryEmbedding, as_cached, attention, causal_mask
+from tuili.models.attention import (
+    RotaryEmbedding,
+    as_cached,
+    attention,
+    causal_mask,
+    scale_embeddings,
+    soft_cap,
+)
 from tuili.models.config import LlamaConfig
 
 
@@ -67,13 +74,15 @@ class Attention(nn.Module):
         self.config = config  # shared with the model: its kv_cache_dtype says how keys are stored
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads, d)
-        self.sliding_window = config.sliding_window
+        self.sliding_window = config.layer_window(layer_idx)
+        self.local_rope = config.local_rope_theta is not None and self.sliding_window is not None
+        self.scale, self.softcap = config.attention_scale, config.attn_softcap
         bias = config.attention_bias
         self.q_proj = Linear(h, self.num_heads * d, bias=bias)
         self.k_proj = Linear(h, self.num_kv_heads * d, bias=bias)
         self.v_proj = Linear(h, self.num_kv_heads * d, bias=bias)
         self.o_proj = Linear(self.num_heads * d, h, bias=config.o_proj_bias)
-        # Qwen3: an RMSNorm over each head's q and k, before RoPE
+        # Qwen3, Gemma 3: an RMSNorm over each head's q and k, before RoPE
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
 
@@ -100,7 +109,7 @@ class Attention(nn.Module):
             window = self.sliding_window
             # built whatever t is: a branch on t would be frozen into an exported graph
             mask = causal_mask(positions, positions, window) if window else None
-            out, probs = attention(q, k, v, mask, is_causal=t > 1, return_probs=return_probs)
+            out, probs = attention(q, k, v, mask, t > 1, return_probs, self.scale, self.softcap)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), probs
 
@@ -130,18 +139,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(x)); Gemma also norms each output before adding it."""
+
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)  # before the MLP (Llama's name)
+        self.attn_output_norm = RMSNorm(h, eps) if config.output_norms else None
+        self.mlp_output_norm = RMSNorm(h, eps) if config.output_norms else None
 
     def forward(self, x, positions, cos, sin, cache, return_probs):
         attn_out, probs = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, return_probs)
+        if self.attn_output_norm is not None:
+            attn_out = self.attn_output_norm(attn_out)
         x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, probs
+        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        if self.mlp_output_norm is not None:
+            mlp_out = self.mlp_output_norm(mlp_out)
+        return x + mlp_out, probs
 
 
 class LlamaBackbone(nn.Module):
@@ -163,6 +181,8 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(config)  # buffers only: nothing in the state dict
+        # Gemma 3's sliding-window layers: a RoPE of their own
+        self.rotary_emb_local = RotaryEmbedding(config, local=True) if config.local_rope_theta else None
 
     def forward(
         self,
@@ -194,10 +214,18 @@ class LlamaForCausalLM(nn.Module):
         elif logits_at is not None:
             x = x[:, logits_at]
         return CausalLMOutput(
-            logits=self.lm_head(x),
+            logits=self.logits(x),
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(probs_all) if output_attentions else None,
         )
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The head on final hidden states, soft-capped where the config says (Gemma 2)."""
+        return soft_cap(self.lm_head(x), self.config.final_softcap)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings, scaled where the config says (Gemma: by √hidden in the model's dtype)."""
+        return scale_embeddings(self.model.embed_tokens(input_ids), self.config.embed_scale)
 
     def final_hidden(
         self,
@@ -213,11 +241,13 @@ class LlamaForCausalLM(nn.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, x.dtype)
+        x = self.embed(input_ids)
+        rope = self.rotary_emb(positions, x.dtype)
+        local = rope if self.rotary_emb_local is None else self.rotary_emb_local(positions, x.dtype)
         for layer in self.model.layers:
             if hidden is not None:
                 hidden.append(x)
+            cos, sin = local if layer.self_attn.local_rope else rope
             x, probs = layer(x, positions, cos, sin, cache, attentions is not None)
             if attentions is not None:
                 attentions.append(probs)

@@ -16,7 +16,7 @@ from torch import Tensor
 from tuili.errors import ModelFormatError
 from tuili.models.attention import RotaryEmbedding
 from tuili.models.config import LlamaConfig
-from tuili.models.families import checkpoint_name, split_fused
+from tuili.models.families import checkpoint_name, to_tuili
 from tuili.models.formats import FORMATS
 from tuili.models.gguf import read_gguf
 from tuili.models.io import read_json
@@ -142,7 +142,7 @@ def _assemble(
     """Put weights into a fresh LlamaForCausalLM, checking every name and shape against the config."""
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
-    state = split_fused({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}, config, source)
+    state = to_tuili({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}, config, source)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     exact = _restore_compressed(module, state, config)
@@ -162,6 +162,8 @@ def _assemble(
     if config.tie_word_embeddings:
         module.lm_head.weight = module.model.embed_tokens.weight
     module.rotary_emb = RotaryEmbedding(config).to(device)  # built on meta above: compute it for real
+    if module.rotary_emb_local is not None:
+        module.rotary_emb_local = RotaryEmbedding(config, local=True).to(device)
     config.torch_dtype = str(dtype).removeprefix("torch.")
     module.eval()
     model = Model(module, tokenizer, config, source)

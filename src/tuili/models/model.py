@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from tuili.models.config import LlamaConfig
-from tuili.models.families import checkpoint_name, fuse_split
+from tuili.models.families import checkpoint_name, to_stored
 from tuili.models.formats import FORMATS, format_of
 from tuili.models.io import atomic_folder, write_json
 from tuili.models.llama import LlamaForCausalLM
@@ -68,7 +68,7 @@ class Model:
                     }
             else:
                 state, config["quantization_config"] = FORMATS[method].save(self.module, self.stored_name)
-            state = {k: v.detach().contiguous() for k, v in fuse_split(state, self.config).items()}
+            state = {k: v.detach().contiguous() for k, v in to_stored(state, self.config).items()}
             if self.config.tie_word_embeddings:
                 head = state.get("lm_head.weight")
                 if (

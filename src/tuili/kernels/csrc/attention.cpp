@@ -6,7 +6,8 @@
 //   k/v_scale    (num_blocks, block_size, Hkv)    fp32, int8 caches only: one scale per token and head
 //   block_tables (B, max_blocks) int32, context_lens (B,) int32
 //   out          (B, Hq, D), o = softmax(q·Kᵀ · scale) · V over the sequence's first context_len
-//                tokens (the last `window` of them when window > 0)
+//                tokens (the last `window` of them when window > 0); with softcap > 0 each score s
+//                becomes softcap · tanh(s / softcap) first (Gemma 2)
 //
 // Each key and value row is read once and serves all Hq / Hkv query heads of its group. Plain C++ loops over D that the compiler vectorizes, compiled twice
 // (AVX-512 and AVX2) and chosen at run time like the GEMV kernels.
@@ -27,6 +28,7 @@ struct Paged {
   int64_t block_size, kv_heads, head_dim, max_blocks;
   const int32_t* tables;
   const int32_t* lens;
+  float softcap;  // 0: none
 };
 
 // Partial attention of `group` query heads over tokens [t0, t1) of sequence b, KV head h:
@@ -68,6 +70,8 @@ __attribute__((always_inline)) inline void decode_group(const float* __restrict 
       logits[g * n + i] = dot * ks;
     }
   });
+  if (p.softcap > 0.f)
+    for (int64_t i = 0; i < group * n; ++i) logits[i] = p.softcap * std::tanh(logits[i] / p.softcap);
   for (int64_t g = 0; g < group; ++g) {
     float* __restrict lg = logits + g * n;
     float mx = -INFINITY;
@@ -328,8 +332,9 @@ void run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
 torch::Tensor paged_attention(torch::Tensor q_in, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                              int64_t window) {
+                              int64_t window, double softcap) {
   TORCH_CHECK(q_in.dim() == 3, "q must be (B, Hq, D)");
+  TORCH_CHECK(softcap >= 0, "softcap must be 0 (none) or positive");
   TORCH_CHECK(q_in.scalar_type() == torch::kFloat || q_in.scalar_type() == torch::kBFloat16, "q must be fp32 or bf16");
   const torch::Tensor q = q_in.to(torch::kFloat).contiguous();
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
@@ -357,7 +362,8 @@ torch::Tensor paged_attention(torch::Tensor q_in, torch::Tensor k_cache, torch::
                   " is not a block of the cache (", k_cache.size(0), " blocks)");
     }
   }
-  const Paged p{k_cache.size(1), Hkv, D, block_tables.size(1), block_tables.data_ptr<int32_t>(), lens};
+  const Paged p{k_cache.size(1),  Hkv, D, block_tables.size(1), block_tables.data_ptr<int32_t>(),
+                lens,           static_cast<float>(softcap)};
   auto out = torch::empty({B, Hq, D}, torch::kFloat);
   const float sm = static_cast<float>(sm_scale);
   if (int8) {

@@ -1,6 +1,7 @@
 // A whole decode step of a Llama-family model, one C++ call: every layer's RMSNorm, projections,
 // RoPE, paged KV write and attention, activation · up and residual adds, then the final norm and
-// the head.
+// the head. What families add is data here: per-layer windows and RoPE (global or local), the
+// attention's scale and soft cap, q/k norms and norms on the attention's and MLP's outputs (Gemma).
 //
 // It makes the kernel calls the model's module forward makes (tuili.models.llama), in the same
 // order on the same values, so its logits are the same; what it removes is the Python between
@@ -128,25 +129,37 @@ std::vector<std::string> decode_kernels() {
 class DecodePlan {
  public:
   // linears: q, k, v, o, gate, up, down of every layer, then the head, each as (kernel name, tensors,
-  // integers, bias); norms: every layer's input and post-attention RMSNorm weights, then the final one;
-  // qk_norms: none, or every layer's q and k RMSNorm weights (over head_dim, before RoPE: Qwen3).
+  // integers, bias); norms: every layer's input and post-attention (pre-MLP) RMSNorm weights (with
+  // output_norms, then those on the attention's and the MLP's outputs), then the final one; qk_norms:
+  // none, or every layer's q and k RMSNorm weights (over head_dim, before RoPE: Qwen3, Gemma 3);
+  // windows: each layer's sliding window (0: none); local: each layer rotates by the local RoPE
+  // (the step's cos_local, sin_local); sm_scale, softcap: the attention's (softcap 0: none).
   DecodePlan(std::vector<std::string> ops, std::vector<Tensors> tensors, std::vector<Ints> ints,
              std::vector<c10::optional<torch::Tensor>> biases, std::vector<torch::Tensor> norms, int64_t heads,
-             int64_t kv_heads, int64_t head_dim, double eps, int64_t window, const std::string& activation,
-             std::vector<torch::Tensor> qk_norms)
+             int64_t kv_heads, int64_t head_dim, double eps, std::vector<int64_t> windows,
+             const std::string& activation, std::vector<torch::Tensor> qk_norms, double sm_scale, double softcap,
+             std::vector<bool> local, bool output_norms)
       : norms_(std::move(norms)),
         qk_norms_(std::move(qk_norms)),
         heads_(heads),
         kv_heads_(kv_heads),
         dim_(head_dim),
         eps_(eps),
-        window_(window),
+        sm_scale_(sm_scale),
+        softcap_(softcap),
+        windows_(std::move(windows)),
+        local_(std::move(local)),
+        per_layer_(output_norms ? 4 : 2),
         activation_(activation_named(activation)) {
     const size_t n = ops.size();
     TORCH_CHECK(n % 7 == 1 && tensors.size() == n && ints.size() == n && biases.size() == n,
                 "DecodePlan: 7 linear layers per decoder layer and a head, each with tensors, integers and a bias");
     layers_ = static_cast<int64_t>(n / 7);
-    TORCH_CHECK(norms_.size() == static_cast<size_t>(2 * layers_ + 1), "DecodePlan: two norms per layer and a final one");
+    TORCH_CHECK(norms_.size() == static_cast<size_t>(per_layer_ * layers_ + 1),
+                "DecodePlan: two norms per layer (four with output norms) and a final one");
+    TORCH_CHECK(windows_.size() == static_cast<size_t>(layers_) && local_.size() == static_cast<size_t>(layers_),
+                "DecodePlan: one window and one RoPE choice per layer");
+    TORCH_CHECK(sm_scale > 0 && softcap >= 0, "DecodePlan: the attention scale must be positive, the soft cap >= 0");
     for (const auto& w : norms_)
       TORCH_CHECK(w.dim() == 1 && w.scalar_type() == norms_[0].scalar_type(),
                   "DecodePlan: norm weights are vectors of one dtype");
@@ -160,39 +173,47 @@ class DecodePlan {
   }
 
   // x (M, hidden), the model's dtype: the new tokens' embeddings (the residual stream: overwritten); cos, sin
-  // (1, M, head_dim) of their positions; the caches (layers, blocks, block_size, Hkv, D) and int8 scales; slots
-  // (M,) where each token's keys go; tables (M, W) int32 and lens (M,) int32 of each sequence. Returns the
-  // logits of rows logits_at.
-  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                     torch::Tensor v_cache, c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                     torch::Tensor slots, torch::Tensor tables, torch::Tensor lens, torch::Tensor logits_at) const {
+  // (1, M, head_dim) of their positions, cos_local, sin_local the same by the local RoPE (where a layer uses
+  // it); the caches (layers, blocks, block_size, Hkv, D) and int8 scales; slots (M,) where each token's keys
+  // go; tables (M, W) int32 and lens (M,) int32 of each sequence. Returns the logits of rows logits_at.
+  torch::Tensor step(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, c10::optional<torch::Tensor> cos_local,
+                     c10::optional<torch::Tensor> sin_local, torch::Tensor k_cache, torch::Tensor v_cache,
+                     c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale, torch::Tensor slots,
+                     torch::Tensor tables, torch::Tensor lens, torch::Tensor logits_at) const {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == norms_[0].scalar_type() && x.is_contiguous(),
                 "DecodePlan.step: x must be (M, hidden) in the norms' dtype, contiguous");
     TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == layers_, "DecodePlan.step: the cache must hold ", layers_,
                 " layers");
     const int64_t M = x.size(0);
-    const double sm_scale = 1.0 / std::sqrt(static_cast<double>(dim_));
+    for (int64_t i = 0; i < layers_; ++i)
+      TORCH_CHECK(!local_[i] || (cos_local.has_value() && sin_local.has_value()),
+                  "DecodePlan.step: layer ", i, " rotates by the local RoPE: pass cos_local and sin_local");
     auto layer_of = [](const c10::optional<torch::Tensor>& t, int64_t i) -> c10::optional<torch::Tensor> {
       return t.has_value() ? c10::optional<torch::Tensor>(t->select(0, i)) : c10::nullopt;
     };
     for (int64_t i = 0; i < layers_; ++i) {
       const Linear* l = &linears_[7 * i];
-      const torch::Tensor h = rms_norm(x, norms_[2 * i], eps_);
+      const torch::Tensor* norm = &norms_[per_layer_ * i];  // input, pre-MLP (, attention output, MLP output)
+      const torch::Tensor h = rms_norm(x, norm[0], eps_);
       auto qkv = shared_input({l, l + 1, l + 2}, h);
       torch::Tensor q = qkv[0].view({1, M, heads_, dim_}), k = qkv[1].view({1, M, kv_heads_, dim_});
       if (!qk_norms_.empty()) {
         q = rms_norm(q, qk_norms_[2 * i], eps_);
         k = rms_norm(k, qk_norms_[2 * i + 1], eps_);
       }
-      q = rope(q, cos, sin)[0];
-      k = rope(k, cos, sin)[0];
+      const torch::Tensor& c = local_[i] ? *cos_local : cos;
+      const torch::Tensor& s = local_[i] ? *sin_local : sin;
+      q = rope(q, c, s)[0];
+      k = rope(k, c, s)[0];
       const torch::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);
       const auto ks = layer_of(k_scale, i), vs = layer_of(v_scale, i);
       paged_write(kc, vc, slots, k, qkv[2].view({M, kv_heads_, dim_}), ks, vs);
-      const torch::Tensor out = paged_attention(q, kc, vc, tables, lens, sm_scale, ks, vs, window_);
-      x.add_(l[3](out.reshape({M, heads_ * dim_})));  // in place: the same sums, no new tensor
-      auto gate_up = shared_input({l + 4, l + 5}, rms_norm(x, norms_[2 * i + 1], eps_));
-      x.add_(l[6](activate(gate_up[0]).mul_(gate_up[1])));
+      const torch::Tensor out = paged_attention(q, kc, vc, tables, lens, sm_scale_, ks, vs, windows_[i], softcap_);
+      const torch::Tensor attn = l[3](out.reshape({M, heads_ * dim_}));
+      x.add_(per_layer_ == 4 ? rms_norm(attn, norm[2], eps_) : attn);  // in place: the same sums, no new tensor
+      auto gate_up = shared_input({l + 4, l + 5}, rms_norm(x, norm[1], eps_));
+      const torch::Tensor mlp = l[6](activate(gate_up[0]).mul_(gate_up[1]));
+      x.add_(per_layer_ == 4 ? rms_norm(mlp, norm[3], eps_) : mlp);
     }
     return linears_.back()(rms_norm(x, norms_.back(), eps_).index_select(0, logits_at));
   }
@@ -213,8 +234,10 @@ class DecodePlan {
   std::vector<Linear> linears_;
   std::vector<torch::Tensor> norms_, qk_norms_;
   int64_t layers_ = 0, heads_, kv_heads_, dim_;
-  double eps_;
-  int64_t window_;
+  double eps_, sm_scale_, softcap_;
+  std::vector<int64_t> windows_;
+  std::vector<bool> local_;
+  int64_t per_layer_;  // norms per layer: 2, or 4 with output norms
   Activation activation_;
 };
 
@@ -222,7 +245,8 @@ void bind_decode_plan(py::module_& m) {
   py::class_<DecodePlan>(m, "DecodePlan", "A Llama-family decode step in one C++ call (built by tuili.engine.step)")
       .def(py::init<std::vector<std::string>, std::vector<Tensors>, std::vector<Ints>,
                     std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>, int64_t, int64_t, int64_t,
-                    double, int64_t, const std::string&, std::vector<torch::Tensor>>())
+                    double, std::vector<int64_t>, const std::string&, std::vector<torch::Tensor>, double, double,
+                    std::vector<bool>, bool>())
       .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodePlan::num_layers);
   m.def("decode_kernels", &decode_kernels, "the kernel names a DecodePlan's linear layers may call");

@@ -26,7 +26,7 @@ torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
-                              int64_t window);
+                              int64_t window, double softcap);
 void paged_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
                  c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
