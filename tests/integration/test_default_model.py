@@ -133,3 +133,21 @@ def test_engine_logits_equal_recomputation_across_256_tokens(default_model):
         full = default_model.module(torch.tensor([tokens[:-1]])).logits[0, len(prompt) - 1 :]
     assert len(seen) == 256
     assert (torch.stack(seen) - full).abs().max() <= 1e-3
+
+
+def test_the_default_model_runs_from_its_own_q4_1_codes(default_model):
+    from tuili.quant.linear import QuantizedEmbedding
+
+    kept = tuili.load("default", keep_quantized=True)
+    assert kept.provenance[-1]["block_types"] == ["Q4_1", "Q8_0"]
+    assert isinstance(kept.module.model.embed_tokens, QuantizedEmbedding)  # token_embd's Q8_0 codes, tied
+    weights = sum(t.numel() * t.element_size() for t in [*kept.module.parameters(), *kept.module.buffers()])
+    assert weights <= 150 * 2**20  # 513 MiB dequantized to fp32
+    ids = torch.tensor([default_model.tokenizer.encode(builtin_text()[:1000])[:128]])
+    with torch.no_grad():
+        diff = (kept.module(ids).logits - default_model.module(ids).logits).abs().max()
+    assert diff < 1e-3  # the same weights; only the order of float operations differs
+    for prompt in PROMPTS[:3]:
+        ids = default_model.tokenizer.encode(prompt)
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        assert generate(kept, ids, params).token_ids == generate(default_model, ids, params).token_ids

@@ -22,6 +22,12 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default', an HF folder, a .gguf file or a hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
+    p.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="a .gguf file's quantized layers run from their own codes (Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0) "
+        "instead of being dequantized to --dtype",
+    )
 
 
 def data_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -65,7 +71,7 @@ def load_model(args):
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, keep_quantized=getattr(args, "keep_quantized", False))
     print(f"loaded {model.config.architecture} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
 

@@ -66,7 +66,7 @@ def _distill(args) -> None:
     run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = load_model(argparse.Namespace(model=args.teacher, dtype=args.dtype, threads=None))
+    teacher = load_model(argparse.Namespace(model=args.teacher, dtype=args.dtype, threads=None, keep_quantized=False))
     tok = teacher.tokenizer
     train_text = tok.encode(load_text(args.data, "calibration"))
     student = _student(args, teacher, train_text)

@@ -69,7 +69,7 @@ class LayerPlan:
 class StepPlan:
     """What the C++ step reads from a model."""
 
-    embed: Tensor
+    embed: Tensor | nn.Module  # the table, or a module that looks rows up (one reading a quantized head's codes)
     embed_scale: float | None
     rope: RotaryEmbedding  # cos and sin of the new tokens' positions (computed in Python)
     local_rope: RotaryEmbedding | None
@@ -217,23 +217,25 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
             )
         )
     head = call(module, "lm_head")
-    embed_weight, norm_weight = weight(embed, checks), weight(final_norm, checks)
+    table = type(embed) is nn.Embedding
+    embedding, norm_weight = weight(embed, checks) if table else embed, weight(final_norm, checks)
     if not checks.still():  # a hook watches one of the modules: the module forward calls them
         return None
     norms = [norm_weight] + [
         w for p in layers for w in (p.input_norm, p.post_norm, *(p.qk_norms or ()), *(p.output_norms or ()))
     ]
     if (
-        type(embed) is not nn.Embedding
+        not (table or getattr(embed, "dtype", None) == norm_weight.dtype)  # a module: its rows in the stream's dtype
         or head is None
         or any(None in p.calls for p in layers)
-        or any(w.dtype != embed_weight.dtype for w in norms)  # the C++ step keeps one dtype for the stream
+        or any(w.dtype != norm_weight.dtype for w in norms)  # the C++ step keeps one dtype for the stream
+        or (table and embedding.dtype != norm_weight.dtype)
     ):
         return checks, None
     attn, mlp = layer_list[0]._modules["self_attn"], layer_list[0]._modules["mlp"]
     config = module.config
     plan = StepPlan(
-        embed=embed_weight,
+        embed=embedding,
         embed_scale=config.embed_scale,
         rope=module.rotary_emb,
         local_rope=module.rotary_emb_local,
@@ -298,7 +300,8 @@ class DecodeStep:
         if planned is None or ids.shape[0] > planned[0].max_rows:
             return None
         plan, native = planned
-        x = scale_embeddings(F.embedding(ids, plan.embed), plan.embed_scale)
+        rows = F.embedding(ids, plan.embed) if isinstance(plan.embed, Tensor) else plan.embed(ids)
+        x = scale_embeddings(rows, plan.embed_scale)
         cos, sin = plan.rope(positions[None], x.dtype)
         local = (None, None) if plan.local_rope is None else plan.local_rope(positions[None], x.dtype)
         step = cache._step

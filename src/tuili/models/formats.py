@@ -18,12 +18,12 @@ StoredName = Callable[[str], str]  # a module's name -> the name its checkpoint 
 
 @dataclass(frozen=True)
 class CheckpointFormat:
-    # (module, stored name of a module) -> (state dict to write, the quantization_config for
-    # config.json, which names the modules as stored: tuili.models.families)
-    save: Callable[[nn.Module, StoredName], tuple[dict[str, Tensor], dict[str, Any]]]
     # (module on the meta device, state dict read from disk, quantization_config, stored name of a
     # module) -> None: replaces the compressed layers in place and removes their tensors from the state dict
     load: Callable[[nn.Module, dict[str, Tensor], dict[str, Any], StoredName], None]
+    # (module, stored name of a module) -> (state dict to write, the quantization_config for
+    # config.json, which names the modules as stored: tuili.models.families); None: tuili only reads it
+    save: Callable[[nn.Module, StoredName], tuple[dict[str, Tensor], dict[str, Any]]] | None = None
 
 
 FORMATS: dict[str, CheckpointFormat] = {}

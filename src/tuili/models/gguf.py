@@ -1,11 +1,21 @@
-"""Read a llama.cpp GGUF file: metadata -> LlamaConfig, tensors dequantized to float, tokenizer.
+"""Read a llama.cpp GGUF file: metadata -> LlamaConfig, tensors, tokenizer.
 
-The `gguf` package (llama.cpp's own reader) parses the file and dequantizes every block type.
+The `gguf` package (llama.cpp's own reader) parses the file and dequantizes every block type. With
+`keep_quantized`, the linear layers stored in a block type that tuili's quantized layers hold
+exactly stay as their integer codes and per-group scales (`GGUFWeight`), never going through float:
+  Q4_0  w = d·(u − 8)              4-bit symmetric, groups of 32
+  Q4_1  w = d·u + m                4-bit, groups of 32, a float minimum per group
+  Q4_K  w = d·s_j·u − dmin·m_j     4-bit, groups of 32 (the super-block's 6-bit scales folded in)
+  Q5_0  w = d·(u − 16)             8-bit symmetric, groups of 32 (codes in −16 … 15)
+  Q8_0  w = d·q                    8-bit symmetric, groups of 32
+  Q6_K  w = d·s_j·(u − 32)         8-bit symmetric, groups of 16
+Other types (Q5_1, Q5_K, Q2_K, Q3_K, the IQ types) are dequantized to float and listed.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +49,28 @@ _ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
-    """Config, float32 state dict (HF names) and tokenizer of a GGUF checkpoint."""
+@dataclass
+class GGUFWeight:
+    """A linear layer's weight as a GGUF file stores it: W = scale · codes − offset per group."""
+
+    codes: Tensor  # (out, in) int8 (symmetric) or uint8
+    scale: Tensor  # (out, groups) fp32
+    offset: Tensor | None  # (out, groups) fp32; None: symmetric (W = scale · codes)
+    bits: int
+    group_size: int
+    block_type: str  # the GGUF type it came from
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.bits // 8 + self.scale.numel() * (2 if self.offset is None else 4)
+
+
+def read_gguf(
+    path: Path, keep_quantized: bool = False
+) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer, dict[str, GGUFWeight]]:
+    """Config, state dict (HF names, float32) and tokenizer of a GGUF checkpoint; with
+    `keep_quantized`, also the linear weights kept as codes (by module name: "lm_head" for a tied
+    token_embd), which the state dict then lacks."""
     try:
         reader = gguf.GGUFReader(path)
         meta = {name: field.contents() for name, field in reader.fields.items()}
@@ -49,12 +79,17 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
     config = _config(meta, path)
     tensor_names = {t.name for t in reader.tensors}
     config.tie_word_embeddings = "output.weight" not in tensor_names
-    state, rope_factors = {}, {}
+    state, rope_factors, packed = {}, {}, {}
     for t in reader.tensors:
         if t.name in _ROPE_FACTORS:  # LongRoPE's factors, stored as tensors
             rope_factors[_ROPE_FACTORS[t.name]] = np.asarray(t.data, dtype=np.float32).tolist()
             continue
         name = _hf_name(t.name, path, ARCH_NAMES.get(config.model_type, {}))
+        kept = _codes(t) if keep_quantized and len(t.shape) == 2 and name.endswith(".weight") else None
+        if kept is not None and (name != "model.embed_tokens.weight" or config.tie_word_embeddings):
+            module = "lm_head" if name == "model.embed_tokens.weight" else name.removesuffix(".weight")
+            packed[module] = kept  # a tied token_embd: the head's codes, which the embedding reads
+            continue
         try:
             array = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:  # unsupported or truncated block data
@@ -64,8 +99,70 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
     if rope_factors:
         config = _with_longrope(config, rope_factors, meta, path)
     if config.model_type == "llama":  # llama.cpp stores q and k rows interleaved for its RoPE
-        _unpermute_qk(state, config)
-    return config, state, Tokenizer.from_gguf(meta)
+        _unpermute_qk(state, config, packed)
+    return config, state, Tokenizer.from_gguf(meta), packed
+
+
+def _codes(t) -> GGUFWeight | None:
+    """A quantized tensor's codes and scales where a tuili layer holds its block type exactly."""
+    kind = t.tensor_type.name
+    if kind not in _CODES:
+        return None
+    rows, cols = (int(n) for n in reversed(t.shape))
+    blocks = np.asarray(t.data).reshape(-1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])
+    codes, scale, offset, bits, group = _CODES[kind](blocks)
+    as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).reshape(rows, -1)  # noqa: E731
+    return GGUFWeight(as_tensor(codes), as_tensor(scale), as_tensor(offset), bits, group, kind)
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return a.view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16·k) bytes -> (n, 32·k) codes: low nibbles then high nibbles of each 16 bytes."""
+    n = qs.shape[0]
+    q = qs.reshape(n, -1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(n, -1)
+
+
+def _q4_0(b):
+    return (_nibbles(b[:, 2:]).astype(np.int8) - 8), _f16(b[:, :2]), None, 4, 32
+
+
+def _q4_1(b):
+    return _nibbles(b[:, 4:]), _f16(b[:, :2]), -_f16(b[:, 2:4]), 4, 32
+
+
+def _q8_0(b):
+    return b[:, 2:].view(np.int8), _f16(b[:, :2]), None, 8, 32
+
+
+def _q5_0(b):
+    qh = b[:, 2:6].copy().view(np.uint32)[:, 0]  # bit j: the fifth bit of code j
+    high = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+    return ((_nibbles(b[:, 6:]) | high).astype(np.int8) - 16), _f16(b[:, :2]), None, 8, 32
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16])
+    q = b[:, 16:].reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(n, -1), d * sc.astype(np.float32), dmin * m.astype(np.float32), 4, 32
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208].view(np.int8), _f16(b[:, 208:210])
+    low = ql.reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    low = (low & 0x0F).reshape(n, -1, 32)
+    high = qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    high = (high & 0x03).reshape(n, -1, 32)
+    return ((low | (high << 4)).astype(np.int8) - 32).reshape(n, -1), d * sc.astype(np.float32), None, 8, 16
+
+
+_CODES = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
 
 
 def _with_longrope(config: LlamaConfig, factors: dict[str, list[float]], meta: dict[str, Any], path: Path):
@@ -125,17 +222,19 @@ def _hf_name(name: str, path: Path, arch_names: dict[str, str]) -> str:
     raise ModelFormatError(f"{path}: tensor {name!r} has no place in a Llama-family model")
 
 
-def _unpermute_qk(state: dict[str, Tensor], config: LlamaConfig) -> None:
+def _unpermute_qk(state: dict[str, Tensor], config: LlamaConfig, packed: dict[str, GGUFWeight]) -> None:
     """Undo llama.cpp's convert permutation: rows (h, d/2, 2) -> the HF half-split layout (h, 2, d/2)."""
+
+    def unpermute(w: Tensor, heads: int) -> Tensor:
+        return w.reshape(heads, config.head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
     for i in range(config.num_hidden_layers):
         for proj, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads)):
+            name = f"model.layers.{i}.self_attn.{proj}"
             for kind in ("weight", "bias"):
-                name = f"model.layers.{i}.self_attn.{proj}.{kind}"
-                if name in state:
-                    w = state[name]
-                    state[name] = (
-                        w.reshape(heads, config.head_dim // 2, 2, *w.shape[1:])
-                        .transpose(1, 2)
-                        .reshape(w.shape)
-                        .contiguous()
-                    )
+                if f"{name}.{kind}" in state:
+                    state[f"{name}.{kind}"] = unpermute(state[f"{name}.{kind}"], heads)
+            if name in packed:  # rows of codes, scales and offsets move together
+                p = packed[name]
+                p.codes, p.scale = unpermute(p.codes, heads), unpermute(p.scale, heads)
+                p.offset = None if p.offset is None else unpermute(p.offset, heads)

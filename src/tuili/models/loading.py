@@ -18,7 +18,7 @@ from tuili.models.attention import RotaryEmbedding
 from tuili.models.config import LlamaConfig
 from tuili.models.families import checkpoint_name, to_tuili
 from tuili.models.formats import FORMATS
-from tuili.models.gguf import read_gguf
+from tuili.models.gguf import GGUFWeight, read_gguf
 from tuili.models.io import read_json
 from tuili.models.llama import LlamaForCausalLM
 from tuili.models.model import PROVENANCE_FILE, Model
@@ -48,10 +48,21 @@ def default_model_path() -> Path:
     return path
 
 
-def load(spec: str | Path = "default", dtype: str | torch.dtype = "float32", device: str = "cpu") -> Model:
+def load(
+    spec: str | Path = "default",
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    *,
+    keep_quantized: bool = False,
+) -> Model:
     """Load a model: "default", a folder in Hugging Face layout, a .gguf file, or a hub id.
 
+    keep_quantized: a GGUF file's quantized linear layers stay as their codes (tuili's quantized
+    layers run them; tuili.models.gguf lists the block types) instead of becoming `dtype` weights:
+    to serve or evaluate the file as it is. Leave it off to compress the model further.
+
     >>> model = tuili.load("default")          # SmolLM2-135M-Instruct, dequantized to fp32
+    >>> served = tuili.load("default", keep_quantized=True)   # its own Q4_1 / Q8_0 codes
     """
     torch_dtype = _dtype(dtype)
     start = time.perf_counter()
@@ -62,8 +73,11 @@ def load(spec: str | Path = "default", dtype: str | torch.dtype = "float32", dev
     elif path.is_file():
         if path.suffix != ".gguf":
             raise ModelFormatError(f"{path}: expected a folder in Hugging Face layout or a .gguf file")
-        config, state, tokenizer = read_gguf(path)
-        model = _assemble(config, state, tokenizer, torch_dtype, device, str(path), "gguf")
+        config, state, tokenizer, packed = read_gguf(path, keep_quantized)
+        model = _assemble(config, state, tokenizer, torch_dtype, device, str(path), "gguf", packed)
+        if packed:
+            kinds = sorted({w.block_type for w in packed.values()})
+            model.provenance[-1].update(kept_quantized=len(packed), block_types=kinds)
     elif _looks_like_hub_id(spec):
         model = _load_folder(_download(spec), torch_dtype, device)
         model.source = spec
@@ -138,17 +152,22 @@ def _assemble(
     device: str,
     source: str,
     fmt: str,
+    packed: dict[str, GGUFWeight] | None = None,
 ) -> Model:
-    """Put weights into a fresh LlamaForCausalLM, checking every name and shape against the config."""
+    """Put weights into a fresh LlamaForCausalLM, checking every name and shape against the config;
+    `packed` layers (a GGUF file's codes) become tuili's quantized layers."""
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
     state = to_tuili({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}, config, source)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     exact = _restore_compressed(module, state, config)
+    if packed:
+        FORMATS["gguf"].load(module, state, {"layers": packed, "dtype": dtype}, lambda name: name)
+        exact |= {k for k in state if k.rpartition(".")[0] in packed and not k.endswith(".bias")}
     expected = {k: v.shape for k, v in module.state_dict().items()}
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)
     _check_weights(state, expected, source)
     # compressed layers keep their stored dtypes (codes, fp32 scales); the float rest takes `dtype`
     module.load_state_dict(
@@ -159,7 +178,7 @@ def _assemble(
         strict=False,
         assign=True,
     )
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and isinstance(module.model.embed_tokens, torch.nn.Embedding):
         module.lm_head.weight = module.model.embed_tokens.weight
     module.rotary_emb = RotaryEmbedding(config).to(device)  # built on meta above: compute it for real
     if module.rotary_emb_local is not None:

@@ -67,7 +67,12 @@ class Model:
                         "sparsity_config": sparsity,
                     }
             else:
-                state, config["quantization_config"] = FORMATS[method].save(self.module, self.stored_name)
+                save = FORMATS[method].save
+                assert save is not None  # layers name a format tuili writes
+                state, config["quantization_config"] = save(self.module, self.stored_name)
+            embed = self.module.model.embed_tokens
+            if "model.embed_tokens.weight" not in state and hasattr(embed, "table"):
+                state["model.embed_tokens.weight"] = embed.table()  # an embedding that reads the head's codes
             state = {k: v.detach().contiguous() for k, v in to_stored(state, self.config).items()}
             if self.config.tie_word_embeddings:
                 head = state.get("lm_head.weight")

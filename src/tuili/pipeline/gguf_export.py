@@ -73,9 +73,10 @@ def _blocks(layer: WeightOnlyLinear, rows: Tensor | None) -> tuple[np.ndarray, g
     if layer.bits == 8 and not layer.symmetric:
         return None
     codes, scale = layer.codes(), layer.scale
-    zero = layer.zero
+    zero, offset = layer.zero, layer.offset
     if rows is not None:
-        codes, scale, zero = codes[rows], scale[rows], None if zero is None else zero[rows]
+        codes, scale = codes[rows], scale[rows]
+        zero, offset = (None if t is None else t[rows] for t in (zero, offset))
     n, k = codes.shape
     groups = codes.reshape(n, k // _BLOCK, _BLOCK)
     d = _fp16(scale)  # (n, g, 2)
@@ -86,7 +87,7 @@ def _blocks(layer: WeightOnlyLinear, rows: Tensor | None) -> tuple[np.ndarray, g
     qs = (u[..., :16] | (u[..., 16:] << 4)).numpy()
     if layer.symmetric:
         return np.concatenate([d, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_0
-    m = _fp16(-(scale * zero.float()))
+    m = _fp16(-offset if offset is not None else -(scale * zero.float()))
     return np.concatenate([d, m, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_1
 
 
@@ -156,11 +157,15 @@ def _write_gguf(writer: gguf.GGUFWriter, model: Model, arch: str, float_type: st
             result.tensor_types[kind] = result.tensor_types.get(kind, 0) + 1
 
         stored: dict[str, list[tuple[str, nn.Module]]] = {}  # layers stored as one (Phi-3's qkv_proj)
+        head_codes = getattr(module.model.embed_tokens, "head", None)  # an embedding reading the head's codes
         for hf_name, sub in module.named_modules():
+            if hf_name == "model.embed_tokens" and head_codes is not None:
+                stored[hf_name] = [(hf_name, head_codes)]  # token_embd holds the codes; tied, no output
+                continue
             has_weight = isinstance(getattr(sub, "weight", None), Tensor) or hasattr(sub, "qweight")
             if not hf_name or not has_weight or any(c for c in sub.children()):
                 continue
-            if hf_name == "lm_head" and cfg.tie_word_embeddings and not hasattr(sub, "qweight"):
+            if hf_name == "lm_head" and cfg.tie_word_embeddings and (not hasattr(sub, "qweight") or head_codes):
                 continue  # tied: llama.cpp reuses token_embd
             weight = getattr(sub, "weight", None)
             if isinstance(weight, Tensor) and weight.dim() == 1:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tuili.errors import ModelFormatError
 from tuili.models.formats import CheckpointFormat, StoredName, register
-from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
+from tuili.quant.linear import Int8Linear, QuantizedEmbedding, W4A8Linear, WeightOnlyLinear
 from tuili.quant.primitives import pack_int4
 
 QUANT_METHOD = "compressed-tensors"
@@ -92,6 +92,12 @@ def _compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     if isinstance(m, WeightOnlyLinear):
+        if m.offset is not None:
+            raise ModelFormatError(
+                "the model holds GGUF codes with float minimums per group (Q4_1, Q4_K), which compressed-tensors "
+                "cannot store exactly: export it to GGUF (tuili export --gguf), or load the GGUF file without "
+                "keep_quantized and quantize it"
+            )
         codes = (m.codes().to(torch.int16) - _offset(m)).to(torch.int8)
         out = {
             "weight_packed": pack_to_int32(codes, m.bits),
@@ -191,4 +197,22 @@ def _restore(name: str, linear: nn.Linear, scheme, state: dict[str, Tensor]) -> 
     return m
 
 
-register(QUANT_METHOD, CheckpointFormat(save_compressed, load_compressed))
+def load_gguf_codes(module: nn.Module, state: dict[str, Tensor], qconfig: dict[str, Any], stored: StoredName) -> None:
+    """GGUF blocks kept as codes (qconfig["layers"]: module name -> tuili.models.gguf.GGUFWeight)
+    into WeightOnlyLinear layers; where the file ties the head to token_embd, the embedding reads
+    the head's codes (QuantizedEmbedding)."""
+    for name, w in qconfig["layers"].items():
+        layer = WeightOnlyLinear.from_codes(w.codes, w.scale, w.offset, w.bits, w.group_size)
+        bias = state.pop(f"{name}.bias", None)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(qconfig["dtype"]), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, layer)
+        state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+    root: Any = module  # a LlamaForCausalLM, read by its parts' names
+    if "lm_head" in qconfig["layers"] and root.config.tie_word_embeddings:
+        root.model.embed_tokens = QuantizedEmbedding(root.lm_head, qconfig["dtype"])
+
+
+register(QUANT_METHOD, CheckpointFormat(load_compressed, save_compressed))
+register("gguf", CheckpointFormat(load_gguf_codes))  # read only: the layers are saved as compressed-tensors

@@ -27,6 +27,7 @@ from tuili.quant.primitives import (
     dequantize_groups,
     pack_int4,
     quantize_weight,
+    split_groups,
     unpack_int4,
 )
 
@@ -124,13 +125,17 @@ class _KernelLinear(nn.Module, ABC):
 
 
 class WeightOnlyLinear(_KernelLinear):
-    """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales."""
+    """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales.
+
+    Per group W = scale · (codes − zero) with an integer zero point (compressed-tensors' layout), or
+    W = scale · codes − offset with a float offset (GGUF's Q4_1 and Q4_K minimums, kept as they are)."""
 
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
-    _buffer_names = ("qweight", "scale", "zero", "bias")
+    _buffer_names = ("qweight", "scale", "zero", "offset", "bias")
     qweight: Tensor
     scale: Tensor
     zero: Tensor | None
+    offset: Tensor | None
 
     def __init__(
         self,
@@ -151,7 +156,22 @@ class WeightOnlyLinear(_KernelLinear):
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8 if bits == 4 else code))
         self.register_buffer("scale", torch.ones(out_features, num_groups))
         self.register_buffer("zero", None if symmetric else torch.zeros(out_features, num_groups, dtype=torch.uint8))
+        self.register_buffer("offset", None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scale: Tensor, offset: Tensor | None, bits: int, group_size: int
+    ) -> WeightOnlyLinear:
+        """From codes (out, in) with W = scale · codes − offset per group (no offset: symmetric, signed
+        codes), as a GGUF file stores them: no rounding, no float copy."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, bits, group_size, offset is None, False)
+        layer.zero = None
+        layer.qweight = pack_int4(codes) if bits == 4 else codes.to(torch.int8)
+        layer.scale = scale.float().contiguous()
+        layer.offset = None if offset is None else offset.float().contiguous()
+        return layer
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None) -> WeightOnlyLinear:
@@ -186,36 +206,51 @@ class WeightOnlyLinear(_KernelLinear):
 
     def dequantize(self) -> Tensor:
         """The float weight this layer stands for, (out, in) fp32."""
-        zero = torch.zeros_like(self.scale) if self.zero is None else self.zero.float()
-        return dequantize_groups(self.codes(), self.scale, zero, self.group_size)
+        return self._dequantize(self.codes(), self.scale, self.zero, self.offset)
+
+    def dequantize_rows(self, rows: Tensor) -> Tensor:
+        """Rows (len(rows), in) of the float weight, fp32: what an embedding that reads these codes
+        looks up, without the whole table in float."""
+        packed = self.qweight[rows]
+        codes = unpack_int4(packed, self.in_features, signed=self.symmetric) if self.bits == 4 else packed
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return self._dequantize(codes, self.scale[rows], pick(self.zero), pick(self.offset))
+
+    def _dequantize(self, codes: Tensor, scale: Tensor, zero: Tensor | None, offset: Tensor | None) -> Tensor:
+        if offset is not None:  # scale · u − offset, in GGUF's order of operations
+            groups = split_groups(codes.float(), self.group_size) * scale[..., None] - offset[..., None]
+            return groups.flatten(1)[:, : codes.shape[1]]
+        zeros = torch.zeros_like(scale) if zero is None else zero.float()
+        return dequantize_groups(codes, scale, zeros, self.group_size)
 
     def _make_kernel_call(self) -> KernelCall | None:
         if self.bits == 4:
-            zero = torch.full_like(self.scale, 8.0) if self.zero is None else self.zero.float()
-            zs = (self.scale * zero).contiguous()  # scale · zero per group (symmetric: codes flipped, zero 8)
-            return KernelCall.of(
-                "w4_linear", self.qweight, self.scale, zs, ints=(self.group_size, self.symmetric), bias=self.bias
-            )
-        if self.bits == 8 and self.symmetric:
+            if self.offset is not None:
+                zs = self.offset  # scale · zero, given as such
+            else:
+                zero = torch.full_like(self.scale, 8.0) if self.zero is None else self.zero.float()
+                zs = (self.scale * zero).contiguous()  # scale · zero per group (symmetric: codes flipped, zero 8)
+            flip = self.symmetric and self.offset is None
+            ints = (self.group_size, flip)
+            return KernelCall.of("w4_linear", self.qweight, self.scale, zs, ints=ints, bias=self.bias)
+        if self.bits == 8 and self.symmetric and (self.group_size % 32 == 0 or self.group_size >= self.in_features):
             return KernelCall.of("w8_linear", self.qweight, self.scale, ints=(self.group_size,), bias=self.bias)
         return None
 
     def _make_bf16_kernel_call(self) -> KernelCall | None:
         # a repacked copy of the codes (as many bytes again), made on the first bf16 call
         call = self.kernel_call()
-        if (
-            call is None
-            or not kernels.bf16_dot_products()
-            or (self.group_size % 4 and self.group_size < self.in_features)
-        ):
+        if not kernels.bf16_dot_products() or (self.group_size % 4 and self.group_size < self.in_features):
             return call
         ints = (self.out_features, self.group_size)
-        if self.bits == 4:
+        if self.bits == 4 and call is not None:
             qweight, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)  # codes, scales, scale · zero
-            packed = kernels.pack_w4_bf16(qweight, self.in_features, self.symmetric, scale, zs)
-            return KernelCall.of("w4_linear_bf16", *packed, ints=ints, bias=self.bias)
-        # W8: int16 activations (one widening per 32 codes instead of an int8 → bf16 conversion)
-        return KernelCall.of("w8_linear_i16", *kernels.pack_w8_i16(self.qweight, self.scale), ints=ints, bias=self.bias)
+            w4 = kernels.pack_w4_bf16(qweight, self.in_features, bool(call.ints[1]), scale, zs)
+            return KernelCall.of("w4_linear_bf16", *w4, ints=ints, bias=self.bias)
+        if self.bits == 8 and self.symmetric:  # int16 activations: one widening per 32 codes, not int8 → bf16
+            w8 = kernels.pack_w8_i16(self.qweight, self.scale)
+            return KernelCall.of("w8_linear_i16", *w8, ints=ints, bias=self.bias)
+        return call
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = _COMPUTE_DTYPE.get() or rows.dtype
@@ -340,6 +375,29 @@ class Int8Linear(_KernelLinear):
     def extra_repr(self) -> str:
         mode = "static" if self.static else "dynamic"
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={mode}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table that is a tied head's codes: each looked-up row is dequantized, so the
+    table is held once, quantized (a GGUF file's token_embd kept as it is). It has no state of its
+    own; `table()` gives the float table where a format needs one (a Hugging Face folder)."""
+
+    head: WeightOnlyLinear
+
+    def __init__(self, head: WeightOnlyLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.__dict__["head"] = head  # not a submodule: its codes are the head's, saved once, there
+        self.num_embeddings, self.embedding_dim, self.dtype = head.out_features, head.in_features, dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.head.dequantize_rows(ids.reshape(-1)).to(self.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def table(self) -> Tensor:
+        return self.head.dequantize().to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, codes of the head ({self.head.bits}-bit)"
 
 
 def quantized_layers(module: nn.Module) -> list[str]:
