@@ -304,6 +304,46 @@ def test_fallback_context_forces_the_pytorch_path_and_restores_it():
     assert ops.isa() == before
 
 
+DEQUANT_SHAPES = [(96, 576, 64), (33, 100, 32), (5, 577, 32), (17, 130, 130), (8, 64, 16), (16, 2048, 2048)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, k, group_size", DEQUANT_SHAPES)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dequantize_kernels_give_the_references_values_bit_for_bit(n, k, group_size, bf16):
+    for flip in (False, True):
+        if group_size % 32 and group_size < k:
+            break  # W4 takes groups of 32 (or whole rows)
+        w, scale, zs = random_w4(n, k, group_size, flip)
+        expected = ops.dequantize_w4_reference(w, scale, zs, k, group_size, flip, bf16)
+        assert torch.equal(ext.dequantize_w4(w, scale, zs, k, group_size, flip, bf16, None), expected)
+        out = ops.workspace(n, k, expected.dtype)
+        assert ext.dequantize_w4(w, scale, zs, k, group_size, flip, bf16, out).data_ptr() == out.data_ptr()
+        assert torch.equal(out, expected)
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s8 = torch.rand(n, -(-k // group_size)) * 0.01
+    assert torch.equal(
+        ext.dequantize_w8(w8, s8, group_size, bf16, None), ops.dequantize_w8_reference(w8, s8, group_size, bf16)
+    )
+
+
+@needs_kernels
+def test_dequantize_refuses_shapes_it_cannot_read():
+    w, scale, zs = random_w4(8, 64, 32, False)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        ext.dequantize_w4(w, scale[:, :1], zs, 64, 32, False, False, None)
+    with pytest.raises(RuntimeError, match="out must be"):
+        ext.dequantize_w4(w, scale, zs, 64, 32, False, True, torch.empty(8, 64))
+
+
+def test_the_workspace_is_reused_and_bounded():
+    a = ops.workspace(64, 64, torch.bfloat16)
+    b = ops.workspace(32, 64, torch.float32)
+    assert a.data_ptr() == b.data_ptr() and b.shape == (32, 64)
+    big = ops.workspace(ops.WORKSPACE_LIMIT // 4 + 1, 1, torch.float32)
+    assert big.data_ptr() != a.data_ptr()  # beyond the limit: a tensor of its own
+
+
 AVX2_CHECK = """
 import torch
 from tuili.kernels import ops
@@ -326,6 +366,11 @@ for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100)]:
         w, scale, zs = random_w4(n, k, gs, True)
         torch.testing.assert_close(ext.w4a8_linear(x, w, scale, zs, gs, True),
                                    ops.w4a8_linear_reference(x, w, scale, zs, gs, True), atol=1e-3, rtol=1e-4)
+    for bf16 in (False, True):
+        w, scale, zs = random_w4(n, k, gs, True)
+        assert torch.equal(ext.dequantize_w4(w, scale, zs, k, gs, True, bf16, None),
+                           ops.dequantize_w4_reference(w, scale, zs, k, gs, True, bf16))
+        assert torch.equal(ext.dequantize_w8(w8, s8, gs, bf16, None), ops.dequantize_w8_reference(w8, s8, gs, bf16))
 print("ok")
 """
 

@@ -254,7 +254,26 @@ class WeightOnlyLinear(_KernelLinear):
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = _COMPUTE_DTYPE.get() or rows.dtype
-        return F.linear(self._activations(rows).to(dtype), self.dequantize().to(dtype)).to(rows.dtype)
+        return F.linear(self._activations(rows).to(dtype), self.weight_as(dtype)).to(rows.dtype)
+
+    def weight_as(self, dtype: torch.dtype) -> Tensor:
+        """The float weight in `dtype` for one GEMM: made in one pass by tuili's dequantize kernels
+        from the codes the fp32 kernel call reads, into this thread's reused workspace (so it is
+        valid until the next call), else through PyTorch. At prefill making the weight is what costs:
+        PyTorch's unpacking took ~90% of a 1B model's prefill."""
+        call = self.kernel_call() if kernels.extension() is not None else None
+        if call is None or dtype not in (torch.float32, torch.bfloat16):
+            return self.dequantize().to(dtype)
+        out = kernels.workspace(self.out_features, self.in_features, dtype)
+        bf16 = dtype == torch.bfloat16
+        if call.op.name in ("w4_linear", "w4a8_linear"):
+            w, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)
+            group, flip = call.ints
+            return kernels.dequantize_w4(w, scale, zs, self.in_features, group, bool(flip), bf16, out)
+        if call.op.name == "w8_linear":
+            w, scale = cast(tuple[Tensor, Tensor], call.tensors)
+            return kernels.dequantize_w8(w, scale, self.group_size, bf16, out)
+        return self.dequantize().to(dtype)
 
     def _activations(self, x: Tensor) -> Tensor:
         return x

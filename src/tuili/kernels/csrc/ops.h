@@ -30,6 +30,10 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 void paged_write(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots, torch::Tensor k, torch::Tensor v,
                  c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor dequantize_w4(torch::Tensor w, torch::Tensor scale, torch::Tensor zs, int64_t K, int64_t group_size,
+                            bool flip, bool bf16, c10::optional<torch::Tensor> out);
+torch::Tensor dequantize_w8(torch::Tensor w, torch::Tensor scale, int64_t group_size, bool bf16,
+                            c10::optional<torch::Tensor> out);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor argmax_rows(torch::Tensor x);
 }  // namespace tuili
