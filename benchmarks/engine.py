@@ -86,9 +86,10 @@ def transformers_figures(folder: Path, short, long, mixed, n, repeats) -> dict:
     return {"decode": decode, "prefill": prefill, "mixed": mixed_rate, "version": transformers.__version__}
 
 
-def llama_cpp_figures(python: str, short, long, mixed, n, repeats) -> dict | None:
+def llama_cpp_figures(python: str, short, long, mixed, n, repeats, gguf: Path | None = None) -> dict | None:
+    """llama.cpp's figures on `gguf` (default: the default model's Q4_1 file), in `python`'s venv."""
     args = {
-        "gguf": str(tuili.models.default_model_path()),
+        "gguf": str(gguf or tuili.models.default_model_path()),
         "threads": torch.get_num_threads(),
         "short": short,
         "long": long,
@@ -99,7 +100,7 @@ def llama_cpp_figures(python: str, short, long, mixed, n, repeats) -> dict | Non
     runner = Path(__file__).with_name("llama_cpp_runner.py")
     done = subprocess.run([python, str(runner), json.dumps(args)], capture_output=True, text=True)
     if done.returncode != 0:
-        print(f"llama.cpp skipped: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"llama.cpp skipped: {done.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 

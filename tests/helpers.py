@@ -84,6 +84,17 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"],
         tie_word_embeddings=True,
     ),
+    "qwen3-moe": dict(
+        model_type="qwen3_moe",
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],  # one dense layer, one of experts
+    ),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
     "mistral-sliding": dict(model_type="mistral", sliding_window=8, head_dim=24),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
@@ -94,6 +105,9 @@ CONFIGS = {
 
 def tiny_config(name: str = "llama-gqa") -> LlamaConfig:
     return LlamaConfig.from_hf({**TINY, **CONFIGS[name]})
+
+
+DENSE = [name for name in CONFIGS if not tiny_config(name).num_experts]  # the C++ decode step's families
 
 
 def tiny_tokenizer() -> Tokenizer:

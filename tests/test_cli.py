@@ -292,7 +292,8 @@ def test_prune_structured_shrinks_the_saved_model(folder, capsys, tmp_path):
         (["--pattern", "4:2"], "0 < N < M"),
         (["--pattern", "half"], "N:M"),
         (["--structured", "mlp=x"], "needs a number"),
-        (["--structured", "experts=0.5"], "mlp=F,heads=F,layers=N"),
+        (["--structured", "experts=0.5"], "no mixture-of-experts layers"),
+        (["--structured", "bits=0.5"], "mlp=F,experts=F,heads=F,layers=N"),
         (["--pattern", "2:4", "--iterations", "3"], "--iterations"),
     ],
 )

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import CONFIGS, random_tiny
+from helpers import DENSE, random_tiny
 from torch import nn
 
 import tuili.engine.step as step_module
@@ -70,7 +70,7 @@ def assert_same(fast, slow):
         assert x is None and y is None or torch.equal(x, y)  # the same keys and values stored
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", DENSE)
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("activations", [None, torch.bfloat16], ids=["fp32-activations", "bf16-activations"])
 def test_the_cpp_step_is_the_module_forward_bit_for_bit(arch, scheme, activations):
@@ -81,7 +81,7 @@ def test_the_cpp_step_is_the_module_forward_bit_for_bit(arch, scheme, activation
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", DENSE)
 def test_every_kv_cache_format(arch, kv_dtype):
     model = random_tiny(arch)
     quantize_(model, Int8WeightOnly(), ignore=(), progress=False)
@@ -261,3 +261,10 @@ def test_an_idle_engine_lets_go_of_the_weights_it_planned_with():
     gc.collect()
     assert old() is None
     assert llm.generate([[1, 2, 3]], params)[0].token_ids  # and the next request plans again
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", "mixtral"])
+def test_a_mixture_of_experts_decodes_through_the_module(arch):
+    model = random_tiny(arch)  # routing is per token: the module forward runs it, each expert by its kernels
+    fast, slow = both_ways(model)
+    assert fast[0] is None and not DecodeStep(model.module).applies(None)

@@ -14,7 +14,7 @@ from tuili.engine import LLM, SamplingParams
 from tuili.pipeline.export import ExportError, check_onnx, export_onnx, sample_ids
 from tuili.pipeline.gguf_export import check_gguf, export_gguf
 from tuili.prune import SemiStructured, SparseGPT, Wanda, prune_
-from tuili.prune.structured import prune_heads_, prune_mlp_
+from tuili.prune.structured import prune_experts_, prune_heads_, prune_mlp_
 from tuili.quant import (
     AWQ,
     GPTQ,
@@ -25,7 +25,17 @@ from tuili.quant import (
     quantize_,
 )
 
-FAMILIES = ["llama-gqa", "mistral-sliding", "qwen2", "qwen3", "phi3-longrope", "gemma2", "gemma3"]
+FAMILIES = [
+    "llama-gqa",
+    "mistral-sliding",
+    "qwen2",
+    "qwen3",
+    "phi3-longrope",
+    "gemma2",
+    "gemma3",
+    "qwen3-moe",
+    "mixtral",
+]
 GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # llama.cpp graphs tuili writes
 CALIB = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -83,6 +93,10 @@ def test_prune(tmp_path, family, how):
         prune_(model, 0.5, Wanda(), calib=CALIB)
     elif how == "sparsegpt-2:4":
         prune_(model, SemiStructured(2, 4), SparseGPT(), calib=CALIB)
+    elif model.config.num_experts:  # a mixture: heads, and whole experts (the least routed to)
+        prune_heads_(model, 0.5, "l2", CALIB)
+        prune_experts_(model, 0.5, "frequency", CALIB)
+        assert model.config.num_attention_heads == 2 and model.config.num_experts == 2
     else:
         prune_heads_(model, 0.5, "l2", CALIB)
         prune_mlp_(model, 0.25, "l2", CALIB)

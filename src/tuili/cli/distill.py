@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--teacher", default="default", help="'default', an HF folder, a .gguf file or a hub id")
     student = p.add_mutually_exclusive_group(required=True)
     student.add_argument("--student", help="a model spec, or sizes cut from the teacher: layers=N,mlp=M")
-    student.add_argument("--prune", metavar="SPEC", help="the teacher, structurally pruned: mlp=F,heads=F,layers=N")
+    student.add_argument(
+        "--prune", metavar="SPEC", help="the teacher, structurally pruned: mlp=F,experts=F,heads=F,layers=N"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (master copy)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
     p.add_argument("--data", default="builtin", help="training text ('builtin' uses its calibration split)")

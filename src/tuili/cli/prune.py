@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     shape = p.add_mutually_exclusive_group(required=True)
     shape.add_argument("--sparsity", type=float, help="fraction of weights removed (unstructured)")
     shape.add_argument("--pattern", help="N:M semi-structured sparsity, e.g. 2:4")
-    shape.add_argument("--structured", help="physically remove parts: mlp=F,heads=F,layers=N (any of them)")
+    shape.add_argument("--structured", help="physically remove parts: mlp=F,experts=F,heads=F,layers=N (any of them)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"], help="--sparsity per layer or over all")
     p.add_argument(
         "--importance", default="activation", help="--structured: neurons l1|l2|activation|taylor, heads l2|activation"

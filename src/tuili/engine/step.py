@@ -29,7 +29,7 @@ from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import KernelCall
 from tuili.models.attention import RotaryEmbedding, scale_embeddings, soft_cap
-from tuili.models.llama import LlamaForCausalLM
+from tuili.models.llama import MLP, LlamaForCausalLM
 
 _MISSING = object()
 LINEARS: tuple[tuple[str, str], ...] = tuple(
@@ -203,6 +203,8 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         sub = layer._modules
         for name, child in sub.items():
             checks.add(sub, name, child)
+        if type(sub["mlp"]) is not MLP:  # a mixture of experts: routing per token is the module's
+            return checks, None
         calls = tuple(call(sub[part], name) for part, name in LINEARS)
         attn = sub["self_attn"]
         layers.append(

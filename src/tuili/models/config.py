@@ -1,4 +1,5 @@
-"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3.
+"""The Llama-family config: one dataclass for Llama, SmolLM, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3,
+and the mixtures of experts Qwen3-MoE and Mixtral.
 
 It reads and writes the Hugging Face `config.json` keys, so a saved folder loads in transformers.
 """
@@ -22,7 +23,11 @@ ARCHITECTURES = {
     # embedding scaled by √hidden, query_pre_attn_scalar, sliding-window and global layers alternating
     "gemma2": "Gemma2ForCausalLM",  # + attention and final logit soft-capping
     "gemma3_text": "Gemma3ForCausalLM",  # + q/k norms, local layers' own RoPE base
+    # top-k mixtures of experts: a router picks experts_per_token gated MLPs for each token
+    "qwen3_moe": "Qwen3MoeForCausalLM",  # Qwen3's attention; experts in every decoder_sparse_step-th layer
+    "mixtral": "MixtralForCausalLM",  # Mistral's attention; experts stored as w1/w2/w3 (tuili.models.families)
 }
+MOE = ("qwen3_moe", "mixtral")
 GEMMA = ("gemma2", "gemma3_text")
 GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # every n-th layer global when config.json has no layer_types
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -55,6 +60,8 @@ FOREIGN = {
 FAMILY_KEYS = {  # FOREIGN keys a family computes
     "gemma2": ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
     "gemma3_text": ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
+    "qwen3_moe": ("num_experts", "num_local_experts"),  # transformers writes both names
+    "mixtral": ("num_experts", "num_local_experts"),
 }
 KV_CACHE_DTYPES = (None, "float32", "bfloat16", "int8")  # what tuili's caches and kernels store
 
@@ -166,7 +173,38 @@ class LlamaConfig:
     @property
     def qk_norm(self) -> bool:
         """Each head's q and k go through an RMSNorm (over head_dim) before RoPE (Qwen3, Gemma 3)."""
-        return self.model_type in ("qwen3", "gemma3_text")
+        return self.model_type in ("qwen3", "gemma3_text", "qwen3_moe")
+
+    @property
+    def num_experts(self) -> int:
+        """Experts of each sparse layer (0: a dense model)."""
+        if self.model_type not in MOE:
+            return 0
+        counts = {self.extra[k] for k in ("num_experts", "num_local_experts") if self.extra.get(k)}
+        if len(counts) > 1:
+            raise ModelFormatError(f"config.json gives two numbers of experts: {sorted(counts)}")
+        return int(counts.pop()) if counts else 0
+
+    @property
+    def experts_per_token(self) -> int:
+        return int(self.extra.get("num_experts_per_tok") or 2)
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Each expert's MLP width (Qwen3-MoE: moe_intermediate_size; Mixtral: intermediate_size)."""
+        return int(self.extra.get("moe_intermediate_size") or self.intermediate_size)
+
+    @property
+    def norm_topk_prob(self) -> bool:
+        """The chosen experts' probabilities renormalized to sum to 1 (always in Mixtral)."""
+        return self.model_type == "mixtral" or bool(self.extra.get("norm_topk_prob", False))
+
+    def sparse_layer(self, layer: int) -> bool:
+        """Whether a decoder layer's MLP is a mixture of experts (Qwen3-MoE: decoder_sparse_step, mlp_only_layers)."""
+        if not self.num_experts:
+            return False
+        step = int(self.extra.get("decoder_sparse_step") or 1)
+        return layer not in (self.extra.get("mlp_only_layers") or []) and (layer + 1) % step == 0
 
     @property
     def output_norms(self) -> bool:
@@ -254,8 +292,8 @@ class LlamaConfig:
             data["hidden_act"] = data.pop("hidden_activation", None) or data.get("hidden_act") or "gelu_pytorch_tanh"
         if data.get("torch_dtype") is None:
             data["torch_dtype"] = data.get("dtype") or "float32"
-        if model_type in ("mistral", "qwen2", "qwen3", "phi3", *GEMMA):
-            if model_type in ("qwen2", "qwen3") and not data.get("use_sliding_window", False):
+        if model_type in ("mistral", "qwen2", "qwen3", "phi3", *GEMMA, *MOE):
+            if model_type in ("qwen2", "qwen3", "qwen3_moe") and not data.get("use_sliding_window", False):
                 data["sliding_window"] = None
         else:
             data["sliding_window"] = None
@@ -281,7 +319,7 @@ class LlamaConfig:
             out.pop("sliding_window")
         if self.kv_cache_dtype is None:
             out.pop("kv_cache_dtype")
-        if self.model_type in ("qwen2", "qwen3"):
+        if self.model_type in ("qwen2", "qwen3", "qwen3_moe"):
             out["use_sliding_window"] = self.sliding_window is not None
         if self.model_type in GEMMA:
             out["hidden_activation"] = out.pop("hidden_act")
@@ -296,6 +334,8 @@ class LlamaConfig:
             qkv += d * (self.num_attention_heads + 2 * self.num_key_value_heads)
         attn = qkv + self.num_attention_heads * d * h + (h if self.o_proj_bias else 0) + (2 * d if self.qk_norm else 0)
         mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
-        per_layer = attn + mlp + (4 if self.output_norms else 2) * h
+        moe = self.num_experts * 3 * h * self.expert_intermediate_size + self.num_experts * h  # experts, router
+        norms = (4 if self.output_norms else 2) * h
+        layers = sum(attn + norms + (moe if self.sparse_layer(n) else mlp) for n in range(self.num_hidden_layers))
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + h
+        return layers + embed + h

@@ -6,7 +6,8 @@ translate; the folder tuili writes is the family's own, so transformers and vLLM
 - fused layers: several of tuili's layers stacked by rows in one tensor (Phi-3's `qkv_proj`,
   `gate_up_proj`); quantized ones too: their codes, scales and zero points are split by rows;
 - renamed modules: Gemma's norm after attention is `post_attention_layernorm`, the name Llama
-  gives the norm before the MLP (Gemma's `pre_feedforward_layernorm`);
+  gives the norm before the MLP (Gemma's `pre_feedforward_layernorm`); Mixtral's experts are
+  `block_sparse_moe.experts.{e}.w1/w2/w3`, tuili's `mlp.experts.{e}.gate_proj/down_proj/up_proj`;
 - norm offsets: Gemma's RMSNorms multiply by (1 + w) and store w; tuili holds 1 + w (computed in
   fp32, as Gemma does), so one RMSNorm serves every family and SmoothQuant folds scales into it.
 """
@@ -37,7 +38,7 @@ class Family:
     """How a family's checkpoint differs from the Llama layout tuili computes with."""
 
     fused: tuple[Fused, ...] = ()
-    renamed: dict[str, str] = field(default_factory=dict)  # within a decoder layer: stored -> tuili
+    renamed: dict[str, str] = field(default_factory=dict)  # parts of names inside a decoder layer: stored -> tuili
     norm_offset: float = 0.0  # an RMSNorm computes (offset + w): tuili holds offset + w
 
 
@@ -62,6 +63,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
+    "mixtral": Family(renamed={"block_sparse_moe": "mlp", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}),
 }
 _PLAIN = Family()
 _SHAPE = "weight_shape"  # compressed-tensors' (rows, columns) of a packed layer: rows add up
@@ -87,15 +89,17 @@ def checkpoint_name(name: str, config: LlamaConfig) -> str:
         for part in f.parts:
             if name.endswith("." + part):
                 return name[: -len(part)] + f.name
-    return _renamed(name, {v: k for k, v in fam.renamed.items()})
+    return _renamed(name, {v: k for k, v in fam.renamed.items()}, key=False)
 
 
-def _renamed(name: str, names: dict[str, str]) -> str:
-    """model.layers.{i}.{a}... -> model.layers.{i}.{names[a]}..."""
+def _renamed(name: str, names: dict[str, str], key: bool = True) -> str:
+    """model.layers.{i}.a.b... with each part inside the layer renamed; of a state dict `key`, not
+    the last part (weight, bias, weight_scale ...)."""
     parts = name.split(".")
-    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[3] in names:
-        return ".".join([*parts[:3], names[parts[3]], *parts[4:]])
-    return name
+    if not names or len(parts) < 4 or parts[:2] != ["model", "layers"]:
+        return name
+    end = len(parts) - 1 if key else len(parts)
+    return ".".join([*parts[:3], *(names.get(p, p) for p in parts[3:end]), *parts[end:]])
 
 
 def to_tuili(state: dict[str, Tensor], config: LlamaConfig, source: str) -> dict[str, Tensor]:

@@ -125,17 +125,57 @@ ACTIVATIONS = {  # config.hidden_act -> the function (transformers' ACT2FN names
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) · up(x)); SwiGLU with the default SiLU."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, intermediate_size: int | None = None):
         super().__init__()
         self.activation = config.hidden_act  # the name the engine's C++ decode step knows it by too
         self.act = ACTIVATIONS[config.hidden_act]
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, i, bias = config.hidden_size, intermediate_size or config.intermediate_size, config.mlp_bias
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """A top-k mixture of experts (Qwen3-MoE, Mixtral): the router (`gate`) scores every expert for
+    each token, the experts_per_token best run (softmax in fp32, their weights renormalized where the
+    config says) and the token's output is their weighted sum. Experts are ordinary gated MLPs of
+    nn.Linear layers, so quantization, pruning and tuili's kernels treat them as any other layer."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.top_k, self.normalize = config.experts_per_token, config.norm_topk_prob
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config, config.expert_intermediate_size) for _ in range(config.num_experts))
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's chosen experts (N, k) and their weights (N, k), in the input's dtype."""
+        return self.choose(self.gate(x))
+
+    def choose(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The router's choice from its logits (N, experts)."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return chosen, weights.to(logits.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        chosen, weights = self.route(rows)
+        out = torch.zeros_like(rows)
+        if torch.compiler.is_exporting():  # no data-dependent loop in a graph: every expert, weight 0 if not chosen
+            for e, expert in enumerate(self.experts):
+                w = (weights * (chosen == e)).sum(dim=-1, keepdim=True)
+                out = out + (expert(rows) * w).to(out.dtype)
+            return out.view(x.shape)
+        for e in chosen.unique().tolist():  # the experts some row chose, in order
+            token, slot = torch.where(chosen == e)
+            y = self.experts[e](rows[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(x.shape)
 
 
 class DecoderLayer(nn.Module):
@@ -145,7 +185,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp: nn.Module = SparseMoE(config) if config.sparse_layer(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)  # before the MLP (Llama's name)
         self.attn_output_norm = RMSNorm(h, eps) if config.output_norms else None

@@ -1,5 +1,5 @@
-"""Which linear layers a compression step touches: by name pattern, with the language-model head
-left alone by default (quantization and pruning select alike)."""
+"""Which linear layers a compression step touches: by name pattern, with the language-model head and
+a mixture's router left alone by default (quantization and pruning select alike)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-DEFAULT_IGNORE = ("lm_head",)
+DEFAULT_IGNORE = ("lm_head", "*.mlp.gate")  # the head, and a mixture's router (a few weights that pick experts)
 
 
 def select_linears(

@@ -2,12 +2,14 @@
 
 Float weights are written as F16 (or F32); norms as F32. Quantized layers keep their codes where a
 GGUF block type is the same format, with its scales rounded to fp16 (GGUF stores them so):
-  int8 symmetric, groups of 32                  -> Q8_0   w = d · q
-  int4 symmetric, groups of 32                  -> Q4_0   w = d · (u − 8)
-  int4 asymmetric (zero point), groups of 32    -> Q4_1   w = d · u + m,  m = −scale · zero
-Any other layout (per-channel int8, other group sizes, W8A8) has no GGUF twin and is written
-dequantized, as F16; the result lists those layers. llama.cpp stores query and key rows
-interleaved for its RoPE, so those rows are permuted as its converter does (tuili's reader undoes it).
+  int8 symmetric (W8A16, W8A8's weights)        -> Q8_0   w = d · q
+  int4 symmetric                                -> Q4_0   w = d · (u − 8)
+  int4 asymmetric (zero point or float minimum) -> Q4_1   w = d · u + m,  m = −scale · zero
+Groups of 64, 128 ... and per-channel scales are re-blocked into GGUF's blocks of 32 (each block
+takes its group's scale: the codes are unchanged). Other layouts (groups not a multiple of 32,
+asymmetric int8) have no GGUF twin and are written dequantized, as F16; the result lists them.
+llama.cpp stores query and key rows interleaved for its RoPE, so those rows are permuted as its
+converter does (tuili's reader undoes it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import gguf
 import numpy as np
@@ -26,7 +29,7 @@ from tuili.models.io import atomic_file
 from tuili.models.model import Model
 from tuili.models.tokenizer import gguf_pre_name
 from tuili.pipeline.export import ExportError, verify
-from tuili.quant.linear import WeightOnlyLinear
+from tuili.quant.linear import Int8Linear, WeightOnlyLinear
 
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 _TO_GGUF = {**{hf: g for g, hf in _GLOBAL.items()}, **{hf: g for g, hf in _PER_LAYER.items()}}
@@ -66,28 +69,40 @@ def _fp16(t: Tensor) -> np.ndarray:
     return t.to(torch.float16).numpy().view(np.uint8).reshape(*t.shape, 2)
 
 
-def _blocks(layer: WeightOnlyLinear, rows: Tensor | None) -> tuple[np.ndarray, gguf.GGMLQuantizationType] | None:
-    """The layer's codes as GGUF blocks, or None if its format has no GGUF twin."""
-    if layer.group_size != _BLOCK or layer.in_features % _BLOCK or layer.bits not in (4, 8):
+def _blocks(layer: nn.Module, rows: Tensor | None) -> tuple[np.ndarray, gguf.GGMLQuantizationType] | None:
+    """The layer's codes as GGUF blocks, or None if its format has no GGUF twin. Groups of a
+    multiple of 32 (or whole rows: per-channel scales, W8A8's weights) are re-blocked: every block
+    of 32 takes its group's scale, so the codes stay and only the scales round to fp16."""
+    if isinstance(layer, Int8Linear):
+        codes, scale, zero, offset = layer.qweight, layer.weight_scale[:, None], None, None
+        bits, symmetric, group = 8, True, layer.in_features
+    elif isinstance(layer, WeightOnlyLinear):
+        codes, scale, zero, offset = layer.codes(), layer.scale, layer.zero, layer.offset
+        bits, symmetric, group = layer.bits, layer.symmetric, layer.group_size
+    else:
         return None
-    if layer.bits == 8 and not layer.symmetric:
+    k = layer.in_features
+    if k % _BLOCK or bits not in (4, 8) or (bits == 8 and not symmetric) or (group % _BLOCK and group < k):
         return None
-    codes, scale = layer.codes(), layer.scale
-    zero, offset = layer.zero, layer.offset
+    per_group = group // _BLOCK if group < k else k // _BLOCK
+    scale, zero, offset = (
+        None if t is None else t.repeat_interleave(per_group, dim=1)[:, : k // _BLOCK] for t in (scale, zero, offset)
+    )
+    assert scale is not None
     if rows is not None:
         codes, scale = codes[rows], scale[rows]
         zero, offset = (None if t is None else t[rows] for t in (zero, offset))
-    n, k = codes.shape
+    n = codes.shape[0]
     groups = codes.reshape(n, k // _BLOCK, _BLOCK)
     d = _fp16(scale)  # (n, g, 2)
-    if layer.bits == 8:
+    if bits == 8:
         qs = groups.to(torch.int8).numpy().view(np.uint8)
         return np.concatenate([d, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q8_0
-    u = (groups.to(torch.int16) + 8 if layer.symmetric else groups.to(torch.int16)).to(torch.uint8)
+    u = (groups.to(torch.int16) + 8 if symmetric else groups.to(torch.int16)).to(torch.uint8)
     qs = (u[..., :16] | (u[..., 16:] << 4)).numpy()
-    if layer.symmetric:
+    if symmetric:
         return np.concatenate([d, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_0
-    m = _fp16(-offset if offset is not None else -(scale * zero.float()))
+    m = _fp16(-offset if offset is not None else -(scale * cast(Tensor, zero).float()))
     return np.concatenate([d, m, qs], axis=-1).reshape(n, -1), gguf.GGMLQuantizationType.Q4_1
 
 
@@ -99,7 +114,7 @@ def _add_linear(add, name: str, parts: list[tuple[str, nn.Module]], model: Model
     def stacked(tensors: list[Tensor]) -> np.ndarray:
         return torch.cat([t if r is None else t[r] for t, r in zip(tensors, rows)]).numpy()
 
-    blocks = [_blocks(sub, r) if isinstance(sub, WeightOnlyLinear) else None for (_, sub), r in zip(parts, rows)]
+    blocks = [_blocks(sub, r) for (_, sub), r in zip(parts, rows)]
     kinds = {b[1] for b in blocks if b is not None}
     if None not in blocks and len(kinds) == 1:
         add(name, np.concatenate([b[0] for b in blocks if b is not None]), kinds.pop())

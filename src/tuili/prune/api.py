@@ -16,6 +16,7 @@ from tuili.models.layerwise import LayerRunner, input_hooks, require_tuili_model
 from tuili.models.model import Model
 from tuili.models.selection import DEFAULT_IGNORE, select_linears
 from tuili.prune.config import SemiStructured, Target, Unstructured
+from tuili.prune.importance import magnitude
 from tuili.prune.masks import attach_mask
 from tuili.prune.methods import LayerwiseHandler, Magnitude, handler_for, target_masks
 
@@ -85,7 +86,12 @@ def _sequential(
         stats = {n: handler.statistic(m.in_features) for n, m in local.items()}
         with input_hooks(local, lambda name, x, stats=stats: stats[name].add(x)):
             runner.run(layer)
-        layer_masks, scores = handler.prune_layer(local, stats, target)
+        unreached = {n: m for n, m in local.items() if not stats[n].count}  # experts no token was routed to
+        by_layer = target if isinstance(target, SemiStructured) else Unstructured(target.sparsity)
+        layer_masks = target_masks({n: magnitude(m.weight) for n, m in unreached.items()}, by_layer, per_row=True)
+        reached = {n: m for n, m in local.items() if n not in unreached}
+        more, scores = handler.prune_layer(reached, stats, target) if reached else ({}, {})
+        layer_masks.update(more)
         for name, mask in layer_masks.items():
             attach_mask(local[name], mask)
             masks[prefix + name] = mask

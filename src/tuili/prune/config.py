@@ -52,12 +52,12 @@ Target = Unstructured | SemiStructured
 
 def parse_structured(text: str) -> dict[str, float]:
     """'mlp=0.25,heads=0.34,layers=4' → {"mlp": 0.25, "heads": 0.34, "layers": 4}: fractions of MLP
-    neurons and of attention heads, and a number of whole layers, to remove."""
+    neurons, of a mixture's experts and of attention heads, and a number of whole layers, to remove."""
     parts: dict[str, float] = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in ("mlp", "heads", "layers") or not value:
-            raise ValueError(f"structured pruning takes mlp=F,heads=F,layers=N; got {item!r}")
+        if key not in ("mlp", "experts", "heads", "layers") or not value:
+            raise ValueError(f"structured pruning takes mlp=F,experts=F,heads=F,layers=N; got {item!r}")
         try:
             parts[key] = int(value) if key == "layers" else float(value)
         except ValueError:

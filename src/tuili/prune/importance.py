@@ -26,9 +26,12 @@ class InputNorms:
 
     def __init__(self, in_features: int):
         self.sq = torch.zeros(in_features, dtype=torch.float64)
+        self.count = 0
 
     def add(self, x: Tensor) -> None:
-        self.sq += (x.detach().reshape(-1, x.shape[-1]).float() ** 2).sum(0).double().cpu()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self.sq += (rows.float() ** 2).sum(0).double().cpu()
+        self.count += rows.shape[0]
 
     def value(self) -> Tensor:
         return self.sq.sqrt().float()

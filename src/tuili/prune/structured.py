@@ -1,4 +1,5 @@
-"""Structured pruning that physically shrinks the model: MLP neurons, attention heads, whole layers.
+"""Structured pruning that physically shrinks the model: MLP neurons, a mixture's experts, attention
+heads, whole layers.
 
 The smaller model is an ordinary tuili model with an updated config (uniform across layers, so
 it saves as a Hugging Face folder, loads back, and runs in the engine), and computes exactly what
@@ -8,6 +9,8 @@ Importance (LLM-Pruner's and ShortGPT's criteria):
 - neurons: "l1" / "l2" of the neuron's weights (its gate and up rows and down column),
   "activation" ‖h_j‖₂ · ‖down[:, j]‖₂ over calibration tokens (h the down projection's input),
   "taylor" Σ |w · ∂L/∂w| over the neuron's weights
+- experts: "frequency", the router probability each expert receives over calibration tokens (the
+  experts that are rarely chosen go), or "l2" of the expert's weights; the router loses their rows
 - heads: "l2" of the head's q rows and o columns, "activation" ‖head output‖₂ · ‖o columns‖₂;
   query heads are removed in equal numbers from every KV group (or whole KV groups with their
   query heads), so grouped-query attention stays valid
@@ -29,6 +32,7 @@ from tuili.prune.importance import InputNorms, taylor
 from tuili.quant.linear import quantized_layers
 
 NEURON_IMPORTANCE = ("l1", "l2", "activation", "taylor")
+EXPERT_IMPORTANCE = ("frequency", "l2")
 HEAD_IMPORTANCE = ("l2", "activation")
 
 
@@ -92,6 +96,8 @@ def _scored_module(
 def neuron_scores(model: Model, importance: str = "activation", calib: Tensor | None = None) -> list[Tensor]:
     """One score per intermediate neuron, per decoder layer."""
     module = _scored_module(model, importance, NEURON_IMPORTANCE, "neuron", calib)
+    if model.config.num_experts:
+        raise ValueError("a mixture of experts: remove whole experts (prune_experts_, experts=F), not MLP neurons")
     mlps = [layer.mlp for layer in module.model.layers]
     if importance == "activation":
         norms = _input_norms(module, [m.down_proj for m in mlps], calib)
@@ -128,6 +134,65 @@ def prune_mlp_(model: Model, fraction: float, importance: str = "activation", ca
         mlp.down_proj = _shrunk(mlp.down_proj, cols=kept)
     _set_config(model, intermediate_size=keep)
     model.record("pruned", structure="mlp", importance=importance, fraction=fraction, intermediate_size=keep)
+    return keep
+
+
+@torch.no_grad()
+def expert_scores(model: Model, importance: str = "frequency", calib: Tensor | None = None) -> dict[int, Tensor]:
+    """One score per expert, for each decoder layer that is a mixture (by layer index)."""
+    if importance == "frequency" and calib is None:
+        raise ValueError("frequency importance needs calibration token ids (calib=...)")
+    if importance not in EXPERT_IMPORTANCE:
+        raise ValueError(f"unknown expert importance {importance!r}: choose one of {', '.join(EXPERT_IMPORTANCE)}")
+    module = _module(model)
+    mixtures = {i: layer.mlp for i, layer in enumerate(module.model.layers) if hasattr(layer.mlp, "experts")}
+    if not mixtures:
+        raise ValueError("the model has no mixture-of-experts layers")
+    if importance == "l2":
+        return {
+            i: torch.stack([sum(p.detach().float().norm() ** 2 for p in e.parameters()) for e in m.experts]).cpu()
+            for i, m in mixtures.items()
+        }
+    assert calib is not None
+    mass = {i: torch.zeros(len(m.experts)) for i, m in mixtures.items()}
+
+    def routed(i: int):  # the router's weights of the chosen experts, summed over tokens
+        def hook(gate, args, logits):
+            chosen, weights = mixtures[i].choose(logits.reshape(-1, logits.shape[-1]))
+            mass[i].index_add_(0, chosen.flatten().cpu(), weights.flatten().float().cpu())
+
+        return hook
+
+    handles = [m.gate.register_forward_hook(routed(i)) for i, m in mixtures.items()]
+    try:
+        for start in range(0, calib.shape[0], 4):
+            module(calib[start : start + 4].to(module.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return mass
+
+
+def prune_experts_(model: Model, fraction: float, importance: str = "frequency", calib: Tensor | None = None) -> int:
+    """Remove `fraction` of every mixture layer's experts (the least important) and their router rows;
+    returns the new number of experts."""
+    _fraction(fraction, "experts")
+    scores = expert_scores(model, importance, calib)
+    count = model.config.num_experts
+    keep = count - round(fraction * count)
+    if keep < model.config.experts_per_token:
+        raise ValueError(
+            f"removing {fraction:.0%} of {count} experts leaves {keep}, fewer than the "
+            f"{model.config.experts_per_token} each token is routed to"
+        )
+    for i, s in scores.items():
+        moe = model.module.model.layers[i].mlp
+        kept = torch.topk(s, keep).indices.sort().values
+        moe.gate = _shrunk(moe.gate, rows=kept.to(moe.gate.weight.device))
+        moe.experts = nn.ModuleList(moe.experts[int(e)] for e in kept)
+    extra = model.config.extra
+    _set_config(model, extra={**extra, **{k: keep for k in ("num_experts", "num_local_experts") if extra.get(k)}})
+    model.record("pruned", structure="experts", importance=importance, fraction=fraction, num_experts=keep)
     return keep
 
 
@@ -266,6 +331,9 @@ def prune_structured_(
     changed: dict = {}
     if "mlp" in spec:
         changed["intermediate_size"] = prune_mlp_(model, spec["mlp"], importance, calib)
+    if "experts" in spec:
+        expert_importance = importance if importance in EXPERT_IMPORTANCE else "frequency"
+        changed["num_experts"] = prune_experts_(model, spec["experts"], expert_importance, calib)
     if "heads" in spec:
         head_importance = importance if importance in HEAD_IMPORTANCE else "activation"
         changed["heads"] = prune_heads_(model, spec["heads"], head_importance, calib, whole_groups)

@@ -121,6 +121,14 @@ def _calibrated(
         handler.smooth(runner, layer, local, schemes)
         stats = handler.gather(runner, layer, local, schemes)
         for name, linear in local.items():
+            if stats[name].rows == 0:  # a mixture's expert that no calibration token was routed to
+                if schemes[name].static:
+                    raise ValueError(
+                        f"{prefix}{name} saw no calibration tokens, so it has no static activation scale: "
+                        "give more calibration samples, or use dynamic activations"
+                    )
+                replace_module(layer, name, quantize_layer(linear, schemes[name]))  # round to nearest
+                continue
             replace_module(layer, name, handler.quantize(linear, schemes[name], stats[name]))
     rest = {n: m for n, m in linears.items() if not n.startswith("model.layers.")}
     for name, linear in rest.items():  # e.g. lm_head when not ignored: its input is not tracked

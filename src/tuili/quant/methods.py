@@ -31,6 +31,7 @@ class LayerStats:
     observer: MinMax | None = None  # the static activation scale's (Int8StaticActivation)
     hessian: Hessian | None = None  # the inputs' second moments (GPTQ)
     samples: Tensor | None = None  # the first MAX_SAMPLE_ROWS input rows (AWQ's clip search)
+    rows: int | None = None  # input rows seen, where watched (0: a MoE expert no calibration token reached)
 
     def input_scale(self) -> Tensor | None:
         return None if self.observer is None else self.observer.scale()
@@ -82,9 +83,12 @@ class MethodHandler:
         if not watched:
             return stats
         rows: dict[str, list[Tensor]] = {n: [] for n in local}
+        for name in watched:
+            stats[name].rows = 0
 
         def observe(name: str, x: Tensor) -> None:
             s = stats[name]
+            s.rows = (s.rows or 0) + x.numel() // x.shape[-1]
             if s.observer is not None:
                 s.observer.observe(x)
             if s.hessian is not None:

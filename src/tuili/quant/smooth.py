@@ -32,10 +32,18 @@ def smooth_groups(layer: Any) -> list[SmoothGroup]:
         SmoothGroup(
             layer.input_layernorm,
             {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj, "self_attn.v_proj": attn.v_proj},
-        ),
-        SmoothGroup(layer.post_attention_layernorm, {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}),
-        SmoothGroup(mlp.up_proj, {"mlp.down_proj": mlp.down_proj}),
+        )
     ]
+    if hasattr(mlp, "experts"):  # a mixture: the router and every expert read the normed input
+        readers = {"mlp.gate": mlp.gate}
+        for e, expert in enumerate(mlp.experts):
+            readers |= {f"mlp.experts.{e}.gate_proj": expert.gate_proj, f"mlp.experts.{e}.up_proj": expert.up_proj}
+        groups.append(SmoothGroup(layer.post_attention_layernorm, readers))  # (an expert's up → down: few rows)
+    else:
+        groups += [
+            SmoothGroup(layer.post_attention_layernorm, {"mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj}),
+            SmoothGroup(mlp.up_proj, {"mlp.down_proj": mlp.down_proj}),
+        ]
     # v_proj's rows feed o_proj's columns one to one only without GQA (a KV head serves several heads)
     if attn.q_proj.out_features == attn.v_proj.out_features:
         groups.append(SmoothGroup(attn.v_proj, {"self_attn.o_proj": attn.o_proj}))
