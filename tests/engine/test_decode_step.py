@@ -216,7 +216,9 @@ def test_a_decode_plan_refuses_what_it_cannot_call():
 
     def rest(layers=1, activation="silu", qk_norms=(), scale=8**-0.5, softcap=0.0, windows=None):
         windows = [0] * layers if windows is None else windows
-        return (2, 1, 8, 1e-5, windows, activation, list(qk_norms), scale, softcap, [False] * layers, False)
+        n = 7 * layers + 1
+        small = ([""] * n, [[]] * n, [[]] * n, [0] * n)
+        return (2, 1, 8, 1e-5, windows, activation, list(qk_norms), scale, softcap, [False] * layers, False, *small)
 
     with pytest.raises(RuntimeError, match="no kernel named w3_linear"):
         plan(["w3_linear"], [[w, None]], [[]], [None], [norm], *rest(0))
@@ -268,3 +270,23 @@ def test_a_mixture_of_experts_decodes_through_the_module(arch):
     model = random_tiny(arch)  # routing is per token: the module forward runs it, each expert by its kernels
     fast, slow = both_ways(model)
     assert fast[0] is None and not DecodeStep(model.module).applies(None)
+
+
+@pytest.mark.parametrize("rows", [0, 2, 64])
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_small_batches_may_take_the_gemv_and_stay_bit_for_bit(monkeypatch, rows, scheme):
+    # where this CPU runs the fp32-activation GEMV faster at small batches (kernels.small_batch_rows),
+    # a bf16 layer's call carries it for those; the C++ step and the module forward choose alike
+    monkeypatch.setattr(kernels, "small_batch_rows", lambda bits: rows)
+    model = random_tiny("llama-gqa")
+    quantize_(model, SCHEMES[scheme], ignore=(), progress=False)
+    call = model.module.model.layers[0].mlp.up_proj.kernel_call(True)
+    assert (call.small is not None) == (rows > 0 and kernels.bf16_dot_products())
+    for prompts, step in ((PROMPTS, STEP), (PROMPTS[:1], tuple(t[:1] for t in STEP))):  # 3 rows, then 1
+        assert_same(*both_ways(model, activations=torch.bfloat16, prompts=prompts, step=step))
+    if call.small is not None:
+        x = torch.randn(rows, 64)  # up_proj reads the hidden size
+        ext = kernels.extension()
+        assert torch.equal(call.run(ext, x), call.small.run(ext, x))
+        wide = torch.randn(rows + 1, 64)  # past small_rows: the bf16 kernel
+        assert torch.equal(call.run(ext, wide), getattr(ext, call.name)(wide, *call.args))

@@ -58,7 +58,8 @@ def test_one_requests_fault_ends_its_own_response_only(tiny_model):
         assert results["alpha"] == (clean["alpha"], []) and results["beta"] == (clean["beta"], [])
         text, errors = results["gamma"]
         assert bad_ids and len(errors) == 1 and "injected fault" in errors[0]["message"]
-        r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "gamma", "max_tokens": 8})
+        body = {"model": MODEL, "prompt": "gamma", "max_tokens": 8, "ignore_eos": True}  # reaches the third token
+        r = httpx.post(f"{base}/v1/completions", json=body)
         assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
         assert httpx.get(f"{base}/health").status_code == 200
         assert server.llm.engine.stats()["kv_usage"] == 0

@@ -118,6 +118,10 @@ class StepPlan:
             self.softcap or 0.0,
             [layer.local_rope for layer in self.layers],
             output_norms,
+            [c.small.name if c.small else "" for c in calls],
+            [list(c.small.tensors) if c.small else [] for c in calls],
+            [list(c.small.ints) if c.small else [] for c in calls],
+            [c.small_rows if c.small else 0 for c in calls],
         )
 
 

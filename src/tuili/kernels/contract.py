@@ -55,12 +55,18 @@ OPS: dict[str, KernelOp] = {
 
 @dataclass(frozen=True)
 class KernelCall:
-    """One layer's product as a kernel call: y = op(x, *tensors, *ints) (+ bias, the layer's)."""
+    """One layer's product as a kernel call: y = op(x, *tensors, *ints) (+ bias, the layer's).
+
+    `small`: another call of the same product for batches of at most `small_rows` rows, where
+    this CPU runs it faster (the fp32-activation GEMV beside a bf16 dot-product kernel, chosen by
+    tuili.kernels.ops.small_batch_rows)."""
 
     op: KernelOp
     tensors: tuple[Tensor | None, ...]
     ints: tuple[int, ...]
     bias: Tensor | None = None
+    small: KernelCall | None = None
+    small_rows: int = 0
     args: tuple = field(init=False, repr=False, compare=False)  # tensors then ints, as the kernel takes them
 
     def __post_init__(self) -> None:
@@ -94,4 +100,6 @@ class KernelCall:
 
     def run(self, ext: ModuleType, x: Tensor) -> Tensor:
         """The kernel on x (M, K) for M ≤ max_rows, without the bias."""
+        if self.small is not None and x.shape[0] <= self.small_rows:
+            return self.small.run(ext, x)
         return getattr(ext, self.op.name)(x, *self.args)

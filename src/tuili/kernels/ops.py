@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -220,6 +221,50 @@ def bf16_dot_products() -> bool:
     (csrc/qgemm_nmajor.cpp: W4 × bf16 with AVX512-BF16, W8 × int16 with VNNI)."""
     ext = extension()
     return ext is not None and ext.bf16()
+
+
+@functools.cache
+def small_batch_rows(bits: int) -> int:
+    """The batch rows up to which the fp32-activation GEMV (w4_linear / w8_linear) runs a W4 or W8
+    product faster than the bf16 dot-product kernel on this CPU (0: never), measured once per
+    process (about 0.2 s) on an 8192 × 2048 weight. Where the dot products are fast (the Zen 5
+    they were written on) it is 0; on an Intel Xeon here the W8 × int16 kernel took 3.5× the GEMV's
+    time at one row and half of it at 16, so small batches go to the GEMV. A row count is taken only
+    where the GEMV wins by 20%, so that noise does not flip the choice."""
+    if not bf16_dot_products():
+        return 0
+    n, k, group = 8192, 2048, 32  # a 1B model's gate and up projections
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(n, k // group, generator=g) * 0.01 + 0.001
+    gemv: tuple[str, tuple]
+    dots: tuple[str, tuple]
+    if bits == 8:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        packed = pack_w8_i16(w, scale)
+        gemv, dots = ("w8_linear", (w, scale, group)), ("w8_linear_i16", (*packed, n, group))
+    else:  # any bytes are valid packed codes (two per byte)
+        w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        zs = scale * 8
+        packed4 = pack_w4_bf16(w, k, True, scale, zs)
+        gemv, dots = ("w4_linear", (w, scale, zs, group, True)), ("w4_linear_bf16", (*packed4, n, group))
+    rows = 0
+    for m in (1, 2, 4, 8, 16):
+        x = torch.randn(m, k, generator=g)
+        small, big = (_best_time(native(name), x, *args) for name, args in (gemv, dots))
+        if small * 1.2 > big:
+            break
+        rows = m
+    return rows
+
+
+def _best_time(fn, *args, repeats: int = 5) -> float:
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _blocks_of_16(t: Tensor) -> Tensor:

@@ -246,11 +246,14 @@ class WeightOnlyLinear(_KernelLinear):
         if self.bits == 4 and call is not None:
             qweight, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)  # codes, scales, scale · zero
             w4 = kernels.pack_w4_bf16(qweight, self.in_features, bool(call.ints[1]), scale, zs)
-            return KernelCall.of("w4_linear_bf16", *w4, ints=ints, bias=self.bias)
-        if self.bits == 8 and self.symmetric:  # int16 activations: one widening per 32 codes, not int8 → bf16
+            dots = KernelCall.of("w4_linear_bf16", *w4, ints=ints, bias=self.bias)
+        elif self.bits == 8 and self.symmetric:  # int16 activations: one widening per 32 codes, not int8 → bf16
             w8 = kernels.pack_w8_i16(self.qweight, self.scale)
-            return KernelCall.of("w8_linear_i16", *w8, ints=ints, bias=self.bias)
-        return call
+            dots = KernelCall.of("w8_linear_i16", *w8, ints=ints, bias=self.bias)
+        else:
+            return call
+        rows = kernels.small_batch_rows(self.bits) if call is not None else 0
+        return replace(dots, small=call, small_rows=rows) if rows else dots
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = _COMPUTE_DTYPE.get() or rows.dtype

@@ -71,35 +71,55 @@ Activation activation_named(const std::string& name) {
   TORCH_CHECK(false, "DecodePlan: no activation named ", name);
 }
 
+Kernel kernel_named(const std::string& name) {
+  const auto found = kernels().find(name);
+  TORCH_CHECK(found != kernels().end(), "DecodePlan: no kernel named ", name);
+  return found->second;
+}
+
 // One linear layer's kernel call and the layer's bias; the output in the input's dtype, as the
-// layer's forward gives it.
+// layer's forward gives it. A second call may take batches of at most small_rows rows (the
+// KernelCall's `small`: a kernel this CPU runs faster there).
 struct Linear {
   std::string name;
   Kernel kernel;
   Tensors t;
   Ints i;
   c10::optional<torch::Tensor> bias;
+  Kernel small = nullptr;
+  Tensors small_t;
+  Ints small_i;
+  int64_t small_rows = 0;
 
-  Linear(std::string op, Tensors tensors, Ints ints, c10::optional<torch::Tensor> b)
+  Linear(std::string op, Tensors tensors, Ints ints, c10::optional<torch::Tensor> b, const std::string& small_op,
+         Tensors small_tensors, Ints small_ints, int64_t rows)
       : name(std::move(op)), t(std::move(tensors)), i(std::move(ints)), bias(std::move(b)) {
-    const auto found = kernels().find(name);
-    TORCH_CHECK(found != kernels().end(), "DecodePlan: no kernel named ", name);
-    kernel = found->second;
+    kernel = kernel_named(name);
+    if (!small_op.empty()) {
+      small = kernel_named(small_op);
+      small_t = std::move(small_tensors);
+      small_i = std::move(small_ints);
+      small_rows = rows;
+    }
   }
+
+  bool takes_small(const torch::Tensor& x) const { return small != nullptr && x.size(0) <= small_rows; }
 
   torch::Tensor finish(torch::Tensor y, const torch::Tensor& x) const {
     if (bias.has_value()) y = y + *bias;
     return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
   }
 
-  torch::Tensor operator()(const torch::Tensor& x) const { return finish(kernel(x, t, i), x); }
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    return finish(takes_small(x) ? small(x, small_t, small_i) : kernel(x, t, i), x);
+  }
 };
 
 // Several layers on one input: w8_linear_i16_multi where all are W8 × int16 (q, k, v; gate, up):
 // the input rounded once, one parallel loop, the same values as separate calls; else one call each.
 std::vector<torch::Tensor> shared_input(const std::vector<const Linear*>& layers, const torch::Tensor& x) {
   bool multi = true;
-  for (const Linear* l : layers) multi = multi && l->name == "w8_linear_i16";
+  for (const Linear* l : layers) multi = multi && l->name == "w8_linear_i16" && !l->takes_small(x);
   std::vector<torch::Tensor> outs;
   if (!multi) {
     for (const Linear* l : layers) outs.push_back((*l)(x));
@@ -134,11 +154,14 @@ class DecodePlan {
   // none, or every layer's q and k RMSNorm weights (over head_dim, before RoPE: Qwen3, Gemma 3);
   // windows: each layer's sliding window (0: none); local: each layer rotates by the local RoPE
   // (the step's cos_local, sin_local); sm_scale, softcap: the attention's (softcap 0: none).
+  // small_ops, small_tensors, small_ints, small_rows: each linear layer's call for small batches
+  // ("" where it has none).
   DecodePlan(std::vector<std::string> ops, std::vector<Tensors> tensors, std::vector<Ints> ints,
              std::vector<c10::optional<torch::Tensor>> biases, std::vector<torch::Tensor> norms, int64_t heads,
              int64_t kv_heads, int64_t head_dim, double eps, std::vector<int64_t> windows,
              const std::string& activation, std::vector<torch::Tensor> qk_norms, double sm_scale, double softcap,
-             std::vector<bool> local, bool output_norms)
+             std::vector<bool> local, bool output_norms, std::vector<std::string> small_ops,
+             std::vector<Tensors> small_tensors, std::vector<Ints> small_ints, std::vector<int64_t> small_rows)
       : norms_(std::move(norms)),
         qk_norms_(std::move(qk_norms)),
         heads_(heads),
@@ -169,7 +192,11 @@ class DecodePlan {
       TORCH_CHECK(w.dim() == 1 && w.size(0) == head_dim && w.scalar_type() == norms_[0].scalar_type(),
                   "DecodePlan: q/k norm weights are (head_dim,) vectors of the norms' dtype");
     TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0, "DecodePlan: bad head counts");
-    for (size_t k = 0; k < n; ++k) linears_.emplace_back(ops[k], std::move(tensors[k]), std::move(ints[k]), biases[k]);
+    TORCH_CHECK(small_ops.size() == n && small_tensors.size() == n && small_ints.size() == n && small_rows.size() == n,
+                "DecodePlan: one small-batch call (or none) per linear layer");
+    for (size_t k = 0; k < n; ++k)
+      linears_.emplace_back(ops[k], std::move(tensors[k]), std::move(ints[k]), biases[k], small_ops[k],
+                            std::move(small_tensors[k]), std::move(small_ints[k]), small_rows[k]);
   }
 
   // x (M, hidden), the model's dtype: the new tokens' embeddings (the residual stream: overwritten); cos, sin
@@ -246,7 +273,8 @@ void bind_decode_plan(py::module_& m) {
       .def(py::init<std::vector<std::string>, std::vector<Tensors>, std::vector<Ints>,
                     std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>, int64_t, int64_t, int64_t,
                     double, std::vector<int64_t>, const std::string&, std::vector<torch::Tensor>, double, double,
-                    std::vector<bool>, bool>())
+                    std::vector<bool>, bool, std::vector<std::string>, std::vector<Tensors>, std::vector<Ints>,
+                    std::vector<int64_t>>())
       .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodePlan::num_layers);
   m.def("decode_kernels", &decode_kernels, "the kernel names a DecodePlan's linear layers may call");
