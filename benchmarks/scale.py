@@ -106,13 +106,15 @@ def checkpoint(size: str, work: Path) -> Path:
 
 
 def read_bandwidth(seconds: float = 2.0) -> float:
-    """GB/s of a sum over 1 GiB of fp32 (far beyond the caches), best of a few runs."""
+    """GB/s of the fastest plain read of 1 GiB of fp32 (beyond the caches): a sum or a dot product
+    (BLAS), best of a few runs. Kernels that prefetch can beat it a little."""
     x = torch.ones(2**28)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
-        start = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+        for read in (x.sum, lambda: torch.dot(x, x)):
+            start = time.perf_counter()
+            read()
+            best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
     return best
 
 
