@@ -352,3 +352,39 @@ def test_gemma_bidirectional_attention_is_refused(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match="sets use_bidirectional_attention=True"):
         tuili.load(tmp_path / "m")
+
+
+def test_a_sentencepiece_gguf_tokenizer_encodes_as_transformers_does(tmp_path):
+    # llama.cpp's "llama" vocabularies (Llama 2, Mistral, Gemma): pieces with scores, bytes as
+    # <0xNN> tokens; tuili builds them through transformers' own GGUF converter
+    transformers = pytest.importorskip("transformers")
+    from tuili.pipeline.gguf_export import export_gguf
+
+    src = gguf.GGUFReader(export_gguf(random_tiny(), tmp_path / "bpe.gguf", "f32").path)
+    writer = gguf.GGUFWriter(tmp_path / "spm.gguf", "llama")
+    for name, field in src.fields.items():
+        if not name.startswith(("tokenizer.", "GGUF.", "general.architecture")):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), field.types[0], sub)
+    pieces = ["\u2581", "H", "\u2581H", "\u2581world"]  # in place of 4 bytes valid UTF-8 never uses
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256) if b not in range(0xF5, 0xF9)], *pieces]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * (len(tokens) - 4) + [-1.0, -2.0, -3.0, -4.0])
+    writer.add_token_types([2, 3, 3] + [6] * 252 + [1] * 4)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for t in src.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = tuili.load(tmp_path / "spm.gguf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["Hello world", " two  spaces", "héllo ünïcode 日本"]:
+        ids = model.tokenizer.encode(text)
+        assert ids == hf.encode(text) and ids[0] == 1  # BOS first, as llama.cpp adds it
+        assert model.tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+    # SentencePiece's conventions: a prefix space, spaces as ▁, pieces merged by score ("▁" + "H")
+    assert model.tokenizer.encode("Hello world")[1] == tokens.index("\u2581H")

@@ -100,7 +100,7 @@ def read_gguf(
         config = _with_longrope(config, rope_factors, meta, path)
     if config.model_type == "llama":  # llama.cpp stores q and k rows interleaved for its RoPE
         _unpermute_qk(state, config, packed)
-    return config, state, Tokenizer.from_gguf(meta), packed
+    return config, state, Tokenizer.from_gguf(meta, path), packed
 
 
 def _codes(t) -> GGUFWeight | None:

@@ -122,13 +122,17 @@ class Tokenizer:
         write_json(folder / "tokenizer_config.json", config)
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any]) -> Tokenizer:
-        """Build the byte-level BPE tokenizer that a GGUF file describes (`tokenizer.ggml.*`)."""
+    def from_gguf(cls, meta: dict[str, Any], path: Path | None = None) -> Tokenizer:
+        """Build the tokenizer that a GGUF file describes (`tokenizer.ggml.*`): byte-level BPE
+        ("gpt2") here; SentencePiece ("llama": Llama 2, Mistral, Gemma ...) through transformers'
+        own GGUF converter, which knows each family's conventions (scores, byte fallback, prefix space)."""
         kind = meta.get("tokenizer.ggml.model")
+        if kind == "llama" and path is not None:
+            return cls._from_gguf_sentencepiece(meta, path)
         if kind != "gpt2":
             raise ModelFormatError(
-                f"GGUF tokenizer type {kind!r} is not supported (tuili reads byte-level BPE, 'gpt2'); "
-                "load the model's Hugging Face folder instead"
+                f"GGUF tokenizer type {kind!r} is not supported (tuili reads byte-level BPE, 'gpt2', and "
+                "SentencePiece, 'llama'); load the model's Hugging Face folder instead"
             )
         tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
         if not tokens:
@@ -148,12 +152,40 @@ class Tokenizer:
         backend.add_special_tokens(special)
         bos = _token_at(tokens, meta.get("tokenizer.ggml.bos_token_id"))
         eos = _token_at(tokens, meta.get("tokenizer.ggml.eos_token_id"))
-        if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-            bos_id = meta["tokenizer.ggml.bos_token_id"]
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-            )
+        if meta.get("tokenizer.ggml.add_bos_token"):
+            _add_bos(backend, bos)
         return cls(backend, meta.get("tokenizer.chat_template"), bos, eos)
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, meta: dict[str, Any], path: Path) -> Tokenizer:
+        try:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                convert_gguf_tokenizer,
+                get_gguf_tokenizer,
+            )
+        except ImportError as e:
+            raise ModelFormatError(
+                f"{path}: its SentencePiece tokenizer is read by transformers' GGUF converter, which is missing "
+                f"({e}); pip install 'transformers>=5'"
+            ) from None
+        try:
+            architecture, tokens, config = get_gguf_tokenizer(str(path))
+            backend, _ = convert_gguf_tokenizer(architecture, tokens)
+        except (ValueError, KeyError) as e:
+            raise ModelFormatError(f"{path}: its SentencePiece tokenizer could not be built ({e})") from e
+        bos = config.get("bos_token")
+        if config.get("add_bos_token"):  # llama.cpp's default for SentencePiece vocabularies
+            _add_bos(backend, bos)
+        return cls(backend, meta.get("tokenizer.chat_template"), bos, config.get("eos_token"))
+
+
+def _add_bos(backend: Backend, bos: str | None) -> None:
+    """Encodings start with the BOS token, as llama.cpp adds it where the file says so."""
+    bos_id = None if bos is None else backend.token_to_id(bos)
+    if bos is not None and bos_id is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
 
 
 def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
