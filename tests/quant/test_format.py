@@ -156,3 +156,12 @@ def test_layers_stored_together_must_be_quantized_alike(tmp_path):
     with pytest.raises(tuili.ModelFormatError, match="stored as part of model.layers.0.self_attn.qkv_proj"):
         model.save(tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_layers_stored_together_need_one_static_input_scale(tmp_path):
+    model = random_tiny("phi3")
+    quantize_(model, Int8StaticActivation(), calib=CALIB, progress=False)
+    q_proj = model.module.model.layers[0].self_attn.q_proj
+    q_proj.input_scale = q_proj.input_scale * 2  # q, k and v read one input: their scales agree unless changed
+    with pytest.raises(tuili.ModelFormatError, match="qkv_proj.input_scale: the layers stored in it hold different"):
+        model.save(tmp_path / "q")

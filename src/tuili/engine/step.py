@@ -191,7 +191,7 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         child = parent._modules[name]
         checks.add(parent._modules, name, child)
         make = getattr(child, "kernel_call", None)
-        if make is None:
+        if make is None or getattr(child, "input_order", None) is not None:  # permuted inputs: the module's
             return None
         made = make(bf16)  # first: a quantized layer caches it, and the checks record that
         key = "_bf16_kernel_call" if bf16 else "_kernel_call"

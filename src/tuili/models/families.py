@@ -155,8 +155,8 @@ def _stack(parts: list[Tensor], suffix: str, stored: str) -> Tensor:
     if suffix.endswith(_PER_COLUMN) or all(p.dim() == 0 or p.numel() == 1 for p in parts):
         if any(not torch.equal(p, parts[0]) for p in parts):
             raise ModelFormatError(
-                f"{stored}{suffix}: its parts ({', '.join(p.rsplit('.', 1)[-1] for p in [])}) hold different "
-                "values and the stored layer has one; quantize them alike (same calibration input)"
+                f"{stored}{suffix}: the layers stored in it hold different values and the stored layer has "
+                "one; quantize them alike (same calibration input)"
             )
         return parts[0]
     return torch.cat(parts)

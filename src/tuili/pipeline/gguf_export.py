@@ -76,7 +76,7 @@ def _blocks(layer: nn.Module, rows: Tensor | None) -> tuple[np.ndarray, gguf.GGM
     if isinstance(layer, Int8Linear):
         codes, scale, zero, offset = layer.qweight, layer.weight_scale[:, None], None, None
         bits, symmetric, group = 8, True, layer.in_features
-    elif isinstance(layer, WeightOnlyLinear):
+    elif isinstance(layer, WeightOnlyLinear) and layer.input_order is None:  # act-order groups: no twin
         codes, scale, zero, offset = layer.codes(), layer.scale, layer.zero, layer.offset
         bits, symmetric, group = layer.bits, layer.symmetric, layer.group_size
     else:

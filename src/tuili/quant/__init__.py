@@ -2,6 +2,7 @@
 
 from tuili.models.selection import select_linears
 from tuili.quant import format as _format  # noqa: F401 - registers the compressed-tensors checkpoint format
+from tuili.quant import gptq_awq_format as _gptq_awq  # noqa: F401 - registers GPTQ and AWQ checkpoints (read)
 from tuili.quant.api import AWQ, GPTQ, METHODS, RTN, SmoothQuant, quantize_
 from tuili.quant.config import (
     Int4WeightInt8Activation,

@@ -92,6 +92,11 @@ def _compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     if isinstance(m, WeightOnlyLinear):
+        if m.input_order is not None:
+            raise ModelFormatError(
+                "the model holds act-order GPTQ codes (groups not in input order), which tuili saves only "
+                "through GGUF export (dequantized) or after quantizing the float model again"
+            )
         if m.offset is not None:
             raise ModelFormatError(
                 "the model holds GGUF codes with float minimums per group (Q4_1, Q4_K), which compressed-tensors "

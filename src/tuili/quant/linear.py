@@ -91,6 +91,9 @@ class _KernelLinear(nn.Module, ABC):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        order = getattr(self, "input_order", None)
+        if order is not None:  # the codes' columns are the inputs in this order
+            rows = rows.index_select(1, order)
         ext = kernels.extension()
         call = None
         if ext is not None:  # no kernels, or forced off (tests, export): nothing is packed or cached
@@ -128,14 +131,18 @@ class WeightOnlyLinear(_KernelLinear):
     """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales.
 
     Per group W = scale · (codes − zero) with an integer zero point (compressed-tensors' layout), or
-    W = scale · codes − offset with a float offset (GGUF's Q4_1 and Q4_K minimums, kept as they are)."""
+    W = scale · codes − offset with a float offset (GGUF's Q4_1 and Q4_K minimums, kept as they are).
+    `input_order`: the codes' columns are the inputs in this order (an act-order GPTQ checkpoint's
+    groups, made contiguous); the activations are permuted to match, and the C++ decode step leaves
+    such a layer to the module forward."""
 
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
-    _buffer_names = ("qweight", "scale", "zero", "offset", "bias")
+    _buffer_names = ("qweight", "scale", "zero", "offset", "input_order", "bias")
     qweight: Tensor
     scale: Tensor
     zero: Tensor | None
     offset: Tensor | None
+    input_order: Tensor | None
 
     def __init__(
         self,
@@ -157,6 +164,7 @@ class WeightOnlyLinear(_KernelLinear):
         self.register_buffer("scale", torch.ones(out_features, num_groups))
         self.register_buffer("zero", None if symmetric else torch.zeros(out_features, num_groups, dtype=torch.uint8))
         self.register_buffer("offset", None)
+        self.register_buffer("input_order", None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -205,7 +213,16 @@ class WeightOnlyLinear(_KernelLinear):
         return self.qweight
 
     def dequantize(self) -> Tensor:
-        """The float weight this layer stands for, (out, in) fp32."""
+        """The float weight this layer stands for, (out, in) fp32, columns in input order."""
+        w = self._columns_as_stored()
+        if self.input_order is None:
+            return w
+        unordered = torch.empty_like(w)
+        unordered[:, self.input_order] = w
+        return unordered
+
+    def _columns_as_stored(self) -> Tensor:
+        """The float weight with its columns in the codes' order (input_order's, where set)."""
         return self._dequantize(self.codes(), self.scale, self.zero, self.offset)
 
     def dequantize_rows(self, rows: Tensor) -> Tensor:
@@ -260,13 +277,13 @@ class WeightOnlyLinear(_KernelLinear):
         return F.linear(self._activations(rows).to(dtype), self.weight_as(dtype)).to(rows.dtype)
 
     def weight_as(self, dtype: torch.dtype) -> Tensor:
-        """The float weight in `dtype` for one GEMM: made in one pass by tuili's dequantize kernels
-        from the codes the fp32 kernel call reads, into this thread's reused workspace (so it is
-        valid until the next call), else through PyTorch. At prefill making the weight is what costs:
-        PyTorch's unpacking took ~90% of a 1B model's prefill."""
+        """The float weight in `dtype` for one GEMM (columns in the codes' order): made in one pass
+        by tuili's dequantize kernels from the codes the fp32 kernel call reads, into this thread's
+        reused workspace (so it is valid until the next call), else through PyTorch. At prefill
+        making the weight is what costs: PyTorch's unpacking took ~90% of a 1B model's prefill."""
         call = self.kernel_call() if kernels.extension() is not None else None
         if call is None or dtype not in (torch.float32, torch.bfloat16):
-            return self.dequantize().to(dtype)
+            return self._columns_as_stored().to(dtype)
         out = kernels.workspace(self.out_features, self.in_features, dtype)
         bf16 = dtype == torch.bfloat16
         if call.op.name in ("w4_linear", "w4a8_linear"):
@@ -276,7 +293,7 @@ class WeightOnlyLinear(_KernelLinear):
         if call.op.name == "w8_linear":
             w, scale = cast(tuple[Tensor, Tensor], call.tensors)
             return kernels.dequantize_w8(w, scale, self.group_size, bf16, out)
-        return self.dequantize().to(dtype)
+        return self._columns_as_stored().to(dtype)
 
     def _activations(self, x: Tensor) -> Tensor:
         return x
