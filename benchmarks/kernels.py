@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from tuili import kernels
 from tuili.models import LlamaConfig
 from tuili.pipeline.report import markdown_table
-from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear, compute_dtype
+from tuili.quant.kernel_layer import compute_dtype
+from tuili.quant.linear import Int8Linear, W4A8Linear, WeightOnlyLinear
 from tuili.quant.primitives import quantize_weight
 
 SMOLLM2 = LlamaConfig(

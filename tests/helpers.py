@@ -32,6 +32,7 @@ TINY = dict(
     eos_token_id=2,
     bos_token_id=1,
 )
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True)  # both Gemmas
 CONFIGS = {
     "llama-gqa": dict(model_type="llama"),
     "llama-mha-untied-bias": dict(model_type="llama", num_key_value_heads=4, attention_bias=True, mlp_bias=True),
@@ -66,23 +67,17 @@ CONFIGS = {
         },
     ),
     "gemma2": dict(
+        **GEMMA,
         model_type="gemma2",
-        head_dim=16,
-        query_pre_attn_scalar=24,
-        sliding_window=8,
         attn_logit_softcapping=2.0,  # small caps, so that tanh bends on tiny random weights
         final_logit_softcapping=3.0,
-        tie_word_embeddings=True,
     ),
     "gemma3": dict(
+        **GEMMA,
         model_type="gemma3_text",
-        head_dim=16,
-        query_pre_attn_scalar=24,
-        sliding_window=8,
         rope_local_base_freq=100.0,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
         layer_types=["sliding_attention", "full_attention"],
-        tie_word_embeddings=True,
     ),
     "qwen3-moe": dict(
         model_type="qwen3_moe",

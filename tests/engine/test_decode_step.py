@@ -16,9 +16,10 @@ from tuili.engine import LLM, SamplingParams
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
+from tuili.kernels import repack
 from tuili.kernels.contract import MAX_M_F32, OPS
 from tuili.quant import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
-from tuili.quant.linear import compute_dtype
+from tuili.quant.kernel_layer import compute_dtype
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ step is one of tuili's kernels")
 SCHEMES = {
@@ -114,7 +115,7 @@ def test_more_sequences_than_a_quantized_kernel_takes_run_the_module_forward():
     assert both_ways(model, prompts=prompts, step=step)[0][0] is None
 
 
-@pytest.mark.skipif(not kernels.bf16_dot_products(), reason="the one-call path is the int16 W8 kernel's (VNNI)")
+@pytest.mark.skipif(not repack.bf16_dot_products(), reason="the one-call path is the int16 W8 kernel's (VNNI)")
 @pytest.mark.parametrize("arch", ["llama-gqa", "llama-mha-untied-bias"])  # the second: q, k, v and MLP biases
 def test_w8_layers_sharing_an_input_run_in_one_kernel_call(arch, monkeypatch):
     """Under 16-bit activations a layer's q, k, v (and gate, up) are one call of the multi-layer W8
@@ -275,13 +276,13 @@ def test_a_mixture_of_experts_decodes_through_the_module(arch):
 @pytest.mark.parametrize("rows", [0, 2, 64])
 @pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
 def test_small_batches_may_take_the_gemv_and_stay_bit_for_bit(monkeypatch, rows, scheme):
-    # where this CPU runs the fp32-activation GEMV faster at small batches (kernels.small_batch_rows),
+    # where this CPU runs the fp32-activation GEMV faster at small batches (repack.small_batch_rows),
     # a bf16 layer's call carries it for those; the C++ step and the module forward choose alike
-    monkeypatch.setattr(kernels, "small_batch_rows", lambda bits: rows)
+    monkeypatch.setattr(repack, "small_batch_rows", lambda bits: rows)
     model = random_tiny("llama-gqa")
     quantize_(model, SCHEMES[scheme], ignore=(), progress=False)
     call = model.module.model.layers[0].mlp.up_proj.kernel_call(True)
-    assert (call.small is not None) == (rows > 0 and kernels.bf16_dot_products())
+    assert (call.small is not None) == (rows > 0 and repack.bf16_dot_products())
     for prompts, step in ((PROMPTS, STEP), (PROMPTS[:1], tuple(t[:1] for t in STEP))):  # 3 rows, then 1
         assert_same(*both_ways(model, activations=torch.bfloat16, prompts=prompts, step=step))
     if call.small is not None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tuili.kernels import ops
+from tuili.kernels import dequant, ops, repack
 from tuili.kernels.build import extension
 from tuili.quant.primitives import pack_int4
 
@@ -70,7 +70,7 @@ needs_bf16 = pytest.mark.skipif(ext is None or not ext.bf16(), reason="the bf16 
 def test_bf16_w4_kernel_is_the_product_with_bf16_rounded_activations(m, n, k, group_size, flip):
     w, scale, zs = random_w4(n, k, group_size, flip, seed=m)
     x = torch.randn(m, k)
-    packed, scale_p, zs_p = ops.pack_w4_bf16(w, k, flip, scale, zs)
+    packed, scale_p, zs_p = repack.pack_w4_bf16(w, k, flip, scale, zs)
     assert packed.shape == (-(-n // 16), -(-k // 4), 32) and scale_p.shape == (-(-n // 16), scale.shape[1], 16)
     expected = ops.w4_linear_reference(x.bfloat16().float(), w, scale, zs, group_size, flip)
     torch.testing.assert_close(
@@ -104,7 +104,7 @@ def test_int16_w8_kernel_is_the_product_with_int16_rounded_activations(m, n, k, 
     w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
     x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
-    packed, scale_p = ops.pack_w8_i16(w, scale)
+    packed, scale_p = repack.pack_w8_i16(w, scale)
     expected = ops.w8_linear_reference(ops.quantize_rows_i16(x), w, scale, group_size)
     torch.testing.assert_close(ext.w8_linear_i16(x, packed, scale_p, n, group_size), expected, atol=1e-3, rtol=1e-4)
     assert ext.w8_linear_i16(x.bfloat16(), packed, scale_p, n, group_size).dtype == torch.bfloat16
@@ -120,7 +120,7 @@ def test_several_w8_layers_on_one_input_equal_one_call_each(m):
     for n, group_size in ((576, k), (40, 64), (192, k)):
         w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
-        layers.append((*ops.pack_w8_i16(w, scale), n, group_size))
+        layers.append((*repack.pack_w8_i16(w, scale), n, group_size))
     x = torch.randn(m, k, generator=g) * 4
     outs = ext.w8_linear_i16_multi(x, *[list(column) for column in zip(*layers)])
     assert [o.shape for o in outs] == [(m, 576), (m, 40), (m, 192)]
@@ -142,7 +142,7 @@ def test_int16_w8_kernel_saturated_activations_do_not_overflow():
     w = torch.full((n, k), -128, dtype=torch.int8)
     scale = torch.ones(n, 1)
     x = torch.full((2, k), 3.0)
-    packed, scale_p = ops.pack_w8_i16(w, scale)
+    packed, scale_p = repack.pack_w8_i16(w, scale)
     torch.testing.assert_close(ext.w8_linear_i16(x, packed, scale_p, n, k), torch.full((2, n), -128.0 * 3 * k))
 
 
@@ -158,7 +158,7 @@ def test_int16_rounding_is_finer_than_bf16_for_typical_activations():
 @needs_bf16
 def test_bf16_kernels_refuse_weights_packed_for_another_shape():
     w, scale, zs = random_w4(32, 128, 32, False)
-    packed, scale_p, zs_p = ops.pack_w4_bf16(w, 128, False, scale, zs)
+    packed, scale_p, zs_p = repack.pack_w4_bf16(w, 128, False, scale, zs)
     with pytest.raises(RuntimeError, match="packed weights"):
         ext.w4_linear_bf16(torch.randn(2, 256), packed, scale_p, zs_p, 32, 32)
     with pytest.raises(RuntimeError, match="group_size"):
@@ -315,15 +315,15 @@ def test_dequantize_kernels_give_the_references_values_bit_for_bit(n, k, group_s
         if group_size % 32 and group_size < k:
             break  # W4 takes groups of 32 (or whole rows)
         w, scale, zs = random_w4(n, k, group_size, flip)
-        expected = ops.dequantize_w4_reference(w, scale, zs, k, group_size, flip, bf16)
+        expected = dequant.dequantize_w4_reference(w, scale, zs, k, group_size, flip, bf16)
         assert torch.equal(ext.dequantize_w4(w, scale, zs, k, group_size, flip, bf16, None), expected)
-        out = ops.workspace(n, k, expected.dtype)
+        out = dequant.workspace(n, k, expected.dtype)
         assert ext.dequantize_w4(w, scale, zs, k, group_size, flip, bf16, out).data_ptr() == out.data_ptr()
         assert torch.equal(out, expected)
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     s8 = torch.rand(n, -(-k // group_size)) * 0.01
     assert torch.equal(
-        ext.dequantize_w8(w8, s8, group_size, bf16, None), ops.dequantize_w8_reference(w8, s8, group_size, bf16)
+        ext.dequantize_w8(w8, s8, group_size, bf16, None), dequant.dequantize_w8_reference(w8, s8, group_size, bf16)
     )
 
 
@@ -337,16 +337,16 @@ def test_dequantize_refuses_shapes_it_cannot_read():
 
 
 def test_the_workspace_is_reused_and_bounded():
-    a = ops.workspace(64, 64, torch.bfloat16)
-    b = ops.workspace(32, 64, torch.float32)
+    a = dequant.workspace(64, 64, torch.bfloat16)
+    b = dequant.workspace(32, 64, torch.float32)
     assert a.data_ptr() == b.data_ptr() and b.shape == (32, 64)
-    big = ops.workspace(ops.WORKSPACE_LIMIT // 4 + 1, 1, torch.float32)
+    big = dequant.workspace(dequant.WORKSPACE_LIMIT // 4 + 1, 1, torch.float32)
     assert big.data_ptr() != a.data_ptr()  # beyond the limit: a tensor of its own
 
 
 AVX2_CHECK = """
 import torch
-from tuili.kernels import ops
+from tuili.kernels import dequant, ops
 from tuili.kernels.build import extension
 from tests.kernels.test_ops import random_w4, random_w8a8
 ext = extension()
@@ -369,8 +369,8 @@ for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100)]:
     for bf16 in (False, True):
         w, scale, zs = random_w4(n, k, gs, True)
         assert torch.equal(ext.dequantize_w4(w, scale, zs, k, gs, True, bf16, None),
-                           ops.dequantize_w4_reference(w, scale, zs, k, gs, True, bf16))
-        assert torch.equal(ext.dequantize_w8(w8, s8, gs, bf16, None), ops.dequantize_w8_reference(w8, s8, gs, bf16))
+                           dequant.dequantize_w4_reference(w, scale, zs, k, gs, True, bf16))
+        assert torch.equal(ext.dequantize_w8(w8, s8, gs, bf16, None), dequant.dequantize_w8_reference(w8, s8, gs, bf16))
 print("ok")
 """
 

@@ -24,7 +24,7 @@ from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
 from tuili.models.model import Model
-from tuili.quant.linear import compute_dtype
+from tuili.quant.kernel_layer import compute_dtype
 
 log = logging.getLogger("tuili.engine")
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages (the engine's own forms)

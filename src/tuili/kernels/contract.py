@@ -59,7 +59,7 @@ class KernelCall:
 
     `small`: another call of the same product for batches of at most `small_rows` rows, where
     this CPU runs it faster (the fp32-activation GEMV beside a bf16 dot-product kernel, chosen by
-    tuili.kernels.ops.small_batch_rows)."""
+    tuili.kernels.repack.small_batch_rows)."""
 
     op: KernelOp
     tensors: tuple[Tensor | None, ...]

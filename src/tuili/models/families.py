@@ -41,6 +41,11 @@ class Family:
     renamed: dict[str, str] = field(default_factory=dict)  # parts of names inside a decoder layer: stored -> tuili
     norm_offset: float = 0.0  # an RMSNorm computes (offset + w): tuili holds offset + w
 
+    @property
+    def stored_names(self) -> dict[str, str]:
+        """`renamed` the other way: tuili -> stored."""
+        return {tuili: stored for stored, tuili in self.renamed.items()}
+
 
 def _qkv_rows(c: LlamaConfig) -> tuple[int, ...]:
     return (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim)
@@ -89,7 +94,7 @@ def checkpoint_name(name: str, config: LlamaConfig) -> str:
         for part in f.parts:
             if name.endswith("." + part):
                 return name[: -len(part)] + f.name
-    return _renamed(name, {v: k for k, v in fam.renamed.items()}, key=False)
+    return _renamed(name, fam.stored_names, key=False)
 
 
 def _renamed(name: str, names: dict[str, str], key: bool = True) -> str:
@@ -122,7 +127,7 @@ def to_stored(state: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor
     fam = family(config)
     if fam.norm_offset:
         state = {k: (v.float() - fam.norm_offset).to(v.dtype) if k.endswith(_NORM) else v for k, v in state.items()}
-    state = {_renamed(k, {v: k for k, v in fam.renamed.items()}): v for k, v in state.items()}
+    state = {_renamed(k, fam.stored_names): v for k, v in state.items()}
     for stored, parts, _ in _fused_layers(config):
         suffixes = [{k[len(p) :] for k in state if k.startswith(p + ".")} for p in parts]
         if not any(suffixes):

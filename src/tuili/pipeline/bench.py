@@ -17,7 +17,7 @@ from tuili.engine.offline import LLM
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.sampling import SamplingParams
 from tuili.models.model import Model
-from tuili.quant.linear import compute_dtype
+from tuili.quant.kernel_layer import compute_dtype
 
 CONCURRENT_PROMPT_TOKENS = 128  # each concurrent request: a prompt this long, then new_tokens
 

@@ -30,7 +30,7 @@ from tuili.models.selection import select_linears
 from tuili.pipeline.analysis import module_bytes
 from tuili.quant.api import quantize_layer
 from tuili.quant.config import Int4WeightOnly, Int8WeightOnly, QuantScheme
-from tuili.quant.linear import compute_dtype
+from tuili.quant.kernel_layer import compute_dtype
 
 # the formats a layer may take: float (kept), int8 per channel, int4 in groups of 32 or 128
 OPTIONS: dict[str, QuantScheme | None] = {

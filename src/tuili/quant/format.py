@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tuili.errors import ModelFormatError
 from tuili.models.formats import CheckpointFormat, StoredName, register
+from tuili.models.selection import replace_module
 from tuili.quant.linear import Int8Linear, QuantizedEmbedding, W4A8Linear, WeightOnlyLinear
 from tuili.quant.primitives import pack_int4
 
@@ -139,8 +140,7 @@ def load_compressed(module: nn.Module, state: dict[str, Tensor], qconfig: dict[s
         if scheme is None:
             continue
         new = _restore(name, linear, scheme, state)
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, child, new)
+        replace_module(module, name, new)
         state.update({f"{name}.{k}": v for k, v in new.state_dict().items()})
 
 
@@ -211,8 +211,7 @@ def load_gguf_codes(module: nn.Module, state: dict[str, Tensor], qconfig: dict[s
         bias = state.pop(f"{name}.bias", None)
         if bias is not None:
             layer.bias = nn.Parameter(bias.to(qconfig["dtype"]), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, child, layer)
+        replace_module(module, name, layer)
         state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     root: Any = module  # a LlamaForCausalLM, read by its parts' names
     if "lm_head" in qconfig["layers"] and root.config.tie_word_embeddings:

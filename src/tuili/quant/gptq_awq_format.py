@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from tuili.errors import ModelFormatError
 from tuili.models.formats import CheckpointFormat, StoredName, register
+from tuili.models.selection import replace_module
 from tuili.quant.linear import WeightOnlyLinear
 from tuili.quant.primitives import pack_int4
 
@@ -96,8 +97,7 @@ def load_gptq_awq(module: nn.Module, state: dict[str, Tensor], qconfig: dict[str
         if f"{name}.qweight" not in state:
             continue
         new = _restore(name, linear, state, qconfig)
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, child, new)
+        replace_module(module, name, new)
         state.update({f"{name}.{k}": v for k, v in new.state_dict().items()})
 
 

@@ -9,10 +9,6 @@ for small batches, in `torch._int_mm` otherwise.
 
 from __future__ import annotations
 
-import contextvars
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import cast
 
@@ -20,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tuili.kernels import dequant, repack
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import OPS, KernelCall
+from tuili.quant.kernel_layer import COMPUTE_DTYPE, KernelLinear
 from tuili.quant.primitives import (
     QuantizedWeight,
     dequantize_groups,
@@ -31,103 +29,8 @@ from tuili.quant.primitives import (
     unpack_int4,
 )
 
-_COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("tuili_compute_dtype", default=None)
 
-
-@contextmanager
-def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """Inside the block (the calls made in it, like `torch.autocast`: a context variable, so another
-    thread's work is unaffected), weight-only layers compute with 16-bit activations, fp32 accumulation:
-    large batches (prefill) as a bf16 GEMM on dequantized weights (oneDNN), small ones (decoding)
-    in tuili's dot-product kernels (W4 × bf16 activations; W8 × int16 activations rounded per
-    token, which is finer than bf16 and 1.5-2× faster there); about 3× faster than fp32 at
-    prefill and at 16 rows on CPUs with AVX512-BF16 or AMX. The engine uses it there. None: the
-    activations' dtype (fp32 in, exact fp32 products)."""
-    token = _COMPUTE_DTYPE.set(dtype)
-    try:
-        yield
-    finally:
-        _COMPUTE_DTYPE.reset(token)
-
-
-_UNSET = object()
-_CALL_KEYS = ("_kernel_call", "_bf16_kernel_call")  # where a layer caches its call, by bf16
-
-
-class _KernelLinear(nn.Module, ABC):
-    """A quantized linear layer whose forward calls one of tuili's kernels for small batches and its
-    PyTorch path (`_reference`) otherwise. Decoding calls every layer once per token, so the call
-    is kept short: the layer's `KernelCall` sits in a plain attribute, dropped whenever a buffer is
-    assigned, loaded or moved, instead of being rebuilt through nn.Module each time."""
-
-    _buffer_names: tuple[str, ...] = ()
-    in_features: int
-    out_features: int
-    bias: nn.Parameter | None
-
-    def kernel_call(self, bf16: bool = False) -> KernelCall | None:
-        """The kernel call of this layer's product for fp32 activations (`bf16`: for 16-bit ones, a
-        bf16 input or inside `compute_dtype(torch.bfloat16)`); None where no kernel takes its
-        layout or its weights are not on the CPU."""
-        key = _CALL_KEYS[bf16]
-        call = self.__dict__.get(key, _UNSET)
-        if call is _UNSET:
-            on_cpu = all(t.device.type == "cpu" for t in self.buffers())
-            made = (self._make_bf16_kernel_call() if bf16 else self._make_kernel_call()) if on_cpu else None
-            call = self.__dict__[key] = made
-        return call  # type: ignore[return-value]
-
-    @abstractmethod
-    def _make_kernel_call(self) -> KernelCall | None:
-        """The call for fp32 activations, or None where no kernel applies."""
-
-    def _make_bf16_kernel_call(self) -> KernelCall | None:
-        """The call for 16-bit activations: by default the same as for fp32 ones."""
-        return self.kernel_call()
-
-    @abstractmethod
-    def _reference(self, rows: Tensor) -> Tensor:
-        """The PyTorch product for rows (M, in) without bias: the fallback and large batches."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        order = getattr(self, "input_order", None)
-        if order is not None:  # the codes' columns are the inputs in this order
-            rows = rows.index_select(1, order)
-        ext = kernels.extension()
-        call = None
-        if ext is not None:  # no kernels, or forced off (tests, export): nothing is packed or cached
-            bf16 = rows.dtype == torch.bfloat16 or _COMPUTE_DTYPE.get() == torch.bfloat16
-            call = self.__dict__.get(_CALL_KEYS[bf16], _UNSET)
-            if call is _UNSET:
-                call = self.kernel_call(bf16)
-        y = call.run(ext, rows) if call is not None and rows.shape[0] <= call.op.max_rows else self._reference(rows)
-        bias = self.bias if call is None else call.bias
-        if bias is not None:
-            y = y + bias
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-
-    def __setattr__(self, name, value):
-        if name in self._buffer_names:
-            self._forget_kernel_calls()
-        super().__setattr__(name, value)
-
-    def _forget_kernel_calls(self) -> None:
-        for key in _CALL_KEYS:
-            self.__dict__.pop(key, None)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._forget_kernel_calls()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, *args, **kwargs):
-        self._forget_kernel_calls()
-        return super()._apply(*args, **kwargs)
-
-
-class WeightOnlyLinear(_KernelLinear):
+class WeightOnlyLinear(KernelLinear):
     """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales.
 
     Per group W = scale · (codes − zero) with an integer zero point (compressed-tensors' layout), or
@@ -257,23 +160,23 @@ class WeightOnlyLinear(_KernelLinear):
     def _make_bf16_kernel_call(self) -> KernelCall | None:
         # a repacked copy of the codes (as many bytes again), made on the first bf16 call
         call = self.kernel_call()
-        if not kernels.bf16_dot_products() or (self.group_size % 4 and self.group_size < self.in_features):
+        if not repack.bf16_dot_products() or (self.group_size % 4 and self.group_size < self.in_features):
             return call
         ints = (self.out_features, self.group_size)
         if self.bits == 4 and call is not None:
             qweight, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)  # codes, scales, scale · zero
-            w4 = kernels.pack_w4_bf16(qweight, self.in_features, bool(call.ints[1]), scale, zs)
+            w4 = repack.pack_w4_bf16(qweight, self.in_features, bool(call.ints[1]), scale, zs)
             dots = KernelCall.of("w4_linear_bf16", *w4, ints=ints, bias=self.bias)
         elif self.bits == 8 and self.symmetric:  # int16 activations: one widening per 32 codes, not int8 → bf16
-            w8 = kernels.pack_w8_i16(self.qweight, self.scale)
+            w8 = repack.pack_w8_i16(self.qweight, self.scale)
             dots = KernelCall.of("w8_linear_i16", *w8, ints=ints, bias=self.bias)
         else:
             return call
-        rows = kernels.small_batch_rows(self.bits) if call is not None else 0
+        rows = repack.small_batch_rows(self.bits) if call is not None else 0
         return replace(dots, small=call, small_rows=rows) if rows else dots
 
     def _reference(self, rows: Tensor) -> Tensor:
-        dtype = _COMPUTE_DTYPE.get() or rows.dtype
+        dtype = COMPUTE_DTYPE.get() or rows.dtype
         return F.linear(self._activations(rows).to(dtype), self.weight_as(dtype)).to(rows.dtype)
 
     def weight_as(self, dtype: torch.dtype) -> Tensor:
@@ -284,15 +187,15 @@ class WeightOnlyLinear(_KernelLinear):
         call = self.kernel_call() if kernels.extension() is not None else None
         if call is None or dtype not in (torch.float32, torch.bfloat16):
             return self._columns_as_stored().to(dtype)
-        out = kernels.workspace(self.out_features, self.in_features, dtype)
+        out = dequant.workspace(self.out_features, self.in_features, dtype)
         bf16 = dtype == torch.bfloat16
         if call.op.name in ("w4_linear", "w4a8_linear"):
             w, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)
             group, flip = call.ints
-            return kernels.dequantize_w4(w, scale, zs, self.in_features, group, bool(flip), bf16, out)
+            return dequant.dequantize_w4(w, scale, zs, self.in_features, group, bool(flip), bf16, out)
         if call.op.name == "w8_linear":
             w, scale = cast(tuple[Tensor, Tensor], call.tensors)
-            return kernels.dequantize_w8(w, scale, self.group_size, bf16, out)
+            return dequant.dequantize_w8(w, scale, self.group_size, bf16, out)
         return self._columns_as_stored().to(dtype)
 
     def _activations(self, x: Tensor) -> Tensor:
@@ -336,7 +239,7 @@ class W4A8Linear(WeightOnlyLinear):
         return kernels.quantize_groups(rows, self.group_size).to(rows.dtype)
 
 
-class Int8Linear(_KernelLinear):
+class Int8Linear(KernelLinear):
     """W8A8: y = (q_x · q_wᵀ) · s_x · s_w + b, weights per output channel, activations per token
     (dynamic) or per tensor with a calibrated scale (static)."""
 
