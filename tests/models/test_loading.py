@@ -66,7 +66,7 @@ def test_interrupted_save_leaves_the_old_folder_and_no_temporary(tmp_path, monke
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("tuili.models.model.save_file", fail)
+    monkeypatch.setattr("tuili.models.checkpoint.save_file", fail)
     with pytest.raises(KeyboardInterrupt):
         random_tiny(seed=2).save(target)
     assert sorted(p.name for p in target.iterdir()) == before

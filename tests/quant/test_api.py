@@ -144,6 +144,61 @@ def test_scheme_names():
         scheme_from_name("w3a3")
 
 
+def reference_gptq(w, hessian, bits, group_size, symmetric, damp=0.01, block_size=128, act_order=False):
+    """GPTQ written as the paper's Algorithm 1 reads (columns of W, copies, no in-place tricks)."""
+    from tuili.quant.primitives import fake_quantize, qparams, quantize_weight_with, split_groups
+
+    rows, cols = w.shape
+    W, H = w.clone().float(), hessian.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scale, zero = torch.ones(rows, cols // group_size), torch.zeros(rows, cols // group_size)
+    perm = torch.arange(cols)
+    if act_order:
+        groups = split_groups(W, group_size)
+        scale, zero = qparams(groups.amin(-1), groups.amax(-1), bits, symmetric)
+        perm = torch.argsort(torch.diag(H), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    H = H + damp * torch.diag(H).mean() * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group_size
+            if not act_order and col % group_size == 0:
+                ahead = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :group_size]
+                scale[:, g], zero[:, g] = qparams(ahead.amin(1), ahead.amax(1), bits, symmetric)
+            q_col = fake_quantize(W1[:, i], scale[:, g], zero[:, g], bits, symmetric)
+            Q[:, i1 + i] = q_col
+            err = (W1[:, i] - q_col) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return quantize_weight_with(Q[:, torch.argsort(perm)], scale, zero, bits, group_size, symmetric)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
+def test_gptq_equals_the_papers_algorithm(act_order, bits, symmetric):
+    """tuili's GPTQ (transposed, in place) rounds as Algorithm 1 does: codes equal but for the rare
+    column whose value lands on a rounding boundary after float reassociation."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 256, generator=g) @ torch.randn(256, 256, generator=g)
+    x[:, 7] = 0  # a dead input
+    w = torch.randn(96, 256, generator=g)
+    h = Hessian(256)
+    h.add(x)
+    got = gptq(w, h.value(), bits, 64, symmetric, block_size=32, act_order=act_order)
+    want = reference_gptq(w, h.value(), bits, 64, symmetric, block_size=32, act_order=act_order)
+    torch.testing.assert_close(got.scale, want.scale, rtol=1e-5, atol=0)
+    assert (got.q != want.q).float().mean() < 1e-3
+    assert torch.equal(got.zero, want.zero)
+
+
 def test_gptq_beats_rtn_on_correlated_inputs():
     torch.manual_seed(0)
     mix = torch.randn(64, 64)
@@ -189,3 +244,19 @@ def test_alpha_search_beats_the_fixed_alphas_it_tries(static):
 
 def group_column_max(linears):
     return torch.stack([m.weight.abs().amax(0) for m in linears.values()]).amax(0)
+
+
+@pytest.mark.parametrize("n", [100, 300])
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(n, monkeypatch):
+    """The reversed-order factor with blocked inversion (small blocks here, so that the recursion
+    runs) equals factor → invert → factor again."""
+    from tuili.quant import gptq as gptq_module
+
+    real = gptq_module._invert_upper_
+    monkeypatch.setattr(gptq_module, "_invert_upper_", lambda r, leaf=2048: real(r, 32))
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / n
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    torch.testing.assert_close(gptq_module.inverse_hessian_factor(h.clone(), 0.01), want, rtol=0, atol=1e-12)

@@ -64,14 +64,15 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(args):
+def load_model(args, lazy: bool = False):
+    """The model `--model` names; `lazy`: decoder layers read as a layer-by-layer verb reaches them."""
     from tuili.models import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model = load(args.model, dtype=args.dtype, keep_quantized=getattr(args, "keep_quantized", False))
+    model = load(args.model, dtype=args.dtype, keep_quantized=getattr(args, "keep_quantized", False), lazy=lazy)
     print(f"loaded {model.config.architecture} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
 

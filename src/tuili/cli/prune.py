@@ -70,7 +70,7 @@ def _prune(args) -> None:
         target = SemiStructured.parse(args.pattern)
     if args.iterations > 1 and args.sparsity is None:
         raise ValueError("--iterations raises --sparsity in stages; it does not apply to --pattern or --structured")
-    model = load_model(args)
+    model = load_model(args, lazy=True)  # wanda, sparsegpt: one decoder layer read at a time
     calib = calibration_samples(
         model.tokenizer.encode(load_text(args.data, "calibration")), args.calib_samples, args.calib_len, args.seed
     )

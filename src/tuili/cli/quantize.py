@@ -90,7 +90,7 @@ def _quantize(args) -> None:
             "(--method gptq is GPTQ on its own, for w4a16/w8a16/w4a8)"
         )
     method = SmoothQuant(args.alpha, gptq=args.gptq) if args.method == "smoothquant" else method_named(args.method)
-    model = load_model(args)
+    model = load_model(args, lazy=True)  # one float decoder layer in memory at a time
     calib = calibration_samples(
         model.tokenizer.encode(load_text(args.data, "calibration")), args.calib_samples, args.calib_len, args.seed
     )

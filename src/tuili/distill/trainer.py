@@ -43,6 +43,7 @@ from tuili.distill.losses import (
 from tuili.distill.run_folder import RunFolder
 from tuili.distill.runtime import bf16_supported, init_distributed
 from tuili.distill.students import Alignment, DistillError, alignment, check_pair
+from tuili.models.lazy import onload_all
 from tuili.models.model import Model
 from tuili.prune.masks import keep_masks
 from tuili.quant.linear import quantized_layers
@@ -349,6 +350,9 @@ def distill_(
     """Train `student` in place from `teacher` (None: plain fine-tuning, with alpha=0) on packed
     sequences `train` (N, T) and return it. What the run measured is recorded in
     `student.provenance[-1]`; `Distiller(...).train()` returns the whole `DistillResult` (its log)."""
+    for m in (student, teacher):
+        if m is not None:
+            onload_all(m.module)  # training needs every parameter in memory
     Distiller(teacher, student, train, config or DistillConfig(), eval_windows, run_dir, resume, progress).train()
     return student
 

@@ -23,6 +23,7 @@ from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties,
 from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
+from tuili.models.lazy import onload_all
 from tuili.models.model import Model
 from tuili.quant.kernel_layer import compute_dtype
 
@@ -89,6 +90,7 @@ class LLMEngine:
                 raise ValueError(f"threads must be at least 1, got {threads}")
             torch.set_num_threads(threads)
         self.model, self.module = model, model.module
+        onload_all(self.module)  # a lazily loaded model's remaining layers: serving needs them all
         config = model.config
         dtype = self.module.dtype
         kv_dtype = PagedKVCache.dtype_for(config, dtype, kv_cache_dtype)

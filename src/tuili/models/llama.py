@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from tuili.models.attention import (
     soft_cap,
 )
 from tuili.models.config import LlamaConfig
+
+if TYPE_CHECKING:
+    from tuili.models.lazy import LazyLayers
 
 
 class KVCache(Protocol):
@@ -223,6 +226,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)  # buffers only: nothing in the state dict
         # Gemma 3's sliding-window layers: a RoPE of their own
         self.rotary_emb_local = RotaryEmbedding(config, local=True) if config.local_rope_theta else None
+        self.lazy_layers: LazyLayers | None = None  # decoder layers still on disk (tuili.models.lazy)
 
     def forward(
         self,

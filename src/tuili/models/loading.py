@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from tuili.errors import ModelFormatError
 from tuili.models.attention import RotaryEmbedding
+from tuili.models.checkpoint import Checkpoint
 from tuili.models.config import LlamaConfig
 from tuili.models.families import checkpoint_name, to_tuili
 from tuili.models.formats import FORMATS
 from tuili.models.gguf import GGUFWeight, read_gguf
 from tuili.models.io import read_json
+from tuili.models.lazy import LazyLayers
 from tuili.models.llama import LlamaForCausalLM
 from tuili.models.model import PROVENANCE_FILE, Model
 from tuili.models.tokenizer import Tokenizer
@@ -54,6 +53,7 @@ def load(
     device: str = "cpu",
     *,
     keep_quantized: bool = False,
+    lazy: bool = False,
 ) -> Model:
     """Load a model: "default", a folder in Hugging Face layout, a .gguf file, or a hub id.
 
@@ -61,15 +61,20 @@ def load(
     layers run them; tuili.models.gguf lists the block types) instead of becoming `dtype` weights:
     to serve or evaluate the file as it is. Leave it off to compress the model further.
 
+    lazy: a safetensors folder's decoder layers are read when first used (tuili.models.lazy), so
+    quantizing a checkpoint larger than memory holds one float layer at a time. The result is the
+    same either way; GGUF files, *.bin checkpoints and compressed checkpoints are read whole.
+
     >>> model = tuili.load("default")          # SmolLM2-135M-Instruct, dequantized to fp32
     >>> served = tuili.load("default", keep_quantized=True)   # its own Q4_1 / Q8_0 codes
+    >>> big = tuili.load("Llama-3.1-8B", dtype="bfloat16", lazy=True)   # layers read as used
     """
     torch_dtype = _dtype(dtype)
     start = time.perf_counter()
     spec = str(spec)
     path = default_model_path() if spec == "default" else Path(spec).expanduser()
     if path.is_dir():
-        model = _load_folder(path, torch_dtype, device)
+        model = _load_folder(path, torch_dtype, device, lazy)
     elif path.is_file():
         if path.suffix != ".gguf":
             raise ModelFormatError(f"{path}: expected a folder in Hugging Face layout or a .gguf file")
@@ -79,7 +84,7 @@ def load(
             kinds = sorted({w.block_type for w in packed.values()})
             model.provenance[-1].update(kept_quantized=len(packed), block_types=kinds)
     elif _looks_like_hub_id(spec):
-        model = _load_folder(_download(spec), torch_dtype, device)
+        model = _load_folder(_download(spec), torch_dtype, device, lazy)
         model.source = spec
     else:
         raise ModelFormatError(
@@ -90,28 +95,32 @@ def load(
     return model
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, device: str) -> Model:
+def _load_folder(folder: Path, dtype: torch.dtype, device: str, lazy: bool) -> Model:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelFormatError(f"{folder}: no config.json (not a Hugging Face model folder)")
     config = LlamaConfig.from_hf(read_json(config_path))
     tokenizer = Tokenizer.from_folder(folder)
     history = read_json(folder / PROVENANCE_FILE).get("provenance", []) if (folder / PROVENANCE_FILE).is_file() else []
-    model = _assemble(config, _read_weights(folder), tokenizer, dtype, device, str(folder), "hf")
+    lazy = lazy and not config.extra.get("quantization_config")  # compressed checkpoints are small: read whole
+    state, checkpoint = _read_weights(folder, lazy)
+    model = _assemble(config, state, tokenizer, dtype, device, str(folder), "hf")
+    if checkpoint is not None:
+        LazyLayers(checkpoint, config, str(folder)).attach(model.module)
+    model.provenance[-1]["lazy"] = checkpoint is not None
     model.provenance[:0] = history
     return model
 
 
-def _read_weights(folder: Path) -> dict[str, Tensor]:
-    files = _safetensors_files(folder)
-    if files:
-        state = {}
-        for file in files:
-            try:
-                state.update(load_file(str(file)))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ModelFormatError(f"{file}: corrupt or truncated safetensors file ({e})") from e
-        return state
+def _read_weights(folder: Path, lazy: bool) -> tuple[dict[str, Tensor], Checkpoint | None]:
+    """The folder's tensors; with `lazy`, decoder layers' tensors are meta tensors of their shape
+    and dtype (read later, tuili.models.lazy), and the checkpoint is returned to read them from."""
+    checkpoint = Checkpoint.find(folder)
+    if checkpoint is not None:
+        if not lazy:
+            return checkpoint.read(), None
+        outside = [n for n in checkpoint.where if not n.startswith("model.layers.")]
+        return {**checkpoint.meta, **checkpoint.read(outside)}, checkpoint
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
         raise ModelFormatError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin)")
@@ -121,27 +130,7 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
             state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:  # pickle and zip errors have no common base
             raise ModelFormatError(f"{file}: unreadable PyTorch checkpoint ({e})") from e
-    return state
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files: the shards its `model.safetensors.index.json` lists (each
-    one checked to be there), or every *.safetensors file where there is no index."""
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return sorted(folder.glob("*.safetensors"))
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ModelFormatError(f"{index}: not a safetensors index (no readable weight_map: {e})") from None
-    missing = [name for name in shards if not (folder / name).is_file()]
-    if missing:
-        raise ModelFormatError(
-            f"{index} lists {len(shards)} shards and {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing from {folder}: download the whole checkpoint"
-        )
-    return [folder / name for name in shards]
+    return state, None
 
 
 def _assemble(
@@ -171,10 +160,7 @@ def _assemble(
     _check_weights(state, expected, source)
     # compressed layers keep their stored dtypes (codes, fp32 scales); the float rest takes `dtype`
     module.load_state_dict(
-        {
-            k: v.to(device) if k in exact or not v.is_floating_point() else v.to(device=device, dtype=dtype)
-            for k, v in state.items()
-        },
+        {k: _placed(v, k in exact, dtype, device) for k, v in state.items()},
         strict=False,
         assign=True,
     )
@@ -188,6 +174,13 @@ def _assemble(
     model = Model(module, tokenizer, config, source)
     model.record("loaded", source=source, format=fmt, dtype=config.torch_dtype)
     return model
+
+
+def _placed(t: Tensor, exact: bool, dtype: torch.dtype, device: str) -> Tensor:
+    """A weight on `device`: float weights in `dtype`, compressed ones (codes, scales) as stored."""
+    if t.is_meta:  # a lazy model's layer, read later: its dtype now, so sizes are reported right
+        return t.to(dtype=dtype) if t.is_floating_point() and not exact else t
+    return t.to(device) if exact or not t.is_floating_point() else t.to(device=device, dtype=dtype)
 
 
 def _restore_compressed(module: LlamaForCausalLM, state: dict[str, Tensor], config: LlamaConfig) -> set[str]:

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from tuili.models.checkpoint import SHARD_BYTES, write_shards
 from tuili.models.config import LlamaConfig
 from tuili.models.families import checkpoint_name, to_stored
 from tuili.models.formats import FORMATS, format_of
 from tuili.models.io import atomic_folder, write_json
+from tuili.models.lazy import onload_all
 from tuili.models.llama import LlamaForCausalLM
 from tuili.models.tokenizer import Tokenizer
 
@@ -47,11 +48,13 @@ class Model:
         """Append a step (loaded, quantized, pruned ...) to the provenance saved with the model."""
         self.provenance.append({"step": step, "time": _now(), **details})
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, max_shard_bytes: int = SHARD_BYTES) -> Path:
         """Write a Hugging Face folder (safetensors, config.json, tokenizer) atomically; return its path.
+        Weights above `max_shard_bytes` are split into shards with an index.
 
         transformers' AutoModelForCausalLM loads it, and `tuili.load` reads it back bit-exactly.
         """
+        onload_all(self.module)  # a lazily loaded model's layers no verb has reached yet
         with atomic_folder(Path(folder)) as tmp:
             config = self.config.to_hf()
             method = format_of(self.module)
@@ -84,7 +87,7 @@ class Model:
                     del state["lm_head.weight"]  # stored once, as the embedding
                 else:  # the head was compressed apart from the embedding: no longer tied on disk
                     config["tie_word_embeddings"] = False
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_shards(state, tmp, max_shard_bytes)
             config["torch_dtype"] = str(self.module.dtype).removeprefix("torch.")
             write_json(tmp / "config.json", config)
             write_json(tmp / "generation_config.json", _generation_config(self))

@@ -110,7 +110,7 @@ def _unique_tensors(module: nn.Module):
     """Persistent parameters and buffers, each storage counted once (tied embeddings share one)."""
     seen = set()
     for name, t in module.state_dict(keep_vars=True).items():
-        key = (t.data_ptr(), t.numel(), t.dtype)
+        key = (id(t),) if t.is_meta else (t.data_ptr(), t.numel(), t.dtype)  # meta: a lazy model's layers
         if key in seen:
             continue
         seen.add(key)

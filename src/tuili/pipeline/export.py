@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tuili.errors import TuiliError
 from tuili.kernels import ops as kernels
 from tuili.models.io import atomic_file
+from tuili.models.lazy import onload_all
 from tuili.models.model import Model
 
 
@@ -55,6 +56,7 @@ class ONNXExport:
 def export_onnx(model: Model, path: str | Path, max_tokens: int | None = None, check: bool = True) -> ONNXExport:
     """Write `model` as an ONNX graph to `path`, checked in onnxruntime first (`check`), atomically."""
     _require("onnxscript")
+    onload_all(model.module)
     path = Path(path)
     max_tokens = max_tokens or model.config.max_position_embeddings
     sample = torch.randint(0, model.config.vocab_size, (1, min(8, max_tokens)))

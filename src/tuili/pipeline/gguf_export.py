@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from tuili.models.gguf import _GLOBAL, _PER_LAYER, _ROPE_FACTORS, ARCH_NAMES
 from tuili.models.io import atomic_file
+from tuili.models.lazy import onload_all
 from tuili.models.model import Model
 from tuili.models.tokenizer import gguf_pre_name
 from tuili.pipeline.export import ExportError, verify
@@ -137,6 +138,7 @@ def export_gguf(model: Model, path: str | Path, float_type: str = "f16", check: 
     say which block types it used."""
     if float_type not in ("f16", "f32"):
         raise ExportError(f"float_type must be 'f16' or 'f32', got {float_type!r}")
+    onload_all(model.module)
     cfg = model.config
     if cfg.model_type not in _ARCH:
         raise ExportError(f"GGUF export covers Llama-family models ({', '.join(_ARCH)}), not {cfg.model_type!r}")

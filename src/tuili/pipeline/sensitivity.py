@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuili.kernels.ops import bf16_is_fast
+from tuili.models.lazy import onload_all
 from tuili.models.model import Model
 from tuili.models.selection import select_linears
 from tuili.pipeline.analysis import module_bytes
@@ -114,6 +115,7 @@ def layer_costs(
     """Every quantizable linear layer (the head included) with each option's predicted loss
     increase, bytes and batch-1 seconds. The model is left as it was."""
     module = model.module
+    onload_all(module)  # gradients for every layer at once
     linears = select_linears(module, ignore=())
     fisher = fisher_diagonal(module, list(linears), samples)
     timed: dict[tuple, float] = {}

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from tuili.models.layerwise import LayerRunner, input_hooks, require_tuili_model
+from tuili.models.lazy import onload_all
 from tuili.models.model import Model
 from tuili.models.selection import DEFAULT_IGNORE, select_linears
 from tuili.prune.config import SemiStructured, Target, Unstructured
@@ -55,6 +56,7 @@ def prune_(
     if isinstance(handler, LayerwiseHandler):
         masks = _sequential(require_tuili_model(module, handler.name), linears, target, handler, calib, progress)
     else:
+        onload_all(module)  # scored over the whole model at once
         masks = target_masks(handler.scores(module, linears, calib, progress), target, per_row=False)
         for name, mask in masks.items():
             attach_mask(linears[name], mask)

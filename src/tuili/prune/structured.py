@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tuili.models.layerwise import input_hooks
+from tuili.models.lazy import onload_all
 from tuili.models.llama import Linear, LlamaForCausalLM
 from tuili.models.model import Model
 from tuili.prune.importance import InputNorms, taylor
@@ -40,6 +41,7 @@ def _module(model: Model) -> LlamaForCausalLM:
     quantized = quantized_layers(model.module)
     if quantized:
         raise ValueError(f"{quantized[0]} is quantized: prune structurally before quantizing")
+    onload_all(model.module)  # ranks rows and heads across the whole model
     return model.module
 
 
@@ -312,6 +314,7 @@ def remove_layers_(model: Model, dropped: list[int], **record) -> None:
     n = model.config.num_hidden_layers
     if any(not 0 <= i < n for i in dropped) or len(set(dropped)) >= n:
         raise ValueError(f"cannot remove layers {dropped} of a {n}-layer model (at least one must stay)")
+    onload_all(model.module)  # a lazy model's layers are read by index: read them before the stack changes
     kept = [layer for i, layer in enumerate(model.module.model.layers) if i not in dropped]
     for i, layer in enumerate(kept):
         layer.self_attn.layer_idx = i  # the KV cache is indexed by position in the stack

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tuili.models.layerwise import LayerRunner, require_tuili_model
+from tuili.models.lazy import onload_for
 from tuili.models.model import Model
 from tuili.models.selection import DEFAULT_IGNORE, replace_module, select_linears
 from tuili.quant.awq import AWQ
@@ -58,8 +59,9 @@ def quantize_(
         raise ValueError("no nn.Linear layer matches targets/ignore/where: nothing to quantize")
     plan = {name: _scheme_for(name, scheme, overrides or {}) for name in linears}
     if not handler.needs_data(list(plan.values())):
-        for name, linear in linears.items():
-            replace_module(module, name, quantize_layer(linear, plan[name]))
+        for name in list(linears):  # in layer order; each float layer dropped once replaced
+            onload_for(module, name)
+            replace_module(module, name, quantize_layer(linears.pop(name), plan[name]))
     elif calib is None:
         raise ValueError(
             f"{handler.name} with {scheme.scheme} needs calibration samples: pass calib=(N, T) token ids "
@@ -73,7 +75,7 @@ def quantize_(
             scheme=scheme.scheme,
             method=handler.name,
             config=asdict(scheme),  # type: ignore[call-overload]
-            layers=len(linears),
+            layers=len(plan),
             ignore=list(ignore),
         )
     return model
@@ -103,6 +105,30 @@ def quantize_layer(linear: nn.Linear, scheme: QuantScheme, input_scale: Tensor |
     return scheme.from_float(linear, input_scale)
 
 
+def _quantize_decoder_layer(
+    runner: LayerRunner,
+    layer: nn.Module,
+    local: dict[str, nn.Linear],
+    plan: dict[str, QuantScheme],
+    handler: MethodHandler,
+    prefix: str,
+) -> None:
+    """(Smooth,) gather what the method needs from the layer's inputs, and quantize its linears."""
+    schemes = {n: plan[prefix + n] for n in local}
+    handler.smooth(runner, layer, local, schemes)
+    stats = handler.gather(runner, layer, local, schemes)
+    for name, linear in local.items():
+        if stats[name].rows == 0:  # a mixture's expert that no calibration token was routed to
+            if schemes[name].static:
+                raise ValueError(
+                    f"{prefix}{name} saw no calibration tokens, so it has no static activation scale: "
+                    "give more calibration samples, or use dynamic activations"
+                )
+            replace_module(layer, name, quantize_layer(linear, schemes[name]))  # round to nearest
+            continue
+        replace_module(layer, name, handler.quantize(linear, schemes[name], stats[name]))
+
+
 @torch.no_grad()
 def _calibrated(
     module: nn.Module,
@@ -116,20 +142,10 @@ def _calibrated(
     runner = LayerRunner(module, calib)  # type: ignore[arg-type]
     for i, layer in runner.layers(f"{handler.name} calibration", progress):
         prefix = f"model.layers.{i}."
-        local = {n[len(prefix) :]: m for n, m in linears.items() if n.startswith(prefix)}
-        schemes = {n: plan[prefix + n] for n in local}
-        handler.smooth(runner, layer, local, schemes)
-        stats = handler.gather(runner, layer, local, schemes)
-        for name, linear in local.items():
-            if stats[name].rows == 0:  # a mixture's expert that no calibration token was routed to
-                if schemes[name].static:
-                    raise ValueError(
-                        f"{prefix}{name} saw no calibration tokens, so it has no static activation scale: "
-                        "give more calibration samples, or use dynamic activations"
-                    )
-                replace_module(layer, name, quantize_layer(linear, schemes[name]))  # round to nearest
-                continue
-            replace_module(layer, name, handler.quantize(linear, schemes[name], stats[name]))
+        # taken out of `linears` and held by _quantize_decoder_layer's frame alone, so that each float
+        # layer is freed once replaced (a lazy model holds one float decoder layer at a time)
+        local = [n for n in linears if n.startswith(prefix)]
+        _quantize_decoder_layer(runner, layer, {n[len(prefix) :]: linears.pop(n) for n in local}, plan, handler, prefix)
     rest = {n: m for n, m in linears.items() if not n.startswith("model.layers.")}
     for name, linear in rest.items():  # e.g. lm_head when not ignored: its input is not tracked
         if plan[name].static:
