@@ -149,7 +149,8 @@ def child(args) -> None:
     from tuili.pipeline.gguf_export import export_gguf
 
     start = time.perf_counter()
-    model = tuili.load(args.folder, dtype="bfloat16" if args.child == "bf16" else "float32")
+    # quantized configurations read one float layer at a time (lazy): a 3B model in fp32 would not fit beside the rest
+    model = tuili.load(args.folder, dtype="bfloat16" if args.child == "bf16" else "float32", lazy=True)
     if scheme(args.child) is not None:
         tuili.quantize_(model, scheme(args.child), ignore=(), progress=False)
     prepared = time.perf_counter() - start

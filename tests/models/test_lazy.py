@@ -3,6 +3,7 @@
 import gc
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,17 @@ def test_lazy_reads_other_checkpoints_whole(tmp_path):
     for f in folder.glob("*.safetensors"):
         f.unlink()
     assert tuili.load(folder, lazy=True).module.lazy_layers is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_tensors_read_from_a_shard_do_not_keep_it_mapped(tmp_path):
+    """A tensor left mapped from its shard would keep the whole shard mapped (and what was read of
+    it resident) for as long as it lives: a kept layer norm would hold all of its shard."""
+    from tuili.models.checkpoint import Checkpoint
+
+    folder = sharded("llama-gqa", tmp_path / "m")
+    checkpoint = Checkpoint.find(folder)
+    kept = checkpoint.read([n for n in checkpoint.where if n.endswith("norm.weight")])
+    assert kept and all(t.abs().sum() > 0 for t in kept.values())
+    maps = Path("/proc/self/maps").read_text()
+    assert not [f for f in checkpoint.files if str(f) in maps]

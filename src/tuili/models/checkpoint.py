@@ -1,8 +1,10 @@
 """A folder's safetensors weights, read tensor by tensor.
 
-safetensors maps each tensor copy-on-write from its shard: a tensor takes memory while it is
-alive and gives it back when dropped, so a checkpoint larger than memory can be read one decoder
-layer at a time (tuili.models.lazy). Shards come from `model.safetensors.index.json` where there
+Each tensor is copied out of its shard's memory map as it is read: a tensor left mapped would keep
+the whole shard mapped, and every page of it once read resident, for as long as it lives (a layer
+norm kept from shard 1 would hold all of shard 1). So a tensor takes memory while it is alive and
+gives it back when dropped, and a checkpoint larger than memory can be read one decoder layer at a
+time (tuili.models.lazy). Shards come from `model.safetensors.index.json` where there
 is one (each checked to be there), or are every *.safetensors file of the folder.
 """
 
@@ -58,8 +60,8 @@ class Checkpoint:
         for file, keys in by_file.items():
             with _open(file) as f:
                 for key in keys:
-                    try:
-                        out[key] = f.get_tensor(key)
+                    try:  # a copy: a tensor mapped from the shard would keep the whole shard mapped
+                        out[key] = f.get_tensor(key).clone()
                     except (SafetensorError, OSError, ValueError) as e:
                         raise ModelFormatError(f"{file}: {key} is unreadable ({e}); download the file again") from e
         return out

@@ -55,10 +55,11 @@ TUILI_AVX512 void w4_chunk(const float* x, int64_t K, const uint8_t* w, int64_t 
   }
 }
 
-// 16 int8 codes (chunk c) into acc[·][I].
+// 16 int8 codes (chunk c) times their group's scale s, into acc[·][I].
 template <int R, int A, int I>
-TUILI_AVX512 void w8_chunk(const float* x, int64_t K, const int8_t* w, int64_t c, __m512 (&acc)[R][A]) {
-  const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + c * 16))));
+TUILI_AVX512 void w8_chunk(const float* x, int64_t K, const int8_t* w, int64_t c, __m512 s, __m512 (&acc)[R][A]) {
+  const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + c * 16)));
+  const __m512 wf = _mm512_mul_ps(_mm512_cvtepi32_ps(v), s);
   for (int r = 0; r < R; ++r) acc[r][I] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + r * K + c * 16), acc[r][I]);
 }
 
@@ -110,38 +111,43 @@ void w4_rows_avx512(const float* x, int64_t K, const uint8_t* w, const float* sc
   }
 }
 
+// W8: each chunk's codes are converted and multiplied by their group's scale, then go straight into
+// one of A running sums that span the whole row. Summing a group first and scaling the sum made a
+// chain of one FMA per group through a single total: at groups of 32 (two chunks) that chain, not
+// memory, set the pace (about 10 GB/s on the Xeon measured, where W4 streamed twice as fast).
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void w8_rows_avx512(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t G,
                     int64_t group_size, float* y, int64_t N, int64_t n) {
   constexpr int A = chains<R>();
-  const int64_t chunks = K / 16;
-  __m512 total[R];
-  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  const int64_t chunks = K / 16, per_group = group_size / 16;  // group_size: a multiple of 16 here
+  __m512 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
   float tail[R] = {};
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t c0 = g * group_size / 16;
-    const int64_t c1 = std::min<int64_t>(chunks, (g + 1) * group_size / 16);
-    __m512 acc[R][A];
-    for (int r = 0; r < R; ++r)
-      for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
-    int64_t c = c0;
-    for (; c + 3 < c1; c += 4) {
-      w8_chunk<R, A, 0>(x, K, w, c, acc);
-      w8_chunk<R, A, 1 % A>(x, K, w, c + 1, acc);
-      w8_chunk<R, A, 2 % A>(x, K, w, c + 2, acc);
-      w8_chunk<R, A, 3 % A>(x, K, w, c + 3, acc);
+  int64_t g = 0, group_end = per_group;  // chunk c is in group g while c < group_end
+  auto scale_of = [&](int64_t c) {  // a plain float: the lambda is not compiled for AVX-512
+    while (c >= group_end) {
+      ++g;
+      group_end += per_group;
     }
-    for (; c < c1; ++c) w8_chunk<R, A, 0>(x, K, w, c, acc);
-    const __m512 s = _mm512_set1_ps(scale[g]);
-    for (int r = 0; r < R; ++r) {
-      __m512 sum = acc[r][0];
-      for (int i = 1; i < A; ++i) sum = _mm512_add_ps(sum, acc[r][i]);
-      total[r] = _mm512_fmadd_ps(sum, s, total[r]);
-    }
+    return scale[g];
+  };
+  int64_t c = 0;
+  for (; c + 3 < chunks; c += 4) {
+    w8_chunk<R, A, 0>(x, K, w, c, _mm512_set1_ps(scale_of(c)), acc);
+    w8_chunk<R, A, 1 % A>(x, K, w, c + 1, _mm512_set1_ps(scale_of(c + 1)), acc);
+    w8_chunk<R, A, 2 % A>(x, K, w, c + 2, _mm512_set1_ps(scale_of(c + 2)), acc);
+    w8_chunk<R, A, 3 % A>(x, K, w, c + 3, _mm512_set1_ps(scale_of(c + 3)), acc);
   }
+  for (; c < chunks; ++c) w8_chunk<R, A, 0>(x, K, w, c, _mm512_set1_ps(scale_of(c)), acc);
+  (void)G;
   w8_tail<R>(x, K, w, scale, group_size, chunks * 16, tail);
-  for (int r = 0; r < R; ++r) y[r * N + n] = hsum512(total[r]) + tail[r];
+  for (int r = 0; r < R; ++r) {
+    __m512 sum = acc[r][0];
+    for (int i = 1; i < A; ++i) sum = _mm512_add_ps(sum, acc[r][i]);
+    y[r * N + n] = hsum512(sum) + tail[r];
+  }
 }
 
 // fp32 weights: a plain dot product per output, four accumulators per row so that streaming the
