@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from tuili.models.lazy import onload
 from tuili.models.llama import LlamaForCausalLM
+from tuili.models.memory import return_freed_memory
 
 
 @contextmanager
@@ -87,6 +88,7 @@ class LayerRunner:
             onload(self.module, i)
             yield i, layer
             self.hidden = self.run(layer)
+            return_freed_memory()  # the layer's float weights and temporaries, freed in the heap
 
 
 def first_rows(

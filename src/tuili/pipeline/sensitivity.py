@@ -16,7 +16,6 @@ loss-scaled figure for every option at once, from one pass of gradients.
 from __future__ import annotations
 
 import copy
-import ctypes
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 
 from tuili.kernels.ops import bf16_is_fast
 from tuili.models.lazy import onload_all
+from tuili.models.memory import return_freed_memory
 from tuili.models.model import Model
 from tuili.models.selection import select_linears
 from tuili.pipeline.analysis import module_bytes
@@ -142,17 +142,8 @@ def layer_costs(
                 cost.seconds[option] = timed[key]
         costs.append(cost)
     del fisher
-    _return_freed_memory()
+    return_freed_memory()  # the gradients' freed heap: the peak measured after this is the model's
     return costs
-
-
-def _return_freed_memory() -> None:
-    """Give the gradients' freed heap back to the OS (glibc keeps it otherwise), so that the resident
-    memory measured after this (the benchmark's peak memory) is the model's, not this pass's."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 __all__ = ["HEAD_OPTIONS", "OPTIONS", "LayerCost", "fisher_diagonal", "is_tied", "layer_costs"]

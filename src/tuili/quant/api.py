@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from tuili.models.layerwise import LayerRunner, require_tuili_model
 from tuili.models.lazy import onload_for
+from tuili.models.memory import return_freed_memory
 from tuili.models.model import Model
 from tuili.models.selection import DEFAULT_IGNORE, replace_module, select_linears
 from tuili.quant.awq import AWQ
@@ -117,16 +118,19 @@ def _quantize_decoder_layer(
     schemes = {n: plan[prefix + n] for n in local}
     handler.smooth(runner, layer, local, schemes)
     stats = handler.gather(runner, layer, local, schemes)
-    for name, linear in local.items():
-        if stats[name].rows == 0:  # a mixture's expert that no calibration token was routed to
+    for name in list(local):
+        linear, stat = local.pop(name), stats.pop(name)  # each float weight and statistic freed once used
+        if stat.rows == 0:  # a mixture's expert that no calibration token was routed to
             if schemes[name].static:
                 raise ValueError(
                     f"{prefix}{name} saw no calibration tokens, so it has no static activation scale: "
                     "give more calibration samples, or use dynamic activations"
                 )
             replace_module(layer, name, quantize_layer(linear, schemes[name]))  # round to nearest
-            continue
-        replace_module(layer, name, handler.quantize(linear, schemes[name], stats[name]))
+        else:
+            replace_module(layer, name, handler.quantize(linear, schemes[name], stat))
+        del linear, stat
+        return_freed_memory()
 
 
 @torch.no_grad()

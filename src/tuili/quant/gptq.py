@@ -20,29 +20,42 @@ from tuili.quant.primitives import (
 )
 
 
-def dead_inputs_zeroed(w: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
-    """Float copies of W and H; inputs that were always zero (H_jj = 0) get H_jj = 1 and zero weights:
-    what they multiply never mattered, and H must be invertible."""
-    W, H = w.detach().float().clone(), hessian.float().clone()
+def dead_inputs_zeroed(w: Tensor, hessian: Tensor, copy: bool = True) -> tuple[Tensor, Tensor]:
+    """Float copies of W and H (the fp32 tensors themselves where not `copy`: the caller gives them
+    up); inputs that were always zero (H_jj = 0) get H_jj = 1 and zero weights: what they multiply
+    never mattered, and H must be invertible."""
+    W, H = w.detach().float(), hessian.float()
+    if copy:
+        W, H = W.clone(), H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     return W, H
 
 
-def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
+def inverse_hessian_factor(H: Tensor, damp: float, spare: Tensor | None = None) -> Tensor:
     """The upper Cholesky factor of (H + damp · mean(diag H) · I)⁻¹: the row i of it holds what
     OBS needs to spread column i's error over the columns after it (GPTQ and SparseGPT).
 
     Computed in H's memory (H is overwritten and returned; a 14336-input layer's H is 0.8 GB) and
     with half the arithmetic of factor → invert → factor again: with J the order reversal,
     J H J = L Lᵀ gives H = R Rᵀ, R = J L J upper triangular, so H⁻¹ = (R⁻¹)ᵀ R⁻¹ and the factor is
-    R⁻¹, inverted by blocks in GEMMs (1.8× faster on a 14336-input layer here)."""
+    R⁻¹, inverted by blocks in GEMMs (1.8× faster on a 14336-input layer here). `spare`: a matrix
+    like H to work through (made here if not given), so that no third one is ever held."""
     H.diagonal().add_(damp * torch.diag(H).mean())
-    L = torch.linalg.cholesky(H.flip(0, 1))
-    H.copy_(L.flip(0, 1))
-    del L
+    spare = torch.empty_like(H) if spare is None else spare
+    reverse = torch.arange(H.shape[0] - 1, -1, -1)
+    permute_(H, reverse, spare)
+    torch.linalg.cholesky(H, out=H)  # J H J = L Lᵀ
+    permute_(H, reverse, spare)  # R = J L J
+    del spare
     return _invert_upper_(H)
+
+
+def permute_(H: Tensor, order: Tensor, spare: Tensor) -> Tensor:
+    """H ← H[order][:, order], in place through `spare` (a matrix like H)."""
+    torch.index_select(H, 0, order, out=spare)
+    return torch.index_select(spare, 1, order, out=H)
 
 
 def _invert_upper_(R: Tensor, leaf: int = 2048) -> Tensor:
@@ -67,15 +80,19 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    owned: bool = False,
 ) -> QuantizedWeight:
     """GPTQ, Alg. 1 with lazy batch updates. `act_order` visits columns by decreasing H_jj; its group
     parameters then come from the original weight ("static groups"), so groups stay contiguous.
 
     The weight is worked on transposed (Wt: one input column per row), so that each column's
     rounding and its rank-1 update of the block read and write contiguous memory in place: on a CPU
-    that is what bounds GPTQ on wide layers (the column loop), besides H's Cholesky factors."""
+    that is what bounds GPTQ on wide layers (the column loop), besides H's Cholesky factors.
+    `owned`: the caller gives fp32 `w` and `hessian` up (they are overwritten and freed early: one
+    0.8 GB matrix fewer at 14336 inputs)."""
     rows, cols = w.shape
-    W, H = dead_inputs_zeroed(w, hessian)
+    W, H = dead_inputs_zeroed(w, hessian, copy=not owned)
+    del w, hessian
     num_groups = -(-cols // group_size)
     scale = torch.ones(rows, num_groups)
     zero = torch.zeros(rows, num_groups)
@@ -85,9 +102,10 @@ def gptq(
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(cols)
-    W, H = W[:, perm], H[perm]
-    H = H[:, perm]  # one permuted copy at a time
-    Hinv = inverse_hessian_factor(H, damp)
+    W = W[:, perm]
+    spare = torch.empty_like(H)  # H is permuted and factored through this one matrix, in place
+    Hinv = inverse_hessian_factor(permute_(H, perm, spare), damp, spare)
+    del H, spare
 
     Wt = W.T.contiguous()
     del W
@@ -142,9 +160,15 @@ class GPTQHandler(MethodHandler):
     def quantize(self, linear: nn.Linear, scheme: QuantScheme, stats: LayerStats) -> nn.Module:
         bits, group_size, symmetric = scheme.weight_groups(linear.in_features)
         c = self.config
-        hessian = stats.hessian.value()  # type: ignore[union-attr]
-        stats.hessian = None  # the running sum (0.8 GB for a 14336-input layer) is not needed now
-        qw = gptq(
-            linear.weight.detach().float(), hessian, bits, group_size, symmetric, c.damp, c.block_size, c.act_order
+        qw = gptq(  # the float weight and the Hessian handed over, not kept here: gptq frees them early
+            linear.weight.detach().to(torch.float32, copy=True),
+            stats.take_hessian(),
+            bits,
+            group_size,
+            symmetric,
+            c.damp,
+            c.block_size,
+            c.act_order,
+            owned=True,
         )
         return scheme.from_quantized(qw, linear.bias)

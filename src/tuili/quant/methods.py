@@ -33,6 +33,12 @@ class LayerStats:
     samples: Tensor | None = None  # the first MAX_SAMPLE_ROWS input rows (AWQ's clip search)
     rows: int | None = None  # input rows seen, where watched (0: a MoE expert no calibration token reached)
 
+    def take_hessian(self) -> Tensor:
+        """H as a matrix of its own, the running sum dropped (0.8 GB at 14336 inputs)."""
+        assert self.hessian is not None, "the method gathered no Hessian"
+        h, self.hessian = self.hessian.value(), None
+        return h
+
     def input_scale(self) -> Tensor | None:
         return None if self.observer is None else self.observer.scale()
 
