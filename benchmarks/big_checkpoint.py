@@ -126,13 +126,13 @@ def serve(folder: str, tokens: int) -> None:
     start = time.perf_counter()
     out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     seconds = time.perf_counter() - start
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    now_mib, _ = _scale_module().resident()  # scale.py reads /proc/self/status the same way
     print(
         json.dumps(
             {
                 "decode_tok_s": len(out.token_ids) / seconds,
                 "weight_bytes": analyze(model).num_bytes,
-                "resident_gib": int(fields["VmRSS"].split()[0]) / 2**20,
+                "resident_gib": now_mib / 1024,
             }
         )
     )
