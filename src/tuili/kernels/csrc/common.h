@@ -28,6 +28,22 @@ inline bool use_vnni() {
   return yes;
 }
 
+// How weight streams are prefetched, read once a step, 4 KiB ahead: non-temporally (NTA) on AMD,
+// where weights fetched for keeps push the KV cache and activations out of L3 (Zen 5: W8A16 decode
+// +8%, fp32 +20%); into L1 (T0) elsewhere: on an Intel Xeon (Sapphire Rapids class) NTA held the
+// N-major W8 kernel at 12 GB/s, T0 gives 19 (out of cache) and 45 (in L3) at one row.
+inline const bool kStreamNta = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd");
+}();
+
+inline void prefetch_stream(const void* p) {
+  if (kStreamNta)
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_NTA);
+  else
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
 __attribute__((target("avx512f"))) inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {

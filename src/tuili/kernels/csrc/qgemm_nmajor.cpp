@@ -28,9 +28,8 @@
 //
 // Both prefetch the weight stream 4 KiB ahead: at 16 rows a block's 64-byte line is consumed in
 // about 16 cycles, faster than the hardware prefetcher runs ahead (W8 at 16 rows: 0.73 → 0.39 ms
-// per token over the default model's layers). Non-temporal (NTA): a decode step reads each weight
-// once, and weights fetched for keeps push out of the L3 everything the step does reuse (the KV
-// cache, activations, the engine's Python objects); W8A16 decode +7% (in-process A/B, docs/kernels.md).
+// per token over the default model's layers). The hint depends on the CPU (common.h,
+// prefetch_stream): non-temporal on AMD, into L1 on Intel.
 #include "common.h"
 
 namespace tuili {
@@ -48,7 +47,7 @@ namespace {
 constexpr int64_t kPrefetchBytes = 4096;
 
 TUILI_DOTS inline void prefetch_ahead(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
+  prefetch_stream(static_cast<const char*>(p) + kPrefetchBytes);
 }
 
 // Chains of accumulators per row so that dot-product latency never stalls a lone row.
