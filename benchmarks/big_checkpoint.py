@@ -59,25 +59,20 @@ def write_checkpoint(folder: Path, layers: int) -> Path:
     """The random bf16 checkpoint, written shard by shard (never the whole model in memory)."""
     if (folder / "config.json").is_file():
         return folder
-    from safetensors.torch import save_file
 
     from tuili.models import LlamaConfig, LlamaForCausalLM
-    from tuili.models.checkpoint import plan_shards, write_index
+    from tuili.models.checkpoint import ShardWriter
     from tuili.models.io import atomic_folder, write_json
 
     config = LlamaConfig.from_hf({**SHAPE, "num_hidden_layers": layers})
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
-    sizes = {name: shape.numel() * 2 for name, shape in shapes.items()}  # bf16
-    shards = plan_shards(sizes)
     with atomic_folder(folder) as tmp:
         g = torch.Generator().manual_seed(0)
-        for file, names in shards.items():
-            tensors = {name: _random(name, shapes[name], g) for name in names}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            del tensors
-            print(f"wrote {file}", file=sys.stderr, flush=True)
-        write_index(tmp, shards, sum(sizes.values()))
+        writer = ShardWriter(tmp)  # each shard written once full: never the whole model in memory
+        for name, shape in shapes.items():
+            writer.add({name: _random(name, shape, g)})
+        print(f"wrote {len(writer.close())} shards", file=sys.stderr, flush=True)
         hf = config.to_hf()
         hf["torch_dtype"] = "bfloat16"
         write_json(tmp / "config.json", hf)

@@ -128,6 +128,33 @@ def test_a_large_model_is_saved_in_shards_that_transformers_reads(tmp_path):
     torch.testing.assert_close(hf(ids).logits, model.module(ids).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "phi3"])  # phi3: q/k/v and gate/up stored fused
+def test_a_quantized_model_is_converted_and_written_one_layer_at_a_time(name, tmp_path, monkeypatch):
+    from tuili.models.formats import FORMATS
+
+    model = tuili.load(sharded(name, tmp_path / "m"))
+    quantize_(model, Int4WeightOnly(group_size=32), progress=False)
+    fmt = FORMATS["compressed-tensors"]
+    converted: dict[int, list] = {}  # decoder layer -> weak references to its stored tensors
+
+    def save_layer(layer, dtype):
+        index = next(int(n.split(".")[2]) for n, m in model.module.named_modules() if m is layer)
+        gc.collect()
+        alive = [i for i, refs in converted.items() if i < index and any(r() is not None for r in refs)]
+        assert not alive, f"layers {alive} still held while layer {index} is converted"
+        out = fmt.save_layer(layer, dtype)
+        own = [b for b in layer.buffers()]  # a scale already in the stored dtype is the layer's own
+        made = [t for t in out.values() if not any(t is b for b in own)]
+        converted.setdefault(index, []).extend(weakref.ref(t) for t in made)
+        return out
+
+    monkeypatch.setitem(FORMATS, "compressed-tensors", type(fmt)(fmt.load, fmt.save_config, save_layer))
+    out = model.save(tmp_path / "out", max_shard_bytes=20_000)
+    assert len(converted) == model.config.num_hidden_layers >= 2
+    monkeypatch.undo()
+    assert same_state(tuili.load(out), model)
+
+
 def test_a_truncated_shard_is_refused_at_load_time(tmp_path):
     folder = sharded("llama-gqa", tmp_path / "m")
     shard = sorted(folder.glob("model-*.safetensors"))[-1]

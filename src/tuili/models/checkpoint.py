@@ -88,32 +88,56 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def write_shards(state: dict[str, Tensor], folder: Path, max_bytes: int = SHARD_BYTES) -> list[Path]:
-    """Write `state` as safetensors files of at most `max_bytes` each (a larger tensor gets a file
-    of its own): `model.safetensors` where one is enough, else numbered shards and the index
-    transformers, vLLM and tuili read. One shard is written at a time."""
-    sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
-    shards = plan_shards(sizes, max_bytes)
-    if len(shards) == 1:
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return [folder / "model.safetensors"]
-    for file, names in shards.items():
-        save_file({name: state[name] for name in names}, str(folder / file), metadata={"format": "pt"})
-    write_index(folder, shards, sum(sizes.values()))
-    return [folder / file for file in shards]
+    """Write `state` as safetensors files of at most `max_bytes` each (see ShardWriter)."""
+    writer = ShardWriter(folder, max_bytes)
+    writer.add(state)
+    return writer.close()
 
 
-def plan_shards(sizes: dict[str, int], max_bytes: int = SHARD_BYTES) -> dict[str, list[str]]:
-    """Tensor names (in order) grouped into files of at most `max_bytes` (by their byte `sizes`),
-    each file named as transformers names shards."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, nbytes in sizes.items():
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": names for i, names in enumerate(groups)}
+class ShardWriter:
+    """Safetensors shards written as tensors arrive, so that a model is saved one part at a time:
+    each file holds at most `max_bytes` (a larger tensor gets a file of its own) and is written
+    once full. `close` names them as transformers does (`model.safetensors` where one is enough,
+    else numbered shards and the index transformers, vLLM and tuili read)."""
+
+    def __init__(self, folder: Path, max_bytes: int = SHARD_BYTES):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.names: set[str] = set()
+
+    def add(self, tensors: dict[str, Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.names:
+                raise ValueError(f"{name} is written twice")
+            self.names.add(name)
+            nbytes = t.numel() * t.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self._flush()
+            self.pending[name] = t
+            self.pending_bytes += nbytes
+            self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        file = self.folder / f".shard-{len(self.written)}.safetensors"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.written.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write what is pending and give the files their names; returns their paths."""
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            only = self.written[0][0].rename(self.folder / "model.safetensors")
+            return [only]
+        n = len(self.written)
+        shards = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": names for i, (_, names) in enumerate(self.written)}
+        for (file, _), name in zip(self.written, shards):
+            file.rename(self.folder / name)
+        write_index(self.folder, shards, self.total_bytes)
+        return [self.folder / name for name in shards]
 
 
 def write_index(folder: Path, shards: dict[str, list[str]], total_bytes: int) -> None:

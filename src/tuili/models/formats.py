@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 StoredName = Callable[[str], str]  # a module's name -> the name its checkpoint stores it under
@@ -21,9 +22,12 @@ class CheckpointFormat:
     # (module on the meta device, state dict read from disk, quantization_config, stored name of a
     # module) -> None: replaces the compressed layers in place and removes their tensors from the state dict
     load: Callable[[nn.Module, dict[str, Tensor], dict[str, Any], StoredName], None]
-    # (module, stored name of a module) -> (state dict to write, the quantization_config for
-    # config.json, which names the modules as stored: tuili.models.families); None: tuili only reads it
-    save: Callable[[nn.Module, StoredName], tuple[dict[str, Tensor], dict[str, Any]]] | None = None
+    # Writing (None: tuili only reads the format). `save_config`: (module, stored name of a module)
+    # -> the quantization_config for config.json, naming the modules as stored (tuili.models.families).
+    # `save_layer`: (one compressed layer, the model's float dtype) -> the tensors stored in place of
+    # its own (bias apart), so that a model is converted and written one layer at a time.
+    save_config: Callable[[nn.Module, StoredName], dict[str, Any]] | None = None
+    save_layer: Callable[[nn.Module, torch.dtype], dict[str, Tensor]] | None = None
 
 
 FORMATS: dict[str, CheckpointFormat] = {}

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tuili.models.checkpoint import SHARD_BYTES, write_shards
+from tuili.models.checkpoint import SHARD_BYTES, ShardWriter
 from tuili.models.config import LlamaConfig
 from tuili.models.families import checkpoint_name, to_stored
-from tuili.models.formats import FORMATS, format_of
+from tuili.models.formats import FORMATS, CheckpointFormat, format_of
 from tuili.models.io import atomic_folder, write_json
 from tuili.models.lazy import onload_all
 from tuili.models.llama import LlamaForCausalLM
@@ -50,7 +52,9 @@ class Model:
 
     def save(self, folder: str | Path, max_shard_bytes: int = SHARD_BYTES) -> Path:
         """Write a Hugging Face folder (safetensors, config.json, tokenizer) atomically; return its path.
-        Weights above `max_shard_bytes` are split into shards with an index.
+        Weights above `max_shard_bytes` are split into shards with an index. Compressed layers are
+        converted to their format one decoder layer at a time, each shard written once full, so
+        saving needs about one shard's memory beyond the model's own.
 
         transformers' AutoModelForCausalLM loads it, and `tuili.load` reads it back bit-exactly.
         """
@@ -58,36 +62,33 @@ class Model:
         with atomic_folder(Path(folder)) as tmp:
             config = self.config.to_hf()
             method = format_of(self.module)
-            if method is None:
-                state = self.module.state_dict()
-                sparsity = _sparsity_config(self)
-                if sparsity is not None:  # stored dense, described as compressed-tensors does (llm-compressor)
-                    config["quantization_config"] = {
-                        "quant_method": "compressed-tensors",
-                        "format": "dense",
-                        "quantization_status": "compressed",
-                        "config_groups": {},
-                        "sparsity_config": sparsity,
-                    }
-            else:
-                save = FORMATS[method].save
-                assert save is not None  # layers name a format tuili writes
-                state, config["quantization_config"] = save(self.module, self.stored_name)
-            embed = self.module.model.embed_tokens
-            if "model.embed_tokens.weight" not in state and hasattr(embed, "table"):
-                state["model.embed_tokens.weight"] = embed.table()  # an embedding that reads the head's codes
-            state = {k: v.detach().contiguous() for k, v in to_stored(state, self.config).items()}
-            if self.config.tie_word_embeddings:
-                head = state.get("lm_head.weight")
-                if (
-                    head is not None
-                    and head.dtype == self.module.dtype
-                    and torch.equal(head, state["model.embed_tokens.weight"])
-                ):
-                    del state["lm_head.weight"]  # stored once, as the embedding
-                else:  # the head was compressed apart from the embedding: no longer tied on disk
-                    config["tie_word_embeddings"] = False
-            write_shards(state, tmp, max_shard_bytes)
+            fmt = None if method is None else FORMATS[method]
+            if fmt is not None:
+                assert fmt.save_config is not None  # layers name a format tuili writes
+                config["quantization_config"] = fmt.save_config(self.module, self.stored_name)
+            elif (sparsity := _sparsity_config(self)) is not None:
+                # stored dense, described as compressed-tensors does (llm-compressor)
+                config["quantization_config"] = {
+                    "quant_method": "compressed-tensors",
+                    "format": "dense",
+                    "quantization_status": "compressed",
+                    "config_groups": {},
+                    "sparsity_config": sparsity,
+                }
+            writer = ShardWriter(tmp, max_shard_bytes)
+            for part in self._stored_parts(fmt):
+                if self.config.tie_word_embeddings and "model.embed_tokens.weight" in part:
+                    head = part.get("lm_head.weight")
+                    if (
+                        head is not None
+                        and head.dtype == self.module.dtype
+                        and torch.equal(head, part["model.embed_tokens.weight"])
+                    ):
+                        del part["lm_head.weight"]  # stored once, as the embedding
+                    else:  # the head was compressed apart from the embedding: no longer tied on disk
+                        config["tie_word_embeddings"] = False
+                writer.add(part)
+            writer.close()
             config["torch_dtype"] = str(self.module.dtype).removeprefix("torch.")
             write_json(tmp / "config.json", config)
             write_json(tmp / "generation_config.json", _generation_config(self))
@@ -97,6 +98,30 @@ class Model:
                 {"provenance": self.provenance + [{"step": "saved", "time": _now(), "torch": torch.__version__}]},
             )
         return Path(folder).absolute()
+
+    def _stored_parts(self, fmt: CheckpointFormat | None) -> Iterator[dict[str, torch.Tensor]]:
+        """The checkpoint's tensors as stored, in parts: everything outside the decoder layers (the
+        embedding and the head together, so that their tie can be checked), then one decoder
+        layer at a time. Compressed layers are converted by `fmt` as their part is reached."""
+        state = self.module.state_dict()  # references to the module's tensors, not copies
+        compressed = {n: m for n, m in self.module.named_modules() if hasattr(m, "quant_method")}
+        parts: dict[str, list[str]] = {}
+        for key in state:
+            match = _LAYER_KEY.match(key)
+            parts.setdefault(match.group(0) if match else "", []).append(key)
+        owner = lambda key: key.rpartition(".")[0]  # noqa: E731 (the module a tensor belongs to)
+        for prefix, keys in parts.items():
+            part = {k: state[k] for k in keys if owner(k) not in compressed or k.endswith(".bias")}
+            for name in dict.fromkeys(owner(k) for k in keys if owner(k) in compressed):
+                assert fmt is not None and fmt.save_layer is not None
+                part.update({f"{name}.{k}": v for k, v in fmt.save_layer(compressed[name], self.module.dtype).items()})
+            embed = self.module.model.embed_tokens
+            if not prefix and "model.embed_tokens.weight" not in part and hasattr(embed, "table"):
+                part["model.embed_tokens.weight"] = embed.table()  # an embedding that reads the head's codes
+            yield {k: v.detach().contiguous() for k, v in to_stored(part, self.config).items()}
+
+
+_LAYER_KEY = re.compile(r"model\.layers\.\d+\.")
 
 
 def _sparsity_config(model: Model) -> dict[str, Any] | None:

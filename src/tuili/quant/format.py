@@ -52,19 +52,15 @@ def _offset(m: WeightOnlyLinear) -> int:
     return 0 if m.symmetric else 2 ** (m.bits - 1)
 
 
-def save_compressed(module: nn.Module, stored: StoredName) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def compressed_config(module: nn.Module, stored: StoredName) -> dict[str, Any]:
+    """The quantization_config of config.json for the module's quantized layers (read from the
+    layers' schemes, not their tensors), naming the modules as the checkpoint stores them."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    state = {k: v for k, v in module.state_dict().items()}
     groups: dict[str, tuple[str, dict, list[str]]] = {}
-    dtype = next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), torch.float32)
     for name, m in module.named_modules():
         if not isinstance(m, (WeightOnlyLinear, Int8Linear)):
             continue
-        for key in list(state):
-            if key.startswith(name + ".") and key.count(".") == name.count(".") + 1 and not key.endswith(".bias"):
-                del state[key]
-        state.update({f"{name}.{k}": v for k, v in _compressed_tensors(m, dtype).items()})
         fmt, scheme = _scheme(m)
         key = repr((fmt, scheme))
         target = f"re:^{re.escape(stored(name))}$"
@@ -86,10 +82,11 @@ def save_compressed(module: nn.Module, stored: StoredName) -> tuple[dict[str, Te
         quantization_status="compressed",
         ignore=list(dict.fromkeys(stored(n) for n, m in module.named_modules() if isinstance(m, nn.Linear))),
     )
-    return state, config.model_dump(exclude_none=False)
+    return config.model_dump(exclude_none=False)
 
 
-def _compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+def compressed_tensors(m: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """One quantized layer's tensors as compressed-tensors stores them (its bias apart), float ones in `dtype`."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     if isinstance(m, WeightOnlyLinear):
@@ -218,5 +215,5 @@ def load_gguf_codes(module: nn.Module, state: dict[str, Tensor], qconfig: dict[s
         root.model.embed_tokens = QuantizedEmbedding(root.lm_head, qconfig["dtype"])
 
 
-register(QUANT_METHOD, CheckpointFormat(load_compressed, save_compressed))
+register(QUANT_METHOD, CheckpointFormat(load_compressed, compressed_config, compressed_tensors))
 register("gguf", CheckpointFormat(load_gguf_codes))  # read only: the layers are saved as compressed-tensors
