@@ -327,6 +327,42 @@ def test_dequantize_kernels_give_the_references_values_bit_for_bit(n, k, group_s
     )
 
 
+NMAJOR_SHAPES = [(96, 576, 64), (33, 100, 16), (5, 578, 32), (17, 130, 130), (48, 4096, 128), (16, 36, 36)]
+
+
+@pytest.mark.parametrize("n, k, group_size", NMAJOR_SHAPES)
+def test_nmajor_packings_unpack_to_their_codes_and_scales(n, k, group_size):
+    w, scale, zs = random_w4(n, k, group_size, False)
+    codes = ops._unpack_w4(w, k, False)
+    packed, scale_p, zs_p = repack.pack_w4_bf16(w, k, False, scale, zs)
+    rows = torch.tensor([0, n - 1, n // 2])
+    assert torch.equal(repack.nmajor_codes(packed, torch.arange(n), k), codes)
+    assert torch.equal(repack.nmajor_codes(packed, rows, k), codes[rows])
+    assert torch.equal(repack.nmajor_groups(scale_p, rows), scale[rows])
+    assert torch.equal(repack.nmajor_groups(zs_p, rows), zs[rows])
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    assert torch.equal(repack.nmajor_codes(repack.pack_w8_i16(q, scale)[0], rows, k), q[rows])
+
+
+@pytest.mark.skipif(ext is None or not repack.bf16_dot_products(), reason="the N-major packing needs AVX512-BF16")
+@pytest.mark.parametrize("n, k, group_size", NMAJOR_SHAPES)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dequantize_from_the_nmajor_packing_gives_the_references_values(n, k, group_size, bf16):
+    w, scale, zs = random_w4(n, k, group_size, True)
+    packed, scale_p, zs_p = repack.pack_w4_bf16(w, k, True, scale, zs)
+    expected = dequant.dequantize_w4_reference(w, scale, zs, k, group_size, True, bf16)
+    assert torch.equal(dequant.dequantize_nmajor_reference(packed, scale_p, zs_p, n, k, group_size, bf16), expected)
+    out = dequant.workspace(n, k, expected.dtype)
+    got = ext.dequantize_nmajor(packed, scale_p, zs_p, n, k, group_size, bf16, out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, expected)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    packed8, scale8 = repack.pack_w8_i16(q, scale)
+    expected8 = dequant.dequantize_w8_reference(q, scale, group_size, bf16)
+    assert torch.equal(ext.dequantize_nmajor(packed8, scale8, None, n, k, group_size, bf16, None), expected8)
+    with pytest.raises(RuntimeError, match="packed must be"):  # W8 codes given with zs: read as W4
+        ext.dequantize_nmajor(packed8, scale8, scale8, n, k, group_size, bf16, None)
+
+
 @needs_kernels
 def test_dequantize_refuses_shapes_it_cannot_read():
     w, scale, zs = random_w4(8, 64, 32, False)

@@ -24,8 +24,9 @@ from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
 from tuili.models.lazy import onload_all
+from tuili.models.memory import return_freed_memory
 from tuili.models.model import Model
-from tuili.quant.kernel_layer import compute_dtype
+from tuili.quant.kernel_layer import KernelLinear, compute_dtype
 
 log = logging.getLogger("tuili.engine")
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages (the engine's own forms)
@@ -108,8 +109,22 @@ class LLMEngine:
         self.decode_step = DecodeStep(self.module)
         self._check_model = True  # look again whether the fast decode paths' plans fit the model
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
-        plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict().values())
+        plain = all(
+            type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict(keep_vars=True).values()
+        )
         self.no_grad = torch.inference_mode if plain else torch.no_grad
+        if kernels and fast_decode:
+            self._make_kernel_calls()
+
+    def _make_kernel_calls(self) -> None:
+        """Each quantized layer's kernel call made now, packing its weights for the kernels, rather
+        than inside the first request; the packing's scratch memory (about the weights' size again,
+        freed in pieces the allocator keeps) given back to the system."""
+        bf16 = torch.bfloat16 in (self.compute_dtype, self.module.dtype)
+        for m in self.module.modules():
+            if isinstance(m, KernelLinear):
+                m.kernel_call(bf16)
+        return_freed_memory()
 
     @property
     def max_tokens_per_request(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tuili.kernels.ops import _dequantize, _run, _unpack_w4
+from tuili.kernels.repack import nmajor_codes, nmajor_groups
 
 
 def dequantize_w4_reference(
@@ -34,6 +35,24 @@ def dequantize_w8_reference(w: Tensor, scale: Tensor, group_size: int, bf16: boo
 
 def dequantize_w8(w: Tensor, scale: Tensor, group_size: int, bf16: bool = False, out=None) -> Tensor:
     return _run("dequantize_w8", dequantize_w8_reference, w, scale, group_size, bf16, out)
+
+
+def dequantize_nmajor_reference(
+    packed: Tensor, scale: Tensor, zs: Tensor | None, n: int, k: int, group_size: int, bf16: bool = False, out=None
+) -> Tensor:
+    """The float weight (N, K) of the 16-bit dot-product kernels' N-major packing (tuili.kernels.repack):
+    W4 (zs given) scale · u − zs per group, W8 scale · q; fp32 or rounded to bf16 (into `out`)."""
+    rows = torch.arange(n)
+    scales = nmajor_groups(scale, rows)
+    zeros = torch.zeros_like(scales) if zs is None else nmajor_groups(zs, rows)
+    w = _dequantize(nmajor_codes(packed, rows, k), scales, zeros, group_size)
+    return _into(w.to(torch.bfloat16) if bf16 else w, out)
+
+
+def dequantize_nmajor(
+    packed: Tensor, scale: Tensor, zs: Tensor | None, n: int, k: int, group_size: int, bf16: bool = False, out=None
+) -> Tensor:
+    return _run("dequantize_nmajor", dequantize_nmajor_reference, packed, scale, zs, n, k, group_size, bf16, out)
 
 
 def _into(x: Tensor, out: Tensor | None) -> Tensor:

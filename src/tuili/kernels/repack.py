@@ -95,3 +95,18 @@ def pack_w8_i16(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     kp = -(-k // 4) * 4
     c = _blocks_of_16(F.pad(w, (0, kp - k)))
     return c.view(c.shape[0], 16, kp // 2, 2).permute(0, 2, 1, 3).contiguous(), _group_vectors(scale)
+
+
+def nmajor_codes(packed: Tensor, rows: Tensor, k: int) -> Tensor:
+    """The codes (len(rows), K) that `pack_w4_bf16` (uint8, 3 dims: u as the kernel reads it) or
+    `pack_w8_i16` (int8, 4 dims) packed, for the given outputs: the inverse of either packing."""
+    b, o = rows // 16, rows % 16
+    if packed.dim() == 3:  # W4: bytes 2o, 2o + 1 of a double pair: k, k + 1 low, k + 2, k + 3 high
+        pairs = packed.view(packed.shape[0], packed.shape[1], 16, 2)[b, :, o]
+        return torch.cat((pairs & 15, pairs >> 4), dim=-1).flatten(1)[:, :k]
+    return packed[b, :, o].flatten(1)[:, :k]
+
+
+def nmajor_groups(t: Tensor, rows: Tensor) -> Tensor:
+    """Per-group values (len(rows), G) of the given outputs from the (N/16, G, 16) layout."""
+    return t[rows // 16, :, rows % 16]

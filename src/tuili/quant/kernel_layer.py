@@ -56,7 +56,7 @@ class KernelLinear(nn.Module, ABC):
         key = _CALL_KEYS[bf16]
         call = self.__dict__.get(key, _UNSET)
         if call is _UNSET:
-            on_cpu = all(t.device.type == "cpu" for t in self.buffers())
+            on_cpu = all(t.device.type == "cpu" for t in self.buffers() if not t.is_meta)  # meta: packed away
             made = (self._make_bf16_kernel_call() if bf16 else self._make_kernel_call()) if on_cpu else None
             call = self.__dict__[key] = made
         return call  # type: ignore[return-value]

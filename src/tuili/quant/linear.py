@@ -2,9 +2,7 @@
 
 `WeightOnlyLinear` (W8A16, W4A16): integer weights, float activations; the forward dequantizes
 and multiplies (tuili's fused kernels replace this where they are built).
-`Int8Linear` (W8A8): int8 weights and int8 activations, per-token (dynamic) or per-tensor
-(static, from calibration) activation scales; int8 × int8 → int32 runs in tuili's VNNI kernel
-for small batches, in `torch._int_mm` otherwise.
+`Int8Linear` (W8A8, tuili.quant.int8_linear): int8 weights and int8 activations.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from torch import Tensor, nn
 from tuili.kernels import dequant, repack
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import OPS, KernelCall
+from tuili.quant.int8_linear import Int8Linear
 from tuili.quant.kernel_layer import COMPUTE_DTYPE, KernelLinear
 from tuili.quant.primitives import (
     QuantizedWeight,
@@ -29,6 +28,8 @@ from tuili.quant.primitives import (
     unpack_int4,
 )
 
+_ROW_LAYOUT = ("qweight", "scale", "offset")  # what a WeightOnlyLinear packed N-major holds only there
+
 
 class WeightOnlyLinear(KernelLinear):
     """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales.
@@ -37,7 +38,13 @@ class WeightOnlyLinear(KernelLinear):
     W = scale · codes − offset with a float offset (GGUF's Q4_1 and Q4_K minimums, kept as they are).
     `input_order`: the codes' columns are the inputs in this order (an act-order GPTQ checkpoint's
     groups, made contiguous); the activations are permuted to match, and the C++ decode step leaves
-    such a layer to the module forward."""
+    such a layer to the module forward.
+
+    One copy of the weights: once the layer runs under 16-bit activations on a CPU whose dot-product
+    kernels take every batch size (tuili.kernels.repack), its codes, scales and offsets live only in
+    those kernels' N-major packing. The row-layout buffers become meta placeholders of their shapes
+    (what analysis reports); reading one (saving, export, the fp32 kernels) puts the row layout
+    back in place of the packing (`unpack_`), and the next 16-bit call packs it again."""
 
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
     _buffer_names = ("qweight", "scale", "zero", "offset", "input_order", "bias")
@@ -111,9 +118,29 @@ class WeightOnlyLinear(KernelLinear):
 
     def codes(self) -> Tensor:
         """(out, in) integer codes, unpacked."""
-        if self.bits == 4:
-            return unpack_int4(self.qweight, self.in_features, signed=self.symmetric)
-        return self.qweight
+        return self._stored(None)[0]
+
+    def _stored(self, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Codes (unpacked), scales, zero points and offsets of the given output rows (None: all), as
+        stored, from whichever layout the layer holds (the N-major packing is not unpacked for it)."""
+        dots = self.__dict__.get("_nmajor")
+        pick = lambda t: None if t is None or rows is None else t[rows]  # noqa: E731
+        zero = self.zero if rows is None else pick(self.zero)
+        if dots is None:
+            qweight, scale, offset = self.qweight, self.scale, self.offset
+            if rows is not None:
+                qweight, scale, offset = qweight[rows], scale[rows], pick(offset)
+            codes = unpack_int4(qweight, self.in_features, signed=self.symmetric) if self.bits == 4 else qweight
+            return codes, scale, zero, offset
+        every = torch.arange(self.out_features) if rows is None else rows
+        codes = repack.nmajor_codes(dots.tensors[0], every, self.in_features)
+        scale = repack.nmajor_groups(dots.tensors[1], every)
+        offset = None
+        if self.bits == 4 and self._buffers["offset"] is not None:
+            offset = repack.nmajor_groups(dots.tensors[2], every)  # zs of GGUF's codes is their offset
+        elif self.bits == 4 and self.symmetric:
+            codes = (codes.to(torch.int16) - 8).to(torch.int8)  # the kernel reads u = code + 8
+        return codes, scale, zero, offset
 
     def dequantize(self) -> Tensor:
         """The float weight this layer stands for, (out, in) fp32, columns in input order."""
@@ -126,15 +153,12 @@ class WeightOnlyLinear(KernelLinear):
 
     def _columns_as_stored(self) -> Tensor:
         """The float weight with its columns in the codes' order (input_order's, where set)."""
-        return self._dequantize(self.codes(), self.scale, self.zero, self.offset)
+        return self._dequantize(*self._stored(None))
 
     def dequantize_rows(self, rows: Tensor) -> Tensor:
         """Rows (len(rows), in) of the float weight, fp32: what an embedding that reads these codes
         looks up, without the whole table in float."""
-        packed = self.qweight[rows]
-        codes = unpack_int4(packed, self.in_features, signed=self.symmetric) if self.bits == 4 else packed
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return self._dequantize(codes, self.scale[rows], pick(self.zero), pick(self.offset))
+        return self._dequantize(*self._stored(rows))
 
     def _dequantize(self, codes: Tensor, scale: Tensor, zero: Tensor | None, offset: Tensor | None) -> Tensor:
         if offset is not None:  # scale · u − offset, in GGUF's order of operations
@@ -158,7 +182,11 @@ class WeightOnlyLinear(KernelLinear):
         return None
 
     def _make_bf16_kernel_call(self) -> KernelCall | None:
-        # a repacked copy of the codes (as many bytes again), made on the first bf16 call
+        # the codes repacked N-major on the first bf16 call; the row layout then gives way to it
+        # unless this CPU runs small batches on the row layout's GEMV (both are kept there)
+        packed = self.__dict__.get("_nmajor")
+        if packed is not None:
+            return packed
         call = self.kernel_call()
         if not repack.bf16_dot_products() or (self.group_size % 4 and self.group_size < self.in_features):
             return call
@@ -173,7 +201,55 @@ class WeightOnlyLinear(KernelLinear):
         else:
             return call
         rows = repack.small_batch_rows(self.bits) if call is not None else 0
-        return replace(dots, small=call, small_rows=rows) if rows else dots
+        if rows:
+            return replace(dots, small=call, small_rows=rows)
+        self._keep_only(dots)
+        return dots
+
+    def _keep_only(self, dots: KernelCall) -> None:
+        """Hold the weights only in `dots`' packing: the row-layout buffers become meta placeholders
+        (assigned past __setattr__, which would forget the calls) and the fp32 call that read them goes."""
+        for name in _ROW_LAYOUT:
+            t = self._buffers[name]
+            if t is not None:
+                self._buffers[name] = t.to("meta")
+        self.__dict__["_nmajor"] = dots
+        self.__dict__.pop("_kernel_call", None)
+
+    def unpack_(self) -> None:
+        """Put the row layout back in place of the N-major packing (a no-op where it is there)."""
+        if "_nmajor" not in self.__dict__:
+            return
+        codes, scale, _, offset = self._stored(None)
+        del self.__dict__["_nmajor"]
+        self._buffers["qweight"] = pack_int4(codes) if self.bits == 4 else codes
+        self._buffers["scale"] = scale
+        if self._buffers["offset"] is not None:
+            self._buffers["offset"] = offset
+        self._forget_kernel_calls()
+
+    def __getattr__(self, name: str):
+        if name in _ROW_LAYOUT and "_nmajor" in self.__dict__:  # a reader of the row layout
+            self.unpack_()
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in _ROW_LAYOUT and "_nmajor" in self.__dict__:
+            self.unpack_()
+        super().__setattr__(name, value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not keep_vars:  # a state dict of values (saving, copying); keep_vars: introspection
+            self.unpack_()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.unpack_()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):
+        self.unpack_()
+        return super()._apply(*args, **kwargs)
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = COMPUTE_DTYPE.get() or rows.dtype
@@ -197,6 +273,17 @@ class WeightOnlyLinear(KernelLinear):
             w, scale = cast(tuple[Tensor, Tensor], call.tensors)
             return dequant.dequantize_w8(w, scale, self.group_size, bf16, out)
         return self._columns_as_stored().to(dtype)
+
+    def _nmajor_weight(self, dots: KernelCall, dtype: torch.dtype) -> Tensor:
+        """weight_as from the N-major packing, without unpacking it."""
+        whole_groups = self.group_size % 16 == 0 or self.group_size >= self.in_features
+        if kernels.extension() is None or dtype not in (torch.float32, torch.bfloat16) or not whole_groups:
+            return self._columns_as_stored().to(dtype)
+        packed, scale = cast(tuple[Tensor, Tensor], dots.tensors[:2])
+        zs = dots.tensors[2] if self.bits == 4 else None
+        n, k = self.out_features, self.in_features
+        out = dequant.workspace(n, k, dtype)
+        return dequant.dequantize_nmajor(packed, scale, zs, n, k, self.group_size, dtype == torch.bfloat16, out)
 
     def _activations(self, x: Tensor) -> Tensor:
         return x
@@ -237,86 +324,6 @@ class W4A8Linear(WeightOnlyLinear):
 
     def _activations(self, rows: Tensor) -> Tensor:
         return kernels.quantize_groups(rows, self.group_size).to(rows.dtype)
-
-
-class Int8Linear(KernelLinear):
-    """W8A8: y = (q_x · q_wᵀ) · s_x · s_w + b, weights per output channel, activations per token
-    (dynamic) or per tensor with a calibrated scale (static)."""
-
-    quant_method = "compressed-tensors"
-    _buffer_names = ("qweight", "weight_scale", "input_scale", "bias")
-    qweight: Tensor
-    weight_scale: Tensor
-    input_scale: Tensor | None
-
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool, static: bool, dtype: torch.dtype = torch.float32
-    ):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-        self.register_buffer("input_scale", torch.ones(()) if static else None)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, input_scale: Tensor | None = None) -> Int8Linear:
-        """Round-to-nearest int8 weights per output channel."""
-        return cls.from_quantized(
-            quantize_weight(linear.weight.detach(), 8, "channel", symmetric=True), linear.bias, input_scale
-        )
-
-    @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, input_scale: Tensor | None = None) -> Int8Linear:
-        """From symmetric int8 per-channel codes (RTN or GPTQ)."""
-        if qw.bits != 8 or not qw.symmetric or qw.scale.shape[1] != 1:
-            raise ValueError("Int8Linear takes symmetric 8-bit weights with one scale per output channel")
-        out_features, in_features = qw.q.shape
-        layer = cls(
-            in_features,
-            out_features,
-            bias is not None,
-            input_scale is not None,
-            bias.dtype if bias is not None else torch.float32,
-        )
-        layer.qweight = qw.q
-        layer.weight_scale = qw.scale[:, 0].contiguous()
-        if input_scale is not None:
-            layer.input_scale = input_scale.float().reshape(())
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return layer
-
-    @property
-    def static(self) -> bool:
-        return self.input_scale is not None
-
-    def dequantize(self) -> Tensor:
-        return self.qweight.float() * self.weight_scale[:, None]
-
-    def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """int8 codes of x (N, in) and their scale, (N, 1) per token or () per tensor."""
-        return kernels.quantize_rows(x, self.input_scale)
-
-    def _make_kernel_call(self) -> KernelCall | None:
-        packed = kernels.w8a8_pack(self.qweight)  # VNNI: a repacked copy (as many bytes again) for batches
-        if packed is not None:
-            return KernelCall.of(
-                "w8a8_linear_packed",
-                *packed,
-                self.weight_scale,
-                self.input_scale,
-                ints=(self.out_features,),
-                bias=self.bias,
-            )
-        return KernelCall.of("w8a8_linear", self.qweight, self.weight_scale, self.input_scale, bias=self.bias)
-
-    def _reference(self, rows: Tensor) -> Tensor:
-        return kernels.w8a8_linear_reference(rows, self.qweight, self.weight_scale, self.input_scale)
-
-    def extra_repr(self) -> str:
-        mode = "static" if self.static else "dynamic"
-        return f"in_features={self.in_features}, out_features={self.out_features}, activations={mode}"
 
 
 class QuantizedEmbedding(nn.Module):

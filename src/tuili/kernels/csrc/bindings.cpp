@@ -39,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &tuili::rms_norm, "w · x / sqrt(mean(x²) + eps) over the last dim", release());
   m.def("dequantize_w4", &tuili::dequantize_w4, "packed W4 codes to an fp32 or bf16 weight, one pass", release());
   m.def("dequantize_w8", &tuili::dequantize_w8, "int8 codes to an fp32 or bf16 weight, one pass", release());
+  m.def("dequantize_nmajor", &tuili::dequantize_nmajor,
+        "N-major packed W4 (with zs) or W8 codes to an fp32 or bf16 weight, one pass", release());
   m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout", release());
   m.def("argmax_rows", &tuili::argmax_rows, "each row's first largest value's index (NaN largest), as torch.argmax",
         release());

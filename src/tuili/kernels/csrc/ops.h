@@ -34,6 +34,8 @@ torch::Tensor dequantize_w4(torch::Tensor w, torch::Tensor scale, torch::Tensor 
                             bool flip, bool bf16, c10::optional<torch::Tensor> out);
 torch::Tensor dequantize_w8(torch::Tensor w, torch::Tensor scale, int64_t group_size, bool bf16,
                             c10::optional<torch::Tensor> out);
+torch::Tensor dequantize_nmajor(torch::Tensor packed, torch::Tensor scale, c10::optional<torch::Tensor> zs, int64_t N,
+                                int64_t K, int64_t group_size, bool bf16, c10::optional<torch::Tensor> out);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor argmax_rows(torch::Tensor x);
 }  // namespace tuili
