@@ -43,11 +43,13 @@ def test_a_layer_run_on_bf16_activations_holds_its_weights_once(bits, group_size
     want_prefill, want_fp32 = q(prefill), q(small.float())
     want_small = q(small)  # the first bf16 call packs the layer
     assert q._buffers["qweight"].is_meta and q._buffers["scale"].is_meta
+    packing = q.__dict__["_nmajor"]
     assert held_bytes(q) <= 1.25 * rows  # scales and scale · zero kept per block of 16 outputs
     assert torch.equal(q(prefill), want_prefill)  # the prefill weight made from the packing
+    assert q.__dict__.get("_nmajor") is packing  # not unpacked (and packed again) for it
     assert torch.equal(q(small), want_small)
     assert torch.equal(q.dequantize_rows(torch.tensor([5, 0])), q.dequantize()[[5, 0]])
-    assert q._buffers["qweight"].is_meta  # none of these unpacked it
+    assert q.__dict__.get("_nmajor") is packing  # none of these unpacked it
     assert all(torch.equal(v, state[k]) for k, v in q.state_dict().items())  # the row layout, back
     assert not q._buffers["qweight"].is_meta and "_nmajor" not in q.__dict__
     assert torch.equal(q(small.float()), want_fp32)
@@ -80,10 +82,13 @@ def test_a_served_model_holds_its_weights_once_and_saves_what_it_was(tmp_path):
     llm = tuili.LLM(model, bf16_activations=True)
     packed = [m for m in model.module.modules() if "_nmajor" in m.__dict__]
     assert len(packed) == 7 * model.config.num_hidden_layers  # packed as the engine starts
-    tokens = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
+    packings = [m.__dict__["_nmajor"] for m in packed]
+    prompt = list(range(3, 140))  # a prefill above the dot-product kernels' 64 rows
+    tokens = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert all(m.__dict__.get("_nmajor") is p for m, p in zip(packed, packings))  # never unpacked
     assert analyze(model).num_bytes == before
     assert held_bytes(model.module) <= 1.15 * before
-    assert llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids == tokens
+    assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == tokens
     saved = tuili.load(model.save(tmp_path / "q"))
     assert saved.module.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in saved.module.state_dict().items())

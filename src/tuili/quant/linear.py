@@ -260,6 +260,9 @@ class WeightOnlyLinear(KernelLinear):
         by tuili's dequantize kernels from the codes the fp32 kernel call reads, into this thread's
         reused workspace (so it is valid until the next call), else through PyTorch. At prefill
         making the weight is what costs: PyTorch's unpacking took ~90% of a 1B model's prefill."""
+        dots = self.__dict__.get("_nmajor")
+        if dots is not None:  # the layer holds only the dot-product kernels' packing
+            return self._nmajor_weight(dots, dtype)
         call = self.kernel_call() if kernels.extension() is not None else None
         if call is None or dtype not in (torch.float32, torch.bfloat16):
             return self._columns_as_stored().to(dtype)
