@@ -66,6 +66,19 @@ CONFIGS = {
             "long_factor": [1.0 + 0.9 * i for i in range(8)],
         },
     ),
+    "phi4-mini": dict(  # partial rotary: RoPE on the first 3/4 of each head, LongRoPE, tied head
+        model_type="phi3",
+        head_dim=16,
+        partial_rotary_factor=0.75,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=64,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(6)],
+            "long_factor": [1.0 + 0.9 * i for i in range(6)],
+        },
+    ),
     "gemma2": dict(
         **GEMMA,
         model_type="gemma2",

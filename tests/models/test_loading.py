@@ -231,7 +231,7 @@ def test_unsupported_architecture(folder):
         (
             "rope_scaling",
             {"rope_type": "longrope", "short_factor": [1], "long_factor": [1], "original_max_position_embeddings": 8},
-            "short_factor has 1 entries; a head of 16 needs 8",
+            "short_factor has 1 entries; rotating 16 values of a head needs 8",
         ),
     ],
 )

@@ -275,8 +275,12 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, T, H, D) rotated by cos/sin (B, T, D) in the half-split layout: x·cos + rotate_half(x)·sin."""
-    half = x.shape[-1] // 2
+    """x (B, T, H, D) rotated by cos/sin (B, T, R) in the half-split layout: x·cos + rotate_half(x)·sin
+    on each head's first R values (R < D: partial rotary), the rest as they are."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((rope_reference(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+    half = r // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 

@@ -29,7 +29,7 @@ class RotaryEmbedding(nn.Module):
         if local:
             assert config.local_rope_theta is not None
             config = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
-        dim, base, s = config.head_dim, config.rope_theta, config.rope_parameters
+        dim, base, s = config.rotary_dim, config.rope_theta, config.rope_parameters
         self.rope_type = config.rope_type
         self.scaling = _attention_scaling(config)  # on cos and sin: YaRN's and LongRoPE's factor, 1 otherwise
         self.switch = 1 << 62  # the position from which `long_inv_freq` applies
@@ -76,7 +76,7 @@ class RotaryEmbedding(nn.Module):
 
 def _inv_freq(config: LlamaConfig) -> Tensor:
     """Inverse frequencies θ_i = base^(-2i/d), rescaled by the config's (static) rope_scaling type."""
-    dim = config.head_dim
+    dim = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_parameters
     if config.rope_type == "linear":

@@ -60,6 +60,7 @@ FOREIGN = {
 FAMILY_KEYS = {  # FOREIGN keys a family computes
     "gemma2": ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
     "gemma3_text": ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"),
+    "phi3": ("partial_rotary_factor",),  # Phi-4-mini rotates 3/4 of each head
     "qwen3_moe": ("num_experts", "num_local_experts"),  # transformers writes both names
     "mixtral": ("num_experts", "num_local_experts"),
 }
@@ -141,22 +142,28 @@ class LlamaConfig:
         lacking = [k for k in ROPE_KEYS.get(rope_type, ()) if scaling.get(k) is None]
         if lacking:
             raise ModelFormatError(f"rope_scaling of type {rope_type!r} needs {', '.join(lacking)}")
-        if scaling.get("partial_rotary_factor", 1) != 1:
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise ModelFormatError(
-                f"rope_scaling sets partial_rotary_factor={scaling['partial_rotary_factor']}: tuili rotates "
-                "whole heads and refuses the model rather than give wrong logits"
+                f"partial_rotary_factor={self.extra.get('partial_rotary_factor')} rotates {self.rotary_dim} of a "
+                f"head's {self.head_dim} values; RoPE needs an even number, at least 2"
             )
         for key in ("short_factor", "long_factor"):
-            if key in scaling and len(scaling[key]) != self.head_dim // 2:
+            if key in scaling and len(scaling[key]) != self.rotary_dim // 2:
                 raise ModelFormatError(
-                    f"rope_scaling.{key} has {len(scaling[key])} entries; a head of {self.head_dim} needs "
-                    f"{self.head_dim // 2}"
+                    f"rope_scaling.{key} has {len(scaling[key])} entries; rotating {self.rotary_dim} values of a "
+                    f"head needs {self.rotary_dim // 2}"
                 )
 
     @property
     def rope_type(self) -> str:
         scaling = self.rope_scaling or {}
         return scaling.get("rope_type", scaling.get("type", "default"))
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's values RoPE rotates (the first ones): head_dim × partial_rotary_factor
+        (Phi-4-mini: 0.75); the rest pass unrotated, as in transformers' Phi-3."""
+        return int(self.head_dim * float(self.extra.get("partial_rotary_factor") or 1.0))
 
     @property
     def rope_parameters(self) -> dict[str, Any]:
@@ -282,9 +289,14 @@ class LlamaConfig:
         if rope:
             rope = dict(rope)
             data.setdefault("rope_theta", rope.pop("rope_theta", 10000.0))
+            if "partial_rotary_factor" in rope:  # kept at the top level, as config.json writes it
+                data.setdefault("partial_rotary_factor", rope.pop("partial_rotary_factor"))
             if rope.get("rope_type", "default") != "default":
                 data.setdefault("rope_scaling", rope)
         scaling = data.get("rope_scaling")
+        if scaling and "partial_rotary_factor" in scaling:
+            scaling = data["rope_scaling"] = dict(scaling)
+            data.setdefault("partial_rotary_factor", scaling.pop("partial_rotary_factor"))
         if model_type == "phi3" and scaling and scaling.get("rope_type", scaling.get("type")) in ("su", "yarn"):
             data["rope_scaling"] = {**scaling, "rope_type": "longrope"}  # Phi-3's early names for LongRoPE
             data["rope_scaling"].pop("type", None)

@@ -190,6 +190,9 @@ def _config(meta: dict[str, Any], path: Path) -> LlamaConfig:
     scaling = None
     if key("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    head_dim = int(key("attention.key_length", hidden // heads))
+    rotated = int(key("rope.dimension_count", head_dim))  # fewer: partial rotary (Phi-4-mini)
+    partial = {} if rotated == head_dim else {"partial_rotary_factor": rotated / head_dim}
     return LlamaConfig(
         model_type=_ARCHS[arch],
         vocab_size=int(vocab),
@@ -198,7 +201,7 @@ def _config(meta: dict[str, Any], path: Path) -> LlamaConfig:
         num_hidden_layers=int(key("block_count")),
         num_attention_heads=int(heads),
         num_key_value_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=int(key("attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
@@ -207,6 +210,7 @@ def _config(meta: dict[str, Any], path: Path) -> LlamaConfig:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        extra=partial,
     )
 
 
