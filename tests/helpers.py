@@ -32,6 +32,17 @@ TINY = dict(
     eos_token_id=2,
     bos_token_id=1,
 )
+
+
+def longrope(pairs: int) -> dict:
+    """LongRoPE scaling with distinct short and long factors for `pairs` rotated value pairs."""
+    return {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(pairs)],
+        "long_factor": [1.0 + 0.9 * i for i in range(pairs)],
+    }
+
+
 GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True)  # both Gemmas
 CONFIGS = {
     "llama-gqa": dict(model_type="llama"),
@@ -60,11 +71,7 @@ CONFIGS = {
         head_dim=16,
         max_position_embeddings=1024,
         original_max_position_embeddings=64,
-        rope_scaling={
-            "rope_type": "longrope",
-            "short_factor": [1.0 + 0.1 * i for i in range(8)],
-            "long_factor": [1.0 + 0.9 * i for i in range(8)],
-        },
+        rope_scaling=longrope(8),
     ),
     "phi4-mini": dict(  # partial rotary: RoPE on the first 3/4 of each head, LongRoPE, tied head
         model_type="phi3",
@@ -73,11 +80,7 @@ CONFIGS = {
         tie_word_embeddings=True,
         max_position_embeddings=1024,
         original_max_position_embeddings=64,
-        rope_scaling={
-            "rope_type": "longrope",
-            "short_factor": [1.0 + 0.1 * i for i in range(6)],
-            "long_factor": [1.0 + 0.9 * i for i in range(6)],
-        },
+        rope_scaling=longrope(6),  # 12 of 16 values rotated
     ),
     "gemma2": dict(
         **GEMMA,

@@ -56,7 +56,7 @@ def speed_reference(model: Model, headroom: float = 3.0) -> Model | None:
 
 def _resident_bytes(model: Model) -> int:
     """The bytes of the model's tensors, each storage once (a tied head shares the embedding's; a
-    layer's weights packed for its kernels count as the meta placeholders of their row layout)."""
+    layer's weights packed for its kernels count by the shapes of their row layout, kept as meta tensors)."""
     storages = {
         id(t) if t.is_meta else t.untyped_storage().data_ptr(): t.numel() * t.element_size()
         if t.is_meta

@@ -102,10 +102,16 @@ class KernelLinear(nn.Module, ABC):
         for key in _CALL_KEYS:
             self.__dict__.pop(key, None)
 
+    def _own_layout(self) -> None:
+        """Put the buffers back in the layout they are loaded into and moved in, where a layer keeps
+        its weights elsewhere (WeightOnlyLinear's N-major packing); nothing by default."""
+
     def _load_from_state_dict(self, *args, **kwargs):
+        self._own_layout()
         self._forget_kernel_calls()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, *args, **kwargs):
+        self._own_layout()
         self._forget_kernel_calls()
         return super()._apply(*args, **kwargs)

@@ -42,8 +42,8 @@ class WeightOnlyLinear(KernelLinear):
 
     One copy of the weights: once the layer runs under 16-bit activations on a CPU whose dot-product
     kernels take every batch size (tuili.kernels.repack), its codes, scales and offsets live only in
-    those kernels' N-major packing. The row-layout buffers become meta placeholders of their shapes
-    (what analysis reports); reading one (saving, export, the fp32 kernels) puts the row layout
+    those kernels' N-major packing. The row-layout buffers become meta tensors that keep only their
+    shapes and dtypes (what analysis reports); reading one (saving, export, the fp32 kernels) puts the row layout
     back in place of the packing (`unpack_`), and the next 16-bit call packs it again."""
 
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
@@ -124,12 +124,10 @@ class WeightOnlyLinear(KernelLinear):
         """Codes (unpacked), scales, zero points and offsets of the given output rows (None: all), as
         stored, from whichever layout the layer holds (the N-major packing is not unpacked for it)."""
         dots = self.__dict__.get("_nmajor")
-        pick = lambda t: None if t is None or rows is None else t[rows]  # noqa: E731
-        zero = self.zero if rows is None else pick(self.zero)
+        pick = lambda t: t if t is None or rows is None else t[rows]  # noqa: E731
+        zero = pick(self.zero)
         if dots is None:
-            qweight, scale, offset = self.qweight, self.scale, self.offset
-            if rows is not None:
-                qweight, scale, offset = qweight[rows], scale[rows], pick(offset)
+            qweight, scale, offset = pick(self.qweight), pick(self.scale), pick(self.offset)
             codes = unpack_int4(qweight, self.in_features, signed=self.symmetric) if self.bits == 4 else qweight
             return codes, scale, zero, offset
         every = torch.arange(self.out_features) if rows is None else rows
@@ -207,7 +205,7 @@ class WeightOnlyLinear(KernelLinear):
         return dots
 
     def _keep_only(self, dots: KernelCall) -> None:
-        """Hold the weights only in `dots`' packing: the row-layout buffers become meta placeholders
+        """Hold the weights only in `dots`' packing: the row-layout buffers become shape-only meta tensors
         (assigned past __setattr__, which would forget the calls) and the fp32 call that read them goes."""
         for name in _ROW_LAYOUT:
             t = self._buffers[name]
@@ -243,13 +241,8 @@ class WeightOnlyLinear(KernelLinear):
             self.unpack_()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _own_layout(self) -> None:
         self.unpack_()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, *args, **kwargs):
-        self.unpack_()
-        return super()._apply(*args, **kwargs)
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = COMPUTE_DTYPE.get() or rows.dtype
