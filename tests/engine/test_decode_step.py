@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import DENSE, random_tiny
+from helpers import CONFIGS, random_tiny
 from torch import nn
 
 import tuili.engine.step as step_module
@@ -18,6 +18,7 @@ from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
 from tuili.kernels import repack
 from tuili.kernels.contract import MAX_M_F32, OPS
+from tuili.prune.structured import prune_experts_
 from tuili.quant import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
 from tuili.quant.kernel_layer import compute_dtype
 
@@ -71,7 +72,7 @@ def assert_same(fast, slow):
         assert x is None and y is None or torch.equal(x, y)  # the same keys and values stored
 
 
-@pytest.mark.parametrize("arch", DENSE)
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("activations", [None, torch.bfloat16], ids=["fp32-activations", "bf16-activations"])
 def test_the_cpp_step_is_the_module_forward_bit_for_bit(arch, scheme, activations):
@@ -82,7 +83,7 @@ def test_the_cpp_step_is_the_module_forward_bit_for_bit(arch, scheme, activation
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-@pytest.mark.parametrize("arch", DENSE)
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_every_kv_cache_format(arch, kv_dtype):
     model = random_tiny(arch)
     quantize_(model, Int8WeightOnly(), ignore=(), progress=False)
@@ -215,16 +216,33 @@ def test_a_decode_plan_refuses_what_it_cannot_call():
     plan = kernels.extension().DecodePlan
     w, norm = torch.zeros(16, 16), torch.ones(16)
 
-    def rest(layers=1, activation="silu", qk_norms=(), scale=8**-0.5, softcap=0.0, windows=None):
+    def rest(layers=1, activation="silu", qk_norms=(), scale=8**-0.5, softcap=0.0, windows=None, experts=0, top_k=0):
         windows = [0] * layers if windows is None else windows
-        n = 7 * layers + 1
+        n = (4 + (1 + 3 * experts if experts else 3)) * layers + 1
         small = ([""] * n, [[]] * n, [[]] * n, [0] * n)
-        return (2, 1, 8, 1e-5, windows, activation, list(qk_norms), scale, softcap, [False] * layers, False, *small)
+        moe = ([experts] * layers, top_k, False)
+        return (
+            2,
+            1,
+            8,
+            1e-5,
+            windows,
+            activation,
+            list(qk_norms),
+            scale,
+            softcap,
+            [False] * layers,
+            False,
+            *small,
+            *moe,
+        )
 
     with pytest.raises(RuntimeError, match="no kernel named w3_linear"):
         plan(["w3_linear"], [[w, None]], [[]], [None], [norm], *rest(0))
-    with pytest.raises(RuntimeError, match="7 linear layers per decoder layer and a head"):
+    with pytest.raises(RuntimeError, match="q, k, v, o and gate, up, down .or a router and each expert's three."):
         plan(["linear"] * 2, [[w, None]] * 2, [[8]] * 2, [None] * 2, [norm], *rest())
+    with pytest.raises(RuntimeError, match="a mixture needs at least top_k > 0 experts"):
+        plan(["linear"] * 9, [[w, None]] * 9, [[8]] * 9, [None] * 9, [norm] * 3, *rest(experts=1, top_k=2))
     linears = (["linear"] * 8, [[w, None]] * 8, [[8]] * 8, [None] * 8)
     with pytest.raises(RuntimeError, match="two norms per layer .four with output norms. and a final one"):
         plan(*linears, [norm], *rest())
@@ -267,10 +285,18 @@ def test_an_idle_engine_lets_go_of_the_weights_it_planned_with():
 
 
 @pytest.mark.parametrize("arch", ["qwen3-moe", "mixtral"])
-def test_a_mixture_of_experts_decodes_through_the_module(arch):
-    model = random_tiny(arch)  # routing is per token: the module forward runs it, each expert by its kernels
-    fast, slow = both_ways(model)
-    assert fast[0] is None and not DecodeStep(model.module).applies(None)
+def test_a_mixture_routes_in_the_cpp_step_as_in_the_module(arch):
+    """Eight sequences (every expert chosen by some), then half the experts pruned (a smaller
+    router): the router's choice, each expert's rows and the weighted sums are the module's."""
+    prompts = [[3 + i, 40 + 7 * i, 90 + i] for i in range(8)]
+    step = torch.arange(50, 58), torch.full((8,), 3), torch.arange(8)
+    model = random_tiny(arch)
+    assert_same(*both_ways(model, prompts=prompts, step=step))
+    prune_experts_(model, 0.5, "l2")
+    counts = {len(layer.mlp.experts) for layer in model.module.model.layers if hasattr(layer.mlp, "experts")}
+    assert counts == {2}
+    quantize_(model, SCHEMES["w8a16"], progress=False)  # experts quantized, the router left in float
+    assert_same(*both_ways(model, activations=torch.bfloat16, prompts=prompts, step=step))
 
 
 @pytest.mark.parametrize("rows", [0, 2, 64])

@@ -186,3 +186,31 @@ def test_tensors_read_from_a_shard_do_not_keep_it_mapped(tmp_path):
     assert kept and all(t.abs().sum() > 0 for t in kept.values())
     maps = Path("/proc/self/maps").read_text()
     assert not [f for f in checkpoint.files if str(f) in maps]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2"])
+def test_perplexity_of_a_lazy_model_reads_one_layer_at_a_time(name, tmp_path):
+    from tuili.data import perplexity
+
+    folder = sharded(name, tmp_path)
+    eager, lazy = tuili.load(folder), tuili.load(folder, lazy=True)
+    windows = torch.randint(0, 259, (3, 24), generator=torch.Generator().manual_seed(3))
+    held = []  # decoder layers in memory whenever a layer runs
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda *_: held.append(sum(not p.is_meta for d in lazy.module.model.layers for p in d.parameters()))
+        )
+        for layer in lazy.module.model.layers
+    ]
+    got = perplexity(lazy.module, windows, progress=False)
+    for h in hooks:
+        h.remove()
+    per_layer = sum(1 for _ in lazy.module.model.layers[0].parameters())
+    assert held and max(held) == per_layer  # one layer's parameters, never two
+    assert sorted(lazy.module.lazy_layers.pending) == list(range(lazy.config.num_hidden_layers))  # all back on disk
+    expected = perplexity(eager.module, windows, progress=False)
+    assert got.perplexity == pytest.approx(expected.perplexity, rel=1e-5)
+    assert got.num_tokens == expected.num_tokens
+    quantize_(lazy, Int8WeightOnly(), RTN(), calib=CALIB, progress=False)  # the layers read again after
+    quantize_(eager, Int8WeightOnly(), RTN(), calib=CALIB, progress=False)
+    assert same_state(lazy, eager)

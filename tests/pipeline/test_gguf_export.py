@@ -27,7 +27,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied", "qwen2", "mistral-sliding", "qwen3", "phi3-longrope"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa", "llama-mqa-tied", "llama-rope-llama3", "qwen2", "mistral-sliding", "qwen3", "phi3-longrope"]
+)
 @pytest.mark.parametrize("scheme, block", CASES)
 def test_gguf_round_trip_keeps_the_logits(tmp_path, name, scheme, block):
     model = random_tiny(name)
@@ -73,7 +75,7 @@ def test_gguf_export_refuses_bad_paths_and_cli_checks(tmp_path, capsys):
         export_gguf(random_tiny(), tmp_path / "m.bin")
     with pytest.raises(ExportError, match="MLP has biases"):
         export_gguf(random_tiny("llama-mha-untied-bias"), tmp_path / "m.gguf")
-    with pytest.raises(ExportError, match="computes gelu, and llama.cpp's llama graph computes SiLU"):
+    with pytest.raises(ExportError, match="computes gelu, and llama.cpp's llama graph computes silu"):
         export_gguf(random_tiny("llama-gelu"), tmp_path / "m.gguf")
     folder = random_tiny().save(tmp_path / "tiny")
     assert main(["export", "--model", str(folder), "--out", str(tmp_path / "m.gguf")]) == 0
@@ -90,3 +92,15 @@ def test_a_layout_without_a_gguf_twin_is_written_as_float_and_listed(tmp_path):
     result = export_gguf(model, tmp_path / "m.gguf", "f32")
     assert result.dequantized == ["model.layers.0.mlp.up_proj"]
     assert check_gguf(result.path, model, torch.randint(3, 200, (1, 12))) < 1e-4
+
+
+@pytest.mark.parametrize(("name", "window"), [("mistral-sliding", 8), ("gemma3", None)])
+def test_context_length_is_the_window_where_llama_cpp_attends_to_every_key(tmp_path, name, window):
+    model = random_tiny(name, query_pre_attn_scalar=16) if name == "gemma3" else random_tiny(name)
+    written = export_gguf(model, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(written.path)
+    arch = reader.fields["general.architecture"].contents()
+    context = reader.fields[f"{arch}.context_length"].contents()
+    assert context == (window or model.config.max_position_embeddings)  # Gemma's graph slides: its own
+    assert bool(written.notes) == bool(window)
+    assert load(written.path).config.sliding_window == model.config.sliding_window

@@ -41,7 +41,7 @@ def _export(args) -> None:
     if args.out.suffix == ".gguf":
         written = export_gguf(model, args.out, args.gguf_float, check=not args.no_check)
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(written.tensor_types.items()))
-        detail, what, notes = f"; tensors: {kinds}", "the GGUF file read back", []
+        detail, what, notes = f"; tensors: {kinds}", "the GGUF file read back", list(written.notes)
         if written.dequantized:
             notes.append(
                 f"{len(written.dequantized)} quantized layers have no GGUF block type of their format "

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tuili.models.layerwise import LayerRunner
+from tuili.models.lazy import offload, on_disk, onload
+from tuili.models.memory import return_freed_memory
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -46,6 +50,8 @@ def window_nll(logits: Tensor, window: Tensor) -> Tensor:
 def perplexity(module: nn.Module, windows: Tensor, batch_size: int = 1, progress: bool = True) -> Perplexity:
     """Score each window independently (no context carried across windows), as lm-eval-harness does
     for rolling perplexity without overlap. `module(ids)` must return an object with `.logits`."""
+    if on_disk(module):  # a lazy model: one decoder layer read at a time, put back after
+        return _layer_by_layer(module, windows, progress)
     device = next(module.parameters()).device
     total, start = 0.0, time.perf_counter()
     batches = windows.split(batch_size)
@@ -57,3 +63,26 @@ def perplexity(module: nn.Module, windows: Tensor, batch_size: int = 1, progress
     num_tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / num_tokens
     return Perplexity(math.exp(nll), nll, num_tokens, windows.shape[0], windows.shape[1], time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _layer_by_layer(module: nn.Module, windows: Tensor, progress: bool) -> Perplexity:
+    """Perplexity of a lazily loaded model, every window through one decoder layer at a time: the
+    layers still on disk are read, run and dropped again, so scoring the float model before
+    compressing it holds one float layer, not the whole checkpoint."""
+    start, pending = time.perf_counter(), on_disk(module)
+    runner = LayerRunner(module, windows)  # type: ignore[arg-type]
+    layers = module.model.layers  # type: ignore[union-attr]
+    for i, layer in enumerate(tqdm(layers, desc="perplexity", unit="layer", disable=not progress, leave=False)):
+        onload(module, i)
+        runner.hidden = runner.run(layer)
+        if i in pending:
+            offload(module, i)
+        return_freed_memory()
+    total = 0.0
+    for hidden, window in zip(runner.hidden.split(1), windows.split(1)):  # the head one window at a time
+        logits = module.logits(module.model.norm(hidden))  # type: ignore[operator,union-attr]
+        total += window_nll(logits, window.to(logits.device)).sum().item()
+    n, t = windows.shape
+    nll = total / (n * (t - 1))
+    return Perplexity(math.exp(nll), nll, n * (t - 1), n, t, time.perf_counter() - start)

@@ -29,7 +29,7 @@ from tuili.engine.paged_cache import PagedKVCache
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import KernelCall
 from tuili.models.attention import RotaryEmbedding, scale_embeddings, soft_cap
-from tuili.models.llama import MLP, LlamaForCausalLM
+from tuili.models.llama import MLP, LlamaForCausalLM, SparseMoE
 
 _MISSING = object()
 LINEARS: tuple[tuple[str, str], ...] = tuple(
@@ -52,17 +52,18 @@ def bf16_step(model_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> bo
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer: its two RMSNorm weights, seven linear layers' calls, and what families
+    """One decoder layer: its two RMSNorm weights, its linear layers' calls, and what families
     add: the RMSNorm weights of each head's q and k (Qwen3, Gemma 3) and of the attention's and
-    the MLP's outputs (Gemma), its sliding window and RoPE."""
+    the MLP's outputs (Gemma), its sliding window and RoPE, its experts (Qwen3-MoE, Mixtral)."""
 
     input_norm: Tensor
     post_norm: Tensor
-    calls: tuple[KernelCall, ...]  # q, k, v, o, gate, up, down (LINEARS' order)
+    calls: tuple[KernelCall, ...]  # q, k, v, o, then gate, up, down (LINEARS' order) or router, each expert's three
     qk_norms: tuple[Tensor, Tensor] | None = None
     output_norms: tuple[Tensor, Tensor] | None = None
     window: int = 0  # 0: none
     local_rope: bool = False  # rotates by the model's local RoPE (Gemma 3's sliding-window layers)
+    experts: int = 0  # a mixture's experts (0: a dense MLP)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class StepPlan:
     sm_scale: float
     softcap: float | None  # on attention scores
     final_softcap: float | None  # on logits
+    top_k: int = 0  # experts each token runs, in the mixture layers
+    normalize: bool = False  # the chosen experts' weights renormalized
 
     @cached_property
     def max_rows(self) -> int:
@@ -122,6 +125,9 @@ class StepPlan:
             [list(c.small.tensors) if c.small else [] for c in calls],
             [list(c.small.ints) if c.small else [] for c in calls],
             [c.small_rows if c.small else 0 for c in calls],
+            [layer.experts for layer in self.layers],
+            self.top_k,
+            self.normalize,
         )
 
 
@@ -207,9 +213,10 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         sub = layer._modules
         for name, child in sub.items():
             checks.add(sub, name, child)
-        if type(sub["mlp"]) is not MLP:  # a mixture of experts: routing per token is the module's
+        mlp = sub["mlp"]
+        if type(mlp) not in (MLP, SparseMoE):
             return checks, None
-        calls = tuple(call(sub[part], name) for part, name in LINEARS)
+        calls = tuple(call(sub["self_attn"], name) for _, name in LINEARS[:4]) + mlp_calls(mlp, call, checks)
         attn = sub["self_attn"]
         layers.append(
             LayerPlan(
@@ -220,6 +227,7 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
                 norm_pair(sub, "attn_output_norm", "mlp_output_norm", checks),
                 attn.sliding_window or 0,
                 attn.local_rope,
+                len(mlp.experts) if type(mlp) is SparseMoE else 0,
             )
         )
     head = call(module, "lm_head")
@@ -239,6 +247,9 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
     ):
         return checks, None
     attn, mlp = layer_list[0]._modules["self_attn"], layer_list[0]._modules["mlp"]
+    sparse = [layer._modules["mlp"] for layer in layer_list if type(layer._modules["mlp"]) is SparseMoE]
+    if type(mlp) is SparseMoE:
+        mlp = mlp.experts[0]
     config = module.config
     plan = StepPlan(
         embed=embedding,
@@ -256,8 +267,25 @@ def build_plan(module: Any, bf16: bool) -> tuple[Checks, StepPlan | None] | None
         sm_scale=attn.scale,
         softcap=attn.softcap,
         final_softcap=config.final_softcap,
+        top_k=sparse[0].top_k if sparse else 0,
+        normalize=bool(sparse and sparse[0].normalize),
     )
     return checks, plan
+
+
+def mlp_calls(mlp: Any, call, checks: Checks) -> tuple[KernelCall | None, ...]:
+    """A dense MLP's gate, up and down; a mixture's router, then each expert's gate, up and down."""
+    projections = ("gate_proj", "up_proj", "down_proj")
+    if type(mlp) is MLP:
+        return tuple(call(mlp, name) for name in projections)
+    experts = mlp._modules["experts"]
+    checks.add(mlp._modules, "experts", experts)
+    checks.add(experts._modules, str(len(experts)), None)  # no expert appended
+    calls = [call(mlp, "gate")]
+    for name, expert in experts._modules.items():
+        checks.add(experts._modules, name, expert)
+        calls += [call(expert, p) for p in projections]
+    return tuple(calls)
 
 
 def norm_pair(parts: dict, first: str, second: str, checks: Checks) -> tuple[Tensor, Tensor] | None:

@@ -26,26 +26,19 @@ from torch import Tensor
 
 from tuili.errors import ModelFormatError
 from tuili.models.config import LlamaConfig
+from tuili.models.families import checkpoint_name, to_tuili
+from tuili.models.gguf_arch import (
+    ARCHS,
+    EXPERT,
+    GLOBAL,
+    ROPE_FACTORS,
+    ROPE_FREQS,
+    GGUFArch,
+    gguf_archs,
+    model_type,
+)
 from tuili.models.tokenizer import Tokenizer
 
-_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
-_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_PER_LAYER = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_q_norm": "self_attn.q_norm",  # Qwen3
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_qkv": "self_attn.qkv_proj",  # Phi-3, split on load (tuili.models.families)
-}
-ARCH_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}  # Phi-3's ffn_up holds gate and up
-_ROPE_FACTORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -59,6 +52,7 @@ class GGUFWeight:
     bits: int
     group_size: int
     block_type: str  # the GGUF type it came from
+    experts: int = 1  # a mixture's experts, stacked by rows (split by the reader)
 
     @property
     def nbytes(self) -> int:
@@ -68,39 +62,77 @@ class GGUFWeight:
 def read_gguf(
     path: Path, keep_quantized: bool = False
 ) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer, dict[str, GGUFWeight]]:
-    """Config, state dict (HF names, float32) and tokenizer of a GGUF checkpoint; with
-    `keep_quantized`, also the linear weights kept as codes (by module name: "lm_head" for a tied
-    token_embd), which the state dict then lacks."""
+    """Config, state dict (the family's stored names, float32) and tokenizer of a GGUF checkpoint;
+    with `keep_quantized`, also the linear weights kept as codes (by stored module name: "lm_head"
+    for a tied token_embd), which the state dict then lacks."""
     try:
         reader = gguf.GGUFReader(path)
         meta = {name: field.contents() for name, field in reader.fields.items()}
     except Exception as e:  # the reader fails with ValueError, IndexError, struct errors ...
         raise ModelFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-    config = _config(meta, path)
     tensor_names = {t.name for t in reader.tensors}
-    config.tie_word_embeddings = "output.weight" not in tensor_names
+    config = _config(meta, path, tied="output.weight" not in tensor_names)
+    arch = ARCHS[config.model_type]
     state, rope_factors, packed = {}, {}, {}
     for t in reader.tensors:
-        if t.name in _ROPE_FACTORS:  # LongRoPE's factors, stored as tensors
-            rope_factors[_ROPE_FACTORS[t.name]] = np.asarray(t.data, dtype=np.float32).tolist()
+        if t.name in ROPE_FACTORS or t.name == ROPE_FREQS:  # RoPE factors, stored as tensors
+            rope_factors[ROPE_FACTORS.get(t.name, "freqs")] = np.asarray(t.data, dtype=np.float32).tolist()
             continue
-        name = _hf_name(t.name, path, ARCH_NAMES.get(config.model_type, {}))
-        kept = _codes(t) if keep_quantized and len(t.shape) == 2 and name.endswith(".weight") else None
+        name = _hf_name(t.name, path, arch)
+        kept = _codes(t) if keep_quantized and len(t.shape) in (2, 3) and name.endswith(".weight") else None
         if kept is not None and (name != "model.embed_tokens.weight" or config.tie_word_embeddings):
             module = "lm_head" if name == "model.embed_tokens.weight" else name.removesuffix(".weight")
-            packed[module] = kept  # a tied token_embd: the head's codes, which the embedding reads
+            packed.update(_per_expert(module, kept))  # a tied token_embd: the head's codes, which the embedding reads
             continue
         try:
             array = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:  # unsupported or truncated block data
             raise ModelFormatError(f"{path}: cannot read tensor {t.name} ({e})") from e
         array = np.asarray(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
-        state[name] = torch.from_numpy(array.copy())
+        state.update(_per_expert(name, torch.from_numpy(array.copy())))
+    if arch.norms_hold_offset:  # llama.cpp's Gemma files hold 1 + w; the stored checkpoint holds w
+        state.update({k: v - 1.0 for k, v in state.items() if k.endswith("norm.weight")})
     if rope_factors:
         config = _with_longrope(config, rope_factors, meta, path)
-    if config.model_type == "llama":  # llama.cpp stores q and k rows interleaved for its RoPE
+    if arch.permute_qk:  # llama.cpp stores q and k rows interleaved for its RoPE
         _unpermute_qk(state, config, packed)
     return config, state, Tokenizer.from_gguf(meta, path), packed
+
+
+def codes_to_tuili(packed: dict[str, GGUFWeight], config: LlamaConfig, source: str) -> dict[str, GGUFWeight]:
+    """Kept layers under tuili's module names: a fused layer's codes split by rows (Phi-3), renamed
+    modules renamed (Mixtral's experts), through the same translation as the float weights."""
+    parts = {"codes": lambda w: w.codes, "scale": lambda w: w.scale, "offset": lambda w: w.offset}
+    flat = {f"{n}.{p}": get(w) for n, w in packed.items() for p, get in parts.items() if get(w) is not None}
+    flat = to_tuili(flat, config, source)
+    out = {}
+    for module in sorted({k.rpartition(".")[0] for k in flat}):
+        w = packed[checkpoint_name(module, config)]
+        out[module] = GGUFWeight(
+            flat[f"{module}.codes"],
+            flat[f"{module}.scale"],
+            flat.get(f"{module}.offset"),
+            w.bits,
+            w.group_size,
+            w.block_type,
+        )
+    return out
+
+
+def _per_expert(name: str, t):
+    """One entry per expert of a 3-D experts tensor (its stored name holds EXPERT), else `name: t`."""
+    if EXPERT not in name:
+        return {name: t}
+    if isinstance(t, GGUFWeight):
+        n = t.codes.shape[0] // t.experts
+        rows = lambda a, e: None if a is None else a[e * n : (e + 1) * n].clone()  # noqa: E731
+        return {
+            name.replace(EXPERT, str(e)): GGUFWeight(
+                rows(t.codes, e), rows(t.scale, e), rows(t.offset, e), t.bits, t.group_size, t.block_type
+            )
+            for e in range(t.experts)
+        }
+    return {name.replace(EXPERT, str(e)): w.clone() for e, w in enumerate(t)}
 
 
 def _codes(t) -> GGUFWeight | None:
@@ -108,11 +140,13 @@ def _codes(t) -> GGUFWeight | None:
     kind = t.tensor_type.name
     if kind not in _CODES:
         return None
-    rows, cols = (int(n) for n in reversed(t.shape))
+    *lead, rows, cols = (int(n) for n in reversed(t.shape))
+    experts = lead[0] if lead else 1
+    rows *= experts  # a mixture's experts one after another
     blocks = np.asarray(t.data).reshape(-1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])
     codes, scale, offset, bits, group = _CODES[kind](blocks)
     as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).reshape(rows, -1)  # noqa: E731
-    return GGUFWeight(as_tensor(codes), as_tensor(scale), as_tensor(offset), bits, group, kind)
+    return GGUFWeight(as_tensor(codes), as_tensor(scale), as_tensor(offset), bits, group, kind, experts)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
@@ -166,7 +200,22 @@ _CODES = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0, "Q5_0": _q5_0, "Q4_K": _q
 
 
 def _with_longrope(config: LlamaConfig, factors: dict[str, list[float]], meta: dict[str, Any], path: Path):
+    """The RoPE of factor tensors: Phi-3's LongRoPE, or llama's per-frequency divisors (what
+    llama.cpp's converter writes for Llama 3's scaling), which is LongRoPE with one set of factors
+    for every length and no attention factor: the same frequencies, θ_i / f_i."""
     arch = meta["general.architecture"]
+    if "freqs" in factors:
+        f = factors.pop("freqs")
+        if factors:
+            raise ModelFormatError(f"{path}: both rope_freqs and LongRoPE factor tensors; a model has one RoPE")
+        scaling = {
+            "rope_type": "longrope",
+            "short_factor": f,
+            "long_factor": f,
+            "original_max_position_embeddings": config.max_position_embeddings,
+            "attention_factor": 1.0,
+        }
+        return LlamaConfig.from_hf({**config.to_hf(), "rope_scaling": scaling})
     original = meta.get(f"{arch}.rope.scaling.original_context_length")
     if len(factors) != 2 or original is None:
         raise ModelFormatError(f"{path}: LongRoPE needs both factor tensors and rope.scaling.original_context_length")
@@ -176,54 +225,85 @@ def _with_longrope(config: LlamaConfig, factors: dict[str, list[float]], meta: d
     return LlamaConfig.from_hf({**config.to_hf(), "rope_scaling": scaling})
 
 
-def _config(meta: dict[str, Any], path: Path) -> LlamaConfig:
+def _config(meta: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
     arch = meta.get("general.architecture")
-    if arch not in _ARCHS:
-        raise ModelFormatError(f"{path}: unsupported architecture {arch!r} (tuili reads {', '.join(sorted(_ARCHS))})")
 
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
 
-    heads = key("attention.head_count")
-    hidden = key("embedding_length")
-    vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-    scaling = None
-    if key("rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    experts = int(key("expert_count") or 0)
+    kind = model_type(str(arch), experts, bool(key("attention.sliding_window")))
+    if kind is None:
+        raise ModelFormatError(f"{path}: unsupported architecture {arch!r} (tuili reads {', '.join(gguf_archs())})")
+    heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    layers = int(key("block_count"))
     head_dim = int(key("attention.key_length", hidden // heads))
     rotated = int(key("rope.dimension_count", head_dim))  # fewer: partial rotary (Phi-4-mini)
-    partial = {} if rotated == head_dim else {"partial_rotary_factor": rotated / head_dim}
-    return LlamaConfig(
-        model_type=_ARCHS[arch],
-        vocab_size=int(vocab),
-        hidden_size=int(hidden),
+    hf: dict[str, Any] = dict(
+        model_type=kind,
+        vocab_size=int(key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))),
+        hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
-        num_hidden_layers=int(key("block_count")),
-        num_attention_heads=int(heads),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         num_key_value_heads=int(key("attention.head_count_kv", heads)),
         head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
         max_position_embeddings=int(key("context_length", 2048)),
         sliding_window=key("attention.sliding_window"),
+        tie_word_embeddings=tied,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        extra=partial,
     )
+    if key("rope.scaling.type") == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    if rotated != head_dim:
+        hf["partial_rotary_factor"] = rotated / head_dim
+    if hf["sliding_window"] and kind in ("qwen2", "qwen3", "qwen3_moe"):
+        hf["use_sliding_window"] = True
+    if experts:
+        hf["num_local_experts" if kind == "mixtral" else "num_experts"] = experts
+        hf["num_experts_per_tok"] = int(key("expert_used_count"))
+        hf["moe_intermediate_size"] = int(key("expert_feed_forward_length") or hf["intermediate_size"])
+        hf["norm_topk_prob"] = True  # llama.cpp's mixture graphs renormalize the chosen experts' weights
+    if ARCHS[kind].swa_period:
+        hf.update(_gemma_keys(key, ARCHS[kind], hidden // heads if layers == ARCHS[kind].large_layers else head_dim))
+    return LlamaConfig.from_hf(hf)
 
 
-def _hf_name(name: str, path: Path, arch_names: dict[str, str]) -> str:
+def _gemma_keys(key, arch: GGUFArch, scalar: int) -> dict[str, Any]:
+    """Gemma's config keys from llama.cpp's: soft caps, the local RoPE base, which layers slide."""
+    layers = int(key("block_count"))
+    pattern = key("attention.sliding_window_pattern", arch.swa_period)
+    sliding = (
+        [bool(p) for p in pattern]
+        if isinstance(pattern, list)
+        else [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    )
+    out = {
+        "query_pre_attn_scalar": scalar,
+        "attn_logit_softcapping": key("attn_logit_softcapping"),
+        "final_logit_softcapping": key("final_logit_softcapping"),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+    }
+    if arch.name == "gemma3":
+        out["rope_local_base_freq"] = float(key("rope.freq_base_swa", 10000.0))
+    return out
+
+
+def _hf_name(name: str, path: Path, arch: GGUFArch) -> str:
     stem, _, kind = name.rpartition(".")
-    if stem in _GLOBAL:
-        return f"{_GLOBAL[stem]}.{kind}"
+    if stem in GLOBAL:
+        return f"{GLOBAL[stem]}.{kind}"
     match = _BLOCK.match(name)
-    names = {**_PER_LAYER, **arch_names}
+    names = arch.layer_names()
     if match and match.group(2) in names:
         layer, part, kind = match.groups()
         return f"model.layers.{layer}.{names[part]}.{kind}"
-    raise ModelFormatError(f"{path}: tensor {name!r} has no place in a Llama-family model")
+    raise ModelFormatError(f"{path}: tensor {name!r} has no place in a {arch.name} model")
 
 
 def _unpermute_qk(state: dict[str, Tensor], config: LlamaConfig, packed: dict[str, GGUFWeight]) -> None:

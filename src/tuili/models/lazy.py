@@ -31,9 +31,22 @@ class LazyLayers:
 
     def attach(self, module: nn.Module) -> None:
         """Leave `module`'s decoder layers to be read on first use (a forward reads them too)."""
-        for i, layer in enumerate(module.model.layers):  # type: ignore[union-attr]
-            self.pending[i] = layer.register_forward_pre_hook(lambda _m, _args, i=i: self.onload(module, i))
+        for i in range(len(module.model.layers)):  # type: ignore[union-attr,arg-type]
+            self._watch(module, i)
         module.lazy_layers = self  # type: ignore[assignment]
+
+    def _watch(self, module: nn.Module, i: int) -> None:
+        layer = module.model.layers[i]  # type: ignore[union-attr,index]
+        self.pending[i] = layer.register_forward_pre_hook(lambda _m, _args, i=i: self.onload(module, i))
+
+    def offload(self, module: nn.Module, i: int) -> None:
+        """Drop decoder layer `i`'s weights (read as they are on disk, never changed) back to empty
+        shells, to be read again on next use: a pass over every layer that only reads them holds
+        one at a time."""
+        if i in self.pending:
+            return
+        module.model.layers[i].to("meta")  # type: ignore[union-attr,index]
+        self._watch(module, i)
 
     def onload(self, module: nn.Module, i: int) -> None:
         """Read decoder layer `i` into `module` in its dtype and device (once)."""
@@ -56,6 +69,19 @@ def onload(module: nn.Module, i: int) -> None:
     lazy = getattr(module, "lazy_layers", None)
     if lazy is not None:
         lazy.onload(module, i)
+
+
+def on_disk(module: nn.Module) -> set[int]:
+    """The decoder layers of `module` not yet read (empty for a model loaded whole)."""
+    lazy = getattr(module, "lazy_layers", None)
+    return set(lazy.pending) if lazy is not None else set()
+
+
+def offload(module: nn.Module, i: int) -> None:
+    """Put decoder layer `i` of a lazy model back on disk (LazyLayers.offload); a no-op otherwise."""
+    lazy = getattr(module, "lazy_layers", None)
+    if lazy is not None:
+        lazy.offload(module, i)
 
 
 def onload_for(module: nn.Module, name: str) -> None:

@@ -16,7 +16,7 @@ from tuili.models.checkpoint import Checkpoint
 from tuili.models.config import LlamaConfig
 from tuili.models.families import checkpoint_name, to_tuili
 from tuili.models.formats import FORMATS
-from tuili.models.gguf import GGUFWeight, read_gguf
+from tuili.models.gguf import GGUFWeight, codes_to_tuili, read_gguf
 from tuili.models.io import read_json
 from tuili.models.lazy import LazyLayers
 from tuili.models.llama import LlamaForCausalLM
@@ -152,6 +152,7 @@ def _assemble(
         state.pop("lm_head.weight", None)
     exact = _restore_compressed(module, state, config)
     if packed:
+        packed = codes_to_tuili(packed, config, source)
         FORMATS["gguf"].load(module, state, {"layers": packed, "dtype": dtype}, lambda name: name)
         exact |= {k for k in state if k.rpartition(".")[0] in packed and not k.endswith(".bias")}
     expected = {k: v.shape for k, v in module.state_dict().items()}

@@ -1,7 +1,9 @@
 // A whole decode step of a Llama-family model, one C++ call: every layer's RMSNorm, projections,
 // RoPE, paged KV write and attention, activation · up and residual adds, then the final norm and
 // the head. What families add is data here: per-layer windows and RoPE (global or local), the
-// attention's scale and soft cap, q/k norms and norms on the attention's and MLP's outputs (Gemma).
+// attention's scale and soft cap, q/k norms and norms on the attention's and MLP's outputs (Gemma),
+// and a layer's mixture of experts (Qwen3-MoE, Mixtral): the router, a top-k choice per token, each
+// chosen expert run on its tokens and their outputs summed with the router's weights.
 //
 // It makes the kernel calls the model's module forward makes (tuili.models.llama), in the same
 // order on the same values, so its logits are the same; what it removes is the Python between
@@ -155,13 +157,16 @@ class DecodePlan {
   // windows: each layer's sliding window (0: none); local: each layer rotates by the local RoPE
   // (the step's cos_local, sin_local); sm_scale, softcap: the attention's (softcap 0: none).
   // small_ops, small_tensors, small_ints, small_rows: each linear layer's call for small batches
-  // ("" where it has none).
+  // ("" where it has none). experts: each layer's number of experts (0: a dense MLP); a mixture's
+  // linear layers are its router, then gate, up and down of each expert, in place of gate, up, down;
+  // top_k and normalize: how many experts each token runs and whether their weights are renormalized.
   DecodePlan(std::vector<std::string> ops, std::vector<Tensors> tensors, std::vector<Ints> ints,
              std::vector<c10::optional<torch::Tensor>> biases, std::vector<torch::Tensor> norms, int64_t heads,
              int64_t kv_heads, int64_t head_dim, double eps, std::vector<int64_t> windows,
              const std::string& activation, std::vector<torch::Tensor> qk_norms, double sm_scale, double softcap,
              std::vector<bool> local, bool output_norms, std::vector<std::string> small_ops,
-             std::vector<Tensors> small_tensors, std::vector<Ints> small_ints, std::vector<int64_t> small_rows)
+             std::vector<Tensors> small_tensors, std::vector<Ints> small_ints, std::vector<int64_t> small_rows,
+             std::vector<int64_t> experts, int64_t top_k, bool normalize)
       : norms_(std::move(norms)),
         qk_norms_(std::move(qk_norms)),
         heads_(heads),
@@ -173,11 +178,21 @@ class DecodePlan {
         windows_(std::move(windows)),
         local_(std::move(local)),
         per_layer_(output_norms ? 4 : 2),
-        activation_(activation_named(activation)) {
+        activation_(activation_named(activation)),
+        experts_(std::move(experts)),
+        top_k_(top_k),
+        normalize_(normalize) {
     const size_t n = ops.size();
-    TORCH_CHECK(n % 7 == 1 && tensors.size() == n && ints.size() == n && biases.size() == n,
-                "DecodePlan: 7 linear layers per decoder layer and a head, each with tensors, integers and a bias");
-    layers_ = static_cast<int64_t>(n / 7);
+    layers_ = static_cast<int64_t>(experts_.size());
+    size_t expected = 1;  // the head
+    for (const int64_t e : experts_) {
+      TORCH_CHECK(e == 0 || (e >= top_k && top_k > 0), "DecodePlan: a mixture needs at least top_k > 0 experts");
+      first_.push_back(static_cast<int64_t>(expected - 1));
+      expected += 4 + (e ? 1 + 3 * e : 3);
+    }
+    TORCH_CHECK(n == expected && tensors.size() == n && ints.size() == n && biases.size() == n,
+                "DecodePlan: q, k, v, o and gate, up, down (or a router and each expert's three) per decoder layer, "
+                "and a head, each with tensors, integers and a bias");
     TORCH_CHECK(norms_.size() == static_cast<size_t>(per_layer_ * layers_ + 1),
                 "DecodePlan: two norms per layer (four with output norms) and a final one");
     TORCH_CHECK(windows_.size() == static_cast<size_t>(layers_) && local_.size() == static_cast<size_t>(layers_),
@@ -219,7 +234,7 @@ class DecodePlan {
       return t.has_value() ? c10::optional<torch::Tensor>(t->select(0, i)) : c10::nullopt;
     };
     for (int64_t i = 0; i < layers_; ++i) {
-      const Linear* l = &linears_[7 * i];
+      const Linear* l = &linears_[first_[i]];
       const torch::Tensor* norm = &norms_[per_layer_ * i];  // input, pre-MLP (, attention output, MLP output)
       const torch::Tensor h = rms_norm(x, norm[0], eps_);
       auto qkv = shared_input({l, l + 1, l + 2}, h);
@@ -238,8 +253,8 @@ class DecodePlan {
       const torch::Tensor out = paged_attention(q, kc, vc, tables, lens, sm_scale_, ks, vs, windows_[i], softcap_);
       const torch::Tensor attn = l[3](out.reshape({M, heads_ * dim_}));
       x.add_(per_layer_ == 4 ? rms_norm(attn, norm[2], eps_) : attn);  // in place: the same sums, no new tensor
-      auto gate_up = shared_input({l + 4, l + 5}, rms_norm(x, norm[1], eps_));
-      const torch::Tensor mlp = l[6](activate(gate_up[0]).mul_(gate_up[1]));
+      const torch::Tensor h2 = rms_norm(x, norm[1], eps_);
+      const torch::Tensor mlp = experts_[i] ? mixture(l + 4, experts_[i], h2) : gated(l + 4, h2);
       x.add_(per_layer_ == 4 ? rms_norm(mlp, norm[3], eps_) : mlp);
     }
     return linears_.back()(rms_norm(x, norms_.back(), eps_).index_select(0, logits_at));
@@ -248,6 +263,43 @@ class DecodePlan {
   int64_t num_layers() const { return layers_; }
 
  private:
+  // down(act(gate(h)) · up(h)): l points at gate, up, down.
+  torch::Tensor gated(const Linear* l, const torch::Tensor& h) const {
+    auto gate_up = shared_input({l, l + 1}, h);
+    return l[2](activate(gate_up[0]).mul_(gate_up[1]));
+  }
+
+  // tuili.models.llama.SparseMoE's forward: softmax of the router's logits in fp32, the top_k per
+  // row (renormalized where asked) in h's dtype; each expert some row chose, in ascending order,
+  // runs on its rows (row-major, as torch.where lists them) and adds its weighted output there.
+  torch::Tensor mixture(const Linear* l, int64_t experts, const torch::Tensor& h) const {
+    const torch::Tensor probs = at::softmax(l[0](h), -1, at::kFloat);
+    auto [weights, chosen] = at::topk(probs, top_k_, -1);
+    if (normalize_) weights = weights / weights.sum(-1, true);
+    weights = weights.to(h.scalar_type());
+    const int64_t M = h.size(0);
+    std::vector<std::vector<int64_t>> rows(experts), slots(experts);
+    const auto picked = chosen.accessor<int64_t, 2>();
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t s = 0; s < top_k_; ++s) {
+        const int64_t e = picked[r][s];
+        TORCH_CHECK(e >= 0 && e < experts, "DecodePlan: the router chose expert ", e, " of ", experts);
+        rows[e].push_back(r);
+        slots[e].push_back(s);
+      }
+    torch::Tensor out = at::zeros_like(h);
+    const auto as_index = [](std::vector<int64_t>& v) {
+      return torch::from_blob(v.data(), {static_cast<int64_t>(v.size())}, torch::kLong);  // v outlives its use
+    };
+    for (int64_t e = 0; e < experts; ++e) {
+      if (rows[e].empty()) continue;
+      const torch::Tensor token = as_index(rows[e]), slot = as_index(slots[e]);
+      const torch::Tensor w = weights.index({token, slot}).unsqueeze(-1);
+      out.index_add_(0, token, (gated(l + 1 + 3 * e, h.index_select(0, token)) * w).to(out.scalar_type()));
+    }
+    return out;
+  }
+
   torch::Tensor activate(torch::Tensor& gate) const {
     switch (activation_) {
       case Activation::SiLU: return at::silu_(gate);
@@ -266,6 +318,10 @@ class DecodePlan {
   std::vector<bool> local_;
   int64_t per_layer_;  // norms per layer: 2, or 4 with output norms
   Activation activation_;
+  std::vector<int64_t> experts_;  // per layer: 0 for a dense MLP
+  std::vector<int64_t> first_;    // per layer: the index of its q projection in linears_
+  int64_t top_k_;
+  bool normalize_;
 };
 
 void bind_decode_plan(py::module_& m) {
@@ -274,7 +330,7 @@ void bind_decode_plan(py::module_& m) {
                     std::vector<c10::optional<torch::Tensor>>, std::vector<torch::Tensor>, int64_t, int64_t, int64_t,
                     double, std::vector<int64_t>, const std::string&, std::vector<torch::Tensor>, double, double,
                     std::vector<bool>, bool, std::vector<std::string>, std::vector<Tensors>, std::vector<Ints>,
-                    std::vector<int64_t>>())
+                    std::vector<int64_t>, std::vector<int64_t>, int64_t, bool>())
       .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodePlan::num_layers);
   m.def("decode_kernels", &decode_kernels, "the kernel names a DecodePlan's linear layers may call");
