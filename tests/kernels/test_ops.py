@@ -431,6 +431,53 @@ def test_avx2_paths_match_the_references_too():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+AMX_OFF_CHECK = """
+import torch
+from tests.kernels.test_ops import random_w4
+from tuili.kernels import ops, repack
+ext = ops.extension()
+assert not ext.amx() and ext.bf16()
+for m, n, k, gs in ((16, 96, 576, 64), (33, 40, 1536, 1536), (5, 7, 576, 32)):
+    w, scale, zs = random_w4(n, k, gs, False, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    packed, scale_p, zs_p = repack.pack_w4_bf16(w, k, False, scale, zs)
+    torch.save(ext.w4_linear_bf16(x, packed, scale_p, zs_p, n, gs), f"{OUT}/{m}.pt")
+    torch.manual_seed(0)
+    w8, s8 = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, -(-k // gs)) * 0.01
+    torch.save(ext.w8_linear_i16(x * 3, *repack.pack_w8_i16(w8, s8), n, gs), f"{OUT}/{m}-w8.pt")
+print("ok")
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(ext is None or not ext.amx(), reason="this CPU has no AMX tiles to compare against")
+def test_amx_and_the_dot_product_kernel_give_the_same_w4_products(tmp_path):
+    """W4 and W8 batches of 4+ rows take AMX tiles where the CPU has them; TUILI_ISA=avx512 makes the
+    same CPU take the dot-product kernels (the path of CPUs without AMX), in a fresh process: both
+    sum the same exact products, in another order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = AMX_OFF_CHECK.replace("{OUT}", str(tmp_path))
+    env = {**os.environ, "TUILI_ISA": "avx512"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    for m, n, k, gs in ((16, 96, 576, 64), (33, 40, 1536, 1536), (5, 7, 576, 32)):
+        w, scale, zs = random_w4(n, k, gs, False, seed=m)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        packed, scale_p, zs_p = repack.pack_w4_bf16(w, k, False, scale, zs)
+        ours = ext.w4_linear_bf16(x, packed, scale_p, zs_p, n, gs)
+        torch.testing.assert_close(ours, torch.load(tmp_path / f"{m}.pt"), atol=1e-4, rtol=1e-5)
+        torch.manual_seed(0)  # the same W8 weights as the other process drew
+        w8, s8 = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, -(-k // gs)) * 0.01
+        ours = ext.w8_linear_i16(x * 3, *repack.pack_w8_i16(w8, s8), n, gs)
+        torch.testing.assert_close(ours, torch.load(tmp_path / f"{m}-w8.pt"), atol=1e-4, rtol=1e-5)
+
+
 def test_kernels_build_wherever_a_compiler_and_avx2_exist():
     """Guards the skips above: a broken build must fail the suite, not silently skip every kernel test."""
     import shutil

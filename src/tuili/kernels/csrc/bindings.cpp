@@ -47,4 +47,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");
   tuili::bind_decode_plan(m);
   m.def("bf16", &tuili::use_bf16, "whether this CPU takes the 16-bit dot-product kernels (AVX512-BF16 and VNNI)");
+  m.def("amx", &tuili::use_amx, "whether W4 batches of 4+ rows take AMX tile products (TUILI_ISA=avx512: never)");
 }

@@ -14,6 +14,7 @@ std::vector<torch::Tensor> w8_linear_i16_multi(torch::Tensor x, std::vector<torc
                                                std::vector<torch::Tensor> scale, std::vector<int64_t> N,
                                                std::vector<int64_t> group_size);
 bool use_bf16();
+bool use_amx();  // qgemm_nmajor.cpp: tile products for W4 batches
 torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t gemv_rows);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,

@@ -30,13 +30,41 @@
 // about 16 cycles, faster than the hardware prefetcher runs ahead (W8 at 16 rows: 0.73 → 0.39 ms
 // per token over the default model's layers). The hint depends on the CPU (common.h,
 // prefetch_stream): non-temporal on AMD, into L1 on Intel.
+//
+// AMX (Intel Sapphire Rapids and later), W4 from 4 rows: the same arithmetic, each step a tile
+// product. A block's codes for 32 consecutive k (16 pairs × 16 outputs: the packing's own register
+// layout) are decoded once into a 1 KiB tile, 16 rows of bf16 activations are loaded as the other,
+// and one tdpbf16ps adds their exact products into a 16 × 16 fp32 tile; at each group's end the
+// tile is scaled into the outputs. A 16-row step then does in one instruction what 256 vdpbf16ps
+// do. W8 keeps its int16 activations exact: q = 256 · hi + lo with hi signed and lo unsigned bytes,
+// so two int8 tile products (tdpbssd on hi, tdpbusd on lo) sum q · w exactly in int32; a block's
+// pairs of k are regrouped into the tiles' quads by one vpermw per 64 bytes. Where AMX is absent,
+// not granted by the kernel, or TUILI_ISA=avx512 is set, the dot-product kernels run.
 #include "common.h"
+
+#include <cpuid.h>
+#include <utility>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace tuili {
 
 // Every CPU with AVX512-BF16 also has VNNI; this file is compiled for both.
 bool use_bf16() {
   static const bool yes = use_vnni() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+// AMX-BF16, AMX-TILE and AMX-INT8 (CPUID 7.0:EDX bits 22, 24, 25), and Linux's permission to use them.
+bool use_amx() {
+  static const bool yes = [] {
+    const char* isa = std::getenv("TUILI_ISA");
+    if (!use_bf16() || (isa != nullptr && std::string(isa) == "avx512")) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d & (0xBu << 22)) != (0xBu << 22)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
   return yes;
 }
 
@@ -175,12 +203,12 @@ TUILI_DOTS void w8_block(const uint32_t* xp, int64_t Kp2, const float* xscale, c
     _mm512_mask_storeu_ps(y + m * N + n0, mask, _mm512_mul_ps(total[m], _mm512_set1_ps(xscale[m])));
 }
 
-// x (M, K) fp32 → bf16 pairs (M, Kp) padded with zeros, and the per-group sums of the rounded values.
-TUILI_DOTS void round_rows_bf16(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t group_size, int64_t G,
+// x (M, K) fp32 → bf16 (M, ld) padded with zeros, and the per-group sums of the rounded values.
+TUILI_DOTS void round_rows_bf16(const float* x, int64_t M, int64_t K, int64_t ld, int64_t group_size, int64_t G,
                                 uint16_t* xb, float* xsum) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
-    uint16_t* bm = xb + m * Kp;
+    uint16_t* bm = xb + m * ld;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k1 = std::min<int64_t>(K, (g + 1) * group_size);
       __m512 sum = _mm512_setzero_ps();
@@ -192,7 +220,7 @@ TUILI_DOTS void round_rows_bf16(const float* x, int64_t M, int64_t K, int64_t Kp
       }
       xsum[m * G + g] = _mm512_reduce_add_ps(sum);
     }
-    for (int64_t k = K; k < Kp; ++k) bm[k] = 0;
+    for (int64_t k = K; k < ld; ++k) bm[k] = 0;
   }
 }
 
@@ -218,6 +246,217 @@ TUILI_DOTS void round_rows_i16(const float* x, int64_t M, int64_t K, int64_t Kp,
     for (int64_t k = K; k < Kp; ++k) qm[k] = 0;
   }
 }
+
+#define TUILI_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8")))
+
+// Fewer rows take the dot-product kernels (a tile computes 16 rows either way); measured on a Xeon
+// (Sapphire Rapids class), 8192 × 2048: W4 breaks even at 4 rows; W8 at 8, and at 16 with groups of
+// 32 k, whose two int32 tiles are converted and scaled every 32 k.
+constexpr int64_t kAmxMinRows = 4, kAmxMinRowsW8 = 8, kAmxMinRowsW8g32 = 16;
+
+// Tiles 0-3 (C: 16 × 16 fp32, one per 16 rows), 4 (A: 16 rows × 32 bf16) and 5 (B: 16 pairs × 16
+// outputs × 2 bf16), each 16 rows of 64 bytes: the layout ldtilecfg reads.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
+};
+
+// The intrinsics spell tile numbers into the instruction's text, so each C tile t has its lines.
+// C tile t += A (tile 4: the 16 rows of xb from t · 16, at k) · B (tile 5).
+#define TUILI_TILE_CASES(op)     \
+  if constexpr (t == 0) {        \
+    op(0);                       \
+  } else if constexpr (t == 1) { \
+    op(1);                       \
+  } else if constexpr (t == 2) { \
+    op(2);                       \
+  } else if constexpr (t == 3) { \
+    op(3);                       \
+  } else if constexpr (t == 4) { \
+    op(4);                       \
+  } else {                       \
+    op(5);                       \
+  }
+
+template <int t>
+TUILI_AMX __attribute__((always_inline)) inline void tile_step(const uint16_t* xb, int64_t ld) {
+  _tile_loadd(4, xb + t * 16 * ld, ld * 2);
+#define TUILI_DP(c) _tile_dpbf16ps(c, 4, 5)
+  TUILI_TILE_CASES(TUILI_DP)
+#undef TUILI_DP
+}
+
+// Store C tile t to c (16 × 16 fp32) and zero it.
+template <int t>
+TUILI_AMX __attribute__((always_inline)) inline void tile_take(float* c) {
+#define TUILI_TAKE(n) \
+  _tile_stored(n, c, 64); \
+  _tile_zero(n)
+  TUILI_TILE_CASES(TUILI_TAKE)
+#undef TUILI_TAKE
+}
+
+template <int t>
+TUILI_AMX __attribute__((always_inline)) inline void tile_clear() {
+#define TUILI_ZERO(n) _tile_zero(n)
+  TUILI_TILE_CASES(TUILI_ZERO)
+#undef TUILI_ZERO
+}
+
+template <int... t>
+TUILI_AMX __attribute__((always_inline)) inline void tiles_step(const uint16_t* xb, int64_t ld,
+                                                              std::integer_sequence<int, t...>) {
+  (tile_step<t>(xb, ld), ...);
+}
+
+template <int... t>
+TUILI_AMX __attribute__((always_inline)) inline void tiles_take(float (*c)[256], std::integer_sequence<int, t...>) {
+  (tile_take<t>(c[t]), ...);
+}
+
+template <int... t>
+TUILI_AMX __attribute__((always_inline)) inline void tiles_clear(std::integer_sequence<int, t...>) {
+  (tile_clear<t>(), ...);
+}
+
+// W4A16 on AMX: T tiles of 16 rows (xb: their bf16 activations, row stride ld, zero past K and past
+// the real rows) × one block of 16 outputs, `rows` of them stored. Each 32 k of the block's codes
+// is decoded once for all T tiles. Groups hold a multiple of 32 k (or one group the whole row), so
+// a tile never straddles two.
+template <int T>
+TUILI_AMX void w4_block_amx(const uint16_t* xb, int64_t ld, const float* xsum, const uint8_t* block,
+                            const float* scale, const float* zs, int64_t G, int64_t group_pairs, int64_t Kp2,
+                            const uint16_t* codes, float* y, int64_t N, int64_t n0, int64_t rows) {
+  alignas(64) uint16_t b_tile[16 * 32];
+  alignas(64) float c_tile[T][256];
+  const __m512i table = _mm512_loadu_si512(codes);
+  __m512 total[T * 16];
+  for (int m = 0; m < T * 16; ++m) total[m] = _mm512_setzero_ps();
+  tiles_clear(std::make_integer_sequence<int, T>{});
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t d0 = g * group_pairs / 2, d1 = std::min<int64_t>(Kp2, (g + 1) * group_pairs) / 2;
+    for (int64_t d = d0; d < d1; d += 8) {  // 8 double pairs: 32 k, one tile
+      const int64_t n = std::min<int64_t>(8, d1 - d);
+      __m512i w0, w1;
+      for (int64_t j = 0; j < n; ++j) {
+        Bf16Dot::codes(block, d + j, table, w0, w1);
+        _mm512_store_si512(b_tile + 64 * j, w0);
+        _mm512_store_si512(b_tile + 64 * j + 32, w1);
+      }
+      for (int64_t j = n; j < 8; ++j) {
+        _mm512_store_si512(b_tile + 64 * j, _mm512_setzero_si512());
+        _mm512_store_si512(b_tile + 64 * j + 32, _mm512_setzero_si512());
+      }
+      _tile_loadd(5, b_tile, 64);
+      tiles_step(xb + 4 * d, ld, std::make_integer_sequence<int, T>{});
+    }
+    tiles_take(c_tile, std::make_integer_sequence<int, T>{});
+    const __m512 s = _mm512_loadu_ps(scale + g * 16), z = _mm512_loadu_ps(zs + g * 16);
+    for (int m = 0; m < T * 16; ++m)
+      total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m * G + g]),
+                                  _mm512_fmadd_ps(_mm512_load_ps(c_tile[m / 16] + 16 * (m % 16)), s, total[m]));
+  }
+  const __mmask16 mask = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  for (int m = 0; m < rows; ++m) _mm512_mask_storeu_ps(y + m * N + n0, mask, total[m]);
+}
+
+// W8: C tiles 0-5 (the hi and lo sums of up to 3 tiles of 16 rows), 6 (A: 16 rows × kt bytes) and
+// 7 (B: kt/4 quads × 16 outputs × 4 bytes); kt, the k of one tile product: 64, or 32 for groups of 32.
+TileConfig w8_tiles(int64_t kt) {
+  TileConfig c;
+  for (int t = 0; t < 6; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  c.colsb[6] = static_cast<uint16_t>(kt), c.rows[6] = 16;
+  c.colsb[7] = 64, c.rows[7] = static_cast<uint8_t>(kt / 4);
+  return c;
+}
+
+// C tiles 2t (hi) and 2t + 1 (lo) += the rows of tile t (at k) · B.
+template <int t>
+TUILI_AMX __attribute__((always_inline)) inline void w8_tile_step(const int8_t* hi, const uint8_t* lo, int64_t ld) {
+  _tile_loadd(6, hi + t * 16 * ld, ld);
+  if constexpr (t == 0) _tile_dpbssd(0, 6, 7);
+  else if constexpr (t == 1) _tile_dpbssd(2, 6, 7);
+  else _tile_dpbssd(4, 6, 7);
+  _tile_loadd(6, lo + t * 16 * ld, ld);
+  if constexpr (t == 0) _tile_dpbusd(1, 6, 7);
+  else if constexpr (t == 1) _tile_dpbusd(3, 6, 7);
+  else _tile_dpbusd(5, 6, 7);
+}
+
+template <int... t>
+TUILI_AMX __attribute__((always_inline)) inline void w8_tiles_step(const int8_t* hi, const uint8_t* lo, int64_t ld,
+                                                                 std::integer_sequence<int, t...>) {
+  (w8_tile_step<t>(hi, lo, ld), ...);
+}
+
+// W8A16 on AMX: T tiles of 16 rows (hi, lo: their int16 codes' bytes, row stride ld, zero past K
+// and the real rows) × one block of 16 outputs; y = s_x · Σ_g scale[g] · (256 · Σ hi·w + Σ lo·w).
+template <int T>
+TUILI_AMX void w8_block_amx(const int8_t* hi, const uint8_t* lo, int64_t ld, const float* xscale,
+                            const uint8_t* block, const float* scale, int64_t G, int64_t group_pairs, int64_t Kp2,
+                            int64_t kt, float* y, int64_t N, int64_t n0, int64_t rows) {
+  alignas(64) uint8_t b_tile[1024];
+  alignas(64) int32_t c_tile[2 * T][256];
+  // pairs (16 words of pair 2r, then 16 of pair 2r + 1) -> quads: word 2n from the first, 2n + 1 the second
+  alignas(64) static const uint16_t quads[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(quads);
+  __m512 total[T * 16];
+  for (int m = 0; m < T * 16; ++m) total[m] = _mm512_setzero_ps();
+  tiles_clear(std::make_integer_sequence<int, 2 * T>{});
+  const int64_t tile_pairs = kt / 2;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t p0 = g * group_pairs, p1 = std::min<int64_t>(Kp2, (g + 1) * group_pairs);
+    for (int64_t p = p0; p < p1; p += tile_pairs) {
+      const int64_t n = std::min<int64_t>(tile_pairs, p1 - p);  // pairs in this tile (even: Kp is a multiple of 4)
+      for (int64_t r = 0; 2 * r < tile_pairs; ++r) {
+        prefetch_ahead(block + (p + 2 * r) * 32);
+        const __m512i v = 2 * r < n ? _mm512_loadu_si512(block + (p + 2 * r) * 32) : _mm512_setzero_si512();
+        _mm512_store_si512(b_tile + 64 * r, _mm512_permutexvar_epi16(idx, v));
+      }
+      _tile_loadd(7, b_tile, 64);
+      w8_tiles_step(hi + 2 * p, lo + 2 * p, ld, std::make_integer_sequence<int, T>{});
+    }
+    tiles_take(reinterpret_cast<float(*)[256]>(c_tile), std::make_integer_sequence<int, 2 * T>{});
+    const __m512 s = _mm512_loadu_ps(scale + g * 16), k256 = _mm512_set1_ps(256.f);
+    for (int m = 0; m < T * 16; ++m) {
+      const int t = m / 16, r = m % 16;
+      const __m512 h = _mm512_cvtepi32_ps(_mm512_load_si512(c_tile[2 * t] + 16 * r));
+      const __m512 l = _mm512_cvtepi32_ps(_mm512_load_si512(c_tile[2 * t + 1] + 16 * r));
+      total[m] = _mm512_fmadd_ps(_mm512_fmadd_ps(h, k256, l), s, total[m]);
+    }
+  }
+  const __mmask16 mask = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  for (int m = 0; m < rows; ++m)
+    _mm512_mask_storeu_ps(y + m * N + n0, mask, _mm512_mul_ps(total[m], _mm512_set1_ps(xscale[m])));
+}
+
+// The k of each W8 tile product for layers (with G and group_pairs): 64 where every layer's groups
+// hold a multiple of 64 k (or its whole row), 32 where of 32, else 0 (no AMX: a tile would straddle
+// two groups).
+template <typename Layers>
+int64_t amx_tile_k(const Layers& layers) {
+  int64_t kt = 64;
+  for (const auto& l : layers)
+    if (l.G > 1 && l.group_pairs % 32) kt = l.group_pairs % 16 ? 0 : std::min<int64_t>(kt, 32);
+  return kt;
+}
+
+// int16 codes (M, Kp) -> their high (signed) and low (unsigned) bytes, (Mp, ld) each, zero elsewhere.
+TUILI_AMX void split_bytes(const int16_t* q, int64_t M, int64_t Kp, int64_t ld, int8_t* hi, uint8_t* lo) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < Kp; k += 32) {
+      const __mmask32 mask = Kp - k >= 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << (Kp - k)) - 1);
+      const __m512i v = _mm512_maskz_loadu_epi16(mask, q + m * Kp + k);
+      _mm256_mask_storeu_epi8(hi + m * ld + k, mask, _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+      _mm256_mask_storeu_epi8(lo + m * ld + k, mask, _mm512_cvtepi16_epi8(v));
+    }
+}
+
+TUILI_AMX void amx_begin(const TileConfig& config) { _tile_loadconfig(&config); }
+TUILI_AMX void amx_end() { _tile_release(); }
 
 // The shape checks both kernels share; returns G.
 int64_t check_packed(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t N,
@@ -254,6 +493,35 @@ torch::Tensor w4_linear_bf16(torch::Tensor x_in, torch::Tensor packed, torch::Te
   TORCH_CHECK(zs.sizes() == scale.sizes() && zs.scalar_type() == torch::kFloat && zs.is_contiguous(), "zs like scale");
   const int64_t M = x.size(0), K = x.size(1), Kp = (K + 3) / 4 * 4, Kp2 = Kp / 2;
   const int64_t group_pairs = G == 1 ? Kp2 : group_size / 2;
+  alignas(64) static const uint16_t codes[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                                 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
+                                                 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                                 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+  if (M >= kAmxMinRows && (G == 1 || group_size % 32 == 0) && use_amx()) {
+    // whole tiles of rows and of k; rows 64 bytes longer than that, so that a tile's 16 rows do not
+    // sit 4 KiB apart (one L1 set) when K is a multiple of 2048
+    const int64_t Mp = (M + 15) / 16 * 16, ld = (Kp + 31) / 32 * 32 + 32;
+    std::vector<uint16_t> xb(Mp * ld, 0);
+    std::vector<float> xsum(Mp * G, 0.f);
+    round_rows_bf16(x.data_ptr<float>(), M, K, ld, G == 1 ? K : group_size, G, xb.data(), xsum.data());
+    auto y = torch::empty({M, N}, torch::kFloat);
+    const uint8_t* wp = packed.data_ptr<uint8_t>();
+    const float *sp = scale.data_ptr<float>(), *zp = zs.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+      const TileConfig config;
+      amx_begin(config);
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t m = 0; m < M; m += 64)  // up to 4 tiles of 16 rows share each decoded tile of codes
+          with_rows<4>((std::min<int64_t>(64, M - m) + 15) / 16, [&](auto T) {
+            w4_block_amx<decltype(T)::value>(xb.data() + m * ld, ld, xsum.data() + m * G, wp + b * Kp * 8,
+                                             sp + b * G * 16, zp + b * G * 16, G, group_pairs, Kp2, codes, yp + m * N,
+                                             N, b * 16, std::min<int64_t>(64, M - m));
+          });
+      amx_end();
+    });
+    return y.to(x_in.scalar_type());
+  }
   std::vector<uint16_t> xb(M * Kp);
   std::vector<float> xsum(M * G);
   round_rows_bf16(x.data_ptr<float>(), M, K, Kp, G == 1 ? K : group_size, G, xb.data(), xsum.data());
@@ -262,38 +530,10 @@ torch::Tensor w4_linear_bf16(torch::Tensor x_in, torch::Tensor packed, torch::Te
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float *sp = scale.data_ptr<float>(), *zp = zs.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  alignas(64) static const uint16_t codes[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                                 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
-                                                 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                                 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
   for_blocks(M, N, [&](int64_t b, int64_t m, int64_t rows) {
     with_rows<16>(rows, [&](auto R) {
       w4_block<decltype(R)::value>(xp + m * Kp2, Kp2, xsum.data() + m * G, wp + b * Kp * 8, sp + b * G * 16,
                                    zp + b * G * 16, G, group_pairs, codes, yp + m * N, N, b * 16);
-    });
-  });
-  return y.to(x_in.scalar_type());
-}
-
-torch::Tensor w8_linear_i16(torch::Tensor x_in, torch::Tensor packed, torch::Tensor scale, int64_t N,
-                            int64_t group_size) {
-  TORCH_CHECK(use_vnni(), "the int16-activation W8 kernel needs AVX512-VNNI");
-  const torch::Tensor x = as_float(x_in);
-  const int64_t G = check_packed(x, packed, scale, N, group_size, false);
-  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 3) / 4 * 4, Kp2 = Kp / 2;
-  const int64_t group_pairs = G == 1 ? Kp2 : group_size / 2;
-  std::vector<int16_t> q(M * Kp);
-  std::vector<float> xscale(M);
-  round_rows_i16(x.data_ptr<float>(), M, K, Kp, q.data(), xscale.data());
-  auto y = torch::empty({M, N}, torch::kFloat);
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(q.data());
-  const uint8_t* wp = reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>());
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for_blocks(M, N, [&](int64_t b, int64_t m, int64_t rows) {
-    with_rows<16>(rows, [&](auto R) {
-      w8_block<decltype(R)::value>(xp + m * Kp2, Kp2, xscale.data() + m, wp + b * Kp * 16, sp + b * G * 16, G,
-                                   group_pairs, yp + m * N, N, b * 16);
     });
   });
   return y.to(x_in.scalar_type());
@@ -332,8 +572,33 @@ std::vector<torch::Tensor> w8_linear_i16_multi(torch::Tensor x_in, std::vector<t
   std::vector<int16_t> q(M * Kp);
   std::vector<float> xscale(M);
   round_rows_i16(x.data_ptr<float>(), M, K, Kp, q.data(), xscale.data());
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(q.data());
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  int64_t kt = M >= kAmxMinRowsW8 && use_amx() ? amx_tile_k(layers) : 0;
+  if (kt == 32 && M < kAmxMinRowsW8g32) kt = 0;
+  if (kt) {
+    const int64_t Mp = (M + 15) / 16 * 16, ld = (Kp + 63) / 64 * 64 + 64;  // 64 bytes more: not 4 KiB apart
+    std::vector<int8_t> hi(Mp * ld, 0);
+    std::vector<uint8_t> lo(Mp * ld, 0);
+    split_bytes(q.data(), M, Kp, ld, hi.data(), lo.data());
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      const TileConfig config = w8_tiles(kt);
+      amx_begin(config);
+      size_t i = 0;
+      for (int64_t block = b0; block < b1; ++block) {
+        while (i + 1 < L && block >= layers[i + 1].first_block) ++i;
+        const Layer& l = layers[i];
+        const int64_t b = block - l.first_block;
+        for (int64_t m = 0; m < M; m += 48)  // up to 3 tiles of 16 rows share each regrouped tile of codes
+          with_rows<3>((std::min<int64_t>(48, M - m) + 15) / 16, [&](auto T) {
+            w8_block_amx<decltype(T)::value>(hi.data() + m * ld, lo.data() + m * ld, ld, xscale.data() + m,
+                                             l.w + b * Kp * 16, l.s + b * l.G * 16, l.G, l.group_pairs, Kp2, kt,
+                                             l.y + m * l.N, l.N, b * 16, std::min<int64_t>(48, M - m));
+          });
+      }
+      amx_end();
+    });
+  } else {
+    const uint32_t* xp = reinterpret_cast<const uint32_t*>(q.data());
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     size_t i = 0;
     for (int64_t block = b0; block < b1; ++block) {
       while (i + 1 < L && block >= layers[i + 1].first_block) ++i;
@@ -345,10 +610,16 @@ std::vector<torch::Tensor> w8_linear_i16_multi(torch::Tensor x_in, std::vector<t
                                        l.G, l.group_pairs, l.y + m * l.N, l.N, b * 16);
         });
     }
-  });
+    });
+  }
   if (x_in.scalar_type() != torch::kFloat)
     for (auto& out : outs) out = out.to(x_in.scalar_type());
   return outs;
+}
+
+torch::Tensor w8_linear_i16(torch::Tensor x_in, torch::Tensor packed, torch::Tensor scale, int64_t N,
+                            int64_t group_size) {
+  return w8_linear_i16_multi(x_in, {packed}, {scale}, {N}, {group_size})[0];  // one layer: the same blocks
 }
 
 }  // namespace tuili
