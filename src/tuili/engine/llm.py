@@ -113,7 +113,7 @@ class LLMEngine:
             type(t) in (torch.Tensor, torch.nn.Parameter) for t in self.module.state_dict(keep_vars=True).values()
         )
         self.no_grad = torch.inference_mode if plain else torch.no_grad
-        if kernels and fast_decode:
+        if kernels:  # the module forward runs the same kernel calls as the C++ step
             self._make_kernel_calls()
 
     def _make_kernel_calls(self) -> None:
