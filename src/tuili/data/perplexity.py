@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from tuili.models.layerwise import LayerRunner
-from tuili.models.lazy import offload, on_disk, onload
-from tuili.models.memory import return_freed_memory
+from tuili.models.lazy import on_disk
 
 
 @dataclass(frozen=True)
@@ -70,15 +69,10 @@ def _layer_by_layer(module: nn.Module, windows: Tensor, progress: bool) -> Perpl
     """Perplexity of a lazily loaded model, every window through one decoder layer at a time: the
     layers still on disk are read, run and dropped again, so scoring the float model before
     compressing it holds one float layer, not the whole checkpoint."""
-    start, pending = time.perf_counter(), on_disk(module)
+    start = time.perf_counter()
     runner = LayerRunner(module, windows)  # type: ignore[arg-type]
-    layers = module.model.layers  # type: ignore[union-attr]
-    for i, layer in enumerate(tqdm(layers, desc="perplexity", unit="layer", disable=not progress, leave=False)):
-        onload(module, i)
-        runner.hidden = runner.run(layer)
-        if i in pending:
-            offload(module, i)
-        return_freed_memory()
+    for _ in runner.layers("perplexity", progress, put_back=True):
+        pass  # each layer only runs
     total = 0.0
     for hidden, window in zip(runner.hidden.split(1), windows.split(1)):  # the head one window at a time
         logits = module.logits(module.model.norm(hidden))  # type: ignore[operator,union-attr]

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from tuili.errors import ModelFormatError
-from tuili.models.config import LlamaConfig
-from tuili.models.families import checkpoint_name, to_tuili
+from tuili.models.config import GEMMA_PATTERN, LlamaConfig
+from tuili.models.families import checkpoint_name, family, to_tuili
 from tuili.models.gguf_arch import (
     ARCHS,
     EXPERT,
@@ -90,8 +90,9 @@ def read_gguf(
             raise ModelFormatError(f"{path}: cannot read tensor {t.name} ({e})") from e
         array = np.asarray(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
         state.update(_per_expert(name, torch.from_numpy(array.copy())))
-    if arch.norms_hold_offset:  # llama.cpp's Gemma files hold 1 + w; the stored checkpoint holds w
-        state.update({k: v - 1.0 for k, v in state.items() if k.endswith("norm.weight")})
+    offset = family(config).norm_offset  # llama.cpp's files hold norms as tuili does (Gemma: 1 + w)
+    if offset:  # the stored checkpoint, which `to_tuili` reads, holds w
+        state.update({k: v - offset for k, v in state.items() if k.endswith("norm.weight")})
     if rope_factors:
         config = _with_longrope(config, rope_factors, meta, path)
     if arch.permute_qk:  # llama.cpp stores q and k rows interleaved for its RoPE
@@ -269,15 +270,15 @@ def _config(meta: dict[str, Any], path: Path, tied: bool) -> LlamaConfig:
         hf["num_experts_per_tok"] = int(key("expert_used_count"))
         hf["moe_intermediate_size"] = int(key("expert_feed_forward_length") or hf["intermediate_size"])
         hf["norm_topk_prob"] = True  # llama.cpp's mixture graphs renormalize the chosen experts' weights
-    if ARCHS[kind].swa_period:
-        hf.update(_gemma_keys(key, ARCHS[kind], hidden // heads if layers == ARCHS[kind].large_layers else head_dim))
+    if ARCHS[kind].gemma:
+        hf.update(_gemma_keys(key, kind, ARCHS[kind].query_scalar(hidden, heads, layers, head_dim)))
     return LlamaConfig.from_hf(hf)
 
 
-def _gemma_keys(key, arch: GGUFArch, scalar: int) -> dict[str, Any]:
+def _gemma_keys(key, kind: str, scalar: int) -> dict[str, Any]:
     """Gemma's config keys from llama.cpp's: soft caps, the local RoPE base, which layers slide."""
     layers = int(key("block_count"))
-    pattern = key("attention.sliding_window_pattern", arch.swa_period)
+    pattern = key("attention.sliding_window_pattern", GEMMA_PATTERN[kind])
     sliding = (
         [bool(p) for p in pattern]
         if isinstance(pattern, list)
@@ -289,7 +290,7 @@ def _gemma_keys(key, arch: GGUFArch, scalar: int) -> dict[str, Any]:
         "final_logit_softcapping": key("final_logit_softcapping"),
         "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
     }
-    if arch.name == "gemma3":
+    if kind == "gemma3_text":
         out["rope_local_base_freq"] = float(key("rope.freq_base_swa", 10000.0))
     return out
 

@@ -54,12 +54,20 @@ class GGUFArch:
     name: str  # general.architecture
     names: dict[str, str] = field(default_factory=dict)  # GGUF name -> stored name, beyond PER_LAYER
     permute_qk: bool = False  # q and k rows interleaved for llama.cpp's RoPE (its llama graph)
-    swa_period: int = 0  # every n-th layer global, the rest sliding (Gemma 2: 2, Gemma 3: 6)
-    norms_hold_offset: bool = False  # norm weights stored as 1 + w (llama.cpp's Gemma converter)
-    large_layers: int = 0  # llama.cpp scales q by (hidden / heads)^-½ at this depth, else head_dim^-½
+    large_layers: int = 0  # Gemma's graphs: q scaled by (hidden / heads)^-½ at this depth, else head_dim^-½
 
     def layer_names(self) -> dict[str, str]:
         return {**PER_LAYER, **self.names}
+
+    @property
+    def gemma(self) -> bool:
+        """A Gemma graph: it reads soft caps, a layer pattern and a local RoPE base, and honours
+        sliding windows (llama.cpp's other graphs attend to every key)."""
+        return self.large_layers > 0
+
+    def query_scalar(self, hidden: int, heads: int, layers: int, head_dim: int) -> int:
+        """The query_pre_attn_scalar llama.cpp's Gemma graph derives from the shapes (it reads none)."""
+        return hidden // heads if layers == self.large_layers else head_dim
 
 
 ARCHS: dict[str, GGUFArch] = {  # tuili model_type -> its GGUF architecture
@@ -70,8 +78,8 @@ ARCHS: dict[str, GGUFArch] = {  # tuili model_type -> its GGUF architecture
     "qwen3": GGUFArch("qwen3"),
     "qwen3_moe": GGUFArch("qwen3moe", _experts("mlp", "gate_proj", "up_proj", "down_proj")),
     "phi3": GGUFArch("phi3", {"ffn_up": "mlp.gate_up_proj"}),  # Phi-3's ffn_up holds gate and up
-    "gemma2": GGUFArch("gemma2", _GEMMA_NORMS, swa_period=2, norms_hold_offset=True, large_layers=46),
-    "gemma3_text": GGUFArch("gemma3", _GEMMA_NORMS, swa_period=6, norms_hold_offset=True, large_layers=62),
+    "gemma2": GGUFArch("gemma2", _GEMMA_NORMS, large_layers=46),
+    "gemma3_text": GGUFArch("gemma3", _GEMMA_NORMS, large_layers=62),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tuili.models.lazy import onload
+from tuili.models.lazy import offload, on_disk, onload
 from tuili.models.llama import LlamaForCausalLM
 from tuili.models.memory import return_freed_memory
 
@@ -80,14 +80,18 @@ class LayerRunner:
             outs.append(out)
         return torch.cat(outs)
 
-    def layers(self, desc: str, progress: bool = True) -> Iterator[tuple[int, nn.Module]]:
+    def layers(self, desc: str, progress: bool = True, put_back: bool = False) -> Iterator[tuple[int, nn.Module]]:
         """Yield (index, layer), read from disk first where the model is lazy; after the caller has
-        changed the layer, its output feeds the next."""
+        changed the layer, its output feeds the next. `put_back`: a layer read for this pass goes
+        back on disk after it (a pass that only reads the layers holds one at a time)."""
         layers = self.module.model.layers
+        pending = on_disk(self.module) if put_back else set()
         for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress, leave=False)):
             onload(self.module, i)
             yield i, layer
             self.hidden = self.run(layer)
+            if i in pending:
+                offload(self.module, i)
             return_freed_memory()  # the layer's float weights and temporaries, freed in the heap
 
 

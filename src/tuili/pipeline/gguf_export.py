@@ -123,11 +123,12 @@ def _add_linear(add, name: str, parts: list[tuple[str, nn.Module]], model: Model
 
     blocks = [_blocks(sub, r) for (_, sub), r in zip(parts, rows)]
     kinds = {b[1] for b in blocks if b is not None}
-    if None not in blocks and len(kinds) == 1 and not name.endswith("ffn_gate_inp.weight"):  # routers: F32
+    router = name.endswith("ffn_gate_inp.weight")  # llama.cpp's converter keeps routers in F32
+    if None not in blocks and len(kinds) == 1 and not router:
         add(name, join([b[0] for b in blocks if b is not None]), kinds.pop())
     else:
         result.dequantized += [hf_name for hf_name, sub in parts if hasattr(sub, "qweight")]
-        add(name, stacked([_float_weight(sub) for _, sub in parts]).astype(float_dtype))
+        add(name, stacked([_float_weight(sub) for _, sub in parts]).astype(np.float32 if router else float_dtype))
     biases = [getattr(sub, "bias", None) for _, sub in parts]
     if all(isinstance(b, Tensor) for b in biases):
         add(name.removesuffix(".weight") + ".bias", stacked([b.detach().float() for b in biases]))
@@ -177,9 +178,8 @@ def _arch(cfg) -> GGUFArch:
         )
     if cfg.num_experts and not cfg.norm_topk_prob:
         raise ExportError(f"norm_topk_prob is false, and llama.cpp's {arch.name} graph renormalizes the chosen experts")
-    if arch.swa_period:
-        heads = cfg.hidden_size // cfg.num_attention_heads
-        scalar = heads if cfg.num_hidden_layers == arch.large_layers else cfg.head_dim
+    if arch.gemma:
+        scalar = arch.query_scalar(cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.head_dim)
         if cfg.attention_scale != scalar**-0.5:
             raise ExportError(
                 f"query_pre_attn_scalar={cfg.extra.get('query_pre_attn_scalar')}: llama.cpp's {arch.name} graph "
@@ -219,8 +219,7 @@ def _write_gguf(writer: gguf.GGUFWriter, model: Model, arch: GGUFArch, float_typ
                 continue
             stored.setdefault(name, []).append((hf_name, sub))
         for name, parts in stored.items():
-            router = name.endswith("ffn_gate_inp.weight")  # llama.cpp's converter keeps routers in F32
-            _add_linear(add, name, parts, model, np.float32 if router else float_dtype, result)
+            _add_linear(add, name, parts, model, float_dtype, result)
         for tensor, key in ROPE_FACTORS.items():
             if cfg.rope_type == "longrope":
                 add(tensor, np.asarray(cfg.rope_parameters[key], dtype=np.float32))
@@ -254,7 +253,7 @@ def check_gguf(path: str | Path, model: Model, ids: Tensor) -> float:
 def _context_length(cfg, arch: GGUFArch, result: GGUFExport) -> int:
     """The model's context, or its sliding window where llama.cpp's graph attends to every key (all
     but Gemma's): within the window both compute the same."""
-    if not cfg.sliding_window or arch.swa_period or cfg.sliding_window >= cfg.max_position_embeddings:
+    if not cfg.sliding_window or arch.gemma or cfg.sliding_window >= cfg.max_position_embeddings:
         return cfg.max_position_embeddings
     result.notes.append(
         f"llama.cpp's {arch.name} graph has no sliding window: the file's context length is the model's "
@@ -300,7 +299,7 @@ def _write_family(writer: gguf.GGUFWriter, cfg, arch: GGUFArch) -> None:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.experts_per_token)
         writer.add_expert_feed_forward_length(cfg.expert_intermediate_size)
-    if arch.swa_period:
+    if arch.gemma:
         writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in cfg.layer_types])
         if cfg.attn_softcap is not None:
             writer.add_attn_logit_softcapping(cfg.attn_softcap)
