@@ -84,33 +84,6 @@ needs_vnni = pytest.mark.skipif(
 
 
 @needs_vnni
-@pytest.mark.parametrize("m", [1, 3, 16, 21, 64])
-@pytest.mark.parametrize(
-    "n, k, group_size",
-    [
-        (96, 576, 576),
-        (576, 1536, 1536),
-        (33, 100, 100),
-        (9, 577, 32),
-        (4, 1536, 64),
-        (16, 6, 6),
-        (20, 2052, 2052),
-        (18, 1040, 520),
-    ],
-)
-def test_int16_w8_kernel_is_the_product_with_int16_rounded_activations(m, n, k, group_size):
-    # k = 2052 and groups of 520 are longer than one int32 chunk (512 products): the chunks must add up
-    g = torch.Generator().manual_seed(m)
-    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
-    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
-    packed, scale_p = repack.pack_w8_i16(w, scale)
-    expected = ops.w8_linear_reference(ops.quantize_rows_i16(x), w, scale, group_size)
-    torch.testing.assert_close(ext.w8_linear_i16(x, packed, scale_p, n, group_size), expected, atol=1e-3, rtol=1e-4)
-    assert ext.w8_linear_i16(x.bfloat16(), packed, scale_p, n, group_size).dtype == torch.bfloat16
-
-
-@needs_vnni
 @pytest.mark.parametrize("m", [1, 5, 16, 40])
 def test_several_w8_layers_on_one_input_equal_one_call_each(m):
     # q, k, v-like shapes, one of them not a multiple of 16 and one grouped: each layer keeps its own layout
@@ -219,6 +192,49 @@ def test_bf16_activations_give_bf16_results_close_to_fp32(kernel):
     y = run(x.bfloat16())
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), run(x.bfloat16().float()), atol=0.05, rtol=1e-2)
+
+
+@needs_bf16
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_nmajor_kernels_read_and_write_bf16_as_the_fp32_path_converted(m):
+    """bf16 activations go in and come out as such (no whole-tensor conversions around the call),
+    bit for bit what the fp32 call on the same values gives, rounded by torch (nearest even)."""
+    n, k = 48, 512
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+    w, scale, zs = random_w4(n, k, 128, False, seed=m)
+    w4 = (*repack.pack_w4_bf16(w, k, False, scale, zs), n, 128)
+    w8 = (*repack.pack_w8_i16(torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, 16) * 0.01), n, 32)
+    for run in (lambda x: ext.w4_linear_bf16(x, *w4), lambda x: ext.w8_linear_i16(x, *w8)):
+        y = run(x)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, run(x.float()).bfloat16())
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 3, 16, 21, 64])
+@pytest.mark.parametrize(
+    "n, k, group_size",
+    [
+        (96, 576, 576),
+        (576, 1536, 1536),
+        (33, 100, 100),
+        (9, 577, 32),
+        (4, 1536, 64),
+        (16, 6, 6),
+        (20, 2052, 2052),
+        (18, 1040, 520),
+    ],
+)
+def test_int16_w8_kernel_is_the_product_with_int16_rounded_activations(m, n, k, group_size):
+    # k = 2052 and groups of 520 are longer than one int32 chunk (512 products): the chunks must add up
+    g = torch.Generator().manual_seed(m)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, -(-k // group_size), generator=g) * 0.01
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+    packed, scale_p = repack.pack_w8_i16(w, scale)
+    expected = ops.w8_linear_reference(ops.quantize_rows_i16(x), w, scale, group_size)
+    torch.testing.assert_close(ext.w8_linear_i16(x, packed, scale_p, n, group_size), expected, atol=1e-3, rtol=1e-4)
+    assert ext.w8_linear_i16(x.bfloat16(), packed, scale_p, n, group_size).dtype == torch.bfloat16
 
 
 @needs_kernels
@@ -431,13 +447,15 @@ def test_avx2_paths_match_the_references_too():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+# rows (1-4 tiles of 16, partial ones), outputs, inputs, group size
+AMX_CASES = ((16, 96, 576, 64), (33, 40, 1536, 1536), (5, 7, 576, 32), (64, 48, 1024, 128), (29, 32, 512, 32))
 AMX_OFF_CHECK = """
 import torch
 from tests.kernels.test_ops import random_w4
 from tuili.kernels import ops, repack
 ext = ops.extension()
 assert not ext.amx() and ext.bf16()
-for m, n, k, gs in ((16, 96, 576, 64), (33, 40, 1536, 1536), (5, 7, 576, 32)):
+for m, n, k, gs in {CASES}:
     w, scale, zs = random_w4(n, k, gs, False, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     packed, scale_p, zs_p = repack.pack_w4_bf16(w, k, False, scale, zs)
@@ -460,13 +478,13 @@ def test_amx_and_the_dot_product_kernel_give_the_same_w4_products(tmp_path):
     import sys
     from pathlib import Path
 
-    code = AMX_OFF_CHECK.replace("{OUT}", str(tmp_path))
+    code = AMX_OFF_CHECK.replace("{OUT}", str(tmp_path)).replace("{CASES}", repr(AMX_CASES))
     env = {**os.environ, "TUILI_ISA": "avx512"}
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True, env=env
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
-    for m, n, k, gs in ((16, 96, 576, 64), (33, 40, 1536, 1536), (5, 7, 576, 32)):
+    for m, n, k, gs in AMX_CASES:
         w, scale, zs = random_w4(n, k, gs, False, seed=m)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         packed, scale_p, zs_p = repack.pack_w4_bf16(w, k, False, scale, zs)

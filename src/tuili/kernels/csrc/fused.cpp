@@ -90,24 +90,25 @@ void check_float(const torch::Tensor& t, const char* what) {
 }
 
 
-// Index of the first NaN, else of the first maximum: torch.argmax's answer for one fp32 row.
-__attribute__((target("avx512f"))) int64_t argmax_row_avx512(const float* x, int64_t V) {
+// Index of the first NaN, else of the first maximum: torch.argmax's answer for one row.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t argmax_row_avx512(const T* x, int64_t V) {
   __m512 best = _mm512_set1_ps(-INFINITY);
   __mmask16 nan = 0;
   for (int64_t i = 0; i < V; i += 16) {
     const __mmask16 m = V - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (V - i)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    const __m512 v = load16(x + i, m);
     nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
     best = _mm512_mask_max_ps(best, m, best, v);
   }
   if (nan) {
     for (int64_t i = 0; i < V; ++i)
-      if (std::isnan(x[i])) return i;
+      if (std::isnan(static_cast<float>(x[i]))) return i;
   }
   const __m512 target = _mm512_set1_ps(_mm512_reduce_max_ps(best));
   for (int64_t i = 0; i < V; i += 16) {
     const __mmask16 m = V - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (V - i)) - 1);
-    const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, x + i), target, _CMP_EQ_OQ);
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, load16(x + i, m), target, _CMP_EQ_OQ);
     if (hit) return i + __builtin_ctz(hit);
   }
   return 0;  // every value -inf: the first
@@ -150,14 +151,26 @@ torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos_in, torch::Tensor sin_i
 
 torch::Tensor argmax_rows(torch::Tensor x_in) {
   TORCH_CHECK(use_avx512(), "argmax_rows needs AVX-512");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.size(1) > 0,
-              "x must be (rows, V) fp32 with V > 0");
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16) &&
+                  x_in.size(1) > 0,
+              "x must be (rows, V) fp32 or bf16 with V > 0");
   const torch::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), V = x.size(1);
   auto out = torch::empty({rows}, torch::kLong);
-  const float* xp = x.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) op[r] = argmax_row_avx512(xp + r * V, V);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "argmax_rows",
+    AT_DISPATCH_CASE(torch::kFloat, [&] {
+      const float* xp = x.data_ptr<float>();
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) op[r] = argmax_row_avx512(xp + r * V, V);
+      });
+    })
+    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
+      const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+      at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) op[r] = argmax_row_avx512(xp + r * V, V);
+      });
+    }));
   return out;
 }
 
