@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tuili.kernels import ops
 from tuili.kernels.build import extension
@@ -51,6 +52,23 @@ def test_ops_take_the_reference_when_autograd_records():
     assert x.grad is not None and w.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 40), (2, 5, 8192), (1, 17)])
+def test_silu_mul_is_pytorchs_silu_then_mul(dtype, shape):
+    """In place, each op's result rounded to the dtype as PyTorch's pair rounds it; the exponential is
+    tuili's polynomial, so fp32 may differ by an ulp or two."""
+    g = torch.Generator().manual_seed(len(shape))
+    gate, up = (torch.randn(*shape, generator=g) * 4).to(dtype), torch.randn(*shape, generator=g).to(dtype)
+    gate[..., 0] = float("inf")  # silu(inf) = inf
+    gate[..., -1] = -100.0  # silu → -0
+    expected = F.silu(gate.clone(), inplace=True).mul_(up)
+    ours = ops.silu_mul_(gate, up)
+    assert ours.data_ptr() == gate.data_ptr()  # in place
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    transposed = ops.silu_mul_(torch.ones(4, 3).t(), torch.ones(3, 4))  # not contiguous: PyTorch's pair
+    torch.testing.assert_close(transposed, F.silu(torch.ones(3, 4)))
 
 
 @pytest.mark.skipif(ext is None or not ext.isa().startswith("avx512"), reason="the argmax kernel is AVX-512")

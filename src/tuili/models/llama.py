@@ -123,11 +123,12 @@ ACTIVATIONS = {  # config.hidden_act -> the function (transformers' ACT2FN names
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
 }
-IN_PLACE = {  # the same, overwriting their input: under no_grad the MLP's big temporaries are not allocated again
-    "silu": partial(F.silu, inplace=True),
-    "gelu": torch.ops.aten.gelu_,
-    "gelu_pytorch_tanh": partial(torch.ops.aten.gelu_, approximate="tanh"),
-    "relu": partial(F.relu, inplace=True),
+# act(gate) · up written over gate: under no_grad the MLP's big temporaries are not allocated again
+ACT_MUL_ = {
+    "silu": kernels.silu_mul_,
+    "gelu": lambda gate, up: torch.ops.aten.gelu_(gate).mul_(up),
+    "gelu_pytorch_tanh": lambda gate, up: torch.ops.aten.gelu_(gate, approximate="tanh").mul_(up),
+    "relu": lambda gate, up: F.relu(gate, inplace=True).mul_(up),
 }
 
 
@@ -137,7 +138,7 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig, intermediate_size: int | None = None):
         super().__init__()
         self.activation = config.hidden_act  # the name the engine's C++ decode step knows it by too
-        self.act, self.act_ = ACTIVATIONS[config.hidden_act], IN_PLACE[config.hidden_act]
+        self.act, self.act_mul_ = ACTIVATIONS[config.hidden_act], ACT_MUL_[config.hidden_act]
         h, i, bias = config.hidden_size, intermediate_size or config.intermediate_size, config.mlp_bias
         self.gate_proj = Linear(h, i, bias=bias)
         self.up_proj = Linear(h, i, bias=bias)
@@ -148,7 +149,7 @@ class MLP(nn.Module):
         if torch.is_grad_enabled() or type(gate) is not Tensor:  # autograd keeps the inputs; subclasses: as they are
             return self.down_proj(self.act(gate) * self.up_proj(x))
         # a 512-token prefill's gate is tens of MB: new tensors for act and product cost page faults
-        return self.down_proj(self.act_(gate).mul_(self.up_proj(x)))
+        return self.down_proj(self.act_mul_(gate, self.up_proj(x)))
 
 
 class SparseMoE(nn.Module):

@@ -44,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_nmajor", &tuili::dequantize_nmajor,
         "N-major packed W4 (with zs) or W8 codes to an fp32 or bf16 weight, one pass", release());
   m.def("rope", &tuili::rope, "rotary embedding of (B, T, H, D) by cos/sin (B, T, D), half-split layout", release());
+  m.def("silu_mul_", &tuili::silu_mul_, "gate <- silu(gate) · up in place (SwiGLU), fp32 or bf16", release());
   m.def("argmax_rows", &tuili::argmax_rows, "each row's first largest value's index (NaN largest), as torch.argmax",
         release());
   m.def("isa", &tuili::isa, "the SIMD path this CPU takes");

@@ -266,7 +266,7 @@ class DecodePlan {
   // down(act(gate(h)) · up(h)): l points at gate, up, down.
   torch::Tensor gated(const Linear* l, const torch::Tensor& h) const {
     auto gate_up = shared_input({l, l + 1}, h);
-    return l[2](activate(gate_up[0]).mul_(gate_up[1]));
+    return l[2](activate_mul(gate_up[0], gate_up[1]));
   }
 
   // tuili.models.llama.SparseMoE's forward: softmax of the router's logits in fp32, the top_k per
@@ -300,14 +300,20 @@ class DecodePlan {
     return out;
   }
 
-  torch::Tensor activate(torch::Tensor& gate) const {
+  // act(gate) · up over gate, as the model's MLP computes it (ACT_MUL_ in tuili.models.llama): SiLU
+  // in tuili's fused pass where the model takes it (AVX-512, contiguous, one shape and dtype).
+  torch::Tensor activate_mul(torch::Tensor& gate, const torch::Tensor& up) const {
     switch (activation_) {
-      case Activation::SiLU: return at::silu_(gate);
-      case Activation::GELU: return at::gelu_(gate, "none");
-      case Activation::GELUTanh: return at::gelu_(gate, "tanh");
-      case Activation::ReLU: return at::relu_(gate);
+      case Activation::SiLU:
+        if (use_avx512() && gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
+            gate.scalar_type() == up.scalar_type())
+          return silu_mul_(gate, up);
+        return at::silu_(gate).mul_(up);
+      case Activation::GELU: return at::gelu_(gate, "none").mul_(up);
+      case Activation::GELUTanh: return at::gelu_(gate, "tanh").mul_(up);
+      case Activation::ReLU: return at::relu_(gate).mul_(up);
     }
-    return gate;
+    return gate.mul_(up);
   }
 
   std::vector<Linear> linears_;

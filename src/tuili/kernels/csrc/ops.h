@@ -41,5 +41,6 @@ torch::Tensor dequantize_nmajor(torch::Tensor packed, torch::Tensor scale, c10::
                                 int64_t K, int64_t group_size, bool bf16, c10::optional<torch::Tensor> out);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor argmax_rows(torch::Tensor x);
+torch::Tensor silu_mul_(torch::Tensor gate, torch::Tensor up);
 }  // namespace tuili
 
