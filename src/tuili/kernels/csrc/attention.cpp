@@ -119,11 +119,9 @@ using GroupFn = void (*)(const float*, int64_t, const T*, const T*, const float*
 
 #define TUILI_ATTN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
-// 16 cache values as fp32 (int8: the codes; their per-token scale is applied by the caller).
-TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+// 16 cache values as fp32: fp32 and bf16 by common.h's load16; int8 here (the codes; their
+// per-token scale is applied by the caller).
+using tuili::load16;
 TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
@@ -132,14 +130,14 @@ TUILI_ATTN_TARGET __attribute__((always_inline)) inline __m512 load16(const int8
 TUILI_ATTN_TARGET inline void softmax_partial(float* lg, int64_t n, float* max_out, float* sum_out) {
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = tail16(n - i);
     vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, lg + i));
   }
   const float mx = _mm512_reduce_max_ps(vmax);
   const __m512 vmx = _mm512_set1_ps(mx);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = tail16(n - i);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, lg + i), vmx));
     _mm512_mask_storeu_ps(lg + i, m, e);
     vsum = _mm512_mask_add_ps(vsum, m, vsum, e);

@@ -144,13 +144,18 @@ void with_dtype(const torch::Tensor& x, const torch::Tensor& y, Body&& body) {
     body(x.data_ptr<float>(), y.data_ptr<float>());
 }
 
+// The lanes of a 16-wide step with `left` values left: all 16, or the first `left`.
+inline __mmask16 tail16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // 16 values (masked) as fp32 to and from either dtype, so that a kernel reads and writes the
 // activations' own dtype instead of converting whole tensors around each call (at 16 rows of a 1B
 // model, ~4 ms of a 60 ms decode step). bf16 widens exactly and narrows to nearest even, NaN to
 // NaN: what torch's conversion of the fp32 result gives.
 #define TUILI_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-TUILI_AVX512 inline __m512 load16(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
-TUILI_AVX512 inline __m512 load16(const at::BFloat16* x, __mmask16 m) {
+TUILI_AVX512 inline __m512 load16(const float* x, __mmask16 m = 0xFFFF) { return _mm512_maskz_loadu_ps(m, x); }
+TUILI_AVX512 inline __m512 load16(const at::BFloat16* x, __mmask16 m = 0xFFFF) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x)), 16));
 }
 // The bf16 bits of 16 fp32 lanes, in each lane's low half: nearest even, NaN as 0x7FC0.

@@ -300,15 +300,10 @@ class DecodePlan {
     return out;
   }
 
-  // act(gate) · up over gate, as the model's MLP computes it (ACT_MUL_ in tuili.models.llama): SiLU
-  // in tuili's fused pass where the model takes it (AVX-512, contiguous, one shape and dtype).
+  // act(gate) · up over gate, as the model's MLP computes it (ACT_MUL_ in tuili.models.llama).
   torch::Tensor activate_mul(torch::Tensor& gate, const torch::Tensor& up) const {
     switch (activation_) {
-      case Activation::SiLU:
-        if (use_avx512() && gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
-            gate.scalar_type() == up.scalar_type())
-          return silu_mul_(gate, up);
-        return at::silu_(gate).mul_(up);
+      case Activation::SiLU: return silu_mul_(gate, up);
       case Activation::GELU: return at::gelu_(gate, "none").mul_(up);
       case Activation::GELUTanh: return at::gelu_(gate, "tanh").mul_(up);
       case Activation::ReLU: return at::relu_(gate).mul_(up);

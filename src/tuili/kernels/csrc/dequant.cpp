@@ -248,7 +248,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void nmajor_bloc
           for (int h = 0; h < 2; ++h) {
             const int64_t rest = left - 16 * h;
             if (rest <= 0) break;
-            _mm512_mask_storeu_ps(o + 16 * h, rest >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rest) - 1), r[h]);
+            _mm512_mask_storeu_ps(o + 16 * h, tail16(rest), r[h]);
           }
         }
       }

@@ -2,7 +2,7 @@
 // per layer on 576-wide vectors, where PyTorch's per-op dispatch (RMSNorm is six aten ops, RoPE ten,
 // 10-12 µs a call measured) costs more than the arithmetic.
 //   silu_mul_: gate ← silu(gate) · up in place, rounded to the dtype after each op as PyTorch's two
-//              ops are (AVX-512). At one row PyTorch's pair is as fast (2.7 µs); at prefill it is
+//              ops are (AVX-512, contiguous tensors of one shape; else PyTorch's pair). At one row PyTorch's pair is as fast (2.7 µs); at prefill it is
 //              not: on a 2,048 × 8,192 bf16 gate, silu_ and mul_ took 4.7 and 8.3 ms (7% of a 1B
 //              model's prefill), this one pass 9.7 ms, bound by memory.
 //   rms_norm:  y = w · (x / sqrt(mean(x²) + eps)), fp32 statistics; x fp32 or bf16 (rows, H)
@@ -49,7 +49,7 @@ TUILI_AVX512 inline __m512 round16(const at::BFloat16*, __m512 v) {
 template <typename T>
 TUILI_AVX512 void silu_mul_avx512(T* g, const T* u, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = tail16(n - i);
     const __m512 a = load16(g + i, m);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));
     const __m512 silu = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), e));
@@ -115,7 +115,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t argmax_row_avx512(c
   __m512 best = _mm512_set1_ps(-INFINITY);
   __mmask16 nan = 0;
   for (int64_t i = 0; i < V; i += 16) {
-    const __mmask16 m = V - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (V - i)) - 1);
+    const __mmask16 m = tail16(V - i);
     const __m512 v = load16(x + i, m);
     nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
     best = _mm512_mask_max_ps(best, m, best, v);
@@ -126,7 +126,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t argmax_row_avx512(c
   }
   const __m512 target = _mm512_set1_ps(_mm512_reduce_max_ps(best));
   for (int64_t i = 0; i < V; i += 16) {
-    const __mmask16 m = V - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (V - i)) - 1);
+    const __mmask16 m = tail16(V - i);
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, load16(x + i, m), target, _CMP_EQ_OQ);
     if (hit) return i + __builtin_ctz(hit);
   }
@@ -170,10 +170,9 @@ torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos_in, torch::Tensor sin_i
 
 torch::Tensor silu_mul_(torch::Tensor gate, torch::Tensor up) {
   check_float(gate, "gate");
-  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
-                  gate.scalar_type() == up.scalar_type(),
-              "gate and up must be contiguous, of one shape and dtype");
-  TORCH_CHECK(use_avx512(), "silu_mul_ needs AVX-512 (elsewhere PyTorch's pair runs)");
+  const bool fits = gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() &&
+                    gate.scalar_type() == up.scalar_type();
+  if (!fits || !use_avx512()) return at::silu_(gate).mul_(up);  // PyTorch's pair, which broadcasts
   const int64_t n = gate.numel();
   constexpr int64_t chunk = 4096;
   AT_DISPATCH_SWITCH(gate.scalar_type(), "silu_mul_",

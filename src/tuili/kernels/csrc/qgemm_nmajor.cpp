@@ -178,7 +178,7 @@ TUILI_DOTS void w4_block(const uint32_t* xp, int64_t Kp2, const float* xsum, con
     for (int m = 0; m < MR; ++m)
       total[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m * G + g]), _mm512_fmadd_ps(sum[m], s, total[m]));
   }
-  const __mmask16 mask = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  const __mmask16 mask = tail16(N - n0);
   for (int m = 0; m < MR; ++m) store16(y + m * N + n0, mask, total[m]);
 }
 
@@ -198,7 +198,7 @@ TUILI_DOTS void w8_block(const uint32_t* xp, int64_t Kp2, const float* xscale, c
     const __m512 s = _mm512_loadu_ps(scale + g * 16);
     for (int m = 0; m < MR; ++m) total[m] = _mm512_fmadd_ps(sum[m], s, total[m]);
   }
-  const __mmask16 mask = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  const __mmask16 mask = tail16(N - n0);
   for (int m = 0; m < MR; ++m) store16(y + m * N + n0, mask, _mm512_mul_ps(total[m], _mm512_set1_ps(xscale[m])));
 }
 
@@ -213,7 +213,7 @@ TUILI_DOTS void round_rows_bf16(const X* x, int64_t M, int64_t K, int64_t ld, in
       const int64_t k1 = std::min<int64_t>(K, (g + 1) * group_size);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t k = g * group_size; k < k1; k += 16) {
-        const __mmask16 mask = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+        const __mmask16 mask = tail16(k1 - k);
         const __m256i h = (__m256i)_mm512_cvtneps_pbh(load16(xm + k, mask));
         _mm256_mask_storeu_epi16(bm + k, mask, h);
         sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
@@ -232,7 +232,7 @@ TUILI_DOTS void round_rows_i16(const X* x, int64_t M, int64_t K, int64_t Kp, int
     const X* xm = x + m * K;
     __m512 amax = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __mmask16 mask = tail16(K - k);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(xm + k, mask)));
     }
     const float s = std::max(_mm512_reduce_max_ps(amax), 1e-12f) / 32767.f;
@@ -240,7 +240,7 @@ TUILI_DOTS void round_rows_i16(const X* x, int64_t M, int64_t K, int64_t Kp, int
     const __m512 sv = _mm512_set1_ps(s);
     int16_t* qm = q + m * Kp;
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __mmask16 mask = tail16(K - k);
       const __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16(xm + k, mask), sv));
       _mm256_mask_storeu_epi16(qm + k, mask, _mm512_cvtsepi32_epi16(v));
     }
@@ -421,7 +421,7 @@ TUILI_AMX void w4_block_amx(const uint16_t* xb, int64_t ld, const float* xsum, c
   };
   const int64_t tiles = (doubles + 7) / 8;
   pipelined_tiles<T, float>(tiles, G == 1 ? tiles : group_pairs / 16, decode, step, finish);
-  const __mmask16 mask = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  const __mmask16 mask = tail16(N - n0);
   for (int m = 0; m < rows; ++m) store16(y + m * N + n0, mask, total[m]);
 }
 
@@ -491,7 +491,7 @@ TUILI_AMX void w8_block_amx(const int8_t* hi, const uint8_t* lo, int64_t ld, con
   };
   const int64_t tiles = (Kp2 + tile_pairs - 1) / tile_pairs;
   pipelined_tiles<2 * T, int32_t>(tiles, G == 1 ? tiles : group_pairs / tile_pairs, decode, step, finish);
-  const __mmask16 mask = N - n0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n0)) - 1);
+  const __mmask16 mask = tail16(N - n0);
   for (int m = 0; m < rows; ++m)
     store16(y + m * N + n0, mask, _mm512_mul_ps(total[m], _mm512_set1_ps(xscale[m])));
 }

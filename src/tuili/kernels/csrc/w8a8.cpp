@@ -25,7 +25,7 @@ float quantize_row_avx512(const float* xm, int64_t K, int64_t Kp, const float* s
   } else {
     __m512 amax = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __mmask16 mask = tail16(K - k);
       amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xm + k)));
     }
     s = std::max(_mm512_reduce_max_ps(amax), 1e-12f) / 127.f;
@@ -33,7 +33,7 @@ float quantize_row_avx512(const float* xm, int64_t K, int64_t Kp, const float* s
   const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   const __m512i bias = _mm512_set1_epi32(offset ? 128 : 0);
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __mmask16 mask = tail16(K - k);
     __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, xm + k), sv),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
@@ -145,7 +145,7 @@ TUILI_AVX512 void scale_rows(const int32_t* acc, const float* sx, const float* s
   for (int64_t m = m0; m < m1; ++m) {
     const __m512 s = _mm512_set1_ps(sx[m]);
     for (int64_t n = 0; n < N; n += 16) {
-      const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+      const __mmask16 mask = tail16(N - n);
       const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + m * N + n));
       store16(y + m * N + n, mask, _mm512_mul_ps(_mm512_mul_ps(a, s), _mm512_maskz_loadu_ps(mask, sw + n)));
     }
