@@ -155,10 +155,23 @@ def test_fp32_gemv_matches_f_linear(m, n, k, bias):
 @pytest.mark.parametrize("m", [1, 3, 7, 8, 9, 16, 23, 64])
 @pytest.mark.parametrize("n, k", [(96, 576), (33, 577), (17, 100), (1536, 64), (5, 3)])
 @pytest.mark.parametrize("static", [False, True])
-def test_packed_w8a8_is_bit_identical_to_int_mm(m, n, k, static):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_w8a8_is_bit_identical_to_int_mm(m, n, k, static, dtype):
+    check_packed_w8a8(m, n, k, static, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m, n, k", [(300, 48, 8200), (130, 1040, 2048)])
+def test_packed_w8a8_batches_in_chunks_and_panels_are_bit_identical(m, n, k):
+    """AMX: rows past one chunk (1 MiB of codes), output blocks past one panel, an odd block left."""
+    check_packed_w8a8(m, n, k, False, torch.bfloat16)
+
+
+def check_packed_w8a8(m, n, k, static, dtype):
     if ext.isa() != "avx512-vnni":
         pytest.skip("the packed W8A8 kernel is VNNI only (elsewhere Int8Linear keeps the row kernel)")
     x, w, sw = random_w8a8(m, n, k)
+    x = x.to(dtype)
     s_in = torch.tensor(0.07) if static else None
     packed, row_sum = ops.w8a8_pack(w)
     assert packed.shape == (-(-n // 16), -(-k // 4), 16, 4)

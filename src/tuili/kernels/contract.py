@@ -17,7 +17,7 @@ from torch import Tensor
 
 MAX_M = 64  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
 MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
-MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here
+MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here (AMX: always)
 MAX_M_F32 = 8  # fp32 rows up to which tuili's GEMV beats PyTorch's sgemm (measured, benchmarks/kernels.py)
 ANY_ROWS = 1 << 30
 
@@ -59,7 +59,8 @@ class KernelCall:
 
     `small`: another call of the same product for batches of at most `small_rows` rows, where
     this CPU runs it faster (the fp32-activation GEMV beside a bf16 dot-product kernel, chosen by
-    tuili.kernels.repack.small_batch_rows)."""
+    tuili.kernels.repack.small_batch_rows). `row_limit`: the rows up to which this call runs where
+    this CPU takes it further than the op's default (W8A8 on AMX: every batch)."""
 
     op: KernelOp
     tensors: tuple[Tensor | None, ...]
@@ -67,6 +68,7 @@ class KernelCall:
     bias: Tensor | None = None
     small: KernelCall | None = None
     small_rows: int = 0
+    row_limit: int | None = None
     args: tuple = field(init=False, repr=False, compare=False)  # tensors then ints, as the kernel takes them
 
     def __post_init__(self) -> None:
@@ -83,8 +85,15 @@ class KernelCall:
         object.__setattr__(self, "args", (*self.tensors, *self.ints))
 
     @classmethod
-    def of(cls, name: str, *tensors: Tensor | None, ints: tuple[int, ...] = (), bias: Tensor | None = None):
-        return cls(OPS[name], tensors, ints, bias)
+    def of(
+        cls,
+        name: str,
+        *tensors: Tensor | None,
+        ints: tuple[int, ...] = (),
+        bias: Tensor | None = None,
+        row_limit: int | None = None,
+    ):
+        return cls(OPS[name], tensors, ints, bias, row_limit=row_limit)
 
     @property
     def name(self) -> str:
@@ -92,7 +101,7 @@ class KernelCall:
 
     @property
     def max_rows(self) -> int:
-        return self.op.max_rows
+        return self.op.max_rows if self.row_limit is None else self.row_limit
 
     def weights(self) -> list[Tensor]:
         """Every tensor the call reads, bias included."""

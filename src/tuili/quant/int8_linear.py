@@ -1,12 +1,17 @@
 """`Int8Linear` (W8A8): int8 weights and int8 activations, per-token (dynamic) or per-tensor
-(static, from calibration) activation scales; int8 × int8 → int32 runs in tuili's VNNI kernel
-for small batches, in `torch._int_mm` otherwise."""
+(static, from calibration) activation scales. int8 × int8 → int32 runs on a packing of the
+weights (AVX-512 VNNI; every batch with AMX tile products), held as the layer's only copy of
+them, and in `torch._int_mm` otherwise (large batches without AMX, weights unpacked into a
+reused workspace for the call)."""
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
+from tuili.kernels import dequant
 from tuili.kernels import ops as kernels
 from tuili.kernels.contract import KernelCall
 from tuili.quant.kernel_layer import KernelLinear
@@ -19,6 +24,7 @@ class Int8Linear(KernelLinear):
 
     quant_method = "compressed-tensors"
     _buffer_names = ("qweight", "weight_scale", "input_scale", "bias")
+    _row_layout = ("qweight",)  # what the packing holds instead
     qweight: Tensor
     weight_scale: Tensor
     input_scale: Tensor | None
@@ -66,27 +72,44 @@ class Int8Linear(KernelLinear):
         return self.input_scale is not None
 
     def dequantize(self) -> Tensor:
-        return self.qweight.float() * self.weight_scale[:, None]
+        return self._codes(None).float() * self.weight_scale[:, None]
+
+    def _codes(self, out: Tensor | None) -> Tensor:
+        """The (out, in) int8 codes, made from the packing where the layer holds only that (into `out`)."""
+        call = self.packed_call()
+        if call is None:
+            return self.qweight
+        return kernels.w8a8_unpack(cast(Tensor, call.tensors[0]), self.out_features, self.in_features, out)
 
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """int8 codes of x (N, in) and their scale, (N, 1) per token or () per tensor."""
         return kernels.quantize_rows(x, self.input_scale)
 
     def _make_kernel_call(self) -> KernelCall | None:
-        packed = kernels.w8a8_pack(self.qweight)  # VNNI: a repacked copy (as many bytes again) for batches
-        if packed is not None:
-            return KernelCall.of(
-                "w8a8_linear_packed",
-                *packed,
-                self.weight_scale,
-                self.input_scale,
-                ints=(self.out_features,),
-                bias=self.bias,
-            )
-        return KernelCall.of("w8a8_linear", self.qweight, self.weight_scale, self.input_scale, bias=self.bias)
+        held = self.packed_call()
+        if held is not None:
+            return held
+        packed = kernels.w8a8_pack(self.qweight)  # VNNI: the weights repacked, then held only so
+        if packed is None:
+            return KernelCall.of("w8a8_linear", self.qweight, self.weight_scale, self.input_scale, bias=self.bias)
+        call = KernelCall.of(
+            "w8a8_linear_packed",
+            *packed,
+            self.weight_scale,
+            self.input_scale,
+            ints=(self.out_features,),
+            bias=self.bias,
+            row_limit=kernels.w8a8_packed_rows(),
+        )
+        self._keep_only(call)
+        return call
+
+    def _unpacked(self, call: KernelCall) -> dict[str, Tensor]:
+        return {"qweight": kernels.w8a8_unpack(cast(Tensor, call.tensors[0]), self.out_features, self.in_features)}
 
     def _reference(self, rows: Tensor) -> Tensor:
-        return kernels.w8a8_gemm(rows, self.qweight, self.weight_scale, self.input_scale)
+        codes = self._codes(dequant.workspace(self.out_features, self.in_features, torch.int8))
+        return kernels.w8a8_gemm(rows, codes, self.weight_scale, self.input_scale)
 
     def extra_repr(self) -> str:
         mode = "static" if self.static else "dynamic"

@@ -36,6 +36,7 @@ def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 _UNSET = object()
 _CALL_KEYS = ("_kernel_call", "_bf16_kernel_call")  # where a layer caches its call, by bf16
+PACKED = "_packed"  # where a layer that holds its weights only in a kernel's packing keeps that call
 
 
 class KernelLinear(nn.Module, ABC):
@@ -45,6 +46,7 @@ class KernelLinear(nn.Module, ABC):
     assigned, loaded or moved, instead of being rebuilt through nn.Module each time."""
 
     _buffer_names: tuple[str, ...] = ()
+    _row_layout: tuple[str, ...] = ()  # the buffers a kernel's packing replaces (`_keep_only`)
     in_features: int
     out_features: int
     bias: nn.Parameter | None
@@ -85,7 +87,7 @@ class KernelLinear(nn.Module, ABC):
             call = self.__dict__.get(_CALL_KEYS[bf16], _UNSET)
             if call is _UNSET:
                 call = self.kernel_call(bf16)
-        y = call.run(ext, rows) if call is not None and rows.shape[0] <= call.op.max_rows else self._reference(rows)
+        y = call.run(ext, rows) if call is not None and rows.shape[0] <= call.max_rows else self._reference(rows)
         bias = self.bias if call is None else call.bias
         if bias is not None:
             y = y + bias
@@ -94,17 +96,64 @@ class KernelLinear(nn.Module, ABC):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def __setattr__(self, name, value):
+        if name in self._row_layout and PACKED in self.__dict__:
+            self.unpack_()
         if name in self._buffer_names:
             self._forget_kernel_calls()
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        if name in self._row_layout and PACKED in self.__dict__:  # a reader of the row layout
+            self.unpack_()
+        return super().__getattr__(name)
 
     def _forget_kernel_calls(self) -> None:
         for key in _CALL_KEYS:
             self.__dict__.pop(key, None)
 
+    # One copy of the weights: a layer whose kernel takes every batch size holds its weights only
+    # in that kernel's packing. The row-layout buffers become meta tensors that keep only their
+    # shapes and dtypes (what analysis reports); reading one (saving, export, `.to`) puts the row
+    # layout back in place of the packing, and the next kernel call packs it again.
+
+    def _keep_only(self, call: KernelCall) -> None:
+        """Hold the weights only in `call`'s packing: the row-layout buffers become meta tensors
+        (assigned past __setattr__, which would forget the calls), the fp32 call that read them goes."""
+        for name in self._row_layout:
+            t = self._buffers[name]
+            if t is not None:
+                self._buffers[name] = t.to("meta")
+        self.__dict__[PACKED] = call
+        self.__dict__.pop("_kernel_call", None)
+
+    def packed_call(self) -> KernelCall | None:
+        """The call whose packing holds this layer's weights, None where the row layout holds them."""
+        return self.__dict__.get(PACKED)
+
+    def unpack_(self) -> None:
+        """Put the row layout back in place of the packing (a no-op where it is there)."""
+        call = self.__dict__.get(PACKED)
+        if call is None:
+            return
+        rows = self._unpacked(call)
+        del self.__dict__[PACKED]
+        for name, t in rows.items():
+            if self._buffers[name] is not None:
+                self._buffers[name] = t
+        self._forget_kernel_calls()
+
+    def _unpacked(self, call: KernelCall) -> dict[str, Tensor]:
+        """The row-layout buffers made back from `call`'s packing (layers that use `_keep_only`)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no packing")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not keep_vars:  # a state dict of values (saving, copying); keep_vars: introspection
+            self.unpack_()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _own_layout(self) -> None:
-        """Put the buffers back in the layout they are loaded into and moved in, where a layer keeps
-        its weights elsewhere (WeightOnlyLinear's N-major packing); nothing by default."""
+        """Put the buffers back in the layout they are loaded into and moved in."""
+        self.unpack_()
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._own_layout()

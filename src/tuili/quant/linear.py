@@ -28,8 +28,6 @@ from tuili.quant.primitives import (
     unpack_int4,
 )
 
-_ROW_LAYOUT = ("qweight", "scale", "offset")  # what a WeightOnlyLinear packed N-major holds only there
-
 
 class WeightOnlyLinear(KernelLinear):
     """y = x · dequant(W)ᵀ + b with W stored as 2–8-bit codes (4-bit: two per byte), per-group scales.
@@ -48,6 +46,7 @@ class WeightOnlyLinear(KernelLinear):
 
     quant_method = "compressed-tensors"  # how it is saved (tuili.quant.format)
     _buffer_names = ("qweight", "scale", "zero", "offset", "input_order", "bias")
+    _row_layout = ("qweight", "scale", "offset")  # what the N-major packing holds instead
     qweight: Tensor
     scale: Tensor
     zero: Tensor | None
@@ -123,7 +122,7 @@ class WeightOnlyLinear(KernelLinear):
     def _stored(self, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Codes (unpacked), scales, zero points and offsets of the given output rows (None: all), as
         stored, from whichever layout the layer holds (the N-major packing is not unpacked for it)."""
-        dots = self.__dict__.get("_nmajor")
+        dots = self.packed_call()
         pick = lambda t: t if t is None or rows is None else t[rows]  # noqa: E731
         zero = pick(self.zero)
         if dots is None:
@@ -131,11 +130,12 @@ class WeightOnlyLinear(KernelLinear):
             codes = unpack_int4(qweight, self.in_features, signed=self.symmetric) if self.bits == 4 else qweight
             return codes, scale, zero, offset
         every = torch.arange(self.out_features) if rows is None else rows
-        codes = repack.nmajor_codes(dots.tensors[0], every, self.in_features)
-        scale = repack.nmajor_groups(dots.tensors[1], every)
+        packed = cast(tuple[Tensor, ...], dots.tensors)  # codes, scales (and scale · zero, for W4)
+        codes = repack.nmajor_codes(packed[0], every, self.in_features)
+        scale = repack.nmajor_groups(packed[1], every)
         offset = None
         if self.bits == 4 and self._buffers["offset"] is not None:
-            offset = repack.nmajor_groups(dots.tensors[2], every)  # zs of GGUF's codes is their offset
+            offset = repack.nmajor_groups(packed[2], every)  # zs of GGUF's codes is their offset
         elif self.bits == 4 and self.symmetric:
             codes = (codes.to(torch.int16) - 8).to(torch.int8)  # the kernel reads u = code + 8
         return codes, scale, zero, offset
@@ -182,7 +182,7 @@ class WeightOnlyLinear(KernelLinear):
     def _make_bf16_kernel_call(self) -> KernelCall | None:
         # the codes repacked N-major on the first bf16 call; the row layout then gives way to it
         # unless this CPU runs small batches on the row layout's GEMV (both are kept there)
-        packed = self.__dict__.get("_nmajor")
+        packed = self.packed_call()
         if packed is not None:
             return packed
         call = self.kernel_call()
@@ -204,45 +204,10 @@ class WeightOnlyLinear(KernelLinear):
         self._keep_only(dots)
         return dots
 
-    def _keep_only(self, dots: KernelCall) -> None:
-        """Hold the weights only in `dots`' packing: the row-layout buffers become shape-only meta tensors
-        (assigned past __setattr__, which would forget the calls) and the fp32 call that read them goes."""
-        for name in _ROW_LAYOUT:
-            t = self._buffers[name]
-            if t is not None:
-                self._buffers[name] = t.to("meta")
-        self.__dict__["_nmajor"] = dots
-        self.__dict__.pop("_kernel_call", None)
-
-    def unpack_(self) -> None:
-        """Put the row layout back in place of the N-major packing (a no-op where it is there)."""
-        if "_nmajor" not in self.__dict__:
-            return
+    def _unpacked(self, call: KernelCall) -> dict[str, Tensor]:
         codes, scale, _, offset = self._stored(None)
-        del self.__dict__["_nmajor"]
-        self._buffers["qweight"] = pack_int4(codes) if self.bits == 4 else codes
-        self._buffers["scale"] = scale
-        if self._buffers["offset"] is not None:
-            self._buffers["offset"] = offset
-        self._forget_kernel_calls()
-
-    def __getattr__(self, name: str):
-        if name in _ROW_LAYOUT and "_nmajor" in self.__dict__:  # a reader of the row layout
-            self.unpack_()
-        return super().__getattr__(name)
-
-    def __setattr__(self, name, value):
-        if name in _ROW_LAYOUT and "_nmajor" in self.__dict__:
-            self.unpack_()
-        super().__setattr__(name, value)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not keep_vars:  # a state dict of values (saving, copying); keep_vars: introspection
-            self.unpack_()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _own_layout(self) -> None:
-        self.unpack_()
+        rows = {"qweight": pack_int4(codes) if self.bits == 4 else codes, "scale": scale}
+        return rows | ({"offset": offset} if offset is not None else {})
 
     def _reference(self, rows: Tensor) -> Tensor:
         dtype = COMPUTE_DTYPE.get() or rows.dtype
@@ -253,7 +218,7 @@ class WeightOnlyLinear(KernelLinear):
         by tuili's dequantize kernels from the codes the fp32 kernel call reads, into this thread's
         reused workspace (so it is valid until the next call), else through PyTorch. At prefill
         making the weight is what costs: PyTorch's unpacking took ~90% of a 1B model's prefill."""
-        dots = self.__dict__.get("_nmajor")
+        dots = self.packed_call()
         if dots is not None:  # the layer holds only the dot-product kernels' packing
             return self._nmajor_weight(dots, dtype)
         call = self.kernel_call() if kernels.extension() is not None else None

@@ -40,7 +40,7 @@
 // so two int8 tile products (tdpbssd on hi, tdpbusd on lo) sum q · w exactly in int32; a block's
 // pairs of k are regrouped into the tiles' quads by one vpermw per 64 bytes. Where AMX is absent,
 // not granted by the kernel, or TUILI_ISA=avx512 is set, the dot-product kernels run.
-#include "common.h"
+#include "amx.h"
 
 #include <cpuid.h>
 #include <utility>
@@ -248,23 +248,13 @@ TUILI_DOTS void round_rows_i16(const X* x, int64_t M, int64_t K, int64_t Kp, int
   }
 }
 
-#define TUILI_AMX \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,amx-tile,amx-bf16,amx-int8")))
-
 // Fewer rows take the dot-product kernels (a tile computes 16 rows either way); measured on a Xeon
 // (Sapphire Rapids class), 8192 × 2048: W4 breaks even at 4 rows; W8 at 8, and at 16 with groups of
 // 32 k, whose two int32 tiles are converted and scaled every 32 k.
 constexpr int64_t kAmxMinRows = 4, kAmxMinRowsW8 = 8, kAmxMinRowsW8g32 = 16;
 
-// Tiles 0-3 (C: 16 × 16 fp32, one per 16 rows), 4 and 6 (A: 16 rows × 32 bf16, even and odd C
-// tiles), 5 and 7 (B: 16 pairs × 16 outputs × 2 bf16, even and odd steps), each 16 rows of 64
-// bytes: the layout ldtilecfg reads. A tile load into a register the previous product still reads
-// would wait for it, hence two of each.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
+// Tiles 0-3: C (16 × 16 fp32, one per 16 rows); 4 and 6: A (16 rows × 32 bf16, even and odd C
+// tiles); 5 and 7: B (16 pairs × 16 outputs × 2 bf16, even and odd steps).
 
 // The intrinsics spell tile numbers into the instruction's text, so each C tile t has its lines.
 // C tile t += A (tile 4: the 16 rows of xb from t · 16, at k) · B (tile 5).
@@ -517,9 +507,6 @@ TUILI_AMX void split_bytes(const int16_t* q, int64_t M, int64_t Kp, int64_t ld, 
       _mm256_mask_storeu_epi8(lo + m * ld + k, mask, _mm512_cvtepi16_epi8(v));
     }
 }
-
-TUILI_AMX void amx_begin(const TileConfig& config) { _tile_loadconfig(&config); }
-TUILI_AMX void amx_end() { _tile_release(); }
 
 // The shape checks both kernels share; returns G.
 int64_t check_packed(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale, int64_t N,
