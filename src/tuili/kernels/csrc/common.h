@@ -30,8 +30,11 @@ inline bool use_vnni() {
 
 // How weight streams are prefetched, read once a step, 4 KiB ahead: non-temporally (NTA) on AMD,
 // where weights fetched for keeps push the KV cache and activations out of L3 (Zen 5: W8A16 decode
-// +8%, fp32 +20%); into L1 (T0) elsewhere: on an Intel Xeon (Sapphire Rapids class) NTA held the
-// N-major W8 kernel at 12 GB/s, T0 gives 19 (out of cache) and 45 (in L3) at one row.
+// +8%, fp32 +20%); into L2 (T1) elsewhere. On an Intel Xeon (Sapphire Rapids class) NTA held the
+// N-major W8 kernel at 12 GB/s at one row; into L1 (T0), each prefetch holds one of the core's few
+// L1 fill buffers for a whole memory latency, which starved the W4 kernel (two prefetches a line):
+// 16 layers of 16384 × 2048 from memory, one row, W4 g128 10.0 GB/s with T0, 19.6-20.0 with T1;
+// W4 g32 16.6 → 22.3; N-major W8 20.1 → 21.2; in L3 unchanged or faster (W8 45 → 51).
 inline const bool kStreamNta = [] {
   __builtin_cpu_init();
   return __builtin_cpu_is("amd");
@@ -41,7 +44,7 @@ inline void prefetch_stream(const void* p) {
   if (kStreamNta)
     _mm_prefetch(static_cast<const char*>(p), _MM_HINT_NTA);
   else
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
 }
 
 __attribute__((target("avx512f"))) inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
