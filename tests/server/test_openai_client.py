@@ -57,6 +57,25 @@ def test_streamed_completion_concatenates_to_the_full_text(client, tiny_model):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_put_each_choices_usage_in_every_chunk(client, tiny_model, chat):
+    """vLLM's stream_options extension, as guidellm sends it: usage so far in every chunk."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = dict(model=MODEL, max_tokens=12, temperature=0, stream=True, stream_options=options)
+    if chat:
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "count"}], **common))
+        expected = offline(tiny_model, [{"role": "user", "content": "count"}], 12)
+    else:
+        chunks = list(client.completions.create(prompt="count with me", **common))
+        expected = offline(tiny_model, "count with me", 12)
+    prompt = len(expected.prompt_token_ids)
+    assert all(c.usage is not None and c.usage.prompt_tokens == prompt for c in chunks)
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done) and done[-1] == len(expected.token_ids)
+    assert all(c.usage.total_tokens == prompt + c.usage.completion_tokens for c in chunks)
+    assert chunks[-1].choices == []  # the usage chunk still closes the stream
+
+
 def test_chat_uses_the_chat_template(client, tiny_model):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)

@@ -30,3 +30,14 @@ def test_fast_chunks_equal_the_general_form(chat, include_usage, delta):
     assert json.loads(chunk[6:]) == general
     assert general["object"] == ("chat.completion.chunk" if chat else "text_completion")
     assert ("usage" in general) == include_usage
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_fast_chunks_carry_continuous_usage_as_the_general_form(chat):
+    fmt = Formatter("cmpl-1", "m", 123, chat, Tokens(), logprobs=False, include_usage=True, continuous_usage=True)
+    so_far = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    chunk = fmt.delta_chunk(0, output("a"), so_far)
+    choice = {"index": 0, "logprobs": None, "finish_reason": None}
+    choice.update({"delta": {"content": "a"}} if chat else {"text": "a"})
+    assert json.loads(chunk[6:]) == json.loads(fmt._chunk([choice], so_far)[6:])
+    assert json.loads(chunk[6:])["usage"] == so_far

@@ -204,6 +204,7 @@ class Server:
             self.tokens,
             logprobs is not None,
             body.include_usage,
+            body.continuous_usage,
         )
         record = Recorder(self.metrics, [len(ids) for ids in prompts], body.n)
         self.in_flight += len(jobs)

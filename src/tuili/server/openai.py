@@ -76,9 +76,11 @@ class Formatter:
         tokens: TokenText,
         logprobs: bool,
         include_usage: bool,
+        continuous_usage: bool = False,
     ):
         self.id, self.model, self.created, self.chat = request_id, model, created, chat
         self.tokens, self.logprobs, self.include_usage = tokens, logprobs, include_usage
+        self.continuous_usage = continuous_usage  # every chunk carries its choice's usage so far
         self.object = "chat.completion" if chat else "text_completion"
         self._offsets: dict[int, int] = {}  # choice index -> characters streamed (completion text offsets)
         # The common stream chunk (text, no log-probabilities, not the last) is a template around
@@ -95,8 +97,8 @@ class Formatter:
         )[:-1]
         self._head = f'data: {head}, "choices": [{{"index": '
         self._field, self._close = (', "delta": {"content": ', "}") if chat else (', "text": ', "")
-        usage_null = ', "usage": null' if include_usage else ""
-        self._tail = ', "logprobs": null, "finish_reason": null}]' + usage_null + "}\n\n"
+        self._open_tail = ', "logprobs": null, "finish_reason": null}]'
+        self._tail = self._open_tail + (', "usage": null' if include_usage else "") + "}\n\n"
 
     def _logprobs(self, entries: list[TokenLogprob], index: int) -> dict | None:
         if not self.logprobs:
@@ -137,20 +139,21 @@ class Formatter:
             chunk["usage"] = usage_
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    def role_chunk(self, index: int) -> str:
-        """Chat streams open each choice with the assistant's role."""
+    def role_chunk(self, index: int, usage_: dict | None = None) -> str:
+        """Chat streams open each choice with the assistant's role (`usage_`: continuous usage)."""
         return self._chunk(
-            [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+            usage_,
         )
 
-    def delta_chunk(self, index: int, out: RequestOutput) -> str | None:
-        """A stream chunk for one step's output, or None when it carries nothing to show."""
+    def delta_chunk(self, index: int, out: RequestOutput, usage_: dict | None = None) -> str | None:
+        """A stream chunk for one step's output, or None when it carries nothing to show;
+        `usage_`: the choice's usage so far, where the request asked for it in every chunk."""
         if not out.delta and not out.finished and not (self.logprobs and out.new_logprobs):
             return None
         if not out.finished and not self.logprobs:
-            return (
-                f"{self._head}{index}{self._field}{json.dumps(out.delta, ensure_ascii=False)}{self._close}{self._tail}"
-            )
+            tail = self._tail if usage_ is None else f'{self._open_tail}, "usage": {json.dumps(usage_)}}}\n\n'
+            return f"{self._head}{index}{self._field}{json.dumps(out.delta, ensure_ascii=False)}{self._close}{tail}"
         logprobs = self._logprobs(out.new_logprobs, index)
         if not self.chat and logprobs is not None:
             self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
@@ -159,7 +162,7 @@ class Formatter:
             choice["delta"] = {"content": out.delta} if out.delta or not out.finished else {}
         else:
             choice["text"] = out.delta
-        return self._chunk([choice])
+        return self._chunk([choice], usage_)
 
     def usage_chunk(self, usage_: dict) -> str:
         return self._chunk([], usage_)

@@ -95,8 +95,18 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    """OpenAI's `include_usage` (a usage chunk before [DONE]) and vLLM's `continuous_usage_stats`
+    (besides it, every chunk carries its choice's usage so far: what guidellm sends)."""
+
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+    @model_validator(mode="after")
+    def _continuous_needs_usage(self):
+        if self.continuous_usage_stats and not self.include_usage:
+            raise ValueError("continuous_usage_stats needs include_usage: true (usage is sent only with it)")
+        return self
 
 
 class _Sampling(_Request):
@@ -138,6 +148,10 @@ class _Sampling(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
         """The engine's parameters for choice `index` (choices of one request get seeds seed + index)."""

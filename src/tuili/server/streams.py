@@ -106,6 +106,13 @@ class Recorder:
             if index % self.n == 0:
                 m.prompt_tokens.inc(self.prompt_lengths[index // self.n])
 
+    def so_far(self, index: int, out: RequestOutput | None) -> dict:
+        """Choice `index`'s usage up to `out` (None: before its first token), as vLLM's
+        continuous usage stats give it: its prompt's tokens and the tokens it has generated."""
+        if out is None:
+            return usage(self.prompt_lengths[index // self.n], 0, 0)
+        return usage(self.prompt_lengths[index // self.n], len(out.token_ids), out.num_cached_tokens)
+
     def usage(self, outs: list[RequestOutput]) -> dict:
         cached = sum(out.num_cached_tokens for i, out in enumerate(outs) if i % self.n == 0)
         return usage(sum(self.prompt_lengths), sum(len(out.token_ids) for out in outs), cached)
@@ -147,15 +154,16 @@ async def stream(
     """SSE chunks as tokens arrive, the usage chunk if asked, then [DONE]; errors go in the stream."""
     finals: dict[int, RequestOutput] = {}
     try:
+        continuous = fmt.continuous_usage
         if fmt.chat:
             for index in range(count):
-                yield fmt.role_chunk(index)
+                yield fmt.role_chunk(index, record.so_far(index, None) if continuous else None)
         async with asyncio.timeout(timeout):
             async for index, out in choices:
                 record.output(index, out)
                 if out.finished:
                     finals[index] = out
-                chunk = fmt.delta_chunk(index, out)
+                chunk = fmt.delta_chunk(index, out, record.so_far(index, out) if continuous else None)
                 if chunk is not None:
                     yield chunk
         if len(finals) == count:
