@@ -105,7 +105,7 @@ class Int8Linear(KernelLinear):
         return call
 
     def _unpacked(self, call: KernelCall) -> dict[str, Tensor]:
-        return {"qweight": kernels.w8a8_unpack(cast(Tensor, call.tensors[0]), self.out_features, self.in_features)}
+        return {"qweight": self._codes(None)}  # the packing is still held while it is read
 
     def _reference(self, rows: Tensor) -> Tensor:
         codes = self._codes(dequant.workspace(self.out_features, self.in_features, torch.int8))

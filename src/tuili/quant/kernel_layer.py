@@ -142,9 +142,9 @@ class KernelLinear(nn.Module, ABC):
                 self._buffers[name] = t
         self._forget_kernel_calls()
 
+    @abstractmethod
     def _unpacked(self, call: KernelCall) -> dict[str, Tensor]:
-        """The row-layout buffers made back from `call`'s packing (layers that use `_keep_only`)."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no packing")
+        """The row-layout buffers made back from `call`'s packing (what `_keep_only` replaced)."""
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not keep_vars:  # a state dict of values (saving, copying); keep_vars: introspection

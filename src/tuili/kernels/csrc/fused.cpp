@@ -175,23 +175,12 @@ torch::Tensor silu_mul_(torch::Tensor gate, torch::Tensor up) {
   if (!fits || !use_avx512()) return at::silu_(gate).mul_(up);  // PyTorch's pair, which broadcasts
   const int64_t n = gate.numel();
   constexpr int64_t chunk = 4096;
-  AT_DISPATCH_SWITCH(gate.scalar_type(), "silu_mul_",
-    AT_DISPATCH_CASE(torch::kFloat, [&] {
-      float* g = gate.data_ptr<float>();
-      const float* u = up.data_ptr<float>();
-      at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-        const int64_t i0 = c0 * chunk, len = std::min(n, c1 * chunk) - i0;
-        silu_mul_avx512(g + i0, u + i0, len);
-      });
-    })
-    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
-      at::BFloat16* g = gate.data_ptr<at::BFloat16>();
-      const at::BFloat16* u = up.data_ptr<at::BFloat16>();
-      at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-        const int64_t i0 = c0 * chunk, len = std::min(n, c1 * chunk) - i0;
-        silu_mul_avx512(g + i0, u + i0, len);
-      });
-    }));
+  with_dtype(up, gate, [&](const auto* u, auto* g) {
+    at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t i0 = c0 * chunk, len = std::min(n, c1 * chunk) - i0;
+      silu_mul_avx512(g + i0, u + i0, len);
+    });
+  });
   return gate;
 }
 

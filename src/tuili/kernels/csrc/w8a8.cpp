@@ -12,6 +12,7 @@
 #include "ops.h"
 
 #include <utility>
+#include <vector>
 
 namespace tuili {
 namespace {
@@ -145,6 +146,12 @@ void rows_avx2(const uint8_t* q, int64_t Kp, const int8_t* w, int64_t K, int32_t
   }
 }
 
+// y[n..n+16) = float(acc) · s_x · s_w[n..], in that order (the twin's), rounded to y's dtype.
+template <typename Y>
+TUILI_AVX512 inline void store_scaled(Y* y, __mmask16 mask, __m512i acc, __m512 sx, const float* sw) {
+  store16(y, mask, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), sx), _mm512_maskz_loadu_ps(mask, sw)));
+}
+
 // Rows [m0, m1) of y (M, N) = float(acc) · s_x[m] · s_w[n], in y's dtype.
 template <typename Y>
 TUILI_AVX512 void scale_rows(const int32_t* acc, const float* sx, const float* sw, int64_t m0, int64_t m1, int64_t N,
@@ -153,8 +160,7 @@ TUILI_AVX512 void scale_rows(const int32_t* acc, const float* sx, const float* s
     const __m512 s = _mm512_set1_ps(sx[m]);
     for (int64_t n = 0; n < N; n += 16) {
       const __mmask16 mask = tail16(N - n);
-      const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, acc + m * N + n));
-      store16(y + m * N + n, mask, _mm512_mul_ps(_mm512_mul_ps(a, s), _mm512_maskz_loadu_ps(mask, sw + n)));
+      store_scaled(y + m * N + n, mask, _mm512_maskz_loadu_epi32(mask, acc + m * N + n), s, sw + n);
     }
   }
 }
@@ -323,17 +329,18 @@ TUILI_AMX __attribute__((always_inline)) inline void s8_step(const int8_t* a, in
 }
 
 // TM × TN tiles of y: rows [0, rows) at y (row stride N), outputs from n0, over all k of blocks b0
-// (and b1): full tiles from the packing, then the last partial one from `tail` (zero-padded).
+// (and b1): full tiles from the packing, then the last partial ones from tail0 (and tail1), each
+// zero-padded to a whole tile (none where k fills whole tiles).
 template <int TM, int TN, typename Y>
 TUILI_AMX void s8_block(const int8_t* a, int64_t ld, const int8_t* b0, const int8_t* b1, int64_t full,
-                        const int8_t (*tail)[1024], const float* sx, const float* sw, int64_t rows, int64_t N,
-                        int64_t n0, Y* y) {
+                        const int8_t* tail0, const int8_t* tail1, const float* sx, const float* sw, int64_t rows,
+                        int64_t N, int64_t n0, Y* y) {
   _tile_zero(0);
   if constexpr (TN > 1) _tile_zero(1);
   if constexpr (TM > 1) _tile_zero(2);
   if constexpr (TM > 1 && TN > 1) _tile_zero(3);
   for (int64_t j = 0; j < full; ++j) s8_step<TM, TN>(a + j * 64, ld, b0 + j * 1024, b1 + j * 1024);
-  if (tail != nullptr) s8_step<TM, TN>(a + full * 64, ld, tail[0], tail[1]);
+  if (tail0 != nullptr) s8_step<TM, TN>(a + full * 64, ld, tail0, tail1);
   alignas(64) int32_t c[4][256];
   _tile_stored(0, c[0], 64);
   if constexpr (TN > 1) _tile_stored(1, c[1], 64);
@@ -343,9 +350,7 @@ TUILI_AMX void s8_block(const int8_t* a, int64_t ld, const int8_t* b0, const int
     const __m512 s = _mm512_set1_ps(sx[m]);
     for (int tn = 0; tn < TN && n0 + 16 * tn < N; ++tn) {
       const int64_t n = n0 + 16 * tn;
-      const __mmask16 mask = tail16(N - n);
-      const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(c[(m / 16) * 2 + tn] + (m % 16) * 16));
-      store16(y + m * N + n, mask, _mm512_mul_ps(_mm512_mul_ps(acc, s), _mm512_maskz_loadu_ps(mask, sw + n)));
+      store_scaled(y + m * N + n, tail16(N - n), _mm512_load_si512(c[(m / 16) * 2 + tn] + (m % 16) * 16), s, sw + n);
     }
   }
 }
@@ -357,27 +362,25 @@ void w8a8_amx(const int8_t* q, int64_t ld, int64_t M, const int8_t* wp, int64_t 
   const int64_t full = Kp / 64, left = Kp % 64, pairs = (blocks + 1) / 2;
   const int64_t panel = std::max<int64_t>(1, kPanelBytes / (32 * Kp));
   const int64_t chunk = std::max<int64_t>(32, kChunkBytes / ld / 32 * 32);
+  // each block's last partial tile of k, zero-padded once for the whole call
+  std::vector<int8_t> tails(left ? blocks * 1024 : 0, 0);
+  for (int64_t b = 0; left && b < blocks; ++b) std::memcpy(tails.data() + b * 1024, wp + (b * Kp + full * 64) * 16, left * 16);
   at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
     amx_begin(TileConfig{});
-    alignas(64) int8_t tail[2][1024] = {};
     for (int64_t m0 = 0; m0 < M; m0 += chunk)
-    for (int64_t first = p0; first < p1; first += panel)
-      for (int64_t m = m0; m < std::min(M, m0 + chunk); m += 32)
-        for (int64_t p = first; p < std::min(p1, first + panel); ++p) {
-          const int64_t b = 2 * p, rows = std::min<int64_t>(32, M - m);
-          const int8_t* b0 = wp + b * Kp * 16;
-          const int8_t* b1 = b + 1 < blocks ? b0 + Kp * 16 : b0;
-          if (left)
-            for (int i = 0; i < 2; ++i)
-              std::memcpy(tail[i], (i ? b1 : b0) + full * 1024, left * 16);  // the rest stays zero
-          const auto* t = left ? tail : nullptr;
-          const int8_t* a = q + m * ld;
-          Y* ym = y + m * N;
-          if (rows > 16 && b + 1 < blocks) s8_block<2, 2>(a, ld, b0, b1, full, t, sx + m, sw, rows, N, b * 16, ym);
-          else if (rows > 16) s8_block<2, 1>(a, ld, b0, b1, full, t, sx + m, sw, rows, N, b * 16, ym);
-          else if (b + 1 < blocks) s8_block<1, 2>(a, ld, b0, b1, full, t, sx + m, sw, rows, N, b * 16, ym);
-          else s8_block<1, 1>(a, ld, b0, b1, full, t, sx + m, sw, rows, N, b * 16, ym);
-        }
+      for (int64_t first = p0; first < p1; first += panel)
+        for (int64_t m = m0; m < std::min(M, m0 + chunk); m += 32)
+          for (int64_t p = first; p < std::min(p1, first + panel); ++p) {
+            const int64_t b = 2 * p, b_next = std::min(b + 1, blocks - 1), rows = std::min<int64_t>(32, M - m);
+            const int8_t *b0 = wp + b * Kp * 16, *b1 = wp + b_next * Kp * 16;
+            const int8_t *t0 = left ? tails.data() + b * 1024 : nullptr, *t1 = left ? tails.data() + b_next * 1024 : nullptr;
+            const int8_t* a = q + m * ld;
+            Y* ym = y + m * N;
+            if (rows > 16 && b + 1 < blocks) s8_block<2, 2>(a, ld, b0, b1, full, t0, t1, sx + m, sw, rows, N, b * 16, ym);
+            else if (rows > 16) s8_block<2, 1>(a, ld, b0, b1, full, t0, t1, sx + m, sw, rows, N, b * 16, ym);
+            else if (b + 1 < blocks) s8_block<1, 2>(a, ld, b0, b1, full, t0, t1, sx + m, sw, rows, N, b * 16, ym);
+            else s8_block<1, 1>(a, ld, b0, b1, full, t0, t1, sx + m, sw, rows, N, b * 16, ym);
+          }
     amx_end();
   });
 }
