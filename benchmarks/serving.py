@@ -129,9 +129,16 @@ def prompts(count: int, tokens: int = 100, seed: int = 0) -> list[str]:
 
 
 async def load_level(
-    port: int, model: str, clients: int, requests: int, max_seconds: float, max_tokens: int = 64, seed: int = 0
+    port: int,
+    model: str,
+    clients: int,
+    requests: int,
+    max_seconds: float,
+    max_tokens: int = 64,
+    seed: int = 0,
+    prompt_tokens: int = 100,
 ) -> dict:
-    texts = prompts(requests, seed=seed + clients)
+    texts = prompts(requests, prompt_tokens, seed=seed + clients)
     queue = list(range(requests))
     results: list[Result] = []
     deadline = time.perf_counter() + max_seconds
@@ -158,6 +165,7 @@ async def load_level(
     gaps = sorted(g for r in good for g in r.gaps)
     return {
         "clients": clients,
+        "prompt_tokens": prompt_tokens,
         "requests": len(results),
         "errors": len(results) - len(good),
         "tok_s": sum(r.tokens for r in good) / wall,
@@ -283,8 +291,9 @@ def soak_run(server: Running, requests: int) -> dict:
     }
 
 
-def tuili_spec(name: str, model: str, threads: int) -> ServerSpec:
-    """`model` is a spec for `tuili serve --model`, optionally with @DTYPE (default@bfloat16)."""
+def tuili_spec(name: str, model: str, threads: int, extra: list[str]) -> ServerSpec:
+    """`model` is a spec for `tuili serve --model`, optionally with @DTYPE (default@bfloat16);
+    `extra`: more `tuili serve` options."""
     model, _, dtype = model.partition("@")
     return ServerSpec(
         name,
@@ -305,6 +314,7 @@ def tuili_spec(name: str, model: str, threads: int) -> ServerSpec:
             "m",
             "--log-level",
             "warning",
+            *extra,
         ],
         "m",
         ready_path="/ready",
@@ -326,6 +336,8 @@ def main() -> None:
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary")
     parser.add_argument("--gguf", help="the GGUF llama-server serves (default: the default model's)")
     parser.add_argument("--levels", type=int, nargs="*", default=list(LEVELS))
+    parser.add_argument("--prompt-tokens", type=int, nargs="*", default=[100], help="prompt lengths, each a table")
+    parser.add_argument("--tuili-args", default="", help="more `tuili serve` options, as one string")
     parser.add_argument("--soak", type=int, default=1000, help="requests in tuili's memory soak (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=8300, help="the first server's port; the next ones follow")
@@ -339,7 +351,7 @@ def main() -> None:
     soak_on = args.soak_on or args.tuili[-1].partition("=")[0]
     for entry in args.tuili:
         name, _, spec = entry.partition("=")
-        specs.append((tuili_spec(f"tuili {name}", spec, args.threads), name == soak_on))
+        specs.append((tuili_spec(f"tuili {name}", spec, args.threads, args.tuili_args.split()), name == soak_on))
     if args.vllm:
         if not args.hf_folder:
             parser.error("--vllm needs --hf-folder")
@@ -412,18 +424,25 @@ def main() -> None:
             except RuntimeError as e:
                 print(f"  {spec.name} failed: {e} (log in {work})", file=sys.stderr)
         rows: dict[str, list[dict]] = {server.spec.name: [] for server, _ in running}
-        for clients in args.levels:
+        for length, clients in ((length, clients) for length in args.prompt_tokens for clients in args.levels):
             per_round: dict[str, list[dict]] = {name: [] for name in rows}
             for round_ in range(args.rounds):
                 for server, _ in running:  # fresh prompts every round: no server reuses a cached prefix
                     row = asyncio.run(
                         load_level(
-                            server.port, server.spec.model, clients, max(8, 2 * clients), 120, seed=1000 * round_
+                            server.port,
+                            server.spec.model,
+                            clients,
+                            max(8, 2 * clients),
+                            120,
+                            seed=1000 * round_ + length,
+                            prompt_tokens=length,
                         )
                     )
                     per_round[server.spec.name].append(row)
                     print(
-                        f"  {server.spec.name} @ {clients}: {row['tok_s']:.1f} tok/s, errors {row['errors']}",
+                        f"  {server.spec.name} @ {clients} × {length}: {row['tok_s']:.1f} tok/s, "
+                        f"errors {row['errors']}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -446,8 +465,9 @@ def _default_gguf() -> str:
 
 
 def _print(results: dict, args) -> None:
+    lengths = " and ".join(f"~{n}" for n in args.prompt_tokens)
     print(
-        f"\n## Serving: streaming /v1/completions, ~100-token prompts, 64 new tokens "
+        f"\n## Serving: streaming /v1/completions, {lengths}-token prompts, 64 new tokens "
         f"({time.strftime('%Y-%m-%d')}, {args.threads} threads)\n"
     )
     print(
@@ -455,22 +475,25 @@ def _print(results: dict, args) -> None:
         "all rounds.\n"
     )
     print(
-        "| server | clients | requests | errors | output tok/s | rounds | req/s | TTFT p50 ms | TTFT p99 ms "
-        "| ITL p50 ms | ITL p99 ms |"
+        "| server | prompt | clients | requests | errors | output tok/s | rounds | req/s | TTFT p50 ms "
+        "| TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
     )
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for name, result in results.items():
         for r in result["rows"]:
             rounds = " ".join(f"{t:.0f}" for t in r["rounds"])
             print(
-                f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['tok_s']:.1f} | {rounds} "
-                f"| {r['req_s']:.2f} "
+                f"| {name} | {r['prompt_tokens']} | {r['clients']} | {r['requests']} | {r['errors']} "
+                f"| {r['tok_s']:.1f} | {rounds} | {r['req_s']:.2f} "
                 f"| {1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.1f} "
                 f"| {1000 * r['itl_p99']:.1f} |"
             )
-    print("\n| server | output tok/s at " + " / ".join(map(str, args.levels)) + " clients |\n|---|---|")
-    for name, result in results.items():
-        print(f"| {name} | " + " / ".join(f"{r['tok_s']:.0f}" for r in result["rows"]) + " |")
+    for length in args.prompt_tokens:
+        levels = " / ".join(map(str, args.levels))
+        print(f"\n| server, ~{length}-token prompts | output tok/s at {levels} clients |\n|---|---|")
+        for name, result in results.items():
+            cells = [r for r in result["rows"] if r["prompt_tokens"] == length]
+            print(f"| {name} | " + " / ".join(f"{r['tok_s']:.0f}" for r in cells) + " |")
     for name, result in results.items():
         m = result["memory"]
         if m:

@@ -68,3 +68,8 @@ def test_metrics_count_requests_tokens_and_latencies(base):
         "tuili_prefix_cache_queries_total",
     ):
         assert gauge in after
+    # the scheduling policy a client's latency depends on, and what the pacer has measured
+    assert after["tuili_scheduler_max_num_seqs"] >= 1 and after["tuili_scheduler_max_num_batched_tokens"] >= 1
+    assert after["tuili_scheduler_target_itl"] == pytest.approx(0.05)
+    assert after["tuili_scheduler_decode_step_seconds"] > 0  # 6 decode-only steps were timed
+    assert 1 <= after["tuili_scheduler_prefill_budget"] <= after["tuili_scheduler_max_num_batched_tokens"]

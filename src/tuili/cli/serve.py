@@ -8,6 +8,7 @@ from tuili.cli.common import (
     load_model,
     model_args,
 )
+from tuili.engine.pacing import DEFAULT_TARGET_ITL
 
 
 def add_parser(sub) -> None:
@@ -28,6 +29,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding together")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument(
+        "--target-itl-ms",
+        type=float,
+        default=DEFAULT_TARGET_ITL * 1000,
+        help="the latency/throughput knob: milliseconds a step should take while requests decode; prompt "
+        "chunks beside the decodes are sized to keep within it (0: no pacing, full steps, throughput first)",
+    )
     p.add_argument("--kv-cache-gb", type=float, help="KV-cache memory (default: 2,048 tokens per sequence)")
     p.add_argument(
         "--kv-cache-dtype",
@@ -66,6 +74,8 @@ def _serve(args) -> int:
     ):
         if value < (0 if name == "--port" else 1):
             raise ValueError(f"{name} must be positive, got {value}")
+    if not args.target_itl_ms >= 0:
+        raise ValueError(f"--target-itl-ms must be 0 (no pacing) or a number of milliseconds, got {args.target_itl_ms}")
     if not args.request_timeout >= 0:
         raise ValueError(f"--request-timeout must be 0 (no limit) or a number of seconds, got {args.request_timeout}")
     config = ServerConfig(
@@ -84,6 +94,7 @@ def _serve(args) -> int:
         config,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        target_itl=args.target_itl_ms / 1000 or None,
         kv_cache_bytes=kv_bytes,
         kv_cache_dtype=args.kv_cache_dtype,
         threads=args.threads,

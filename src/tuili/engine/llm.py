@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tuili.engine.blocks import BlockTable
 from tuili.engine.detokenize import OutputText
+from tuili.engine.pacing import DEFAULT_TARGET_ITL, StepPacer
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput
 from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
@@ -55,7 +56,10 @@ class LLMEngine:
     """Continuous batching over a paged KV cache for one model.
 
     max_num_seqs: requests decoding together; max_num_batched_tokens: tokens per step (prefill
-    chunks and decodes together); kv_cache_bytes: the cache's memory (default: 2,048 tokens per
+    chunks and decodes together); target_itl: seconds a step should take while requests decode
+    (the latency/throughput knob: prompt chunks beside decodes are sized from measured step times
+    to keep within it, see tuili.engine.pacing; None: every step takes max_num_batched_tokens,
+    throughput first); kv_cache_bytes: the cache's memory (default: 2,048 tokens per
     sequence, or one full context if larger, at most 4 GiB); kv_cache_dtype: what the cache stores,
     "float32", "bfloat16" or "int8" (default "auto": the model's own choice, set by
     tuili.quant.quantize_kv_cache_, else its dtype); threads: torch's intra-op threads;
@@ -77,6 +81,7 @@ class LLMEngine:
         *,
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
+        target_itl: float | None = DEFAULT_TARGET_ITL,
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
         kv_cache_dtype: str | None = None,
@@ -101,7 +106,9 @@ class LLMEngine:
             tokens = max(context, max_num_seqs * min(context, DEFAULT_KV_TOKENS_PER_SEQ))
             kv_cache_bytes = min(MAX_DEFAULT_KV_BYTES, tokens * per_token)
         self.cache = PagedKVCache.from_budget(config, kv_cache_bytes, block_size, kv_dtype)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching)
+        self.scheduler = Scheduler(
+            self.cache, max_num_seqs, max_num_batched_tokens, prefix_caching, StepPacer(target_itl)
+        )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.compute_dtype = engine_compute_dtype(dtype, bf16_activations)
@@ -201,6 +208,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        start = time.perf_counter()
         with self.no_grad(), kernels.fallback(not self.kernels):
             self.cache.copy_blocks(self.scheduler.take_copies())
             logits = self._forward(chunks)
@@ -208,7 +216,10 @@ class LLMEngine:
             for chunk in chunks:
                 self.scheduler.computed(chunk)
             greedy = self._greedy_tokens(sampling, logits)
-            return [self._advance(request, logits[i : i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
+            outputs = [self._advance(request, logits[i : i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
+        decodes = sum(1 for c in chunks if c.length == 1)
+        self.scheduler.pacer.observe(decodes, sum(c.length for c in chunks) - decodes, time.perf_counter() - start)
+        return outputs
 
     def _forward(self, chunks: list[Chunk]) -> Tensor:
         ids: list[int] = []
@@ -285,11 +296,20 @@ class LLMEngine:
         return RequestOutput.of(request, delta, new_tokens)
 
     def stats(self) -> dict[str, float]:
-        """Gauges and counters for metrics: queue lengths, KV use (blocks requests hold; blocks only
-        the prefix cache holds are counted apart), prefix-cache hits, preemptions."""
-        allocator, prefix = self.cache.allocator, self.scheduler.prefix
+        """Gauges and counters for metrics: the scheduling policy and what the pacer has measured,
+        queue lengths, KV use (blocks requests hold; blocks only the prefix cache holds are counted
+        apart), prefix-cache hits, preemptions."""
+        allocator, prefix, scheduler = self.cache.allocator, self.scheduler.prefix, self.scheduler
         cached = prefix.num_evictable() if prefix else 0  # reusable, but free for the taking
+        pacer = scheduler.pacer
+        decodes = min(len(scheduler.running), scheduler.max_num_seqs)
         return {
+            "max_num_seqs": scheduler.max_num_seqs,
+            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+            "target_itl": pacer.target_itl or 0.0,
+            "prefill_budget": pacer.prefill_budget(decodes, scheduler.max_num_batched_tokens - decodes),
+            "decode_step_seconds": pacer.decode_time or 0.0,
+            "prefill_token_seconds": pacer.token_time or 0.0,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "kv_blocks_total": allocator.num_blocks,

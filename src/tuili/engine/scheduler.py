@@ -1,14 +1,16 @@
 """Iteration-level (continuous) batching: which tokens of which requests the next step computes.
 
-Every step has a token budget. Running requests come first, in the order they were admitted:
-each gets its pending tokens (one when decoding; the rest of its prompt, up to the budget, when
-prefilling, so a long prompt is split into chunks across steps while the others keep decoding).
-Then waiting requests are admitted first-come first-served while the budget, the sequence limit
-and the KV blocks allow; a new request first takes what the prefix cache holds of its prompt.
+Every step has a token budget. Decoding requests come first, one token each, in the order they
+were admitted; then the requests still prefilling get the rest of their prompts, chunked to the
+prefill budget the pacer allows beside those decodes (tuili.engine.pacing: a long prompt is split
+across steps so that the decoding streams keep their pace). Then waiting requests are admitted
+first-come first-served while that budget, the sequence limit and the KV blocks allow; a new
+request first takes what the prefix cache holds of its prompt.
 When a running request needs a block and none is free, unreferenced prefix-cache blocks are
-evicted; if that is not enough, the most recently admitted request is preempted: its blocks are
-freed and it goes back to the front of the queue with its tokens so far, to be recomputed (vLLM's
-recompute preemption). Nothing is lost: a preempted request resumes where it stopped.
+evicted; if that is not enough, the last request in that order (one still prefilling, else the
+most recently admitted) is preempted: its blocks are freed and it goes back to the front of the
+queue with its tokens so far, to be recomputed (vLLM's recompute preemption). Nothing is lost: a
+preempted request resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from tuili.engine.blocks import NoFreeBlocks
+from tuili.engine.pacing import StepPacer
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.prefix import PrefixCache
 from tuili.engine.request import Request, Status
@@ -44,11 +47,13 @@ class Scheduler:
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
         prefix_caching: bool = True,
+        pacer: StepPacer | None = None,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.cache = cache
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.pacer = pacer if pacer is not None else StepPacer(target_itl=None)
         self.prefix = PrefixCache(cache.allocator, cache.block_size) if prefix_caching else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -62,25 +67,34 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Chunk]:
-        """The next step's chunks, one-token chunks (decodes) first."""
+        """The next step's chunks: one-token chunks (decodes) first, then paced prefill chunks."""
+        # decoding requests first (a stable partition: admission order within each kind), so a
+        # prompt being prefilled never takes the budget of a stream that waits for its next token
+        self.running.sort(key=lambda r: r.num_pending != 1)
+        decodes = sum(1 for r in self.running if r.num_pending == 1)
         budget, chunks, preemptions = self.max_num_batched_tokens, [], self.num_preemptions
+        prefill = self.pacer.prefill_budget(min(decodes, budget), budget - min(decodes, budget))
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_pending, budget)
+            n = 1 if request.num_pending == 1 else min(request.num_pending, budget, prefill)
+            if n < 1:
+                break  # prefill's share of this step is spent
             if not self._make_room(request, request.num_computed + n):
                 break  # it was the last one left to preempt
             chunks.append(Chunk(request, request.num_computed, n))
             budget -= n
+            if request.num_pending > 1:
+                prefill -= n
             i += 1
         preempted = self.num_preemptions > preemptions
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while self.waiting and min(budget, prefill) > 0 and len(self.running) < self.max_num_seqs and not preempted:
             request = self.waiting[0]
             if request.table is None:
                 request.table = self.prefix.match(request.all_ids) if self.prefix else self.cache.new_sequence()
                 request.num_computed = request.table.num_tokens
                 request.num_cached = max(request.num_cached, min(request.num_computed, len(request.prompt_ids)))
-            n = min(request.num_pending, budget)
+            n = min(request.num_pending, budget, prefill)
             if not self._grow(request, request.num_computed + n):
                 break
             self.waiting.popleft()
@@ -90,6 +104,7 @@ class Scheduler:
             self.running.append(request)
             chunks.append(Chunk(request, request.num_computed, n))
             budget -= n
+            prefill -= n
         return sorted(chunks, key=lambda c: c.length != 1)  # stable: decodes first, in order
 
     def computed(self, chunk: Chunk) -> None:

@@ -48,6 +48,16 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         s = self.stats()
+        policy = (
+            ("max_num_seqs", "Requests the engine runs at once; the rest wait in the queue"),
+            ("max_num_batched_tokens", "Tokens one engine step may carry"),
+            ("target_itl", "Seconds a step with decodes should take (0: no pacing, throughput first)"),
+            ("prefill_budget", "Prompt tokens the next step may carry beside the running decodes"),
+            ("decode_step_seconds", "Measured seconds of a decode-only step (recent steps weighted most)"),
+            ("prefill_token_seconds", "Measured seconds one prompt token adds to a step"),
+        )
+        for key, help_text in policy:
+            yield GaugeMetricFamily(f"tuili_scheduler_{key}", help_text, value=s[key])
         yield GaugeMetricFamily("tuili_num_requests_running", "Requests in the running batch", value=s["running"])
         yield GaugeMetricFamily("tuili_num_requests_waiting", "Requests waiting to be scheduled", value=s["waiting"])
         yield GaugeMetricFamily(
