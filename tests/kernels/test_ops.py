@@ -323,6 +323,18 @@ def test_w8a8_gemm_path_equals_the_twin_bit_for_bit(m, n, k, dtype, static):
 
 
 @needs_kernels
+def test_int8_products_in_float64_are_torch_int_mm_exactly():
+    """Where PyTorch's int8 GEMM has no VNNI to run on, the W8A8 twin sums the same integers in a
+    float64 GEMM, a slice of output features at a time; saturated codes make the largest sums."""
+    g = torch.Generator().manual_seed(3)
+    qx = torch.randint(-127, 128, (37, 2100), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (11, 2100), generator=g, dtype=torch.int8)
+    qx[0], w[0] = 127, -127  # |sum| = 2100 · 127², beyond float32's exact integers
+    exact = torch._int_mm(qx, w.t())
+    assert torch.equal(ops._int_products_f64(qx, w, rows=4), exact.double())
+    assert torch.equal(ops._int_products_f64(qx, w).float(), exact.float())
+
+
 def test_w8a8_kernel_takes_bf16_and_zero_rows():
     x, w, sw = random_w8a8(4, 32, 128)
     x[1] = 0
@@ -440,7 +452,7 @@ from tuili.kernels.build import extension
 from tests.kernels.test_ops import random_w4, random_w8a8
 ext = extension()
 assert ext.isa() == "avx2", ext.isa()
-for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100)]:
+for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100), (35, 50, 256, 32)]:  # 4+ rows: panels
     w, scale, zs = random_w4(n, k, gs, m % 2 == 1)
     x = torch.randn(m, k)
     torch.testing.assert_close(ext.w4_linear(x, w, scale, zs, gs, m % 2 == 1),

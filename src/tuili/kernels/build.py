@@ -32,7 +32,8 @@ NAME = "tuili_kernels"
 CFLAGS, LDFLAGS = ["-O3", "-fopenmp", "-std=c++17"], ["-fopenmp"]
 
 
-def _cpu_id() -> str:
+def cpu_id() -> str:
+    """The CPU's model name and feature flags (from /proc/cpuinfo), else the platform's processor name."""
     flags = ""
     if Path("/proc/cpuinfo").is_file():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -42,7 +43,7 @@ def _cpu_id() -> str:
 
 
 def _has_avx2() -> bool:
-    return "avx2" in _cpu_id() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return "avx2" in cpu_id() or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def cache_dir() -> Path:
@@ -50,7 +51,7 @@ def cache_dir() -> Path:
     key = hashlib.sha256()
     for src in sorted(CSRC.glob("*.[ch]*")):
         key.update(src.read_bytes())
-    for part in (torch.__version__, sys.version, _cpu_id(), str(CSRC.resolve()), sys.prefix):
+    for part in (torch.__version__, sys.version, cpu_id(), str(CSRC.resolve()), sys.prefix):
         key.update(part.encode() + b"\0")
     root = Path(os.environ.get("TUILI_CACHE", Path.home() / ".cache" / "tuili"))
     return root / "kernels" / key.hexdigest()[:16]

@@ -17,7 +17,7 @@
 // (TUILI_ISA=avx2 forces them), a plain loop the compiler vectorizes. Products and differences are
 // never fused into an FMA, so every path gives PyTorch's values bit for bit.
 #pragma GCC optimize("fp-contract=off")
-#include "common.h"
+#include "ops.h"
 
 namespace tuili {
 namespace {
@@ -54,6 +54,43 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void w4_vector(c
       }
     }
   }
+}
+
+// The same W4 rows in fp32 with AVX2 (the compiler's vectorization of w4_rows runs ~1 ns a code).
+__attribute__((target("avx2,fma"))) void w4_vector_avx2(const uint8_t* w, const float* scale, const float* zs,
+                                                       float* out, int64_t n0, int64_t n1, int64_t K, int64_t G,
+                                                       int64_t group, bool flip) {
+  const __m128i low = _mm_set1_epi8(0x0F), x = _mm_set1_epi8(flip ? 8 : 0);
+  const int64_t step = std::min(group, K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* src = w + n * (K / 2);
+    for (int64_t k0 = 0, g = n * G; k0 < K; k0 += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k0 / 2));
+      const __m128i lo = _mm_xor_si128(_mm_and_si128(b, low), x);
+      const __m128i hi = _mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), low), x);
+      if (k0 >= (g - n * G + 1) * step) ++g;  // the next group (a multiple of 32 codes): no division a step
+      const __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zs[g]);
+      float* o = out + n * K + k0;
+      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+      for (int i = 0; i < 4; ++i)
+        _mm256_storeu_ps(o + 8 * i,
+                         _mm256_sub_ps(_mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]))), z));
+    }
+  }
+}
+
+// The same W8 rows in fp32 with AVX2, 8 codes a step (K a multiple of 8; group_size too, or >= K).
+__attribute__((target("avx2,fma"))) void w8_vector_avx2(const int8_t* w, const float* scale, float* out, int64_t n0,
+                                                       int64_t n1, int64_t K, int64_t G, int64_t group) {
+  const int64_t step = std::min(group, K);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = 0; g < G; ++g) {  // a group at a time: no division a step
+      const __m256 s = _mm256_set1_ps(scale[n * G + g]);
+      for (int64_t k0 = g * step; k0 < std::min(K, (g + 1) * step); k0 += 8) {
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + n * K + k0));
+        _mm256_storeu_ps(out + n * K + k0, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
+      }
+    }
 }
 
 // W8 rows with group_size a multiple of 16 and K a multiple of 16: 16 codes a step.
@@ -265,6 +302,30 @@ void check_scales(const torch::Tensor& scale, int64_t N, int64_t K, int64_t grou
 
 }  // namespace
 
+void dequant_w4_rows(const uint8_t* w, const float* scale, const float* zs, float* out, int64_t n0, int64_t n1,
+                     int64_t K, int64_t G, int64_t group, bool flip) {
+  const int64_t bytes = (K + 31) / 32 * 16;
+  const uint8_t* wn = w + n0 * bytes;
+  const float *sn = scale + n0 * G, *zn = zs + n0 * G;
+  if (K % 32 == 0 && (group % 32 == 0 || group >= K))
+    use_avx512() ? w4_vector<false>(wn, sn, zn, out, 0, n1 - n0, K, G, group, flip)
+                 : w4_vector_avx2(wn, sn, zn, out, 0, n1 - n0, K, G, group, flip);
+  else if (use_avx512())
+    w4_avx512(wn, sn, zn, out, 0, n1 - n0, K, G, group, flip);
+  else
+    w4_avx2(wn, sn, zn, out, 0, n1 - n0, K, G, group, flip);
+}
+
+void dequant_w8_rows(const int8_t* w, const float* scale, float* out, int64_t n0, int64_t n1, int64_t K, int64_t G,
+                     int64_t group) {
+  if (!use_avx512() && K % 8 == 0 && (group % 8 == 0 || group >= K))
+    w8_vector_avx2(w + n0 * K, scale + n0 * G, out, 0, n1 - n0, K, G, group);
+  else if (use_avx512())
+    w8_avx512(w + n0 * K, scale + n0 * G, out, 0, n1 - n0, K, G, group);
+  else
+    w8_avx2(w + n0 * K, scale + n0 * G, out, 0, n1 - n0, K, G, group);
+}
+
 namespace {
 // The output: `out` where given (a caller's reused workspace: fresh pages cost more than the pass), else new.
 torch::Tensor output(const c10::optional<torch::Tensor>& out, int64_t N, int64_t K, bool bf16) {
@@ -298,6 +359,8 @@ torch::Tensor dequantize_w4(torch::Tensor w, torch::Tensor scale, torch::Tensor 
       auto* o = out.data_ptr<at::BFloat16>();
       wide ? w4_avx512(wp, sp, zp, o, n0, n1, K, G, group_size, flip)
            : w4_avx2(wp, sp, zp, o, n0, n1, K, G, group_size, flip);
+    } else if (!wide && K % 32 == 0 && (group_size % 32 == 0 || group_size >= K)) {
+      w4_vector_avx2(wp, sp, zp, out.data_ptr<float>(), n0, n1, K, G, group_size, flip);
     } else {
       auto* o = out.data_ptr<float>();
       wide ? w4_avx512(wp, sp, zp, o, n0, n1, K, G, group_size, flip)
@@ -324,6 +387,8 @@ torch::Tensor dequantize_w8(torch::Tensor w, torch::Tensor scale, int64_t group_
     } else if (bf16) {
       auto* o = out.data_ptr<at::BFloat16>();
       wide ? w8_avx512(wp, sp, o, n0, n1, K, G, group_size) : w8_avx2(wp, sp, o, n0, n1, K, G, group_size);
+    } else if (!wide && K % 8 == 0 && (group_size % 8 == 0 || group_size >= K)) {
+      w8_vector_avx2(wp, sp, out.data_ptr<float>(), n0, n1, K, G, group_size);
     } else {
       auto* o = out.data_ptr<float>();
       wide ? w8_avx512(wp, sp, o, n0, n1, K, G, group_size) : w8_avx2(wp, sp, o, n0, n1, K, G, group_size);

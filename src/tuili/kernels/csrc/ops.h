@@ -39,6 +39,12 @@ torch::Tensor dequantize_w8(torch::Tensor w, torch::Tensor scale, int64_t group_
                             c10::optional<torch::Tensor> out);
 torch::Tensor dequantize_nmajor(torch::Tensor packed, torch::Tensor scale, c10::optional<torch::Tensor> zs, int64_t N,
                                 int64_t K, int64_t group_size, bool bf16, c10::optional<torch::Tensor> out);
+// Rows [n0, n1) of a W4 or W8 weight (the layouts of dequantize_w4 / dequantize_w8) as fp32 into out
+// ((n1 − n0) × K): dequant.cpp's pass, for the panels of qgemv.cpp's batched AVX2 kernel.
+void dequant_w4_rows(const uint8_t* w, const float* scale, const float* zs, float* out, int64_t n0, int64_t n1,
+                     int64_t K, int64_t G, int64_t group, bool flip);
+void dequant_w8_rows(const int8_t* w, const float* scale, float* out, int64_t n0, int64_t n1, int64_t K, int64_t G,
+                     int64_t group);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor silu_mul_(torch::Tensor gate, torch::Tensor up);
