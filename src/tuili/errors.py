@@ -16,3 +16,8 @@ class DataError(TuiliError, ValueError):
 class RequestFailed(TuiliError, RuntimeError):
     """One generation request failed in its own work (sampling, detokenizing); the engine and the
     other requests went on. The message says what failed."""
+
+
+class QueueTimeout(RequestFailed):
+    """A request waited longer than the engine's `max_queue_time` without starting: the engine is
+    overloaded. Nothing of it ran; retrying later (or on another replica) is safe."""

@@ -1,6 +1,8 @@
 """Stall-free batching: prompt chunks beside decodes are sized from measured step times, decoding
 streams get a token every step while a long prompt is prefilled, and the tokens stay exact."""
 
+import time
+
 import pytest
 from helpers import random_tiny
 
@@ -60,3 +62,35 @@ def test_paced_and_unpaced_engines_give_the_same_tokens():
     paced = LLM(model, block_size=4)
     paced.engine.scheduler.pacer = StepPacer(target_itl=1e-9, min_prefill_tokens=3)
     assert [o.token_ids for o in paced.generate(prompts, GREEDY)] == [o.token_ids for o in free]
+
+
+def test_a_request_that_cannot_start_in_time_ends_unstarted():
+    model = random_tiny("llama-gqa")
+    engine = LLMEngine(model, block_size=4, max_num_seqs=1, max_queue_time=0.05)
+    engine.add_request([1, 2, 3], GREEDY)
+    engine.add_request([4, 5, 6], GREEDY)  # no place: the batch holds one sequence
+    engine.step()
+    time.sleep(0.1)
+    outs = {o.request_id: o for o in engine.step()}
+    late = outs["req-1"]
+    assert late.finished and late.finish_reason == "queue_timeout" and late.token_ids == []
+    assert "overloaded" in late.error and late.scheduled_time is None
+    assert not outs["req-0"].finished  # the running one goes on
+    assert engine.stats()["waiting"] == 0 and engine.stats()["max_queue_time"] == 0.05
+
+
+def test_a_started_request_is_never_expired_by_the_queue_limit():
+    model = random_tiny("llama-gqa")
+    engine = LLMEngine(model, block_size=4, max_queue_time=0.01)
+    engine.add_request([1, 2, 3], GREEDY)
+    engine.step()
+    time.sleep(0.05)
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.finish_reason in (None, "length")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0])
+def test_a_queue_limit_that_cannot_work_is_refused(bad):
+    with pytest.raises(ValueError, match="max_queue_time"):
+        LLMEngine(random_tiny("llama-gqa"), max_queue_time=bad)

@@ -139,12 +139,10 @@ def test_bf16_kernels_refuse_weights_packed_for_another_shape():
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize("n, k", [(96, 576), (7, 577), (33, 100), (1536, 64), (5, 15)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_gemv_matches_f_linear(m, n, k, bias):
-    if not ext.isa().startswith("avx512"):
-        pytest.skip("the fp32 GEMV is AVX-512 only (elsewhere kernels.linear is F.linear)")
     g = torch.Generator().manual_seed(2)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
@@ -461,6 +459,8 @@ for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100), (35, 
     s8 = torch.rand(n, -(-k // gs)) * 0.01
     expected = ops.w8_linear_reference(x, w8, s8, gs)
     torch.testing.assert_close(ext.w8_linear(x, w8, s8, gs), expected, atol=1e-3, rtol=1e-4)
+    wf, b = w8.float(), s8[:, 0]
+    torch.testing.assert_close(ext.f32_linear(x, wf, b), torch.nn.functional.linear(x, wf, b), atol=1e-3, rtol=1e-4)
     x, w, sw = random_w8a8(m, n, k)
     assert torch.equal(ext.w8a8_linear(x, w, sw, None), ops.w8a8_linear_reference(x, w, sw))
     if gs % 32 == 0:

@@ -2,11 +2,12 @@
 serving; limits, API keys and a full queue answer with their own status codes."""
 
 import asyncio
+import json
 import time
 
 import httpx
 import pytest
-from live import MODEL, live_server
+from live import MODEL, live_server, metric
 
 from tuili.server import ServerConfig
 
@@ -167,6 +168,31 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model):
         assert refused.headers["retry-after"] == "1"
         assert done.status_code == 200 and len(done.json()["choices"]) == 3
         assert server.in_flight == 0
+        still_serving(base)
+
+
+def test_a_request_that_cannot_start_in_time_gets_503_and_is_counted(tiny_model):
+    long = {**GOOD, "max_tokens": 240, "ignore_eos": True}
+
+    async def main(base, server):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            running = asyncio.create_task(client.post("/v1/completions", json=long))
+            while server.in_flight < 1:
+                await asyncio.sleep(0.001)
+            late = await client.post("/v1/completions", json=GOOD)  # the one place is taken
+            async with client.stream("POST", "/v1/completions", json={**GOOD, "stream": True}) as r:
+                events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            return late, events, await running
+
+    with live_server(tiny_model, max_num_seqs=1, max_queue_time=0.05) as (base, server):
+        late, events, done = asyncio.run(main(base, server))
+        assert_error(late, 503, "overloaded")
+        assert late.headers["retry-after"] == "1"
+        error = json.loads(events[-1][6:])["error"]  # a stream has started: the refusal is its last event
+        assert "overloaded" in error["message"]
+        assert done.status_code == 200
+        assert metric(base, "tuili_request_queue_timeouts_total") == 2
+        assert metric(base, "tuili_scheduler_max_queue_time") == 0.05
         still_serving(base)
 
 

@@ -36,6 +36,13 @@ def add_parser(sub) -> None:
         help="the latency/throughput knob: milliseconds a step should take while requests decode; prompt "
         "chunks beside the decodes are sized to keep within it (0: no pacing, full steps, throughput first)",
     )
+    p.add_argument(
+        "--max-queue-seconds",
+        type=float,
+        default=0.0,
+        help="seconds a request may wait for a place in the running batch; past it, 503 with Retry-After, so "
+        "time to first token stays bounded under overload (0: no limit)",
+    )
     p.add_argument("--kv-cache-gb", type=float, help="KV-cache memory (default: 2,048 tokens per sequence)")
     p.add_argument(
         "--kv-cache-dtype",
@@ -74,10 +81,13 @@ def _serve(args) -> int:
     ):
         if value < (0 if name == "--port" else 1):
             raise ValueError(f"{name} must be positive, got {value}")
-    if not args.target_itl_ms >= 0:
-        raise ValueError(f"--target-itl-ms must be 0 (no pacing) or a number of milliseconds, got {args.target_itl_ms}")
-    if not args.request_timeout >= 0:
-        raise ValueError(f"--request-timeout must be 0 (no limit) or a number of seconds, got {args.request_timeout}")
+    for name, value, zero in (
+        ("--target-itl-ms", args.target_itl_ms, "0 (no pacing) or a number of milliseconds"),
+        ("--max-queue-seconds", args.max_queue_seconds, "0 (no limit) or a number of seconds"),
+        ("--request-timeout", args.request_timeout, "0 (no limit) or a number of seconds"),
+    ):
+        if not value >= 0:  # NaN too
+            raise ValueError(f"{name} must be {zero}, got {value}")
     config = ServerConfig(
         model_names=tuple(args.served_model_name) or (args.model,),
         api_key=args.api_key or None,
@@ -95,6 +105,7 @@ def _serve(args) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         target_itl=args.target_itl_ms / 1000 or None,
+        max_queue_time=args.max_queue_seconds or None,
         kv_cache_bytes=kv_bytes,
         kv_cache_dtype=args.kv_cache_dtype,
         threads=args.threads,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from tuili.engine.llm import LLMEngine, Prompt
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams
-from tuili.errors import RequestFailed
+from tuili.errors import QueueTimeout, RequestFailed
 from tuili.models.model import Model
 
 T = TypeVar("T")
@@ -87,6 +87,8 @@ class AsyncLLM:
                     raise RuntimeError(f"the engine failed: {out}") from out
                 if out.error is not None:
                     finished = True  # the engine has dropped it: nothing to abort
+                    if out.finish_reason == "queue_timeout":
+                        raise QueueTimeout(out.error)
                     raise RequestFailed(f"this request failed (the others go on): {out.error}")
                 finished = out.finished
                 yield out

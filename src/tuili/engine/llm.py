@@ -59,7 +59,10 @@ class LLMEngine:
     chunks and decodes together); target_itl: seconds a step should take while requests decode
     (the latency/throughput knob: prompt chunks beside decodes are sized from measured step times
     to keep within it, see tuili.engine.pacing; None: every step takes max_num_batched_tokens,
-    throughput first); kv_cache_bytes: the cache's memory (default: 2,048 tokens per
+    throughput first); max_queue_time: seconds a request may wait for a place in the running batch;
+    past it, it ends unstarted with finish_reason "queue_timeout" (the server answers 503), so that
+    under overload time to first token stays bounded (None: it waits as long as it takes);
+    kv_cache_bytes: the cache's memory (default: 2,048 tokens per
     sequence, or one full context if larger, at most 4 GiB); kv_cache_dtype: what the cache stores,
     "float32", "bfloat16" or "int8" (default "auto": the model's own choice, set by
     tuili.quant.quantize_kv_cache_, else its dtype); threads: torch's intra-op threads;
@@ -82,6 +85,7 @@ class LLMEngine:
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
         target_itl: float | None = DEFAULT_TARGET_ITL,
+        max_queue_time: float | None = None,
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
         kv_cache_dtype: str | None = None,
@@ -91,6 +95,9 @@ class LLMEngine:
         fast_decode: bool = True,
         kernels: bool = True,
     ):
+        if max_queue_time is not None and not max_queue_time > 0:
+            raise ValueError(f"max_queue_time must be a positive number of seconds (or None), got {max_queue_time}")
+        self.max_queue_time = max_queue_time
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be at least 1, got {threads}")
@@ -205,9 +212,10 @@ class LLMEngine:
         the batched forward, the KV cache's blocks) may have left shared state half-written: it is raised
         from here, and whoever runs the engine stops it (`tuili serve` then exits non-zero).
         """
+        late = self._expire_queued()
         chunks = self.scheduler.schedule()
         if not chunks:
-            return []
+            return late
         start = time.perf_counter()
         with self.no_grad(), kernels.fallback(not self.kernels):
             self.cache.copy_blocks(self.scheduler.take_copies())
@@ -219,7 +227,20 @@ class LLMEngine:
             outputs = [self._advance(request, logits[i : i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
         decodes = sum(1 for c in chunks if c.length == 1)
         self.scheduler.pacer.observe(decodes, sum(c.length for c in chunks) - decodes, time.perf_counter() - start)
-        return outputs
+        return late + outputs
+
+    def _expire_queued(self) -> list[RequestOutput]:
+        """End the requests that have waited past max_queue_time without ever starting."""
+        if self.max_queue_time is None:
+            return []
+        now = time.perf_counter()
+        late = [r for r in self.scheduler.waiting if r.scheduled_time is None and now - r.arrival > self.max_queue_time]
+        for request in late:
+            request.error = (
+                f"the request waited {now - request.arrival:.1f} s for a place in the running batch, past this "
+                f"engine's limit of {self.max_queue_time:g} s: the server is overloaded; retry later"
+            )
+        return [self._finish(request, "queue_timeout", "", 0) for request in late]
 
     def _forward(self, chunks: list[Chunk]) -> Tensor:
         ids: list[int] = []
@@ -307,6 +328,7 @@ class LLMEngine:
             "max_num_seqs": scheduler.max_num_seqs,
             "max_num_batched_tokens": scheduler.max_num_batched_tokens,
             "target_itl": pacer.target_itl or 0.0,
+            "max_queue_time": self.max_queue_time or 0.0,
             "prefill_budget": pacer.prefill_budget(decodes, scheduler.max_num_batched_tokens - decodes),
             "decode_step_seconds": pacer.decode_time or 0.0,
             "prefill_token_seconds": pacer.token_time or 0.0,

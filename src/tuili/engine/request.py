@@ -30,7 +30,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or "queue_timeout"
     error: str | None = None  # with finish_reason "error": what failed in this request's own work
     table: BlockTable | None = None  # its KV blocks while it holds any
     num_computed: int = 0  # leading tokens whose keys and values are in the cache
@@ -69,7 +69,7 @@ class RequestOutput:
     scheduled_time: float | None
     first_token_time: float | None
     finished_time: float | None
-    error: str | None = None  # with finish_reason "error": what failed (the request alone was ended)
+    error: str | None = None  # with finish_reason "error" or "queue_timeout": what happened to it
 
     @classmethod
     def of(cls, request: Request, delta: str, new_tokens: int) -> RequestOutput:

@@ -334,8 +334,8 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, through tuili's fp32 GEMV when few rows meet fp32 weights on an AVX-512 CPU
-    (decoding: PyTorch's sgemv streams the weights at well under the memory bandwidth)."""
+    """F.linear, through tuili's fp32 GEMV when few rows meet fp32 weights (decoding: PyTorch's
+    sgemv streams the weights at well under the memory bandwidth, and on AMD takes MKL's generic path)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         rows == 0
@@ -347,7 +347,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
         return F.linear(x, weight, bias)
-    kernel = _fused("f32_linear", x) if _has_avx512() else None
+    kernel = _fused("f32_linear", x)
     if kernel is None:
         return F.linear(x, weight, bias)
     return kernel(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -402,5 +402,5 @@ def argmax(logits: Tensor) -> Tensor:
 
 
 def f32_gemv() -> bool:
-    """Whether tuili's fp32 GEMV (`f32_linear`) runs here: AVX-512 and the kernels built."""
-    return not _FALLBACK.get() and _has_avx512()
+    """Whether tuili's fp32 GEMV (`f32_linear`) runs here: the kernels built and not turned off."""
+    return extension() is not None

@@ -132,7 +132,8 @@ class Server:
         try:
             ids = self.tokenizer.encode(_WARMUP_TEXT)[:48] or [0]
             params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-            for batch in (1, 4):  # a single stream, then a batched decode (other kernels)
+            seqs = self.llm.engine.scheduler.max_num_seqs  # none of them waits: a queue limit cannot refuse it
+            for batch in (1, min(4, seqs)):  # a single stream, then a batched decode (other kernels)
                 await asyncio.gather(*(self._drain(ids + [i], params, f"warmup-{batch}-{i}") for i in range(batch)))
             await self.embedder.submit(ids[:16])
             await self.scorer.submit((ids[:8], ids[8:12], 0))

@@ -52,6 +52,7 @@ class _EngineCollector(Collector):
             ("max_num_seqs", "Requests the engine runs at once; the rest wait in the queue"),
             ("max_num_batched_tokens", "Tokens one engine step may carry"),
             ("target_itl", "Seconds a step with decodes should take (0: no pacing, throughput first)"),
+            ("max_queue_time", "Seconds a request may wait to start before a 503 (0: no limit)"),
             ("prefill_budget", "Prompt tokens the next step may carry beside the running decodes"),
             ("decode_step_seconds", "Measured seconds of a decode-only step (recent steps weighted most)"),
             ("prefill_token_seconds", "Measured seconds one prompt token adds to a step"),
@@ -103,6 +104,9 @@ class Metrics:
         )
         self.e2e = Histogram(
             "tuili_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_timeouts = Counter(
+            "tuili_request_queue_timeouts", "Requests refused (503) after waiting past max_queue_time", registry=r
         )
         self.queue = Histogram(
             "tuili_request_queue_time_seconds", "Arrival to first scheduled", buckets=_LATENCY_BUCKETS, registry=r

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tuili.engine.async_llm import AsyncLLM
 from tuili.engine.request import RequestOutput
+from tuili.errors import QueueTimeout
 from tuili.server.errors import APIError
 from tuili.server.limits import Job
 from tuili.server.metrics import Metrics
@@ -143,6 +144,9 @@ async def complete(
         raise APIError(504, late)
     if work.exception() is not None:
         choices.cancel()  # the other choices of a failed request are not wanted
+        if isinstance(work.exception(), QueueTimeout):
+            record.metrics.queue_timeouts.inc()
+            raise APIError(503, str(work.exception()), headers={"Retry-After": "1"})
         raise APIError(500, f"generation failed: {work.exception()}")
     outs = [finals[i] for i in sorted(finals)]
     return JSONResponse(fmt.response([fmt.choice(i, out) for i, out in enumerate(outs)], record.usage(outs)))
@@ -172,6 +176,9 @@ async def stream(
             yield DONE
     except TimeoutError:
         yield sse_error(504, late)
+    except QueueTimeout as e:  # the stream had started (headers sent): the refusal is its event
+        record.metrics.queue_timeouts.inc()
+        yield sse_error(503, str(e))
     except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
         log.exception("a stream failed")
         yield sse_error(500, f"generation failed: {e}")
