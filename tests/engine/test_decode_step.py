@@ -17,7 +17,7 @@ from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.step import DecodeStep
 from tuili.kernels import ops as kernels
 from tuili.kernels import repack
-from tuili.kernels.contract import MAX_M_F32, OPS
+from tuili.kernels.contract import OPS
 from tuili.prune.structured import prune_experts_
 from tuili.quant import Int4WeightInt8Activation, Int4WeightOnly, Int8DynamicActivation, Int8WeightOnly, quantize_
 from tuili.quant.kernel_layer import compute_dtype
@@ -100,8 +100,8 @@ def test_bf16_models_take_the_cpp_step_too(scheme):
 
 
 def test_more_sequences_than_the_fp32_gemv_takes_run_through_pytorchs_linear():
-    model = random_tiny("llama-gqa")  # float layers: tuili's GEMV up to MAX_M_F32 rows, PyTorch's above
-    n = MAX_M_F32 + 1
+    model = random_tiny("llama-gqa")  # float layers: tuili's GEMV up to f32_gemv_rows(), PyTorch's above
+    n = kernels.f32_gemv_rows() + 1
     prompts = [[3 + i, 4 + i] for i in range(n)]
     step = torch.arange(10, 10 + n), torch.full((n,), 2), torch.arange(n)
     assert_same(*both_ways(model, prompts=prompts, step=step))

@@ -181,7 +181,7 @@ def check_packed_w8a8(m, n, k, static, dtype):
 def test_linear_takes_the_kernel_only_where_it_is_exact_and_faster():
     x, w, b = torch.randn(2, 3, 40), torch.randn(24, 40), torch.randn(24)
     torch.testing.assert_close(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    many = torch.randn(ops.MAX_M_F32 + 1, 40)  # past the kernel's rows: PyTorch's sgemm, bit for bit
+    many = torch.randn(ops.f32_gemv_rows() + 1, 40)  # past the kernel's rows: PyTorch's sgemm, bit for bit
     assert torch.equal(ops.linear(many, w), torch.nn.functional.linear(many, w))
     wg = w.clone().requires_grad_()
     y = ops.linear(x, wg, b)  # autograd records: PyTorch's op, so gradients flow

@@ -18,7 +18,8 @@ from torch import Tensor
 MAX_M = 64  # above this, dequantize once and let the BLAS GEMM reuse the weights across rows
 MAX_M_INT8 = 16  # above this, torch._int_mm's blocked GEMM beats one pass per weight row
 MAX_M_PACKED = 64  # W8A8 on packed weights (VNNI outer products) beats torch._int_mm up to here (AMX: always)
-MAX_M_F32 = 8  # fp32 rows up to which tuili's GEMV beats PyTorch's sgemm (measured, benchmarks/kernels.py)
+MAX_M_F32 = 8  # fp32 rows up to which tuili's GEMV beats PyTorch's sgemm with AVX-512 (measured, benchmarks/kernels.py)
+MAX_M_F32_AVX2 = 32  # the same on AVX2 (a Zen 3: MKL's sgemm takes its generic path on AMD, 1.1-2× slower to 32 rows)
 ANY_ROWS = 1 << 30
 
 
@@ -47,7 +48,7 @@ OPS: dict[str, KernelOp] = {
         KernelOp("w8a8_linear", ("w", "weight_scale", "input_scale?"), (), MAX_M_INT8),
         KernelOp("w8a8_linear_packed", ("packed", "row_sum", "weight_scale", "input_scale?"), ("N",), MAX_M_PACKED),
         # a float layer as tuili.kernels.ops.linear runs it: tuili's fp32 GEMV up to gemv_rows
-        # (MAX_M_F32) rows, PyTorch's linear above and for 16-bit weights; the bias inside
+        # (tuili.kernels.ops.f32_gemv_rows()) rows, PyTorch's linear above and for 16-bit weights; the bias inside
         KernelOp("linear", ("w", "bias?"), ("gemv_rows",), ANY_ROWS),
     )
 }

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tuili.kernels import build
-from tuili.kernels.contract import ANY_ROWS, MAX_M_F32, OPS
+from tuili.kernels.contract import ANY_ROWS, MAX_M_F32, MAX_M_F32_AVX2, OPS
 
 # `fallback()`'s switch: a context variable, so it holds for the calls made inside the block (this
 # thread or task), not for another thread's engine; an engine takes the option as `kernels=False`.
@@ -339,7 +339,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         rows == 0
-        or rows > MAX_M_F32
+        or rows > f32_gemv_rows()
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
         or torch.compiler.is_compiling()
@@ -351,6 +351,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if kernel is None:
         return F.linear(x, weight, bias)
     return kernel(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def f32_gemv_rows() -> int:
+    """fp32 rows up to which `linear` takes tuili's GEMV on this CPU, PyTorch's sgemm above."""
+    return MAX_M_F32 if _has_avx512() else MAX_M_F32_AVX2
 
 
 @functools.cache

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuili.kernels import ops as kernels
-from tuili.kernels.contract import MAX_M_F32, KernelCall
+from tuili.kernels.contract import KernelCall
 from tuili.models.attention import (
     RotaryEmbedding,
     as_cached,
@@ -67,7 +67,7 @@ class Linear(nn.Linear):
     def kernel_call(self, bf16: bool = False) -> KernelCall:
         """This layer's forward as one kernel call (for the engine's C++ decode step); the same
         for any activations."""
-        return KernelCall.of("linear", self.weight, self.bias, ints=(MAX_M_F32,))
+        return KernelCall.of("linear", self.weight, self.bias, ints=(kernels.f32_gemv_rows(),))
 
 
 class Attention(nn.Module):
