@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tuili.engine.llm import LLMEngine, Prompt
+from tuili.engine.pacing import DEFAULT_TARGET_ITL
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams
 from tuili.errors import QueueTimeout, RequestFailed
@@ -46,6 +47,7 @@ class AsyncLLM:
     """
 
     def __init__(self, model: Model | str, *, own_thread: bool = True, **engine_options):
+        engine_options.setdefault("target_itl", DEFAULT_TARGET_ITL)  # a server paces prefill for latency
         if isinstance(model, str):
             from tuili.models import load
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tuili.engine.blocks import BlockTable
 from tuili.engine.detokenize import OutputText
-from tuili.engine.pacing import DEFAULT_TARGET_ITL, StepPacer
+from tuili.engine.pacing import StepPacer
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.request import Request, RequestOutput
 from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
@@ -58,8 +58,9 @@ class LLMEngine:
     max_num_seqs: requests decoding together; max_num_batched_tokens: tokens per step (prefill
     chunks and decodes together); target_itl: seconds a step should take while requests decode
     (the latency/throughput knob: prompt chunks beside decodes are sized from measured step times
-    to keep within it, see tuili.engine.pacing; None: every step takes max_num_batched_tokens,
-    throughput first); max_queue_time: seconds a request may wait for a place in the running batch;
+    to keep within it, see tuili.engine.pacing; None, the default here: every step takes up to
+    max_num_batched_tokens, throughput first, as offline batches want; AsyncLLM, the server's
+    engine, paces to 50 ms by default); max_queue_time: seconds a request may wait for a place in the running batch;
     past it, it ends unstarted with finish_reason "queue_timeout" (the server answers 503), so that
     under overload time to first token stays bounded (None: it waits as long as it takes);
     kv_cache_bytes: the cache's memory (default: 2,048 tokens per
@@ -84,7 +85,7 @@ class LLMEngine:
         *,
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
-        target_itl: float | None = DEFAULT_TARGET_ITL,
+        target_itl: float | None = None,
         max_queue_time: float | None = None,
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
