@@ -15,8 +15,8 @@ import pytest
 from tuili.kernels import build
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
-PROBE = (
-    "#include <torch/extension.h>\nint probe() { return 42; }\n"
+PROBE = (  # pybind11 alone: the same build path as the kernels', without compiling torch's headers twice
+    "#include <pybind11/pybind11.h>\nint probe() { return 42; }\n"
     'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("probe", &probe); }\n'
 )
 
