@@ -5,6 +5,7 @@ import torch
 
 from tuili.kernels import dequant, ops, repack
 from tuili.kernels.build import extension
+from tuili.kernels.int_products import int_products_f64
 from tuili.quant.primitives import pack_int4
 
 ext = extension()
@@ -329,8 +330,8 @@ def test_int8_products_in_float64_are_torch_int_mm_exactly():
     w = torch.randint(-127, 128, (11, 2100), generator=g, dtype=torch.int8)
     qx[0], w[0] = 127, -127  # |sum| = 2100 · 127², beyond float32's exact integers
     exact = torch._int_mm(qx, w.t())
-    assert torch.equal(ops._int_products_f64(qx, w, rows=4), exact.double())
-    assert torch.equal(ops._int_products_f64(qx, w).float(), exact.float())
+    assert torch.equal(int_products_f64(qx, w, rows=4), exact.double())
+    assert torch.equal(int_products_f64(qx, w).float(), exact.float())
 
 
 def test_w8a8_kernel_takes_bf16_and_zero_rows():

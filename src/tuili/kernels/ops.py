@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tuili.kernels import build
 from tuili.kernels.contract import ANY_ROWS, MAX_M_F32, MAX_M_F32_AVX2, OPS
+from tuili.kernels.int_products import int_mm_is_fast, int_products_f64
 
 # `fallback()`'s switch: a context variable, so it holds for the calls made inside the block (this
 # thread or task), not for another thread's engine; an engine takes the option as `kernels=False`.
@@ -145,25 +146,9 @@ def w8a8_linear_reference(x: Tensor, w: Tensor, weight_scale: Tensor, input_scal
     qx, sx = quantize_rows(x, input_scale)
     if torch.compiler.is_exporting():  # ONNX has no _int_mm: integer codes multiplied as floats (exact below 2^24)
         return (qx.float() @ w.float().t() * sx * weight_scale).to(x.dtype)
-    if x.device.type == "cpu" and not _int_mm_is_fast():
-        return (_int_products_f64(qx, w).float() * sx * weight_scale).to(x.dtype)
+    if x.device.type == "cpu" and not int_mm_is_fast():
+        return (int_products_f64(qx, w).float() * sx * weight_scale).to(x.dtype)
     return (torch._int_mm(qx, w.t()).float() * sx * weight_scale).to(x.dtype)
-
-
-@functools.cache
-def _int_mm_is_fast() -> bool:
-    """Whether PyTorch's int8 GEMM has the CPU's int8 dot products (AVX512-VNNI, AMX) to run on.
-    Without them it is a plain loop: 512 × 576 × 1536 took 464 ms on a Zen 3 core, 17× an fp32 GEMM."""
-    flags = build.cpu_id()
-    return "avx512_vnni" in flags or "amx_int8" in flags
-
-
-def _int_products_f64(qx: Tensor, w: Tensor, rows: int = 4096) -> Tensor:
-    """qx · wᵀ of int8 codes, exact, as a float64 GEMM (int8 products summed exactly up to 2^53; the
-    same integers torch._int_mm gives) on `rows` output features at a time, to bound the float64
-    copy of the weights: 52 ms where torch._int_mm took 464 on that Zen 3 core."""
-    a = qx.double()
-    return torch.cat([a @ w[n : n + rows].double().t() for n in range(0, w.shape[0], rows)], dim=1)
 
 
 def w8a8_linear(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
@@ -405,8 +390,3 @@ def argmax(logits: Tensor) -> Tensor:
         return logits.argmax(dim=-1)
     kernel = _fused("argmax_rows", logits)
     return logits.argmax(dim=-1) if kernel is None else kernel(logits)
-
-
-def f32_gemv() -> bool:
-    """Whether tuili's fp32 GEMV (`f32_linear`) runs here: the kernels built and not turned off."""
-    return extension() is not None
