@@ -4,10 +4,10 @@
 
 Shapes: two of the default model's layers (weights in L2) and a 1B model's 8192 × 2048 (its W8 and
 W4 codes, 16 and 8 MiB, fit a 32 MiB L3; its fp32 weight does not); W8 per channel or per group, W4
-symmetric codes. F.linear runs on the dequantized fp32
-weight (the ceiling a dequantize-then-GEMM path could reach). `--extension` loads another build of
-the kernels (an earlier commit's `~/.cache/tuili/kernels/<key>/tuili_kernels.so`) instead of this
-one's, for before/after tables from the same script.
+symmetric codes. F.linear runs on the dequantized fp32 weight (the ceiling a dequantize-then-GEMM
+path could reach). `--extension` loads another build of the kernels (an earlier commit's
+`~/.cache/tuili/kernels/<key>/tuili_kernels.so`) instead of this one's, for before/after tables
+from the same script.
 """
 
 from __future__ import annotations
