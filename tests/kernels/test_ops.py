@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tuili.kernels import dequant, ops, repack
+from tuili.kernels import int_products as int8
 from tuili.kernels.build import extension
 from tuili.kernels.int_products import int_products_f64
 from tuili.quant.primitives import pack_int4
@@ -332,6 +333,20 @@ def test_int8_products_in_float64_are_torch_int_mm_exactly():
     exact = torch._int_mm(qx, w.t())
     assert torch.equal(int_products_f64(qx, w, rows=4), exact.double())
     assert torch.equal(int_products_f64(qx, w).float(), exact.float())
+    assert torch.equal(int8.int_products(qx, w), exact.float())  # whichever route this CPU takes
+
+
+def test_w8a8_batches_take_the_exact_float64_route_where_int_mm_is_a_plain_loop(monkeypatch):
+    """An AVX-512 CPU without VNNI or AMX: the batched W8A8 kernel would call torch._int_mm, so the
+    twin's float64 products run instead, with the same result."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(24, 64, generator=g), torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    scale = torch.rand(8, generator=g) * 0.01
+    monkeypatch.setattr(ops, "_has_avx512", lambda: True)
+    monkeypatch.setattr(ops, "int_mm_is_fast", lambda: False)
+    monkeypatch.setattr(int8, "int_mm_is_fast", lambda: False)
+    monkeypatch.setattr(ops, "_run", lambda *a: pytest.fail("the batched kernel ran on torch._int_mm"))
+    assert torch.equal(ops.w8a8_gemm(x, w, scale), ops.w8a8_linear_reference(x, w, scale))
 
 
 def test_w8a8_kernel_takes_bf16_and_zero_rows():

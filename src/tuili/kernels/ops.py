@@ -21,7 +21,7 @@ from torch import Tensor
 
 from tuili.kernels import build
 from tuili.kernels.contract import ANY_ROWS, MAX_M_F32, MAX_M_F32_AVX2, OPS
-from tuili.kernels.int_products import int_mm_is_fast, int_products_f64
+from tuili.kernels.int_products import int_mm_is_fast, int_products
 
 # `fallback()`'s switch: a context variable, so it holds for the calls made inside the block (this
 # thread or task), not for another thread's engine; an engine takes the option as `kernels=False`.
@@ -146,9 +146,7 @@ def w8a8_linear_reference(x: Tensor, w: Tensor, weight_scale: Tensor, input_scal
     qx, sx = quantize_rows(x, input_scale)
     if torch.compiler.is_exporting():  # ONNX has no _int_mm: integer codes multiplied as floats (exact below 2^24)
         return (qx.float() @ w.float().t() * sx * weight_scale).to(x.dtype)
-    if x.device.type == "cpu" and not int_mm_is_fast():
-        return (int_products_f64(qx, w).float() * sx * weight_scale).to(x.dtype)
-    return (torch._int_mm(qx, w.t()).float() * sx * weight_scale).to(x.dtype)
+    return (int_products(qx, w) * sx * weight_scale).to(x.dtype)
 
 
 def w8a8_linear(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
@@ -158,8 +156,9 @@ def w8a8_linear(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor 
 def w8a8_gemm(x: Tensor, w: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None) -> Tensor:
     """W8A8 for large batches (prefill): the twin's arithmetic bit for bit, with its quantization of
     the rows and its scaling of the int32 result each done in one pass around torch._int_mm (a
-    1B model's 512-token W8A8 prefill 346 -> 464 tokens/s on an Intel Xeon with AMX)."""
-    if not _has_avx512() or x.dim() != 2:
+    1B model's 512-token W8A8 prefill 346 -> 464 tokens/s on an Intel Xeon with AMX). Where torch._int_mm
+    is a plain loop (no VNNI or AMX) the twin's exact float64 products are the faster route."""
+    if not _has_avx512() or not int_mm_is_fast() or x.dim() != 2:
         return w8a8_linear_reference(x, w, weight_scale, input_scale)
     return _run("w8a8_linear_gemm", w8a8_linear_reference, x, w, weight_scale, input_scale)
 
