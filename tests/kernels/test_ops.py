@@ -423,7 +423,7 @@ def test_nmajor_packings_unpack_to_their_codes_and_scales(n, k, group_size):
     assert torch.equal(repack.nmajor_codes(repack.pack_w8_i16(q, scale)[0], rows, k), q[rows])
 
 
-@pytest.mark.skipif(ext is None or not repack.bf16_dot_products(), reason="the N-major packing needs AVX512-BF16")
+@needs_kernels
 @pytest.mark.parametrize("n, k, group_size", NMAJOR_SHAPES)
 @pytest.mark.parametrize("bf16", [False, True])
 def test_dequantize_from_the_nmajor_packing_gives_the_references_values(n, k, group_size, bf16):
@@ -464,6 +464,8 @@ import torch
 from tuili.kernels import dequant, ops
 from tuili.kernels.build import extension
 from tests.kernels.test_ops import random_w4, random_w8a8
+from tests.kernels.test_w4a8_nmajor import packed_w4, w4a8_layer_holds_only_the_packing_and_computes_its_product
+from tuili.kernels import repack
 ext = extension()
 assert ext.isa() == "avx2", ext.isa()
 for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100), (35, 50, 256, 32)]:  # 4+ rows: panels
@@ -483,11 +485,21 @@ for m, n, k, gs in [(1, 96, 576, 64), (5, 7, 577, 32), (16, 33, 100, 100), (35, 
         w, scale, zs = random_w4(n, k, gs, True)
         torch.testing.assert_close(ext.w4a8_linear(x, w, scale, zs, gs, True),
                                    ops.w4a8_linear_reference(x, w, scale, zs, gs, True), atol=1e-3, rtol=1e-4)
+    if gs % 4 == 0:
+        rows, packed = packed_w4(n, k, gs, True)
+        torch.testing.assert_close(ext.w4a8_linear_nmajor(x, *packed, n, gs, True),
+                                   ops.w4a8_linear_reference(x, *rows, gs, True), atol=1e-3, rtol=1e-4)
     for bf16 in (False, True):
         w, scale, zs = random_w4(n, k, gs, True)
+        if gs % 16 == 0:
+            packed = repack.pack_w4_bf16(w, k, True, scale, zs)
+            assert torch.equal(ext.dequantize_nmajor(*packed, n, k, gs, bf16, None),
+                               dequant.dequantize_w4_reference(w, scale, zs, k, gs, True, bf16))
         assert torch.equal(ext.dequantize_w4(w, scale, zs, k, gs, True, bf16, None),
                            dequant.dequantize_w4_reference(w, scale, zs, k, gs, True, bf16))
         assert torch.equal(ext.dequantize_w8(w8, s8, gs, bf16, None), dequant.dequantize_w8_reference(w8, s8, gs, bf16))
+assert repack.w4a8_nmajor()
+w4a8_layer_holds_only_the_packing_and_computes_its_product()
 print("ok")
 """
 

@@ -134,7 +134,10 @@ class LLMEngine:
     def _make_kernel_calls(self) -> None:
         """Each quantized layer's kernel call made now, packing its weights for the kernels, rather
         than inside the first request; the packing's scratch memory (about the weights' size again,
-        freed in pieces the allocator keeps) given back to the system."""
+        freed in pieces the allocator keeps) given back to the system. Not where the kernels are
+        forced off (`fallback()`): a call made there would be cached without its packing."""
+        if kernels.extension() is None:
+            return
         bf16 = torch.bfloat16 in (self.compute_dtype, self.module.dtype)
         for m in self.module.modules():
             if isinstance(m, KernelLinear):

@@ -43,6 +43,9 @@ OPS: dict[str, KernelOp] = {
         KernelOp("w4_linear", ("w", "scale", "zs"), ("group_size", "flip"), MAX_M),
         KernelOp("w8_linear", ("w", "scale"), ("group_size",), MAX_M),
         KernelOp("w4a8_linear", ("w", "scale", "zs"), ("group_size", "flip"), MAX_M),
+        # symmetric: zs is 8 · scale (symmetric codes, read as u = code + 8) and the kernel does not read it;
+        # every batch: on a Zen 3, 119-142 GOPS at 16-256 rows against 71-91 GFLOP/s for dequantize + sgemm
+        KernelOp("w4a8_linear_nmajor", ("packed", "scale", "zs"), ("N", "group_size", "symmetric"), ANY_ROWS),
         KernelOp("w4_linear_bf16", ("packed", "scale", "zs"), ("N", "group_size"), MAX_M),
         KernelOp("w8_linear_i16", ("packed", "scale"), ("N", "group_size"), MAX_M),
         KernelOp("w8a8_linear", ("w", "weight_scale", "input_scale?"), (), MAX_M_INT8),

@@ -1,6 +1,7 @@
-"""The bf16 dot-product kernels' weight layouts (csrc/qgemm_nmajor.cpp), and which batches take them:
-a W4/W8 layer under bf16 activations is repacked once for them, and `small_batch_rows` says up to
-which rows this CPU runs the fp32-activation GEMV faster instead."""
+"""The N-major weight layouts of the bf16 dot-product kernels (csrc/qgemm_nmajor.cpp) and of W4A8 on
+AVX2 (csrc/w4a8.cpp), and which layers and batches take them: a W4/W8 layer under bf16 activations
+is repacked once for the dot products, and `small_batch_rows` says up to which rows this CPU runs
+the fp32-activation GEMV faster instead; a W4A8 layer is repacked once where `w4a8_nmajor` says."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tuili.kernels.ops import _unpack_w4, extension, native
+from tuili.kernels.ops import _unpack_w4, extension, native, quantize_groups
 
 
 def bf16_dot_products() -> bool:
@@ -53,6 +54,29 @@ def small_batch_rows(bits: int) -> int:
             break
         rows = m
     return rows
+
+
+def w4a8_nmajor() -> bool:
+    """Whether W4A8 layers hold their weights in the N-major packing for `w4a8_linear_nmajor`: where
+    the kernels are built and the CPU has no AVX-512 VNNI (an AVX2 CPU, or TUILI_ISA=avx2). With
+    VNNI the row kernel's vpdpbusd takes them as they are."""
+    ext = extension()
+    return ext is not None and ext.isa() != "avx512-vnni"
+
+
+def w4a8_linear_nmajor_reference(
+    x: Tensor, packed: Tensor, scale: Tensor, zs: Tensor, n: int, group_size: int, symmetric: bool
+) -> Tensor:
+    """`w4a8_linear_nmajor` in PyTorch: the activations rounded through int8 per token and group,
+    times W = scale · u − zs per group (zs = 8 · scale where `symmetric`), unpacked from the packing."""
+    rows = torch.arange(n)
+    s = nmajor_groups(scale, rows)
+    z = 8 * s if symmetric else nmajor_groups(zs, rows)
+    k = x.shape[1]
+    g = s.shape[1]
+    codes = F.pad(nmajor_codes(packed, rows, k).float(), (0, g * group_size - k)).view(n, g, group_size)
+    w = (codes * s[..., None] - z[..., None]).flatten(1)[:, :k]
+    return (quantize_groups(x, group_size) @ w.T).to(x.dtype)
 
 
 def _best_time(fn, *args, repeats: int = 5) -> float:

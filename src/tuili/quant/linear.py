@@ -258,7 +258,8 @@ class WeightOnlyLinear(KernelLinear):
 
 class W4A8Linear(WeightOnlyLinear):
     """W4A16's packed weights with activations rounded to int8 per token and weight group at run
-    time: tuili's VNNI kernel for small batches, the same rounding then a float GEMM otherwise."""
+    time: tuili's integer kernel for small batches (VNNI on the row layout; on AVX2 the weights are
+    repacked N-major once and held only so), the same rounding then a float GEMM otherwise."""
 
     def __init__(
         self,
@@ -277,8 +278,19 @@ class W4A8Linear(WeightOnlyLinear):
         super().__init__(in_features, out_features, bits, group_size, symmetric, bias, dtype)
 
     def _make_kernel_call(self) -> KernelCall | None:
+        held = self.packed_call()
+        if held is not None:
+            return held
         call = super()._make_kernel_call()
-        return None if call is None else replace(call, op=OPS["w4a8_linear"])
+        if call is None or not repack.w4a8_nmajor():
+            return None if call is None else replace(call, op=OPS["w4a8_linear"])
+        qweight, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)
+        group, flip = call.ints
+        packed = repack.pack_w4_bf16(qweight, self.in_features, bool(flip), scale, zs)  # then held only so
+        ints = (self.out_features, group, flip)  # flipped: symmetric, zs = 8 · scale
+        nmajor = KernelCall.of("w4a8_linear_nmajor", *packed, ints=ints, bias=self.bias)
+        self._keep_only(nmajor)
+        return nmajor
 
     def _make_bf16_kernel_call(self) -> KernelCall | None:
         return self.kernel_call()  # W4A8 rounds activations to int8 whatever their dtype

@@ -34,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_linear_packed", &tuili::w8a8_linear_packed, "W8A8 on packed weights: outer-product VNNI for batches",
         release());
   m.def("w4a8_linear", &tuili::w4a8_linear, "int8(x, per token and group) · W4ᵀ, VNNI", release());
+  m.def("w4a8_linear_nmajor", &tuili::w4a8_linear_nmajor,
+        "int8(x, per token and group) · W4ᵀ on N-major packed weights, AVX2, 1-64 rows", release());
   m.def("paged_attention", &tuili::paged_attention, "decode attention over a paged KV cache (fp32/bf16/int8, GQA)",
         release());
   m.def("paged_write", &tuili::paged_write, "store keys and values at slots of a paged cache (int8: per token and head)",

@@ -40,6 +40,10 @@ const std::map<std::string, Kernel>& kernels() {
        [](const torch::Tensor& x, const Tensors& t, const Ints& i) {
          return w4a8_linear(x, arg(t, 0), arg(t, 1), arg(t, 2), i.at(0), i.at(1) != 0);
        }},
+      {"w4a8_linear_nmajor",
+       [](const torch::Tensor& x, const Tensors& t, const Ints& i) {
+         return w4a8_linear_nmajor(x, arg(t, 0), arg(t, 1), arg(t, 2), i.at(0), i.at(1), i.at(2) != 0);
+       }},
       {"w4_linear_bf16",
        [](const torch::Tensor& x, const Tensors& t, const Ints& i) {
          return w4_linear_bf16(x, arg(t, 0), arg(t, 1), arg(t, 2), i.at(0), i.at(1));

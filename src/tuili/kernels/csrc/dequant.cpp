@@ -9,8 +9,8 @@
 //       W[n, k] = scale[n, g] · q
 //   dequantize_nmajor(packed, scale (N/16, G, 16), zs like scale or None, N, K, group_size, bf16)
 //       the same from the N-major packing of the 16-bit dot-product kernels (csrc/qgemm_nmajor.cpp):
-//       W4 (zs given) scale · u − zs, W8 scale · q. A layer that keeps only that packing makes its
-//       prefill weight here.
+//       W4 (zs given) scale · u − zs, W8 scale · q. A layer that keeps only that packing (bf16 dot
+//       products; W4A8 on AVX2) makes its prefill weight here.
 //
 // Rows are spread over torch's threads. With AVX-512 (and AVX512-BF16 for bf16 output) whole
 // groups of 32 (W4) or 16 (W8) codes take explicit vector code; the rest, and AVX2 machines
@@ -293,6 +293,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void nmajor_bloc
   }
 }
 
+// The same block without AVX-512 (W4A8 on AVX2 holds this packing too): one code at a time, from
+// the packing's byte order (W4: byte 2o + k%2 of word k/4, low nibble for k%4 < 2; W8: byte 2o +
+// k%2 of pair k/2). Blocks are small enough to stay in L1 while their rows are written.
+template <bool W4, typename Out>
+void nmajor_block_plain(const uint8_t* block, const float* scale, const float* zs, int64_t group, int64_t K, Out* out,
+                        int64_t n0, int64_t rows) {
+  for (int64_t j = 0; j < rows; ++j) {
+    Out* o = out + (n0 + j) * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t g = (k / group) * 16 + j;
+      if constexpr (W4) {
+        const uint8_t byte = block[(k / 4) * 32 + 2 * j + k % 2];
+        const float u = static_cast<float>(k % 4 < 2 ? byte & 15 : byte >> 4);
+        store(o, k, scale[g] * u - zs[g]);
+      } else {
+        store(o, k, scale[g] * static_cast<float>(static_cast<int8_t>(block[((k / 2) * 16 + j) * 2 + k % 2])));
+      }
+    }
+  }
+}
+
 void check_scales(const torch::Tensor& scale, int64_t N, int64_t K, int64_t group) {
   TORCH_CHECK(group > 0, "group_size must be positive");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == (K + group - 1) / group &&
@@ -399,7 +420,6 @@ torch::Tensor dequantize_w8(torch::Tensor w, torch::Tensor scale, int64_t group_
 
 torch::Tensor dequantize_nmajor(torch::Tensor packed, torch::Tensor scale, c10::optional<torch::Tensor> zs, int64_t N,
                                 int64_t K, int64_t group_size, bool bf16, c10::optional<torch::Tensor> out_) {
-  TORCH_CHECK(use_avx512() && use_bf16_convert(), "the N-major packing exists only on CPUs with AVX512-BF16");
   const bool w4 = zs.has_value();
   const int64_t Kp = (K + 3) / 4 * 4, blocks = (N + 15) / 16, G = scale.dim() == 3 ? scale.size(1) : 0;
   TORCH_CHECK(packed.is_contiguous() && packed.size(0) == blocks &&
@@ -417,12 +437,22 @@ torch::Tensor dequantize_nmajor(torch::Tensor packed, torch::Tensor scale, c10::
   const float *sp = scale.data_ptr<float>(), *zp = w4 ? zs->data_ptr<float>() : nullptr;
   const int64_t words = w4 ? Kp / 4 : Kp / 2, block_bytes = words * 32;
   void* o = out.data_ptr();
+  const bool vector = use_avx512() && use_bf16_convert();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t rows = std::min<int64_t>(16, N - 16 * b);
       const uint8_t* block = wp + b * block_bytes;
       const float *s = sp + b * G * 16, *z = w4 ? zp + b * G * 16 : nullptr;
-      if (w4)
+      if (!vector) {
+        auto* f = static_cast<float*>(o);
+        auto* h = static_cast<at::BFloat16*>(o);
+        if (w4)
+          bf16 ? nmajor_block_plain<true>(block, s, z, group_size, K, h, 16 * b, rows)
+               : nmajor_block_plain<true>(block, s, z, group_size, K, f, 16 * b, rows);
+        else
+          bf16 ? nmajor_block_plain<false>(block, s, z, group_size, K, h, 16 * b, rows)
+               : nmajor_block_plain<false>(block, s, z, group_size, K, f, 16 * b, rows);
+      } else if (w4)
         bf16 ? nmajor_block<true, true>(block, s, z, G, group_size, words, K, o, 16 * b, rows)
              : nmajor_block<false, true>(block, s, z, G, group_size, words, K, o, 16 * b, rows);
       else

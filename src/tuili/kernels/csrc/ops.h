@@ -26,6 +26,8 @@ torch::Tensor w8a8_linear_packed(torch::Tensor x, torch::Tensor packed, torch::T
                                  torch::Tensor weight_scale, c10::optional<torch::Tensor> input_scale, int64_t N);
 torch::Tensor w4a8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zs,
                           int64_t group_size, bool flip);
+torch::Tensor w4a8_linear_nmajor(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zs,
+                                 int64_t N, int64_t group_size, bool symmetric);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                               torch::Tensor block_tables, torch::Tensor context_lens, double sm_scale,
                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
