@@ -3,7 +3,6 @@ layout's twin, the packing's own twin, and a W4A8 layer that holds only the pack
 
 import pytest
 import torch
-from helpers import random_tiny
 from torch import nn
 
 from tests.kernels.test_ops import needs_kernels, random_w4
@@ -95,6 +94,8 @@ def test_a_w4a8_layer_on_avx2_holds_only_the_packing():
 
 @pytest.mark.skipif(not repack.w4a8_nmajor(), reason="VNNI CPU: W4A8 keeps the row layout there")
 def test_a_served_w4a8_model_holds_the_packing_and_saves_what_it_was(tmp_path):
+    from helpers import random_tiny  # tests/ is on the path under pytest, not in the AVX2 check's process
+
     import tuili
     from tests.quant.test_packing import held_bytes
     from tuili.pipeline.analysis import analyze
