@@ -258,8 +258,9 @@ class WeightOnlyLinear(KernelLinear):
 
 class W4A8Linear(WeightOnlyLinear):
     """W4A16's packed weights with activations rounded to int8 per token and weight group at run
-    time: tuili's integer kernel for small batches (VNNI on the row layout; on AVX2 the weights are
-    repacked N-major once and held only so), the same rounding then a float GEMM otherwise."""
+    time. With VNNI: tuili's integer kernel on the row layout up to 64 rows, the same rounding then a
+    float GEMM above. Without (AVX2): the weights repacked N-major once and held only so, and the
+    integer kernel for every batch, which outruns dequantize + sgemm there (kernels/contract.py)."""
 
     def __init__(
         self,
