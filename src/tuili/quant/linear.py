@@ -287,11 +287,19 @@ class W4A8Linear(WeightOnlyLinear):
             return None if call is None else replace(call, op=OPS["w4a8_linear"])
         qweight, scale, zs = cast(tuple[Tensor, Tensor, Tensor], call.tensors)
         group, flip = call.ints
-        packed = repack.pack_w4_bf16(qweight, self.in_features, bool(flip), scale, zs)  # then held only so
-        ints = (self.out_features, group, flip)  # flipped: symmetric, zs = 8 · scale
-        nmajor = KernelCall.of("w4a8_linear_nmajor", *packed, ints=ints, bias=self.bias)
-        self._keep_only(nmajor)
+        codes, scales, zss = repack.pack_w4_bf16(qweight, self.in_features, bool(flip), scale, zs)
+        if flip:  # symmetric: zs = 8 · scale, unread by the kernel; its slot shares the scales' storage
+            zss = scales
+        ints = (self.out_features, group, flip)
+        nmajor = KernelCall.of("w4a8_linear_nmajor", codes, scales, zss, ints=ints, bias=self.bias)
+        self._keep_only(nmajor)  # then held only so
         return nmajor
+
+    def _nmajor_weight(self, dots: KernelCall, dtype: torch.dtype) -> Tensor:
+        if dots.ints[2]:  # symmetric: zs derived from the scales the packing holds in its place
+            packed, scale = cast(tuple[Tensor, Tensor], dots.tensors[:2])
+            dots = replace(dots, tensors=(packed, scale, 8 * scale))
+        return super()._nmajor_weight(dots, dtype)
 
     def _make_bf16_kernel_call(self) -> KernelCall | None:
         return self.kernel_call()  # W4A8 rounds activations to int8 whatever their dtype
