@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tuili.kernels.ops import _unpack_w4, extension, native, quantize_groups
+from tuili.kernels.ops import _dequantize, _unpack_w4, extension, native, quantize_groups
 
 
 def bf16_dot_products() -> bool:
@@ -72,10 +72,7 @@ def w4a8_linear_nmajor_reference(
     rows = torch.arange(n)
     s = nmajor_groups(scale, rows)
     z = 8 * s if symmetric else nmajor_groups(zs, rows)
-    k = x.shape[1]
-    g = s.shape[1]
-    codes = F.pad(nmajor_codes(packed, rows, k).float(), (0, g * group_size - k)).view(n, g, group_size)
-    w = (codes * s[..., None] - z[..., None]).flatten(1)[:, :k]
+    w = _dequantize(nmajor_codes(packed, rows, x.shape[1]), s, z, group_size)
     return (quantize_groups(x, group_size) @ w.T).to(x.dtype)
 
 
