@@ -96,7 +96,7 @@ def compile_extension(name: str, sources: list[Path], directory: Path, quiet: bo
     with build_lock(directory):
         building = not is_built(directory, name)
         if building and not quiet:
-            print("tuili: building tuili's CPU kernels (1-2 minutes, once) ...", file=sys.stderr, flush=True)
+            print("tuili: building tuili's CPU kernels (2-3 minutes, once) ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         module = load(
             name=name,

@@ -1,4 +1,6 @@
 // The Python face of tuili's kernels: one extension module, one function per kernel.
+#include <torch/extension.h>  // pybind11: this file binds to Python
+
 #include "ops.h"
 
 namespace tuili {

@@ -13,6 +13,8 @@
 // built from. Each linear layer comes as (kernel name, tensors, integers, bias): the arguments are
 // those of tuili.kernels.contract, where their meaning is written; this file only maps names to
 // functions.
+#include <torch/extension.h>  // pybind11: this file binds to Python
+
 #include "ops.h"
 
 #include <map>
