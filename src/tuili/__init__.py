@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {  # name -> module: `import tuili` stays light (no engine, pruning, distillation, pipeline)
     "LLM": "tuili.engine.offline",
     "SamplingParams": "tuili.engine.sampling",
+    "StructuredOutputsParams": "tuili.engine.structured",
     "prune_": "tuili.prune.api",
     "distill_": "tuili.distill.trainer",
     "optimize": "tuili.pipeline.optimize",

@@ -26,10 +26,10 @@ def fail_on(engine: LLMEngine, request_id: str, after: int) -> None:
     """Make `request_id`'s own work raise once it has `after` tokens."""
     pick = engine._pick
 
-    def faulty(request, row, greedy):
+    def faulty(request, row, greedy, allowed):
         if request.id == request_id and len(request.output_ids) == after:
             raise RuntimeError("injected fault")
-        return pick(request, row, greedy)
+        return pick(request, row, greedy, allowed)
 
     engine._pick = faulty
 

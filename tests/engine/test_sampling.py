@@ -154,3 +154,38 @@ def test_non_finite_values_and_seeds_out_of_range_are_refused(kwargs, message):
 
 def test_top_k_minus_one_means_off():
     assert SamplingParams(top_k=-1).top_k == 0
+
+
+def test_logit_bias_forces_and_forbids_tokens():
+    from helpers import random_tiny
+
+    from tuili.engine import LLM
+
+    llm = LLM(random_tiny("llama-gqa"))
+    free = llm.generate(["abc"], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    forced = llm.generate(["abc"], SamplingParams(max_tokens=6, temperature=0, logit_bias={77: 100.0}))[0]
+    assert forced.token_ids == [77] * 6
+    avoid = {t: -100.0 for t in set(free)}
+    sampled = llm.generate(["abc"], SamplingParams(max_tokens=6, temperature=1.0, seed=0, logit_bias=avoid))[0]
+    assert not set(sampled.token_ids) & set(free)
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {5: 101.0}, {5: float("nan")}])
+def test_logit_bias_out_of_range_is_refused(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
+
+
+def test_draw_follows_each_rows_distribution_and_never_picks_a_zero():
+    from tuili.engine.sampling import draw
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.1, 0.0, 0.9, 0.0, 0.0]])
+    counts = torch.zeros(2, 5)
+    for _ in range(4000):
+        counts[torch.arange(2), draw(probs, gen)] += 1
+    torch.testing.assert_close(counts / 4000, probs, atol=0.03, rtol=0)
+    assert counts[probs == 0].sum() == 0
+    unnormalised = torch.tensor([[2.0, 0.0, 6.0]])  # masked rows need not sum to one
+    share = sum(int(draw(unnormalised, gen)) == 2 for _ in range(2000)) / 2000
+    assert abs(share - 0.75) < 0.04

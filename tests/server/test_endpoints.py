@@ -73,3 +73,19 @@ def test_metrics_count_requests_tokens_and_latencies(base):
     assert after["tuili_scheduler_target_itl"] == pytest.approx(0.05)
     assert after["tuili_scheduler_decode_step_seconds"] > 0  # 6 decode-only steps were timed
     assert 1 <= after["tuili_scheduler_prefill_budget"] <= after["tuili_scheduler_max_num_batched_tokens"]
+
+
+def test_model_card_version_and_tokenizer_info(base, tiny_model):
+    import tuili
+
+    card = httpx.get(f"{base}/v1/models/{MODEL}").json()
+    assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] > 0
+    missing = httpx.get(f"{base}/v1/models/nope")
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+    assert httpx.get(f"{base}/version").json() == {"version": tuili.__version__}
+    info = httpx.get(f"{base}/tokenizer_info").json()
+    assert info["eos_token"] == tiny_model.tokenizer.eos_token
+    assert info["chat_template"] == tiny_model.tokenizer.chat_template
+    # what lm-evaluation-harness's remote tokenizer does with it: the eos token's id by /tokenize
+    ids = httpx.post(f"{base}/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert ids["tokens"] == [tiny_model.tokenizer.eos_token_id]

@@ -17,10 +17,10 @@ from tuili.server.serve import ENGINE_FAILED
 def inject(engine, request_prefix: str) -> None:
     pick = engine._pick
 
-    def faulty(request, row, greedy):
+    def faulty(request, row, greedy, allowed):
         if request.id.startswith(request_prefix) and len(request.output_ids) == 3:
             raise RuntimeError("injected fault")
-        return pick(request, row, greedy)
+        return pick(request, row, greedy, allowed)
 
     engine._pick = faulty
 

@@ -63,8 +63,10 @@ def fuzz(operation, mode: str, base: str, seen: Counter) -> None:
 
     try:
         one()
-    except Unsatisfiable:  # no invalid input exists for an operation without parameters (GET /health)
-        assert mode == "negative" and not operation.body and not list(operation.iter_parameters())
+    except Unsatisfiable:  # no invalid input exists where every input takes anything: GET /health has
+        # none, GET /v1/models/{model} one string of any length
+        anything = [set(p.definition.get("schema", {})) <= {"type", "title"} for p in operation.iter_parameters()]
+        assert mode == "negative" and not operation.body and all(anything)
 
 
 def test_every_endpoint_survives_schema_fuzzing(fuzzed):
@@ -72,7 +74,7 @@ def test_every_endpoint_survives_schema_fuzzing(fuzzed):
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     served = {
-        f"{method} {route.path}"
+        f"{method} {route.path.replace(':path', '')}"  # OpenAPI drops Starlette's converters
         for route in server.app.routes
         if isinstance(route, APIRoute)
         for method in route.methods

@@ -42,7 +42,7 @@ INVALID = [  # what careless or hostile clients send, raw: each must be a 400, n
     '{"model": "tiny", "prompt": "a\\ud800", "stream": true}',
     '{"model": "tiny", "prompt": "a", "temperature": NaN, "stream": true}',
     '{"model": "tiny", "prompt": "a", "seed": 18446744073709551621, "stream": true}',
-    '{"model": "tiny", "prompt": "a", "guided_json": {"type": "object"}, "stream": true}',
+    '{"model": "tiny", "prompt": "a", "guided_regex": "a(", "stream": true}',
     '{"model": "tiny", "prompt": "a", "max_tokens": 100000, "stream": true}',
     '{"model": "tiny", "prompt": [1, 2, 99999], "stream": true}',
     '{"model": "tiny", "prompt": "a", "top_p": 0, "stream": true}',

@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """`tuili`'s parser: each command module adds its subcommands, in COMMANDS' order."""
+    from tuili import __version__
+
     root = argparse.ArgumentParser(prog="tuili", description="Make language models smaller and faster, and measure it.")
+    root.add_argument("--version", action="version", version=f"tuili {__version__}")
     sub = root.add_subparsers(required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)

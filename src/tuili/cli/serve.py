@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from tuili.cli import vllm_options
 from tuili.cli.common import (
     load_model,
     model_args,
@@ -18,9 +19,10 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--served-model-name",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
-        help="a name clients send as 'model' (repeat for aliases; default: the --model spec)",
+        help="names clients send as 'model' (several, or the option repeated; default: the --model spec)",
     )
     p.add_argument(
         "--api-key",
@@ -68,6 +70,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--no-warmup", action="store_true", help="report ready at once (the first requests are slower)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    vllm_options.add(p)
     p.set_defaults(run=_serve)
 
 
@@ -88,8 +91,12 @@ def _serve(args) -> int:
     ):
         if not value >= 0:  # NaN too
             raise ValueError(f"{name} must be {zero}, got {value}")
+    vllm_options.check(args)
     config = ServerConfig(
         model_names=tuple(args.served_model_name) or (args.model,),
+        max_model_len=args.max_model_len,
+        cors=vllm_options.cors(args),
+        metrics_names=args.metrics_names,
         api_key=args.api_key or None,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,
@@ -99,8 +106,12 @@ def _serve(args) -> int:
         request_timeout=args.request_timeout or None,
     )
     kv_bytes = int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None
+    template = vllm_options.chat_template(args.chat_template)
+    model = load_model(args)
+    if template is not None:
+        model.tokenizer.chat_template = template
     server = build_server(
-        load_model(args),
+        model,
         config,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -109,5 +120,9 @@ def _serve(args) -> int:
         kv_cache_bytes=kv_bytes,
         kv_cache_dtype=args.kv_cache_dtype,
         threads=args.threads,
+        block_size=args.block_size,
+        prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
     )
-    return serve(server, args.host, args.port, args.grace, args.log_level)
+    ssl = {"ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile} if args.ssl_keyfile else {}
+    return serve(server, args.host, args.port, args.grace, args.log_level, **ssl)

@@ -6,6 +6,7 @@ from tuili.engine.llm import LLMEngine
 from tuili.engine.offline import LLM, Completion, CompletionOutput, EmbeddingRequestOutput, Logprob
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams, TokenLogprob, sample
+from tuili.engine.structured import StructuredOutputsParams
 
 __all__ = [
     "LLM",
@@ -17,6 +18,7 @@ __all__ = [
     "Logprob",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "TokenLogprob",
     "generate",
     "sample",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
+from functools import cached_property
 from typing import Any, cast
 
 import torch
@@ -23,6 +25,7 @@ from tuili.engine.request import Request, RequestOutput
 from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.engine.step import DecodeStep
+from tuili.engine.structured import Grammars
 from tuili.kernels import ops as kernels
 from tuili.models.lazy import onload_all
 from tuili.models.memory import return_freed_memory
@@ -73,6 +76,8 @@ class LLMEngine:
     default there. fp32 and bf16 models are unaffected.
     kernels: False runs every op on its PyTorch path (`tuili.kernels.fallback()` around each step:
         for comparisons; tuili's kernels are what make decoding fast).
+    seed: seeds the requests that bring no seed of their own (`tuili serve --seed`), so that a run
+        of the same requests in the same order samples the same tokens (None: fresh entropy).
     fast_decode: steps of one token per sequence run as one C++ call (tuili.engine.step) where the
         kernels are built and every layer has one; the module forward otherwise, and with False.
         The model must not change while requests run: a new module, packed weights or hook is
@@ -95,6 +100,7 @@ class LLMEngine:
         bf16_activations: bool | None = None,
         fast_decode: bool = True,
         kernels: bool = True,
+        seed: int | None = None,
     ):
         if max_queue_time is not None and not max_queue_time > 0:
             raise ValueError(f"max_queue_time must be a positive number of seconds (or None), got {max_queue_time}")
@@ -119,6 +125,7 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self._seeds = random.Random(seed) if seed is not None else None  # for requests that bring none
         self.compute_dtype = engine_compute_dtype(dtype, bf16_activations)
         self.fast_decode, self.kernels = fast_decode, kernels
         self.decode_step = DecodeStep(self.module)
@@ -155,6 +162,8 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}; the vocabulary is [0, {vocab})")
         total = len(prompt_ids) + params.max_tokens
         if total > self.model.config.max_position_embeddings:
             raise ValueError(
@@ -167,6 +176,14 @@ class LLMEngine:
                 f"KV cache than the engine has ({self.max_tokens_per_request} tokens): "
                 f"give it a larger kv_cache_bytes or ask for fewer tokens"
             )
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # compiled once, cached for enqueue
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """The structured-output grammars of this model's vocabulary (built on first use)."""
+        model = self.model
+        return Grammars(model.tokenizer.backend.to_str(), model.config.vocab_size, model.eos_token_ids)
 
     def prepare(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """The prompt's token ids, checked (ValueError, with what to change, if it can never run)."""
@@ -186,11 +203,14 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         generator = torch.Generator(device=self.module.device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())  # negatives wrap to 2**64
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63) if self._seeds else torch.seed()
+        generator.manual_seed(seed)  # negatives wrap to 2**64
         stop_ids = (set() if params.ignore_eos else set(self.model.eos_token_ids)) | set(params.stop_token_ids)
         request = Request(
             request_id, prompt_ids, params, OutputText(self.model.tokenizer, params.stop, stop_ids), generator
         )
+        if params.structured_outputs is not None:
+            request.guide = self.grammars.guide(params.structured_outputs)
         self.requests[request_id] = request
         self.scheduler.add(request)
         self._check_model = True  # a change to the model between requests is picked up from here
@@ -228,7 +248,11 @@ class LLMEngine:
             for chunk in chunks:
                 self.scheduler.computed(chunk)
             greedy = self._greedy_tokens(sampling, logits)
-            outputs = [self._advance(request, logits[i : i + 1], greedy.get(i)) for i, request in enumerate(sampling)]
+            allowed = self._allowed_tokens(sampling)
+            outputs = [
+                self._advance(request, logits[i : i + 1], greedy.get(i), allowed.get(i))
+                for i, request in enumerate(sampling)
+            ]
         decodes = sum(1 for c in chunks if c.length == 1)
         self.scheduler.pacer.observe(decodes, sum(c.length for c in chunks) - decodes, time.perf_counter() - start)
         return late + outputs
@@ -273,17 +297,29 @@ class LLMEngine:
 
     def _greedy_tokens(self, requests: list[Request], logits: Tensor) -> dict[int, int]:
         """The next token of every plain greedy request (row index -> token), in one argmax."""
-        plain = [i for i, r in enumerate(requests) if r.params.greedy and not r.params.penalized]
+        plain = [i for i, r in enumerate(requests) if r.params.greedy and not r.params.penalized and r.guide is None]
         if not plain:
             return {}
         rows = logits if len(plain) == len(requests) else logits[plain]
         return dict(zip(plain, kernels.argmax(rows).tolist()))
 
-    def _advance(self, request: Request, row: Tensor, greedy: int | None) -> RequestOutput:
-        """Give a request its next token (sampled from its logits `row` unless `greedy` is given);
-        a failure in this request's own work finishes it with finish_reason "error"."""
+    def _allowed_tokens(self, requests: list[Request]) -> dict[int, Tensor]:
+        """Row index -> the tokens its grammar allows next, for every structured-output request
+        (all masks of the step computed together)."""
+        guided = [i for i, r in enumerate(requests) if r.guide is not None]
+        if not guided:
+            return {}
+        masks = self.grammars.masks([cast(Any, requests[i].guide) for i in guided])
+        return {i: masks[j] for j, i in enumerate(guided)}
+
+    def _advance(self, request: Request, row: Tensor, greedy: int | None, allowed: Tensor | None) -> RequestOutput:
+        """Give a request its next token (sampled from its logits `row` unless `greedy` is given, among
+        the `allowed` tokens where it follows a grammar); a failure in this request's own work
+        finishes it with finish_reason "error"."""
         try:
-            token, logprob = self._pick(request, row, greedy)
+            token, logprob = self._pick(request, row, greedy, allowed)
+            if request.guide is not None:
+                request.guide.accept(token)
             request.output_ids.append(token)
             request.all_ids.append(token)
             if logprob is not None:
@@ -297,16 +333,25 @@ class LLMEngine:
             request.first_token_time = time.perf_counter()
         if request.text.finish_reason is not None:
             return self._finish(request, request.text.finish_reason, delta, 1)
+        if request.guide is not None and request.guide.done:  # the grammar is complete: nothing may follow
+            return self._finish(request, "stop", delta + request.text.finish(), 1)
         if len(request.output_ids) >= request.params.max_tokens:
             return self._finish(request, "length", delta + request.text.finish(), 1)
         return RequestOutput.of(request, delta, 1)
 
-    def _pick(self, request: Request, row: Tensor, greedy: int | None) -> tuple[int, TokenLogprob | None]:
-        """The next token of one request, with its log-probabilities if asked for."""
+    def _pick(
+        self, request: Request, row: Tensor, greedy: int | None, allowed: Tensor | None
+    ) -> tuple[int, TokenLogprob | None]:
+        """The next token of one request, with its log-probabilities if asked for (the model's own,
+        after penalties and before a grammar's mask, as vLLM reports them)."""
         params = request.params
         if params.penalized:
             row = apply_penalties(row, params, [request.prompt_ids], [request.output_ids])
-        token = greedy if greedy is not None else int(sample(row, params, request.generator)[0])
+        if greedy is not None:
+            token = greedy
+        else:
+            masked = row if allowed is None else row.masked_fill(~allowed[: row.shape[-1]], float("-inf"))
+            token = int(sample(masked, params, request.generator)[0])
         logprob = None
         if params.logprobs is not None:
             logprob = token_logprobs(row, torch.tensor([token]), params.logprobs)[0]

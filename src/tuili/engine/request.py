@@ -11,6 +11,7 @@ import torch
 from tuili.engine.blocks import BlockTable
 from tuili.engine.detokenize import OutputText
 from tuili.engine.sampling import SamplingParams, TokenLogprob
+from tuili.engine.structured import Guide
 
 
 class Status(enum.Enum):
@@ -40,6 +41,7 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    guide: Guide | None = None  # with SamplingParams(structured_outputs=...): its place in the grammar
 
     def __post_init__(self):
         self.all_ids = list(self.prompt_ids)  # prompt, then output: what the cache must hold

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tuili.engine.structured import StructuredOutputsParams
+
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing by them overflows the logits
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a 64-bit signed integer, as vLLM and OpenAI take it
 LOGPROB_FLOOR = -9999.0  # reported instead of -inf (JSON has no infinity), as vLLM's server does
@@ -40,6 +42,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # return the chosen token's log-probability and this many alternatives
+    structured_outputs: StructuredOutputsParams | None = None  # a JSON schema, regex, choice or grammar to follow
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -68,6 +72,12 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.logit_bias is not None:
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+                if not (math.isfinite(bias) and -100 <= bias <= 100):
+                    raise ValueError(f"logit_bias values must be in [-100, 100] (OpenAI's range), got {bias}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -78,14 +88,19 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        """Anything that changes the logits before sampling: penalties or a logit bias."""
+        penalties = self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        return penalties or bool(self.logit_bias)
 
 
 def apply_penalties(logits: Tensor, params: SamplingParams, prompt: list[list[int]], output: list[list[int]]) -> Tensor:
-    """Logits (B, V) after repetition (prompt and output tokens), presence and frequency (output
-    tokens) penalties, as vLLM and the OpenAI API define them."""
+    """Logits (B, V) after the logit bias, then repetition (prompt and output tokens), presence and
+    frequency (output tokens) penalties, as vLLM and the OpenAI API define them."""
     logits = logits.float().clone()
     vocab = logits.shape[-1]
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[:, ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
     for row, (seen_prompt, seen_output) in enumerate(zip(prompt, output)):
         counts = torch.bincount(torch.tensor(seen_output, dtype=torch.long), minlength=vocab)[:vocab].float()
         if params.repetition_penalty != 1:
@@ -115,7 +130,18 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     total = probs.sum(dim=-1)
     if not bool(torch.isfinite(total).all() and (total > 0).all()):  # NaN anywhere makes the sum NaN
         probs = _safe_probs(logits, params)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of a distribution (B, V), by inverse CDF: one uniform number against the
+    running sum, in float64 so that every token with a probability above ~1e-16 stays reachable.
+    torch.multinomial draws an exponential for every token of the vocabulary: 1.7 ms a row at
+    49,152 tokens on a Zen 3 core, against 0.19 ms here."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    chosen = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # the first token whose sum passes u
+    return chosen.clamp_max_(probs.shape[-1] - 1).squeeze(-1)
 
 
 def _probs(logits: Tensor, params: SamplingParams) -> Tensor:

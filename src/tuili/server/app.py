@@ -16,10 +16,11 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tuili.engine.async_llm import AsyncLLM
-from tuili.engine.pooling import embed, loglikelihood
+from tuili.engine.pooling import Score, embed, loglikelihood
 from tuili.engine.sampling import SamplingParams
 from tuili.server import errors
 from tuili.server.batcher import DynamicBatcher
@@ -27,7 +28,16 @@ from tuili.server.config import ServerConfig
 from tuili.server.limits import Limits
 from tuili.server.metrics import CONTENT_TYPE, Metrics
 from tuili.server.middleware import AccessLog, ApiKey, BodyLimit
-from tuili.server.openai import Formatter, TokenText, embedding_list, ignored_header, loglikelihood_list
+from tuili.server.openai import (
+    DONE,
+    Echo,
+    Formatter,
+    TokenText,
+    embedding_list,
+    ignored_header,
+    loglikelihood_list,
+    usage,
+)
 from tuili.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -41,7 +51,7 @@ from tuili.server.protocol import (
 from tuili.server.streams import Choices, Recorder, complete, stream, watch_disconnect
 
 log = logging.getLogger("tuili.server")
-OPEN_PATHS = {"/health", "/ready", "/metrics", "/docs", "/openapi.json"}
+OPEN_PATHS = {"/health", "/ready", "/metrics", "/version", "/docs", "/openapi.json"}
 _WARMUP_TEXT = (
     "Warm-up: the server runs a few short requests through every path before it reports "
     "that it is ready, so the first real request does not pay for compiling kernels."
@@ -53,10 +63,10 @@ class Server:
         self.llm, self.config = llm, config
         self.model = llm.model
         self.tokenizer = llm.model.tokenizer
-        self.context = llm.model.config.max_position_embeddings
+        self.context = config.context(llm.model.config.max_position_embeddings)
         self.limits = Limits(config, llm)
         self.tokens = TokenText(self.tokenizer)
-        self.metrics = Metrics(llm.stats)
+        self.metrics = Metrics(llm.stats, config.metrics_names, config.model_names[0])
         self.ready = False
         self.failure: str | None = None  # why warm-up failed, if it did
         self.in_flight = 0  # sequences running or waiting in the engine for this server
@@ -89,6 +99,9 @@ class Server:
             ("POST", "/v1/completions", self.completions),
             ("POST", "/v1/chat/completions", self.chat),
             ("GET", "/v1/models", self.models),
+            ("GET", "/v1/models/{model:path}", self.model_card),
+            ("GET", "/version", self.version),
+            ("GET", "/tokenizer_info", self.tokenizer_info),
             ("POST", "/v1/embeddings", self.embeddings),
             ("POST", "/v1/loglikelihood", self.loglikelihood),
             ("POST", "/tokenize", self.tokenize),
@@ -108,6 +121,8 @@ class Server:
             count=lambda path, status: self.metrics.requests.labels(path, status).inc(),
             endpoints={path for _, path, _ in routes},
         )
+        if self.config.cors is not None:  # outermost: a preflight needs no API key
+            app.add_middleware(CORSMiddleware, **self.config.cors)
         return app
 
     # ---- operations ------------------------------------------------------------------------
@@ -150,10 +165,30 @@ class Server:
         async for _ in self.llm.generate(ids, params, request_id):
             pass
 
+    def _card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "tuili", "root": self.model.source,
+                "max_model_len": self.context}  # fmt: skip
+
     async def models(self) -> dict:
-        card = {"id": self.config.model_names[0], "object": "model", "created": 0, "owned_by": "tuili",
-                "root": self.model.source, "max_model_len": self.context}  # fmt: skip
-        return {"object": "list", "data": [card]}
+        """Every name this server answers to (--served-model-name), one card each."""
+        return {"object": "list", "data": [self._card(name) for name in self.config.model_names]}
+
+    async def model_card(self, model: str) -> dict:
+        self.limits.model_name(model)
+        return self._card(model)
+
+    async def version(self) -> dict:
+        from tuili import __version__
+
+        return {"version": __version__}
+
+    async def tokenizer_info(self) -> dict:
+        """The tokenizer's special tokens and chat template, as vLLM's endpoint gives them (what
+        lm-evaluation-harness's remote tokenizer reads; /tokenize and /detokenize do the rest)."""
+        tokenizer = self.tokenizer
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": None, "chat_template": tokenizer.chat_template,
+                "model_max_length": self.context, "vocab_size": self.model.config.vocab_size}  # fmt: skip
 
     # ---- tokens ------------------------------------------------------------------------------
     async def tokenize(self, body: TokenizeRequest, response: Response) -> dict:
@@ -178,7 +213,23 @@ class Server:
             prompts = [self.limits.encode(p, "prompt") for p in body.prompts()]
         except ValueError as e:
             raise errors.APIError(400, str(e), "prompt") from None
-        return await self._generate(request, body, prompts, body.max_tokens, body.logprobs, chat=False)
+        echoes = None
+        if body.echo:
+            texts = [
+                p if isinstance(p, str) else self.tokenizer.decode(ids, False)
+                for p, ids in zip(body.prompts(), prompts)
+            ]
+            scores = [None] * len(prompts)
+            if body.logprobs is not None:
+                scores = await asyncio.gather(*(self._prompt_score(ids, body.logprobs) for ids in prompts))
+            echoes = [Echo(text, ids, score) for text, ids, score in zip(texts, prompts, scores)]
+        return await self._generate(request, body, prompts, body.max_tokens, body.logprobs, chat=False, echoes=echoes)
+
+    async def _prompt_score(self, ids: list[int], top: int) -> Score:
+        """The log-probability of each prompt token after those before it (none for the first)."""
+        if len(ids) < 2:
+            return Score(0.0, [], True, [])
+        return await self.scorer.submit((ids[:1], ids[1:], top))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.limits.serving(body.model, self.ready)
@@ -193,7 +244,12 @@ class Server:
         max_tokens: int | None,
         logprobs: int | None,
         chat: bool,
+        echoes: list[Echo] | None = None,
     ) -> Response:
+        if max_tokens == 0:  # completions with echo: the prompts and their log-probabilities alone
+            for ids in prompts:
+                self.limits.prompt_fits(ids)
+            return self._echo_only(body, prompts, logprobs, echoes or [])
         jobs = self.limits.jobs(body, prompts, max_tokens, logprobs, self.in_flight)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         request.state.request_id = request_id
@@ -206,6 +262,8 @@ class Server:
             logprobs is not None,
             body.include_usage,
             body.continuous_usage,
+            echoes,
+            body.n,
         )
         record = Recorder(self.metrics, [len(ids) for ids in prompts], body.n)
         self.in_flight += len(jobs)
@@ -221,6 +279,23 @@ class Server:
         response = await complete(choices, gone, fmt, record, timeout, late)
         response.headers.update(headers)
         return response
+
+    def _echo_only(
+        self, body: _Sampling, prompts: list[list[int]], logprobs: int | None, echoes: list[Echo]
+    ) -> Response:
+        """A completions response of echoed prompts and nothing generated (max_tokens 0)."""
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        fmt = Formatter(
+            request_id, self.config.model_names[0], int(time.time()), False, self.tokens, logprobs is not None,
+            body.include_usage, body.continuous_usage, echoes, body.n,
+        )  # fmt: skip
+        count, used = len(prompts) * body.n, usage(sum(map(len, prompts)), 0, 0)
+        headers = {"X-Request-Id": request_id, **ignored_header(body)}
+        if body.stream:
+            chunks = [fmt.echo_chunk(i, finished=True) for i in range(count)]
+            chunks += [fmt.usage_chunk(used)] if body.include_usage else []
+            return StreamingResponse(iter([*chunks, DONE]), media_type="text/event-stream", headers=headers)
+        return JSONResponse(fmt.response([fmt.choice(i, None) for i in range(count)], used), headers=headers)
 
     def _sequence_done(self, finished: bool) -> None:
         self.in_flight -= 1

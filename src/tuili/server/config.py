@@ -25,6 +25,13 @@ class ServerConfig:
     embed_batch_tokens: int = 16384
     request_timeout: float | None = 600.0
     warmup: bool = True
+    max_model_len: int | None = None  # the longest prompt + completion served (None: the model's context)
+    cors: dict | None = None  # CORSMiddleware's options (allow_origins, ...), or None: no CORS
+    metrics_names: str = "tuili"  # "vllm": /metrics under vLLM's names, with a model_name label
+
+    def context(self, model_context: int) -> int:
+        """The tokens a request may span: the model's context, or less with max_model_len."""
+        return min(model_context, self.max_model_len or model_context)
 
     def timeout_message(self) -> str:
         return (

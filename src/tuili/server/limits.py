@@ -19,7 +19,7 @@ class Limits:
     def __init__(self, config: ServerConfig, llm: AsyncLLM):
         self.config, self.llm, self.model = config, llm, llm.model
         self.tokenizer = llm.model.tokenizer
-        self.context = llm.model.config.max_position_embeddings
+        self.context = config.context(llm.model.config.max_position_embeddings)
 
     def serving(self, model: str | None, ready: bool) -> None:
         """The engine runs, warm-up is done, and `model` is a name this server answers to."""
@@ -76,10 +76,23 @@ class Limits:
         limit = self.config.max_tokens or self.context
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"max_tokens ({max_tokens}) exceeds this server's limit of {limit}", "max_tokens")
+        if body.structured is not None:
+            field, constraint = body.structured
+            try:
+                self.llm.engine.grammars.compile(constraint)
+            except ValueError as e:
+                raise APIError(400, str(e), field) from None
         jobs = []
         for i, ids in enumerate(prompts):
-            self._prompt_fits(ids)
+            self.prompt_fits(ids)
             wanted = max_tokens if max_tokens is not None else min(limit, self.context - len(ids))
+            if len(ids) + wanted > self.context:
+                raise APIError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({wanted}) exceeds the {self.context}-token "
+                    "context this server serves: ask for fewer tokens",
+                    "max_tokens",
+                )
             for j in range(body.n):
                 try:
                     params = body.sampling_params(wanted, logprobs, j)
@@ -96,7 +109,7 @@ class Limits:
             )
         return jobs
 
-    def _prompt_fits(self, ids: list[int]) -> None:
+    def prompt_fits(self, ids: list[int]) -> None:
         if self.config.max_prompt_tokens and len(ids) > self.config.max_prompt_tokens:
             raise APIError(
                 400,

@@ -1,4 +1,6 @@
-"""Prometheus metrics (prometheus-client), named like vLLM's where they mean the same thing.
+"""Prometheus metrics (prometheus-client), named like vLLM's where they mean the same thing: under
+a `tuili_` prefix, or with `names="vllm"` (`tuili serve --metrics-names vllm`) under vLLM's own
+`vllm:` prefix with its `model_name` label, so that vLLM's Grafana dashboards read them unchanged.
 
 Counters and histograms are recorded by the request handlers; the engine's gauges (running and
 waiting requests, KV-cache usage, prefix-cache hits) are read from `AsyncLLM.stats()` at each scrape.
@@ -43,11 +45,19 @@ _LATENCY_BUCKETS = (
 class _EngineCollector(Collector):
     """The engine's own state, read when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], dict[str, float]]):
-        self.stats = stats
+    def __init__(self, stats: Callable[[], dict[str, float]], prefix: str, labels: dict[str, str]):
+        self.stats, self.prefix, self.labels = stats, prefix, labels
 
     def collect(self) -> Iterator:
-        s = self.stats()
+        for family in self._families():
+            if self.labels:  # one sample, under the constant labels
+                labelled = type(family)(family.name, family.documentation, labels=list(self.labels))
+                labelled.add_metric(list(self.labels.values()), family.samples[0].value)
+                family = labelled
+            yield family
+
+    def _families(self) -> Iterator:
+        s, p = self.stats(), self.prefix
         policy = (
             ("max_num_seqs", "Requests the engine runs at once; the rest wait in the queue"),
             ("max_num_batched_tokens", "Tokens one engine step may carry"),
@@ -58,60 +68,66 @@ class _EngineCollector(Collector):
             ("prefill_token_seconds", "Measured seconds one prompt token adds to a step"),
         )
         for key, help_text in policy:
-            yield GaugeMetricFamily(f"tuili_scheduler_{key}", help_text, value=s[key])
-        yield GaugeMetricFamily("tuili_num_requests_running", "Requests in the running batch", value=s["running"])
-        yield GaugeMetricFamily("tuili_num_requests_waiting", "Requests waiting to be scheduled", value=s["waiting"])
+            yield GaugeMetricFamily(f"{p}scheduler_{key}", help_text, value=s[key])
+        yield GaugeMetricFamily(f"{p}num_requests_running", "Requests in the running batch", value=s["running"])
+        yield GaugeMetricFamily(f"{p}num_requests_waiting", "Requests waiting to be scheduled", value=s["waiting"])
         yield GaugeMetricFamily(
-            "tuili_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)", value=s["kv_usage"]
+            f"{p}kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)", value=s["kv_usage"]
         )
-        yield GaugeMetricFamily("tuili_kv_cache_blocks", "KV-cache blocks in all", value=s["kv_blocks_total"])
+        yield GaugeMetricFamily(f"{p}kv_cache_blocks", "KV-cache blocks in all", value=s["kv_blocks_total"])
         yield GaugeMetricFamily(
-            "tuili_prefix_cache_blocks",
+            f"{p}prefix_cache_blocks",
             "KV blocks held only by the prefix cache (reusable)",
             value=s["kv_cached_blocks"],
         )
         yield CounterMetricFamily(
-            "tuili_prefix_cache_queries", "Prompt blocks looked up in the prefix cache", value=s["prefix_cache_queries"]
+            f"{p}prefix_cache_queries", "Prompt blocks looked up in the prefix cache", value=s["prefix_cache_queries"]
         )
         yield CounterMetricFamily(
-            "tuili_prefix_cache_hits", "Prompt blocks found in the prefix cache", value=s["prefix_cache_hits"]
+            f"{p}prefix_cache_hits", "Prompt blocks found in the prefix cache", value=s["prefix_cache_hits"]
         )
-        yield CounterMetricFamily(
-            "tuili_num_preemptions", "Requests preempted for KV-cache room", value=s["preemptions"]
-        )
+        yield CounterMetricFamily(f"{p}num_preemptions", "Requests preempted for KV-cache room", value=s["preemptions"])
+
+
+class _Labelled:
+    """A metric with constant labels first (vLLM's model_name), then its own, if any."""
+
+    def __init__(self, metric, constant: tuple[str, ...]):
+        self.metric, self.constant = metric, constant
+
+    def labels(self, *values: str):
+        return self.metric.labels(*self.constant, *values)
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], dict[str, float]]):
+    def __init__(self, engine_stats: Callable[[], dict[str, float]], names: str = "tuili", model_name: str = ""):
+        if names not in ("tuili", "vllm"):
+            raise ValueError(f"metric names are 'tuili' or 'vllm', got {names!r}")
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "tuili_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        prefix, constant = ("vllm:", {"model_name": model_name}) if names == "vllm" else ("tuili_", {})
+
+        def make(kind, name: str, doc: str, labels: tuple[str, ...] = (), **options):
+            metric = kind(prefix + name, doc, [*constant, *labels], registry=r, **options)
+            if not constant:
+                return metric
+            return _Labelled(metric, tuple(constant.values())) if labels else metric.labels(*constant.values())
+
+        latency = {"buckets": _LATENCY_BUCKETS}
+        self.requests = make(Counter, "http_requests", "HTTP requests by endpoint and status", ("endpoint", "status"))
+        self.prompt_tokens = make(Counter, "prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = make(Counter, "generation_tokens", "Tokens generated")
+        self.finished = make(
+            Counter, "request_success", "Generation requests finished, by reason", ("finished_reason",)
         )
-        self.prompt_tokens = Counter("tuili_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("tuili_generation_tokens", "Tokens generated", registry=r)
-        self.finished = Counter(
-            "tuili_request_success", "Generation requests finished, by reason", ["finished_reason"], registry=r
+        self.ttft = make(Histogram, "time_to_first_token_seconds", "Arrival to first token", **latency)
+        self.itl = make(Histogram, "inter_token_latency_seconds", "Time between consecutive output tokens", **latency)
+        self.e2e = make(Histogram, "e2e_request_latency_seconds", "Arrival to last token", **latency)
+        self.queue_timeouts = make(
+            Counter, "request_queue_timeouts", "Requests refused (503) after waiting past max_queue_time"
         )
-        self.ttft = Histogram(
-            "tuili_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.itl = Histogram(
-            "tuili_inter_token_latency_seconds",
-            "Time between consecutive output tokens",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "tuili_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.queue_timeouts = Counter(
-            "tuili_request_queue_timeouts", "Requests refused (503) after waiting past max_queue_time", registry=r
-        )
-        self.queue = Histogram(
-            "tuili_request_queue_time_seconds", "Arrival to first scheduled", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        r.register(_EngineCollector(engine_stats))
+        self.queue = make(Histogram, "request_queue_time_seconds", "Arrival to first scheduled", **latency)
+        r.register(_EngineCollector(engine_stats, prefix, constant))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from dataclasses import dataclass
 from functools import lru_cache
 
 from torch import Tensor
@@ -28,17 +29,39 @@ class TokenText:
         self.of = lru_cache(maxsize=1 << 16)(lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
 
 
-def completion_logprobs(entries: list[TokenLogprob], tokens: TokenText, offset: int = 0) -> dict:
-    """The completions API's form: parallel lists, with text offsets into the completion."""
-    texts = [tokens.of(e.token_id) for e in entries]
+@dataclass
+class Echo:
+    """A completions prompt given back (`echo`): its text, its tokens, and with `logprobs` each
+    token's log-probability after the ones before it (`score`: of ids[1:]; nothing predicts ids[0])."""
+
+    text: str
+    ids: list[int]
+    score: Score | None = None
+
+    def entries(self) -> list[TokenLogprob | None]:
+        """Log-probability entries of the prompt's tokens: None for the first, as OpenAI and vLLM give it."""
+        if self.score is None:
+            return []
+        tops = self.score.top_logprobs or [[] for _ in self.ids[1:]]
+        scored = [TokenLogprob(t, lp, top) for t, lp, top in zip(self.ids[1:], self.score.token_logprobs, tops)]
+        return [None, *scored]
+
+
+def completion_logprobs(
+    entries: list[TokenLogprob | None], tokens: TokenText, offset: int = 0, ids: list[int] | None = None
+) -> dict:
+    """The completions API's form: parallel lists, with text offsets into the completion (an entry
+    of None, an echoed prompt's first token, has its id in `ids` and no log-probabilities)."""
+    token_ids = [e.token_id if e is not None else (ids or [0])[0] for e in entries]
+    texts = [tokens.of(t) for t in token_ids]
     offsets = []
     for text in texts:
         offsets.append(offset)
         offset += len(text)
     return {
         "tokens": texts,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tokens.of(t): lp for t, lp in e.top} for e in entries],
+        "token_logprobs": [e.logprob if e is not None else None for e in entries],
+        "top_logprobs": [{tokens.of(t): lp for t, lp in e.top} if e is not None else None for e in entries],
         "text_offset": offsets,
     }
 
@@ -77,8 +100,11 @@ class Formatter:
         logprobs: bool,
         include_usage: bool,
         continuous_usage: bool = False,
+        echoes: list[Echo] | None = None,
+        n: int = 1,
     ):
         self.id, self.model, self.created, self.chat = request_id, model, created, chat
+        self.echoes, self.n = echoes, n  # completions with echo: each prompt's, for its n choices
         self.tokens, self.logprobs, self.include_usage = tokens, logprobs, include_usage
         self.continuous_usage = continuous_usage  # every chunk carries its choice's usage so far
         self.object = "chat.completion" if chat else "text_completion"
@@ -108,14 +134,36 @@ class Formatter:
         offset = self._offsets.get(index, 0)
         return completion_logprobs(entries, self.tokens, offset)
 
-    def choice(self, index: int, out: RequestOutput) -> dict:
-        """A finished choice of a non-streaming response."""
+    def choice(self, index: int, out: RequestOutput | None) -> dict:
+        """A finished choice of a non-streaming response (`out` None: an echoed prompt, max_tokens 0)."""
+        echo = self.echoes[index // self.n] if self.echoes else None
+        if echo is not None:
+            entries = [*echo.entries(), *(out.logprobs if out else [])]
+            logprobs = completion_logprobs(entries, self.tokens, 0, echo.ids) if self.logprobs else None
+            text = echo.text + (out.text if out else "")
+            return {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": out.finish_reason if out else "length",
+            }
+        assert out is not None, "only an echoed prompt has a choice without output"
         choice = {"index": index, "logprobs": self._logprobs(out.logprobs, index), "finish_reason": out.finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = out.text
         return choice
+
+    def echo_chunk(self, index: int, finished: bool = False) -> str:
+        """A completions stream opens each choice with its echoed prompt (and its log-probabilities)."""
+        assert self.echoes is not None
+        echo = self.echoes[index // self.n]
+        logprobs = completion_logprobs(echo.entries(), self.tokens, 0, echo.ids) if self.logprobs else None
+        if logprobs is not None:
+            self._offsets[index] = sum(len(t) for t in logprobs["tokens"])
+        reason = "length" if finished else None
+        return self._chunk([{"index": index, "text": echo.text, "logprobs": logprobs, "finish_reason": reason}])
 
     def response(self, choices: list[dict], usage_: dict) -> dict:
         return {

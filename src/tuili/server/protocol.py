@@ -4,8 +4,12 @@ Fields follow the OpenAI API reference; `top_k`, `min_p`, `repetition_penalty`, 
 `stop_token_ids` are extensions vLLM also accepts. NaN, infinities and text that is not valid Unicode
 (a lone surrogate such as "\\ud800") are refused, naming the field.
 
-Unknown fields, one policy: a field tuili does not know could change the answer (vLLM's `guided_json`,
-the legacy `functions`), so it is refused with 400, never ignored. Only pure bookkeeping fields
+Structured output comes three ways, one at most a request: OpenAI's `response_format` (`json_object`,
+`json_schema`), vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, and current
+vLLM's `structured_outputs` object; each becomes one `StructuredOutputsParams`.
+
+Unknown fields, one policy: a field tuili does not know could change the answer (the legacy
+`functions`, a newer vLLM extension), so it is refused with 400, never ignored. Only pure bookkeeping fields
 (`IGNORABLE`: they change nothing a model computes) are accepted and ignored; the response names
 them in its `X-Tuili-Ignored-Fields` header and the server logs them.
 """
@@ -17,13 +21,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tuili.engine.sampling import SEED_RANGE, SamplingParams, wrap_seed
+from tuili.engine.structured import StructuredOutputsParams
 from tuili.server.errors import FieldError
+from tuili.server.structured import ResponseFormat, StructuredOutputsBody, structured_outputs
 
 NonNegInt = Annotated[int, Field(ge=0)]
 IGNORABLE = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # fields clients send that tuili cannot honour, with what each asks for
 _UNSUPPORTED = {
-    "guided_json": "structured output (guided_json, guided_regex, guided_choice, guided_grammar) is not supported",
     "functions": "function calling (functions, function_call, tools) is not supported",
     "function_call": "function calling (functions, function_call, tools) is not supported",
     "tool_choice": "function calling (tools, tool_choice) is not supported",
@@ -78,9 +83,8 @@ class _Request(BaseModel):
     @model_validator(mode="after")
     def _known_fields(self):
         for name in sorted(self.model_extra or ()):
-            if name.startswith("guided_") or name in _UNSUPPORTED:
-                reason = _UNSUPPORTED.get(name, _UNSUPPORTED["guided_json"])
-                raise FieldError(name, f"{reason} by this server; remove the field")
+            if name in _UNSUPPORTED:
+                raise FieldError(name, f"{_UNSUPPORTED[name]} by this server; remove the field")
             raise FieldError(
                 name,
                 f"unknown field; tuili refuses fields it cannot honour rather than "
@@ -128,6 +132,26 @@ class _Sampling(_Request):
     repetition_penalty: float = Field(1.0, gt=0, le=100)
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    # structured output: OpenAI's, vLLM's older fields, vLLM's current object
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    _structured: tuple[str, StructuredOutputsParams] | None = None  # (field, constraint) the fields above give
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias and not all(token.isascii() and token.isdigit() for token in bias):
+            raise ValueError('keys must be token ids, such as "50256"')
+        if bias and len(bias) > 300:
+            raise ValueError("at most 300 tokens (OpenAI's limit)")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -144,6 +168,16 @@ class _Sampling(_Request):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        self._structured = structured_outputs(self)
+        return self
+
+    @property
+    def structured(self) -> tuple[str, StructuredOutputsParams] | None:
+        """The structured-output constraint asked for, with the field that asked (None: free text)."""
+        return self._structured
 
     @property
     def include_usage(self) -> bool:
@@ -170,30 +204,33 @@ class _Sampling(_Request):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            structured_outputs=self._structured[1] if self._structured else None,
+            logit_bias=self._logit_bias(),
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's logit_bias, keyed by token id (JSON object keys are text)."""
+        return {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None
 
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt's log-probabilities alone
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion, with its log-probabilities
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
-    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.echo:
-            raise ValueError("echo is not supported: the response holds the completion only")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "max_tokens: 0 returns nothing without echo; ask for at least 1")
         if self.suffix:
             raise ValueError("suffix (insertion) is not supported by this model")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported: use n")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported: use stop_token_ids or repetition_penalty")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -259,17 +296,11 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _supported(self):
         if self.tools:
             raise ValueError("tools (function calling) are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported: use stop_token_ids or repetition_penalty")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self

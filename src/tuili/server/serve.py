@@ -52,6 +52,8 @@ def serve(
     grace: float = 30.0,
     log_level: str = "info",
     sock: socket.socket | None = None,
+    ssl_keyfile: str | None = None,
+    ssl_certfile: str | None = None,
 ) -> int:
     """Run until SIGTERM or Ctrl-C; returns the exit status (0 after a graceful stop, 1 if it could
     not start, ENGINE_FAILED if the engine stopped on a fault).
@@ -71,6 +73,8 @@ def serve(
         timeout_graceful_shutdown=grace,
         lifespan="on",
         timeout_keep_alive=30,
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
     )
     uv = uvicorn.Server(config)
 

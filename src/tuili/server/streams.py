@@ -159,9 +159,11 @@ async def stream(
     finals: dict[int, RequestOutput] = {}
     try:
         continuous = fmt.continuous_usage
-        if fmt.chat:
-            for index in range(count):
+        for index in range(count):  # chat opens each choice with the role, completions with an echo
+            if fmt.chat:
                 yield fmt.role_chunk(index, record.so_far(index, None) if continuous else None)
+            elif fmt.echoes is not None:
+                yield fmt.echo_chunk(index)
         async with asyncio.timeout(timeout):
             async for index, out in choices:
                 record.output(index, out)
