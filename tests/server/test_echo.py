@@ -69,3 +69,24 @@ def test_a_streamed_echo_opens_with_the_prompt(base, tiny_model):
 def test_max_tokens_zero_without_echo_is_a_400(base):
     r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 0}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_vllms_prompt_logprobs_on_both_endpoints(base, tiny_model):
+    ids = [5, 9, 31, 77, 12, 40]
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    choice = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()["choices"][0]
+    entries = choice["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    expected = prompt_logprobs(tiny_model, ids)
+    for token, entry, logprob in zip(ids[1:], entries[1:], expected):
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(logprob, abs=1e-4) and own["rank"] >= 1
+        ranked = sorted((v for k, v in entry.items() if k != str(token) or v["rank"] <= 2), key=lambda v: v["rank"])
+        assert [v["rank"] for v in ranked][:2] == [1, 2] and len(entry) <= 3
+        assert own["decoded_token"] == tiny_model.tokenizer.decode([token], skip_special_tokens=False)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0}
+    prompt_tokens = httpx.post(f"{base}/tokenize", json={"messages": chat["messages"]}).json()["count"]
+    entries = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=30).json()["choices"][0]["prompt_logprobs"]
+    assert len(entries) == prompt_tokens and all(len(e) == 1 for e in entries[1:])
+    streamed = httpx.post(f"{base}/v1/completions", json={**body, "stream": True}, timeout=30)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"

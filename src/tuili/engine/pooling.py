@@ -24,6 +24,7 @@ class Score:
     token_logprobs: list[float]
     is_greedy: bool  # every continuation token was the most likely one
     top_logprobs: list[list[tuple[int, float]]]  # per continuation token, with top_logprobs=n
+    ranks: list[int] | None = None  # per continuation token: 1 where it was the most likely
 
 
 def _padded(sequences: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
@@ -77,5 +78,6 @@ def loglikelihood(model: Model, pairs: list[tuple[list[int], list[int]]], top_lo
         if top_logprobs:
             values, indices = logp.topk(top_logprobs, dim=-1)
             top = [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
-        scores.append(Score(float(chosen.sum()), chosen.tolist(), greedy, top))
+        ranks = ((logp > chosen[:, None]).sum(-1) + 1).tolist()
+        scores.append(Score(float(chosen.sum()), chosen.tolist(), greedy, top, ranks))
     return scores

@@ -215,20 +215,23 @@ class Server:
             raise errors.APIError(400, str(e), "prompt") from None
         echoes = None
         if body.echo:
-            texts = [
-                p if isinstance(p, str) else self.tokenizer.decode(ids, False)
-                for p, ids in zip(body.prompts(), prompts)
-            ]
-            scores = [None] * len(prompts)
-            if body.logprobs is not None:
-                scores = await asyncio.gather(*(self._prompt_score(ids, body.logprobs) for ids in prompts))
-            echoes = [Echo(text, ids, score) for text, ids, score in zip(texts, prompts, scores)]
+            texts = [p if isinstance(p, str) else "" for p in body.prompts()]
+            echoes = await self._scored(prompts, body.logprobs, texts)
         return await self._generate(request, body, prompts, body.max_tokens, body.logprobs, chat=False, echoes=echoes)
 
+    async def _scored(self, prompts: list[list[int]], top: int | None, texts: list[str] | None = None) -> list[Echo]:
+        """Each prompt with its text (the given text, else its tokens decoded) and, where `top` is
+        given, each token's log-probability after those before it (none for the first)."""
+        texts = texts or [""] * len(prompts)
+        texts = [text or self.tokenizer.decode(ids, False) for text, ids in zip(texts, prompts)]
+        scores: list[Score | None] = [None] * len(prompts)
+        if top is not None:
+            scores = list(await asyncio.gather(*(self._prompt_score(ids, top) for ids in prompts)))
+        return [Echo(text, ids, score) for text, ids, score in zip(texts, prompts, scores)]
+
     async def _prompt_score(self, ids: list[int], top: int) -> Score:
-        """The log-probability of each prompt token after those before it (none for the first)."""
         if len(ids) < 2:
-            return Score(0.0, [], True, [])
+            return Score(0.0, [], True, [], [])
         return await self.scorer.submit((ids[:1], ids[1:], top))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -249,8 +252,11 @@ class Server:
         if max_tokens == 0:  # completions with echo: the prompts and their log-probabilities alone
             for ids in prompts:
                 self.limits.prompt_fits(ids)
-            return self._echo_only(body, prompts, logprobs, echoes or [])
-        jobs = self.limits.jobs(body, prompts, max_tokens, logprobs, self.in_flight)
+        else:
+            jobs = self.limits.jobs(body, prompts, max_tokens, logprobs, self.in_flight)
+        scored = None if body.prompt_logprobs is None else await self._scored(prompts, body.prompt_logprobs)
+        if max_tokens == 0:
+            return self._echo_only(body, prompts, logprobs, echoes or [], scored)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         request.state.request_id = request_id
         fmt = Formatter(
@@ -264,6 +270,7 @@ class Server:
             body.continuous_usage,
             echoes,
             body.n,
+            scored,
         )
         record = Recorder(self.metrics, [len(ids) for ids in prompts], body.n)
         self.in_flight += len(jobs)
@@ -281,13 +288,18 @@ class Server:
         return response
 
     def _echo_only(
-        self, body: _Sampling, prompts: list[list[int]], logprobs: int | None, echoes: list[Echo]
+        self,
+        body: _Sampling,
+        prompts: list[list[int]],
+        logprobs: int | None,
+        echoes: list[Echo],
+        scored: list[Echo] | None,
     ) -> Response:
         """A completions response of echoed prompts and nothing generated (max_tokens 0)."""
         request_id = f"cmpl-{uuid.uuid4().hex}"
         fmt = Formatter(
             request_id, self.config.model_names[0], int(time.time()), False, self.tokens, logprobs is not None,
-            body.include_usage, body.continuous_usage, echoes, body.n,
+            body.include_usage, body.continuous_usage, echoes, body.n, scored,
         )  # fmt: skip
         count, used = len(prompts) * body.n, usage(sum(map(len, prompts)), 0, 0)
         headers = {"X-Request-Id": request_id, **ignored_header(body)}

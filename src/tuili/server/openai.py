@@ -47,6 +47,20 @@ class Echo:
         return [None, *scored]
 
 
+def prompt_logprobs(echo: Echo, tokens: TokenText) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first) its own log-probability and
+    rank beside the most likely alternatives, keyed by token id."""
+    score = echo.score
+    assert score is not None and score.ranks is not None, "prompt log-probabilities are scored first"
+    entries: list[dict | None] = [None]
+    tops = score.top_logprobs or [[] for _ in echo.ids[1:]]
+    for token, logprob, rank, top in zip(echo.ids[1:], score.token_logprobs, score.ranks, tops):
+        entry = {str(t): {"logprob": v, "rank": i + 1, "decoded_token": tokens.of(t)} for i, (t, v) in enumerate(top)}
+        entry[str(token)] = {"logprob": logprob, "rank": rank, "decoded_token": tokens.of(token)}
+        entries.append(entry)
+    return entries
+
+
 def completion_logprobs(
     entries: list[TokenLogprob | None], tokens: TokenText, offset: int = 0, ids: list[int] | None = None
 ) -> dict:
@@ -102,9 +116,11 @@ class Formatter:
         continuous_usage: bool = False,
         echoes: list[Echo] | None = None,
         n: int = 1,
+        prompts: list[Echo] | None = None,
     ):
         self.id, self.model, self.created, self.chat = request_id, model, created, chat
         self.echoes, self.n = echoes, n  # completions with echo: each prompt's, for its n choices
+        self.prompts = prompts  # with vLLM's prompt_logprobs: each prompt's, scored
         self.tokens, self.logprobs, self.include_usage = tokens, logprobs, include_usage
         self.continuous_usage = continuous_usage  # every chunk carries its choice's usage so far
         self.object = "chat.completion" if chat else "text_completion"
@@ -135,7 +151,14 @@ class Formatter:
         return completion_logprobs(entries, self.tokens, offset)
 
     def choice(self, index: int, out: RequestOutput | None) -> dict:
-        """A finished choice of a non-streaming response (`out` None: an echoed prompt, max_tokens 0)."""
+        """A finished choice of a non-streaming response (`out` None: an echoed prompt, max_tokens 0),
+        with vLLM's `prompt_logprobs` where asked."""
+        choice = self._choice(index, out)
+        if self.prompts is not None:
+            choice["prompt_logprobs"] = prompt_logprobs(self.prompts[index // self.n], self.tokens)
+        return choice
+
+    def _choice(self, index: int, out: RequestOutput | None) -> dict:
         echo = self.echoes[index // self.n] if self.echoes else None
         if echo is not None:
             entries = [*echo.entries(), *(out.logprobs if out else [])]

@@ -133,6 +133,7 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (as text) -> bias
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's, with n alternatives
     # structured output: OpenAI's, vLLM's older fields, vLLM's current object
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -167,6 +168,8 @@ class _Sampling(_Request):
     def _usage_needs_stream(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise FieldError("prompt_logprobs", "prompt_logprobs come in non-streaming responses; set stream: false")
         return self
 
     @model_validator(mode="after")
