@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ class StructuredOutputsParams:
     json: str | dict[str, Any] | None = None
     json_object: bool = False
     regex: str | None = None
-    choice: tuple[str, ...] | None = None
+    choice: Sequence[str] | None = None  # kept as a tuple
     grammar: str | None = None
     whitespace_pattern: str | None = None
 
@@ -74,10 +75,10 @@ class StructuredOutputsParams:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StructuredOutputsParams) and self.key == other.key
 
-    @property
+    @cached_property
     def key(self) -> str:
         """The constraint as canonical text: what the compiled-grammar cache is keyed by."""
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}  # fields only, not the cache
         return json.dumps(fields, sort_keys=True, ensure_ascii=False)
 
     @property

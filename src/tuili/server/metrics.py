@@ -42,23 +42,11 @@ _LATENCY_BUCKETS = (
 )
 
 
-class _EngineCollector(Collector):
-    """The engine's own state, read when Prometheus scrapes."""
-
-    def __init__(self, stats: Callable[[], dict[str, float]], prefix: str, labels: dict[str, str]):
-        self.stats, self.prefix, self.labels = stats, prefix, labels
-
-    def collect(self) -> Iterator:
-        for family in self._families():
-            if self.labels:  # one sample, under the constant labels
-                labelled = type(family)(family.name, family.documentation, labels=list(self.labels))
-                labelled.add_metric(list(self.labels.values()), family.samples[0].value)
-                family = labelled
-            yield family
-
-    def _families(self) -> Iterator:
-        s, p = self.stats(), self.prefix
-        policy = (
+# the engine's gauges and counters: (kind, name, help, key in AsyncLLM.stats())
+_ENGINE = (
+    *(
+        (GaugeMetricFamily, f"scheduler_{key}", text, key)
+        for key, text in (
             ("max_num_seqs", "Requests the engine runs at once; the rest wait in the queue"),
             ("max_num_batched_tokens", "Tokens one engine step may carry"),
             ("target_itl", "Seconds a step with decodes should take (0: no pacing, throughput first)"),
@@ -67,26 +55,40 @@ class _EngineCollector(Collector):
             ("decode_step_seconds", "Measured seconds of a decode-only step (recent steps weighted most)"),
             ("prefill_token_seconds", "Measured seconds one prompt token adds to a step"),
         )
-        for key, help_text in policy:
-            yield GaugeMetricFamily(f"{p}scheduler_{key}", help_text, value=s[key])
-        yield GaugeMetricFamily(f"{p}num_requests_running", "Requests in the running batch", value=s["running"])
-        yield GaugeMetricFamily(f"{p}num_requests_waiting", "Requests waiting to be scheduled", value=s["waiting"])
-        yield GaugeMetricFamily(
-            f"{p}kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)", value=s["kv_usage"]
-        )
-        yield GaugeMetricFamily(f"{p}kv_cache_blocks", "KV-cache blocks in all", value=s["kv_blocks_total"])
-        yield GaugeMetricFamily(
-            f"{p}prefix_cache_blocks",
-            "KV blocks held only by the prefix cache (reusable)",
-            value=s["kv_cached_blocks"],
-        )
-        yield CounterMetricFamily(
-            f"{p}prefix_cache_queries", "Prompt blocks looked up in the prefix cache", value=s["prefix_cache_queries"]
-        )
-        yield CounterMetricFamily(
-            f"{p}prefix_cache_hits", "Prompt blocks found in the prefix cache", value=s["prefix_cache_hits"]
-        )
-        yield CounterMetricFamily(f"{p}num_preemptions", "Requests preempted for KV-cache room", value=s["preemptions"])
+    ),
+    (GaugeMetricFamily, "num_requests_running", "Requests in the running batch", "running"),
+    (GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled", "waiting"),
+    (GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)", "kv_usage"),
+    (GaugeMetricFamily, "kv_cache_blocks", "KV-cache blocks in all", "kv_blocks_total"),
+    (
+        GaugeMetricFamily,
+        "prefix_cache_blocks",
+        "KV blocks held only by the prefix cache (reusable)",
+        "kv_cached_blocks",
+    ),
+    (
+        CounterMetricFamily,
+        "prefix_cache_queries",
+        "Prompt blocks looked up in the prefix cache",
+        "prefix_cache_queries",
+    ),
+    (CounterMetricFamily, "prefix_cache_hits", "Prompt blocks found in the prefix cache", "prefix_cache_hits"),
+    (CounterMetricFamily, "num_preemptions", "Requests preempted for KV-cache room", "preemptions"),
+)
+
+
+class _EngineCollector(Collector):
+    """The engine's own state, read when Prometheus scrapes, under the constant labels if any."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]], prefix: str, labels: dict[str, str]):
+        self.stats, self.prefix, self.labels = stats, prefix, labels
+
+    def collect(self) -> Iterator:
+        s = self.stats()
+        for kind, name, text, key in _ENGINE:
+            family = kind(self.prefix + name, text, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), s[key])
+            yield family
 
 
 class _Labelled:

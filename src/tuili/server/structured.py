@@ -78,14 +78,7 @@ def structured_outputs(body: Any) -> tuple[str, StructuredOutputsParams] | None:
             schema = fmt.json_schema.schema_ if fmt.json_schema else None
             return given[0], StructuredOutputsParams(json=schema, json_object=schema is None)
         if guided:
-            choice = guided.pop("choice", None)
-            return given[0], StructuredOutputsParams(
-                **guided,
-                choice=None if choice is None else tuple(choice),
-                whitespace_pattern=body.guided_whitespace_pattern,
-            )
-        fields = body.structured_outputs.model_dump(by_alias=True)
-        fields["choice"] = None if fields["choice"] is None else tuple(fields["choice"])
-        return given[0], StructuredOutputsParams(**fields)
+            return given[0], StructuredOutputsParams(**guided, whitespace_pattern=body.guided_whitespace_pattern)
+        return given[0], StructuredOutputsParams(**body.structured_outputs.model_dump(by_alias=True))
     except ValueError as e:
         raise FieldError(given[0], str(e)) from None
