@@ -301,9 +301,9 @@ def test_invalid_unicode_is_a_400_naming_the_field(base, path, raw, param):
 @pytest.mark.parametrize(
     "path, body, param, words",
     [
-        ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions", ["function calling"]),
-        ("/v1/chat/completions", {**CHAT, "function_call": "auto"}, "function_call", ["function calling"]),
-        ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice", ["function calling"]),
+        ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions", ["legacy", "tools"]),
+        ("/v1/chat/completions", {**CHAT, "function_call": "auto"}, "function_call", ["legacy", "tool_choice"]),
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice", ["needs tools"]),
         ("/v1/completions", {**GOOD, "frobnicate": 1}, "frobnicate", ["unknown field"]),
         ("/v1/embeddings", {"model": MODEL, "input": "x", "truncate": True}, "truncate", ["unknown field"]),
         (

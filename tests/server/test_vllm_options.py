@@ -14,7 +14,8 @@ LINE = (
     "serve --model default --served-model-name smollm2 chat --max-model-len 1024 --seed 7 "
     '--generation-config vllm --allowed-origins ["https://a.example"] --allow-credentials --trust-remote-code '
     "--enforce-eager --disable-log-requests --disable-log-stats --no-enable-prefix-caching --block-size 32 "
-    "--uvicorn-log-level warning --tensor-parallel-size 1 --max-num-seqs 8"
+    "--uvicorn-log-level warning --tensor-parallel-size 1 --max-num-seqs 8 "
+    "--enable-auto-tool-choice --tool-call-parser llama3_json"
 )
 
 
@@ -23,7 +24,7 @@ def test_a_vllm_launch_line_parses_into_tuilis_options():
     vllm_options.check(args)
     assert args.served_model_name == ["smollm2", "chat"]
     assert (args.max_model_len, args.seed, args.block_size, args.enable_prefix_caching) == (1024, 7, 32, False)
-    assert args.log_level == "warning"
+    assert args.log_level == "warning" and args.tool_call_parser == "llama3_json"
     assert vllm_options.cors(args) == {
         "allow_origins": ["https://a.example"],
         "allow_methods": ["*"],
@@ -35,8 +36,6 @@ def test_a_vllm_launch_line_parses_into_tuilis_options():
 @pytest.mark.parametrize(
     "extra, words",
     [
-        ("--enable-auto-tool-choice", "tool calling"),
-        ("--tool-call-parser hermes", "tool calling"),
         ("--tensor-parallel-size 2", "one process"),
         ("--quantization awq", "tuili quantize"),
         ("--gpu-memory-utilization 0.9", "--kv-cache-gb"),
@@ -49,6 +48,12 @@ def test_vllm_options_for_features_tuili_lacks_fail_with_what_to_use(extra, word
     args = parser().parse_args(["serve", *extra.split()])
     with pytest.raises(ValueError, match=words):
         vllm_options.check(args)
+
+
+def test_a_tool_call_format_tuili_lacks_is_refused_with_the_ones_it_has(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--tool-call-parser", "mistral"])
+    assert "'hermes', 'llama3_json'" in capsys.readouterr().err
 
 
 def test_a_chat_template_is_text_or_a_file(tmp_path):

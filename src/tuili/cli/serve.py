@@ -97,6 +97,7 @@ def _serve(args) -> int:
         max_model_len=args.max_model_len,
         cors=vllm_options.cors(args),
         metrics_names=args.metrics_names,
+        tool_call_parser=args.tool_call_parser,
         api_key=args.api_key or None,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,

@@ -4,9 +4,11 @@ tuili has the feature, and fails at once, saying what to use, where it does not.
 Options tuili honours under vLLM's names: --max-model-len, --chat-template, --seed,
 --generation-config vllm, --allowed-origins / --allowed-methods / --allowed-headers /
 --allow-credentials (CORS), --ssl-keyfile / --ssl-certfile, --block-size,
---enable-prefix-caching / --no-enable-prefix-caching, --uvicorn-log-level, and the flags that
-change nothing on tuili's CPU engine (--trust-remote-code: tuili never runs a model's own code;
---enforce-eager: there are no CUDA graphs; --disable-log-requests, --disable-log-stats).
+--enable-prefix-caching / --no-enable-prefix-caching, --uvicorn-log-level, --tool-call-parser
+(hermes, llama3_json), and the flags that change nothing on tuili's CPU engine (--trust-remote-code:
+tuili never runs a model's own code; --enforce-eager: there are no CUDA graphs;
+--enable-auto-tool-choice: tool_choice "auto" is always allowed; --disable-log-requests,
+--disable-log-stats).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+from tuili.engine.tools import ToolFormat
+
 # vLLM options for features tuili does not have: the option, and what to do instead
 LACKING = {
-    "--enable-auto-tool-choice": "tool calling is not supported by tuili serve; remove the option",
-    "--tool-call-parser": "tool calling is not supported by tuili serve; remove the option",
     "--tensor-parallel-size": "tuili runs one process on the CPU; remove the option (scale out with replicas)",
     "--pipeline-parallel-size": "tuili runs one process on the CPU; remove the option (scale out with replicas)",
     "--quantization": "tuili reads a checkpoint's quantization from its folder; quantize with `tuili quantize`",
@@ -27,7 +29,13 @@ LACKING = {
     "--enable-lora": "LoRA adapters are not supported by tuili serve; merge them into the model first",
     "--lora-modules": "LoRA adapters are not supported by tuili serve; merge them into the model first",
 }
-UNCHANGED = ("--trust-remote-code", "--enforce-eager", "--disable-log-requests", "--disable-log-stats")
+UNCHANGED = (
+    "--trust-remote-code",
+    "--enforce-eager",
+    "--disable-log-requests",
+    "--disable-log-stats",
+    "--enable-auto-tool-choice",  # tuili always allows tool_choice "auto"
+)
 
 
 def add(p: argparse.ArgumentParser) -> None:
@@ -50,6 +58,11 @@ def add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument("--ssl-keyfile", help="serve HTTPS with this key (and --ssl-certfile)")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (and --ssl-keyfile)")
+    p.add_argument(
+        "--tool-call-parser",
+        choices=sorted(ToolFormat.formats),
+        help="how the model writes tool calls: hermes (Hermes, Qwen) or llama3_json (default: from the chat template)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--uvicorn-log-level", choices=["debug", "info", "warning", "error"], help="the same as --log-level")

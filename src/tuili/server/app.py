@@ -13,15 +13,19 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tuili.engine import tools
 from tuili.engine.async_llm import AsyncLLM
 from tuili.engine.pooling import Score, embed, loglikelihood
 from tuili.engine.sampling import SamplingParams
+from tuili.engine.tools import ToolFormat
 from tuili.server import errors
 from tuili.server.batcher import DynamicBatcher
 from tuili.server.config import ServerConfig
@@ -49,6 +53,7 @@ from tuili.server.protocol import (
     message_dict,
 )
 from tuili.server.streams import Choices, Recorder, complete, stream, watch_disconnect
+from tuili.server.tools import ToolUse
 
 log = logging.getLogger("tuili.server")
 OPEN_PATHS = {"/health", "/ready", "/metrics", "/version", "/docs", "/openapi.json"}
@@ -67,6 +72,8 @@ class Server:
         self.limits = Limits(config, llm)
         self.tokens = TokenText(self.tokenizer)
         self.metrics = Metrics(llm.stats, config.metrics_names, config.model_names[0])
+        parser = config.tool_call_parser
+        self.tool_format = ToolFormat.named(parser) if parser else ToolFormat.for_template(self.tokenizer.chat_template)
         self.ready = False
         self.failure: str | None = None  # why warm-up failed, if it did
         self.in_flight = 0  # sequences running or waiting in the engine for this server
@@ -195,7 +202,8 @@ class Server:
         response.headers.update(ignored_header(body))
         self.limits.model_name(body.model)
         if body.messages is not None:
-            ids = self.limits.render_chat([message_dict(m) for m in body.messages], body.add_generation_prompt)
+            offered = ToolUse(body.tools, None, True).offered
+            ids = self._render([message_dict(m) for m in body.messages], offered, body.add_generation_prompt)
         else:
             ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
@@ -234,10 +242,22 @@ class Server:
             return Score(0.0, [], True, [], [])
         return await self.scorer.submit((ids[:1], ids[1:], top))
 
+    def _render(self, messages: list[dict], offered: list[tools.Function], generation: bool = True) -> list[int]:
+        """A conversation's prompt ids, with the tools offered told to the template in the model's way."""
+        template = self.tokenizer.chat_template
+        messages, extra = tools.conversation(messages, offered, self.tool_format, template)
+        return self.limits.render_chat(messages, generation, **extra)
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.limits.serving(body.model, self.ready)
-        ids = self.limits.render_chat(body.conversation())
-        return await self._generate(request, body, [ids], body.requested_max_tokens, body.num_logprobs, chat=True)
+        use, fmt = body.tool_use, self.tool_format
+        ids = self._render(body.conversation(), use.offered)
+        parser = None
+        if use.choice is not None:  # the grammar keeps every call well-formed; the parser reads them
+            body.constrain("tools", fmt.constraint(use.functions, use.choice, use.parallel))
+            parser = partial(tools.ToolStream, fmt, use.functions, use.parallel)
+        max_tokens, logprobs = body.requested_max_tokens, body.num_logprobs
+        return await self._generate(request, body, [ids], max_tokens, logprobs, chat=True, parser=parser)
 
     async def _generate(
         self,
@@ -248,6 +268,7 @@ class Server:
         logprobs: int | None,
         chat: bool,
         echoes: list[Echo] | None = None,
+        parser: Callable[[], tools.ToolStream] | None = None,
     ) -> Response:
         if max_tokens == 0:  # completions with echo: the prompts and their log-probabilities alone
             for ids in prompts:
@@ -271,6 +292,7 @@ class Server:
             echoes,
             body.n,
             scored,
+            parser,
         )
         record = Recorder(self.metrics, [len(ids) for ids in prompts], body.n)
         self.in_flight += len(jobs)

@@ -28,6 +28,7 @@ class ServerConfig:
     max_model_len: int | None = None  # the longest prompt + completion served (None: the model's context)
     cors: dict | None = None  # CORSMiddleware's options (allow_origins, ...), or None: no CORS
     metrics_names: str = "tuili"  # "vllm": /metrics under vLLM's names, with a model_name label
+    tool_call_parser: str | None = None  # how the model writes tool calls (None: read from its chat template)
 
     def context(self, model_context: int) -> int:
         """The tokens a request may span: the model's context, or less with max_model_len."""

@@ -4,8 +4,9 @@ Each failure is an `APIError` (4xx, or 503 while the engine cannot serve) that s
 
 from __future__ import annotations
 
+from typing import Any
+
 from tuili.engine.async_llm import AsyncLLM
-from tuili.engine.llm import encode_prompt
 from tuili.engine.sampling import SamplingParams
 from tuili.errors import TuiliError
 from tuili.server.config import ServerConfig
@@ -57,11 +58,10 @@ class Limits:
             raise APIError(400, f"token ids must be in [0, {vocab}), the model's vocabulary", param)
         return ids
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]], generation: bool = True, **extra: Any) -> list[int]:
+        """The conversation's prompt ids (`extra`: the template's other variables, such as tools)."""
         try:
-            if add_generation_prompt:
-                return encode_prompt(self.model, messages)
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation, **extra)
             return self.tokenizer.encode(text, add_special_tokens=False)
         except (TuiliError, ValueError) as e:
             raise APIError(

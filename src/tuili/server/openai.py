@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -15,6 +16,7 @@ from torch import Tensor
 from tuili.engine.pooling import Score
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import TokenLogprob
+from tuili.engine.tools import ToolStream
 from tuili.models.tokenizer import Tokenizer
 from tuili.server.errors import error_body
 from tuili.server.protocol import _Request
@@ -117,6 +119,7 @@ class Formatter:
         echoes: list[Echo] | None = None,
         n: int = 1,
         prompts: list[Echo] | None = None,
+        tools: Callable[[], ToolStream] | None = None,
     ):
         self.id, self.model, self.created, self.chat = request_id, model, created, chat
         self.echoes, self.n = echoes, n  # completions with echo: each prompt's, for its n choices
@@ -125,6 +128,9 @@ class Formatter:
         self.continuous_usage = continuous_usage  # every chunk carries its choice's usage so far
         self.object = "chat.completion" if chat else "text_completion"
         self._offsets: dict[int, int] = {}  # choice index -> characters streamed (completion text offsets)
+        self.tools = tools  # with tools: a parser per choice, which reads its calls out of its text
+        self._parsers: dict[int, ToolStream] = {}
+        self._calls: dict[int, int] = {}  # choice index -> tool calls streamed
         # The common stream chunk (text, no log-probabilities, not the last) is a template around
         # the JSON of its text: a streaming server writes one per token, and building and encoding
         # the whole object each time was most of the event loop's work per token.
@@ -172,7 +178,13 @@ class Formatter:
             }
         assert out is not None, "only an echoed prompt has a choice without output"
         choice = {"index": index, "logprobs": self._logprobs(out.logprobs, index), "finish_reason": out.finish_reason}
-        if self.chat:
+        if self.chat and self.tools is not None:
+            content, calls = self.tools().feed(out.text, final=True)
+            choice["message"] = {"role": "assistant", "content": content or None}
+            if calls:  # as OpenAI: no tool_calls key in a reply without calls
+                choice["message"]["tool_calls"] = [call.openai() for call in calls]
+            choice["finish_reason"] = _finish(out, bool(calls))
+        elif self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = out.text
@@ -222,6 +234,8 @@ class Formatter:
         `usage_`: the choice's usage so far, where the request asked for it in every chunk."""
         if not out.delta and not out.finished and not (self.logprobs and out.new_logprobs):
             return None
+        if self.tools is not None:
+            return self._tool_chunk(index, out, usage_)
         if not out.finished and not self.logprobs:
             tail = self._tail if usage_ is None else f'{self._open_tail}, "usage": {json.dumps(usage_)}}}\n\n'
             return f"{self._head}{index}{self._field}{json.dumps(out.delta, ensure_ascii=False)}{self._close}{tail}"
@@ -235,8 +249,30 @@ class Formatter:
             choice["text"] = out.delta
         return self._chunk([choice], usage_)
 
+    def _tool_chunk(self, index: int, out: RequestOutput, usage_: dict | None) -> str | None:
+        """A chat stream chunk where the text may hold tool calls: text that may open a call is held
+        back, and each call comes whole, in one `tool_calls` delta, once its text is complete."""
+        assert self.tools is not None
+        parser = self._parsers.setdefault(index, self.tools())
+        content, calls = parser.feed(out.delta, out.finished)
+        delta: dict = {"content": content} if content else {}
+        if calls:
+            first = self._calls.get(index, 0)
+            delta["tool_calls"] = [{"index": first + k, **call.openai()} for k, call in enumerate(calls)]
+            self._calls[index] = first + len(calls)
+        logprobs = self._logprobs(out.new_logprobs, index)
+        if not delta and not out.finished and logprobs is None:
+            return None
+        reason = _finish(out, bool(parser.calls)) if out.finished else None
+        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}], usage_)
+
     def usage_chunk(self, usage_: dict) -> str:
         return self._chunk([], usage_)
+
+
+def _finish(out: RequestOutput, called: bool) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" where a choice that ended on its own made calls."""
+    return "tool_calls" if called and out.finish_reason == "stop" else out.finish_reason
 
 
 def embedding_list(vectors: list[Tensor], encoding_format: str, model: str, prompt_tokens: int) -> dict:

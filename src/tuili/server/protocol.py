@@ -24,15 +24,14 @@ from tuili.engine.sampling import SEED_RANGE, SamplingParams, wrap_seed
 from tuili.engine.structured import StructuredOutputsParams
 from tuili.server.errors import FieldError
 from tuili.server.structured import ResponseFormat, StructuredOutputsBody, structured_outputs
+from tuili.server.tools import NamedToolChoice, ToolCallEntry, ToolDefinition, ToolUse, history_checked
 
 NonNegInt = Annotated[int, Field(ge=0)]
 IGNORABLE = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # fields clients send that tuili cannot honour, with what each asks for
 _UNSUPPORTED = {
-    "functions": "function calling (functions, function_call, tools) is not supported",
-    "function_call": "function calling (functions, function_call, tools) is not supported",
-    "tool_choice": "function calling (tools, tool_choice) is not supported",
-    "parallel_tool_calls": "function calling (tools, parallel_tool_calls) is not supported",
+    "functions": "the legacy functions API is not supported (send tools)",
+    "function_call": "the legacy function_call is not supported (send tool_choice)",
 }
 
 
@@ -177,6 +176,11 @@ class _Sampling(_Request):
         self._structured = structured_outputs(self)
         return self
 
+    def constrain(self, field: str, constraint: StructuredOutputsParams) -> None:
+        """Shape the reply with `constraint`, which `field` asked for (the server's own, such as tools')."""
+        assert self._structured is None, "one constraint a request"
+        self._structured = (field, constraint)
+
     @property
     def structured(self) -> tuple[str, StructuredOutputsParams] | None:
         """The structured-output constraint asked for, with the field that asked (None: free text)."""
@@ -248,9 +252,6 @@ class CompletionRequest(_Sampling):
         return list(prompt)
 
 
-_TOOL_KEYS = frozenset({"tool_calls", "tool_call_id", "function_call"})
-
-
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
@@ -258,23 +259,20 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One message of the history. Tool calls and tool results are refused: dropping them would
-    render a different conversation than the client sent."""
+    """One message of the history: an assistant turn may carry the tool calls it made, and a
+    `tool` message the result of one."""
 
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallEntry] | None = None
+    tool_call_id: str | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _no_tools(cls, data: Any) -> Any:
-        if isinstance(data, dict) and (data.get("role") == "tool" or _TOOL_KEYS & data.keys()):
-            raise ValueError(
-                "tool calls and tool results in the history (role 'tool', tool_calls, "
-                "function_call) are not supported by this server"
-            )
-        return data
+    def _tool_fields(cls, data: Any) -> Any:
+        return history_checked(data)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -282,11 +280,16 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-def message_dict(message: ChatMessage) -> dict[str, str]:
+def message_dict(message: ChatMessage) -> dict[str, Any]:
     """The message as the chat template reads it (developer messages are system messages)."""
-    entry = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+    entry["content"] = message.text()
     if message.name is not None:
         entry["name"] = message.name
+    if message.tool_calls:
+        entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
     return entry
 
 
@@ -298,12 +301,15 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    _tool_use: ToolUse | None = None
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported by this server")
+        self._tool_use = ToolUse(self.tools, self.tool_choice, self.parallel_tool_calls)
+        self._tool_use.check_alone(self.structured)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -316,7 +322,12 @@ class ChatCompletionRequest(_Sampling):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self) -> list[dict[str, str]]:
+    @property
+    def tool_use(self) -> ToolUse:
+        assert self._tool_use is not None, "set when the request is validated"
+        return self._tool_use
+
+    def conversation(self) -> list[dict[str, Any]]:
         return [message_dict(m) for m in self.messages]
 
 
@@ -364,6 +375,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDefinition] | None = None  # rendered with the messages, as chat requests render them
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
