@@ -252,3 +252,15 @@ def _scored(module, prompt, tokens):
     """The uncached model's log-probabilities of `tokens` following `prompt`."""
     logprobs = torch.log_softmax(_logits(module, prompt + tokens)[len(prompt) - 1 : -1], dim=-1)
     return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
+
+
+def test_preemption_with_the_prefix_cache_never_leaves_every_block_to_waiting_requests():
+    """A preempted request goes back to the front of the queue; the one it passes must not keep the
+    prefix blocks it matched, or waiting requests can end up holding every block, and nothing runs."""
+    model = random_tiny("llama-gqa", max_position_embeddings=1024)
+    prompts = [list(range(3, 40)) * 2, list(range(50, 70)), [5, 6, 7], [9, 8, 7, 9, 8, 7, 9, 8]]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    tight = LLM(model, block_size=4, kv_cache_bytes=40 * 4 * _bytes_per_token(model))
+    outs = tight.generate(prompts, params)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in LLM(model, block_size=4).generate(prompts, params)]

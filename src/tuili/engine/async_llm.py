@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tuili.engine.llm import LLMEngine, Prompt
+from tuili.engine.llm import LLMEngine
 from tuili.engine.pacing import DEFAULT_TARGET_ITL
+from tuili.engine.prompt import Prompt
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams
 from tuili.errors import QueueTimeout, RequestFailed

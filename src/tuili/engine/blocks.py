@@ -92,6 +92,17 @@ class BlockTable:
         self.num_tokens = num_tokens
         return copies
 
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the slots of the first `num_tokens` tokens; the blocks past them are let go (the
+        rejected tokens of a speculative step)."""
+        if not 0 <= num_tokens <= self.num_tokens:
+            raise ValueError(f"cannot keep {num_tokens} of this sequence's {self.num_tokens} tokens")
+        keep = -(-num_tokens // self.block_size)
+        for block in self.blocks[keep:]:
+            self.allocator.free(block)
+        del self.blocks[keep:]
+        self.num_tokens = num_tokens
+
     def slots(self, start: int, end: int) -> list[int]:
         """Flat slot ids (block · block_size + offset) of tokens start … end − 1."""
         if not 0 <= start <= end <= self.num_tokens:

@@ -17,42 +17,26 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from tuili.engine.blocks import BlockTable
 from tuili.engine.detokenize import OutputText
+from tuili.engine.forward import Segment, engine_compute_dtype, packed_forward
 from tuili.engine.pacing import StepPacer
 from tuili.engine.paged_cache import PagedKVCache
+from tuili.engine.prompt import Prompt, encode_prompt
 from tuili.engine.request import Request, RequestOutput
 from tuili.engine.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
 from tuili.engine.scheduler import Chunk, Scheduler
+from tuili.engine.speculative import SpeculativeConfig, Speculator
 from tuili.engine.step import DecodeStep
 from tuili.engine.structured import Grammars
 from tuili.kernels import ops as kernels
 from tuili.models.lazy import onload_all
 from tuili.models.memory import return_freed_memory
 from tuili.models.model import Model
-from tuili.quant.kernel_layer import KernelLinear, compute_dtype
+from tuili.quant.kernel_layer import KernelLinear
 
 log = logging.getLogger("tuili.engine")
-Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages (the engine's own forms)
 MAX_DEFAULT_KV_BYTES = 4 << 30
 DEFAULT_KV_TOKENS_PER_SEQ = 2048
-
-
-def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: text, ids, or chat messages (rendered with the chat template)."""
-    if isinstance(prompt, str):
-        return model.tokenizer.encode(prompt)
-    if prompt and isinstance(prompt[0], dict):
-        text = model.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-        return model.tokenizer.encode(text, add_special_tokens=False)
-    return list(cast(list[int], prompt))
-
-
-def engine_compute_dtype(model_dtype: torch.dtype, bf16_activations: bool | None = None) -> torch.dtype | None:
-    """The `compute_dtype` the engine runs an fp32 model's weight-only layers under: bf16 where
-    asked, or by default where this CPU multiplies bf16 natively; None (the activations' own) else."""
-    use_bf16 = kernels.bf16_is_fast() if bf16_activations is None else bf16_activations
-    return torch.bfloat16 if use_bf16 and model_dtype == torch.float32 else None
 
 
 class LLMEngine:
@@ -78,6 +62,7 @@ class LLMEngine:
         for comparisons; tuili's kernels are what make decoding fast).
     seed: seeds the requests that bring no seed of their own (`tuili serve --seed`), so that a run
         of the same requests in the same order samples the same tokens (None: fresh entropy).
+    speculative: speculative decoding (tuili.engine.speculative): drafts checked in each decode step.
     fast_decode: steps of one token per sequence run as one C++ call (tuili.engine.step) where the
         kernels are built and every layer has one; the module forward otherwise, and with False.
         The model must not change while requests run: a new module, packed weights or hook is
@@ -101,6 +86,7 @@ class LLMEngine:
         fast_decode: bool = True,
         kernels: bool = True,
         seed: int | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         if max_queue_time is not None and not max_queue_time > 0:
             raise ValueError(f"max_queue_time must be a positive number of seconds (or None), got {max_queue_time}")
@@ -129,6 +115,7 @@ class LLMEngine:
         self.compute_dtype = engine_compute_dtype(dtype, bf16_activations)
         self.fast_decode, self.kernels = fast_decode, kernels
         self.decode_step = DecodeStep(self.module)
+        self.speculator = Speculator(speculative, self) if speculative is not None else None
         self._check_model = True  # look again whether the fast decode paths' plans fit the model
         # inference_mode saves per-op bookkeeping; tensor-subclass weights (quanto, torchao) refuse it
         plain = all(
@@ -240,60 +227,71 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return late
+        if self.speculator is not None:
+            chunks = self.speculator.extend(chunks, self.scheduler, self.decode_step.max_rows(self.compute_dtype))
         start = time.perf_counter()
         with self.no_grad(), kernels.fallback(not self.kernels):
             self.cache.copy_blocks(self.scheduler.take_copies())
-            logits = self._forward(chunks)
-            sampling = [c.request for c in chunks if c.samples]
-            for chunk in chunks:
-                self.scheduler.computed(chunk)
-            greedy = self._greedy_tokens(sampling, logits)
-            allowed = self._allowed_tokens(sampling)
-            outputs = [
-                self._advance(request, logits[i : i + 1], greedy.get(i), allowed.get(i))
-                for i, request in enumerate(sampling)
-            ]
-        decodes = sum(1 for c in chunks if c.length == 1)
+            outputs = self._sample(chunks, self._forward(chunks))
+        decodes = sum(c.length for c in chunks if c.length == 1 or c.drafts)  # rows of the decode kernels
         self.scheduler.pacer.observe(decodes, sum(c.length for c in chunks) - decodes, time.perf_counter() - start)
         return late + outputs
 
+    def _sample(self, chunks: list[Chunk], logits: Tensor) -> list[RequestOutput]:
+        """Every sampling chunk's next token (greedy ones in one argmax, every grammar's mask at
+        once), and each speculative chunk's checked tokens."""
+        plain: list[tuple[Request, int]] = []
+        speculative: list[tuple[Chunk, int]] = []
+        row = 0
+        for chunk in chunks:
+            if chunk.drafts:
+                speculative.append((chunk, row))
+                row += chunk.length
+                continue
+            self.scheduler.computed(chunk)
+            if chunk.samples:
+                plain.append((chunk.request, row))
+                row += 1
+        sampling = [request for request, _ in plain]
+        rows = logits[[i for _, i in plain]] if speculative else logits
+        greedy = self._greedy_tokens(sampling, rows)
+        allowed = self._allowed_tokens(sampling)
+        outputs = [
+            self._advance(request, rows[i : i + 1], greedy.get(i), allowed.get(i)) for i, request in enumerate(sampling)
+        ]
+        return outputs + [self._speculated(chunk, logits[i : i + chunk.length]) for chunk, i in speculative]
+
     def _expire_queued(self) -> list[RequestOutput]:
         """End the requests that have waited past max_queue_time without ever starting."""
-        if self.max_queue_time is None:
-            return []
-        now = time.perf_counter()
-        late = [r for r in self.scheduler.waiting if r.scheduled_time is None and now - r.arrival > self.max_queue_time]
-        for request in late:
-            request.error = (
-                f"the request waited {now - request.arrival:.1f} s for a place in the running batch, past this "
-                f"engine's limit of {self.max_queue_time:g} s: the server is overloaded; retry later"
-            )
+        late = self.scheduler.expired(self.max_queue_time) if self.max_queue_time is not None else []
         return [self._finish(request, "queue_timeout", "", 0) for request in late]
 
     def _forward(self, chunks: list[Chunk]) -> Tensor:
+        """Logits at every chunk's sampled positions: its last token, or each of a speculative
+        chunk's (the last accepted token and every draft, each a one-token segment of the same
+        sequence, so that the step stays a decode step)."""
         ids: list[int] = []
-        positions: list[int] = []
+        segments: list[Segment] = []
         sample_at: list[int] = []
         for chunk in chunks:
+            table = chunk.request.table
+            assert table is not None, "a scheduled request holds its blocks"
             end = chunk.start + chunk.length
             ids += chunk.request.all_ids[chunk.start : end]
-            positions += range(chunk.start, end)
-            if chunk.samples:
-                sample_at.append(len(ids) - 1)
-        tables = [c.request.table for c in chunks]
-        assert all(t is not None for t in tables), "a scheduled request holds its blocks"
-        self.cache.bind(cast(list[BlockTable], tables), [c.start for c in chunks], [c.length for c in chunks])
-        device = self.module.device
-        ids_t, positions_t = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
-        at = torch.tensor(sample_at, dtype=torch.long, device=device)
-        with compute_dtype(self.compute_dtype):
-            logits = None
-            if self.fast_decode:
-                logits = self.decode_step(self.cache, ids_t, positions_t, at, self.compute_dtype, self._check_model)
-            if logits is not None:
-                self._check_model = False
-                return logits
-            return self.module(ids_t[None], positions_t[None], self.cache, logits_at=at).logits[0]
+            if chunk.drafts:
+                segments += [(table, p, 1) for p in range(chunk.start, end)]
+                sample_at += range(len(ids) - chunk.length, len(ids))
+            else:
+                segments.append((table, chunk.start, chunk.length))
+                if chunk.samples:
+                    sample_at.append(len(ids) - 1)
+        step = self.decode_step if self.fast_decode else None
+        logits, fast = packed_forward(
+            self.module, step, self.cache, segments, ids, sample_at, self.compute_dtype, self._check_model
+        )
+        if fast:
+            self._check_model = False
+        return logits
 
     def _greedy_tokens(self, requests: list[Request], logits: Tensor) -> dict[int, int]:
         """The next token of every plain greedy request (row index -> token), in one argmax."""
@@ -317,27 +315,49 @@ class LLMEngine:
         the `allowed` tokens where it follows a grammar); a failure in this request's own work
         finishes it with finish_reason "error"."""
         try:
-            token, logprob = self._pick(request, row, greedy, allowed)
-            if request.guide is not None:
-                request.guide.accept(token)
-            request.output_ids.append(token)
-            request.all_ids.append(token)
-            if logprob is not None:
-                request.logprobs.append(logprob)
-            delta = request.text.add(token)
+            pick = self._pick(request, row, greedy, allowed)
         except Exception as error:  # noqa: BLE001 - this request's alone: it ends, the batch goes on
-            log.exception("request %s failed; it is aborted and the others go on", request.id)
-            request.error = f"{type(error).__name__}: {error}"
-            return self._finish(request, "error", "", 0)
-        if request.first_token_time is None:
-            request.first_token_time = time.perf_counter()
-        if request.text.finish_reason is not None:
-            return self._finish(request, request.text.finish_reason, delta, 1)
-        if request.guide is not None and request.guide.done:  # the grammar is complete: nothing may follow
-            return self._finish(request, "stop", delta + request.text.finish(), 1)
-        if len(request.output_ids) >= request.params.max_tokens:
-            return self._finish(request, "length", delta + request.text.finish(), 1)
-        return RequestOutput.of(request, delta, 1)
+            return self._failed(request, error)
+        return self._append(request, [pick])
+
+    def _speculated(self, chunk: Chunk, logits: Tensor) -> RequestOutput:
+        """A speculative chunk's request given the tokens its check yields (logits: at its k + 1
+        positions); the KV of the drafts it refused rolled back."""
+        request = chunk.request
+        assert self.speculator is not None
+        try:
+            tokens = self.speculator.check(chunk, logits)
+            top = request.params.logprobs
+            logprobs = (
+                [None] * len(tokens)
+                if top is None
+                else token_logprobs(logits[: len(tokens)], torch.tensor(tokens), top)
+            )
+        except Exception as error:  # noqa: BLE001 - this request's alone, as in _advance
+            return self._failed(request, error)
+        out = self._append(request, list(zip(tokens, logprobs)))
+        if not out.finished:  # the last accepted token and the drafts kept have their keys in place
+            self.scheduler.settled(request, chunk.start + len(tokens))
+            self.speculator.settled(request, chunk.start + len(tokens))
+        return out
+
+    def _append(self, request: Request, picks: list[tuple[int, TokenLogprob | None]]) -> RequestOutput:
+        """Add tokens to a request until one finishes it (a stop, its grammar's end, max_tokens)."""
+        delta = ""
+        for n, (token, logprob) in enumerate(picks, 1):
+            try:
+                text, reason = request.append(token, logprob)
+            except Exception as error:  # noqa: BLE001 - this request's alone: it ends, the batch goes on
+                return self._failed(request, error)
+            delta += text
+            if reason is not None:
+                return self._finish(request, reason, delta, n)
+        return RequestOutput.of(request, delta, len(picks))
+
+    def _failed(self, request: Request, error: Exception) -> RequestOutput:
+        log.exception("request %s failed; it is aborted and the others go on", request.id, exc_info=error)
+        request.error = f"{type(error).__name__}: {error}"
+        return self._finish(request, "error", "", 0)
 
     def _pick(
         self, request: Request, row: Tensor, greedy: int | None, allowed: Tensor | None
@@ -359,6 +379,8 @@ class LLMEngine:
 
     def _finish(self, request: Request, reason: str, delta: str, new_tokens: int) -> RequestOutput:
         self.scheduler.finish(request)
+        if self.speculator is not None:
+            self.speculator.release(request)
         request.finish_reason, request.finished_time = reason, time.perf_counter()
         del self.requests[request.id]
         if not self.requests:  # idle: let go of the weights the C++ step's plan holds
@@ -366,27 +388,10 @@ class LLMEngine:
         return RequestOutput.of(request, delta, new_tokens)
 
     def stats(self) -> dict[str, float]:
-        """Gauges and counters for metrics: the scheduling policy and what the pacer has measured,
-        queue lengths, KV use (blocks requests hold; blocks only the prefix cache holds are counted
-        apart), prefix-cache hits, preemptions."""
-        allocator, prefix, scheduler = self.cache.allocator, self.scheduler.prefix, self.scheduler
-        cached = prefix.num_evictable() if prefix else 0  # reusable, but free for the taking
-        pacer = scheduler.pacer
-        decodes = min(len(scheduler.running), scheduler.max_num_seqs)
+        """Gauges and counters for metrics: the scheduler's (policy, pacer, queues, KV and prefix
+        cache), the queue-time limit, and speculative decoding's drafts where it is on."""
         return {
-            "max_num_seqs": scheduler.max_num_seqs,
-            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
-            "target_itl": pacer.target_itl or 0.0,
+            **self.scheduler.stats(),
             "max_queue_time": self.max_queue_time or 0.0,
-            "prefill_budget": pacer.prefill_budget(decodes, scheduler.max_num_batched_tokens - decodes),
-            "decode_step_seconds": pacer.decode_time or 0.0,
-            "prefill_token_seconds": pacer.token_time or 0.0,
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "kv_blocks_total": allocator.num_blocks,
-            "kv_usage": 1 - (allocator.num_free + cached) / allocator.num_blocks,
-            "kv_cached_blocks": cached,
-            "prefix_cache_queries": prefix.queries if prefix else 0,
-            "prefix_cache_hits": prefix.hits if prefix else 0,
-            "preemptions": self.scheduler.num_preemptions,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }

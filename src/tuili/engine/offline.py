@@ -17,7 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from tuili.engine.llm import LLMEngine, encode_prompt
+from tuili.engine.llm import LLMEngine
+from tuili.engine.prompt import encode_prompt
 from tuili.engine.request import RequestOutput
 from tuili.engine.sampling import SamplingParams, wrap_seed
 from tuili.errors import RequestFailed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,9 +43,30 @@ class Request:
     finished_time: float | None = None
     num_preemptions: int = 0
     guide: Guide | None = None  # with SamplingParams(structured_outputs=...): its place in the grammar
+    draft: Any = None  # a speculative step's proposed tokens (tuili.engine.speculative.Draft), while it runs
 
     def __post_init__(self):
         self.all_ids = list(self.prompt_ids)  # prompt, then output: what the cache must hold
+
+    def append(self, token: int, logprob: TokenLogprob | None) -> tuple[str, str | None]:
+        """Add a generated token: the text it releases, and why the request ends with it (a stop,
+        its grammar complete, max_tokens; None: it goes on)."""
+        if self.guide is not None:
+            self.guide.accept(token)
+        self.output_ids.append(token)
+        self.all_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        delta = self.text.add(token)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        if self.text.finish_reason is not None:
+            return delta, self.text.finish_reason
+        if self.guide is not None and self.guide.done:  # nothing may follow a complete grammar
+            return delta + self.text.finish(), "stop"
+        if len(self.output_ids) >= self.params.max_tokens:
+            return delta + self.text.finish(), "length"
+        return delta, None
 
     @property
     def num_pending(self) -> int:

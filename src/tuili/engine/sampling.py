@@ -126,11 +126,17 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     only a distribution that is not takes the safe path."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    return draw(probabilities(logits, params), generator)
+
+
+def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution (B, V) a sampled request draws from: temperature, then min-p, top-k, top-p
+    (what speculative decoding's rejection sampling compares the draft's against)."""
     probs = _probs(logits.float() / params.temperature, params)  # fp32 for the softmax
     total = probs.sum(dim=-1)
     if not bool(torch.isfinite(total).all() and (total > 0).all()):  # NaN anywhere makes the sum NaN
         probs = _safe_probs(logits, params)
-    return draw(probs, generator)
+    return probs
 
 
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -28,11 +28,14 @@ from tuili.engine.request import Request, Status
 
 @dataclass(frozen=True)
 class Chunk:
-    """`length` tokens of `request`, from position `start`, computed in this step."""
+    """`length` tokens of `request`, from position `start`, computed in this step. A speculative
+    chunk is a decode followed by `drafts` (appended to the request's tokens for this step only):
+    the model checks them all at once, and what it rejects is rolled back (`settled`)."""
 
     request: Request
     start: int
     length: int
+    drafts: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
@@ -96,6 +99,10 @@ class Scheduler:
                 request.num_cached = max(request.num_cached, min(request.num_computed, len(request.prompt_ids)))
             n = min(request.num_pending, budget, prefill)
             if not self._grow(request, request.num_computed + n):
+                # a waiting request holds no blocks: held, the prefix it matched could be what the
+                # requests ahead of it need (a preempted one goes back to the front of the queue),
+                # and with every block held by waiting requests nothing would ever run again
+                self._release(request)
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
@@ -114,6 +121,15 @@ class Scheduler:
         if self.prefix is not None and request.table is not None:
             self.prefix.insert(request.table, request.all_ids, request.block_keys)
 
+    def settled(self, request: Request, num_computed: int) -> None:
+        """A speculative chunk was checked: the request's KV is valid for its first `num_computed`
+        tokens, and the blocks that held only rejected drafts are freed."""
+        assert request.table is not None, "a running request holds its block table"
+        request.table.truncate(num_computed)
+        request.num_computed = num_computed
+        if self.prefix is not None:
+            self.prefix.insert(request.table, request.all_ids, request.block_keys)
+
     def finish(self, request: Request) -> None:
         """Drop a finished or aborted request and free its blocks at once."""
         if request in self.running:
@@ -122,6 +138,42 @@ class Scheduler:
             self.waiting.remove(request)
         self._release(request)
         request.status = Status.FINISHED
+
+    def expired(self, max_queue_time: float) -> list[Request]:
+        """The requests that have waited past `max_queue_time` seconds without ever starting, each
+        with the error that says so (the engine ends them)."""
+        now = time.perf_counter()
+        late = [r for r in self.waiting if r.scheduled_time is None and now - r.arrival > max_queue_time]
+        for request in late:
+            request.error = (
+                f"the request waited {now - request.arrival:.1f} s for a place in the running batch, past this "
+                f"engine's limit of {max_queue_time:g} s: the server is overloaded; retry later"
+            )
+        return late
+
+    def stats(self) -> dict[str, float]:
+        """The scheduling policy and what the pacer has measured, queue lengths, KV use (blocks
+        requests hold; blocks only the prefix cache holds are counted apart), prefix-cache hits,
+        preemptions."""
+        allocator, prefix, pacer = self.cache.allocator, self.prefix, self.pacer
+        cached = prefix.num_evictable() if prefix else 0  # reusable, but free for the taking
+        decodes = min(len(self.running), self.max_num_seqs)
+        return {
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "target_itl": pacer.target_itl or 0.0,
+            "prefill_budget": pacer.prefill_budget(decodes, self.max_num_batched_tokens - decodes),
+            "decode_step_seconds": pacer.decode_time or 0.0,
+            "prefill_token_seconds": pacer.token_time or 0.0,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "kv_blocks_total": allocator.num_blocks,
+            "kv_usage": 1 - (allocator.num_free + cached) / allocator.num_blocks,
+            "kv_cached_blocks": cached,
+            "prefix_cache_queries": prefix.queries if prefix else 0,
+            "prefix_cache_hits": prefix.hits if prefix else 0,
+            "preemptions": self.num_preemptions,
+        }
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.copies = self.copies, []

@@ -344,6 +344,13 @@ class DecodeStep:
         logits = native.step(x, cos, sin, *local, *caches, step.slots, step.tables, step.decode_lens, logits_at)
         return soft_cap(logits, plan.final_softcap)
 
+    def max_rows(self, compute_dtype: torch.dtype | None) -> int:
+        """Rows a step may have and still run the C++ step (its kernels' limit), as last planned;
+        64 where it does not run (the module forward takes any number)."""
+        module = self.module
+        planned = self._plans.get(bf16_step(module.dtype, compute_dtype)) if type(module) is LlamaForCausalLM else None
+        return planned[1].max_rows if planned is not None and planned[1] is not None else 64
+
     def applies(self, compute_dtype: torch.dtype | None) -> bool:
         """Whether decode steps under this compute dtype run the C++ step, looked at now."""
         if type(self.module) is not LlamaForCausalLM:

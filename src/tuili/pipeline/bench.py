@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from tuili.engine.forward import engine_compute_dtype
 from tuili.engine.generate import generate
-from tuili.engine.llm import engine_compute_dtype
 from tuili.engine.offline import LLM
 from tuili.engine.paged_cache import PagedKVCache
 from tuili.engine.sampling import SamplingParams
