@@ -50,6 +50,38 @@ def test_vllm_options_for_features_tuili_lacks_fail_with_what_to_use(extra, word
         vllm_options.check(args)
 
 
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (
+            '--speculative-config {"method":"ngram","num_speculative_tokens":5,"prompt_lookup_max":3}',
+            ("ngram", 5, 3, None),
+        ),
+        ('--speculative-config {"model":"draft-folder","num_speculative_tokens":3}', ("draft", 3, 4, "draft-folder")),
+        ("--speculative-model [ngram] --num-speculative-tokens 6 --ngram-prompt-lookup-max 2", ("ngram", 6, 2, None)),
+        ("--speculative-model draft-folder", ("draft", 4, 4, "draft-folder")),
+    ],
+)
+def test_vllm_speculative_options(line, expected):
+    config = vllm_options.speculative(parser().parse_args(["serve", *line.split()]))
+    assert (config.method, config.num_speculative_tokens, config.prompt_lookup_max, config.draft_model) == expected
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ('--speculative-config {"method":"eagle","model":"x"}', "method 'eagle'"),
+        ('--speculative-config {"method":"ngram","acceptance_method":"typical"}', "acceptance_method"),
+        ("--speculative-config nope", "not JSON"),
+        ("--num-speculative-tokens 3", "need a method"),
+        ("--speculative-model ngram --num-speculative-tokens 40", "num_speculative_tokens"),
+    ],
+)
+def test_speculative_options_tuili_cannot_honour_are_refused(line, words):
+    with pytest.raises(ValueError, match=words):
+        vllm_options.speculative(parser().parse_args(["serve", *line.split()]))
+
+
 def test_a_tool_call_format_tuili_lacks_is_refused_with_the_ones_it_has(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["serve", "--tool-call-parser", "mistral"])

@@ -106,6 +106,7 @@ def _serve(args) -> int:
         warmup=not args.no_warmup,
         request_timeout=args.request_timeout or None,
     )
+    speculative = vllm_options.speculative(args)
     kv_bytes = int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None
     template = vllm_options.chat_template(args.chat_template)
     model = load_model(args)
@@ -124,6 +125,7 @@ def _serve(args) -> int:
         block_size=args.block_size,
         prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
+        speculative=speculative,
     )
     ssl = {"ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile} if args.ssl_keyfile else {}
     return serve(server, args.host, args.port, args.grace, args.log_level, **ssl)

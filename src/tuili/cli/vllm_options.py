@@ -5,7 +5,9 @@ Options tuili honours under vLLM's names: --max-model-len, --chat-template, --se
 --generation-config vllm, --allowed-origins / --allowed-methods / --allowed-headers /
 --allow-credentials (CORS), --ssl-keyfile / --ssl-certfile, --block-size,
 --enable-prefix-caching / --no-enable-prefix-caching, --uvicorn-log-level, --tool-call-parser
-(hermes, llama3_json), and the flags that change nothing on tuili's CPU engine (--trust-remote-code:
+(hermes, llama3_json), speculative decoding (--speculative-config's ngram and draft-model
+methods, and the older --speculative-model / --num-speculative-tokens / --ngram-prompt-lookup-*
+flags), and the flags that change nothing on tuili's CPU engine (--trust-remote-code:
 tuili never runs a model's own code; --enforce-eager: there are no CUDA graphs;
 --enable-auto-tool-choice: tool_choice "auto" is always allowed; --disable-log-requests,
 --disable-log-stats).
@@ -17,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tuili.engine.speculative import SpeculativeConfig
 from tuili.engine.tools import ToolFormat
 
 # vLLM options for features tuili does not have: the option, and what to do instead
@@ -25,7 +28,6 @@ LACKING = {
     "--pipeline-parallel-size": "tuili runs one process on the CPU; remove the option (scale out with replicas)",
     "--quantization": "tuili reads a checkpoint's quantization from its folder; quantize with `tuili quantize`",
     "--gpu-memory-utilization": "tuili's KV cache is sized by --kv-cache-gb (CPU memory)",
-    "--speculative-config": "speculative decoding is not supported by tuili serve; remove the option",
     "--enable-lora": "LoRA adapters are not supported by tuili serve; merge them into the model first",
     "--lora-modules": "LoRA adapters are not supported by tuili serve; merge them into the model first",
 }
@@ -62,6 +64,22 @@ def add(p: argparse.ArgumentParser) -> None:
         "--tool-call-parser",
         choices=sorted(ToolFormat.formats),
         help="how the model writes tool calls: hermes (Hermes, Qwen) or llama3_json (default: from the chat template)",
+    )
+    p.add_argument(
+        "--speculative-config",
+        help='speculative decoding as vLLM takes it: JSON such as \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        'or \'{"model": "DRAFT", "num_speculative_tokens": 4}\'',
+    )
+    p.add_argument(
+        "--speculative-model", help="'ngram' (prompt lookup: no model), or a draft model tuili loads (same tokenizer)"
+    )
+    p.add_argument("--num-speculative-tokens", type=int, help="draft tokens checked per step (default 4)")
+    p.add_argument("--ngram-prompt-lookup-max", type=int, help="longest n-gram prompt lookup matches (default 4)")
+    p.add_argument("--ngram-prompt-lookup-min", type=int, help="shortest n-gram prompt lookup matches (default 1)")
+    p.add_argument(
+        "--speculative-disable-by-batch-size",
+        type=int,
+        help="speculate only while at most this many requests decode (default 4)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -123,3 +141,57 @@ def chat_template(value: str | None) -> str | None:
     if "{" not in value:
         raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
     return value
+
+
+# --speculative-config keys, and SpeculativeConfig's name for each
+_SPECULATIVE_KEYS = {
+    "method": "method",
+    "model": "draft_model",
+    "num_speculative_tokens": "num_speculative_tokens",
+    "prompt_lookup_max": "prompt_lookup_max",
+    "prompt_lookup_min": "prompt_lookup_min",
+    "disable_by_batch_size": "max_batch",
+}
+_SPECULATIVE_METHODS = {"ngram": "ngram", "draft_model": "draft", "draft": "draft"}
+
+
+def speculative(args: argparse.Namespace) -> SpeculativeConfig | None:
+    """Speculative decoding from vLLM's --speculative-config JSON or its older flags (None: off);
+    ValueError, saying what to change, for a method or key tuili does not have."""
+    options: dict = {}
+    if args.speculative_config:
+        try:
+            given = json.loads(args.speculative_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--speculative-config is not JSON: {e}") from None
+        if not isinstance(given, dict):
+            raise ValueError("--speculative-config takes a JSON object")
+        unknown = sorted(set(given) - set(_SPECULATIVE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"--speculative-config: tuili does not take {', '.join(unknown)}; "
+                f"it takes {', '.join(_SPECULATIVE_KEYS)}"
+            )
+        options = {_SPECULATIVE_KEYS[k]: v for k, v in given.items()}
+        method = options.get("method", "draft_model" if "draft_model" in options else None)
+        if method not in _SPECULATIVE_METHODS:
+            raise ValueError(
+                f"--speculative-config: method {method!r} is not one tuili has; use 'ngram' (prompt lookup) "
+                "or give a draft 'model'"
+            )
+        options["method"] = _SPECULATIVE_METHODS[method]
+    if args.speculative_model:
+        if options:
+            raise ValueError("give --speculative-config or --speculative-model, not both")
+        ngram = args.speculative_model.strip("[]") == "ngram"
+        options = {"method": "ngram"} if ngram else {"method": "draft", "draft_model": args.speculative_model}
+    flags = {
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "prompt_lookup_max": args.ngram_prompt_lookup_max,
+        "prompt_lookup_min": args.ngram_prompt_lookup_min,
+        "max_batch": args.speculative_disable_by_batch_size,
+    }
+    given_flags = {k: v for k, v in flags.items() if v is not None}
+    if given_flags and not options:
+        raise ValueError("speculative options need a method: --speculative-model ngram, or a draft model")
+    return SpeculativeConfig(**{**options, **given_flags}) if options else None

@@ -74,6 +74,10 @@ _ENGINE = (
     ),
     (CounterMetricFamily, "prefix_cache_hits", "Prompt blocks found in the prefix cache", "prefix_cache_hits"),
     (CounterMetricFamily, "num_preemptions", "Requests preempted for KV-cache room", "preemptions"),
+    # speculative decoding, where it is on (vLLM's names)
+    (CounterMetricFamily, "spec_decode_num_drafts", "Speculative steps: drafts checked together", "spec_steps"),
+    (CounterMetricFamily, "spec_decode_num_draft_tokens", "Draft tokens checked", "spec_draft_tokens"),
+    (CounterMetricFamily, "spec_decode_num_accepted_tokens", "Draft tokens accepted", "spec_accepted_tokens"),
 )
 
 
@@ -86,6 +90,8 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator:
         s = self.stats()
         for kind, name, text, key in _ENGINE:
+            if key not in s:  # speculative decoding's, with it off
+                continue
             family = kind(self.prefix + name, text, labels=list(self.labels))
             family.add_metric(list(self.labels.values()), s[key])
             yield family
