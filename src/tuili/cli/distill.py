@@ -24,7 +24,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights (master copy)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
-    p.add_argument("--data", default="builtin", help="training text ('builtin' uses its calibration split)")
+    p.add_argument(
+        "--data",
+        default="builtin",
+        help="training text ('builtin' uses its calibration split; 'self:N', the teacher's own answers to N "
+        "prompts made from it: what a draft model for speculative decoding should learn)",
+    )
     p.add_argument("--eval-data", default="builtin", help="evaluation text ('builtin' uses its evaluation split)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed training sequence")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
@@ -53,6 +58,11 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="folder to write the trained student to")
+    p.add_argument(
+        "--draft-report",
+        action="store_true",
+        help="measure the student as the teacher's speculative-decoding draft (acceptance, batch-1 speed-up)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_distill)
 
@@ -70,7 +80,7 @@ def _distill(args) -> None:
         torch.set_num_threads(args.threads)
     teacher = load_model(argparse.Namespace(model=args.teacher, dtype=args.dtype, threads=None, keep_quantized=False))
     tok = teacher.tokenizer
-    train_text = tok.encode(load_text(args.data, "calibration"))
+    train_text = tok.encode(_training_text(args, teacher, load_text, run_dir))
     student = _student(args, teacher, train_text)
     train = packed_sequences(train_text, args.seq_len)
     windows = eval_windows(tok.encode(load_text(args.eval_data, "evaluation")), 512, args.eval_tokens)
@@ -83,6 +93,24 @@ def _distill(args) -> None:
     result = trainer.train()
     if rank == 0:
         _report(args, teacher, student, result, run_dir)
+
+
+def _training_text(args, teacher, load_text, run_dir: Path) -> str:
+    """--data's text; with 'self:N', the teacher's own answers (generated here, greedy, and kept in
+    the run folder as self_data.txt, which a later run can take as --data)."""
+    if not args.data.startswith("self"):
+        return load_text(args.data, "calibration")
+    from tuili.models.io import atomic_write_text
+    from tuili.pipeline.draft import self_outputs
+
+    _, _, count = args.data.partition(":")
+    if count and not count.isdigit():
+        raise ValueError(f"--data {args.data}: write self:N with N the number of prompts, such as self:256")
+    print(f"generating the teacher's answers to {count or 256} prompts...", file=sys.stderr)
+    text = self_outputs(teacher, int(count or 256))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "self_data.txt", text)
+    return text
 
 
 def _config(args):
@@ -145,6 +173,11 @@ def _report(args, teacher, student, result, run_dir) -> None:
         "student_perplexity": result.student_perplexity,
         "teacher_perplexity": result.teacher_perplexity,
     }
+    if args.draft_report:
+        from tuili.pipeline.draft import draft_report
+
+        student.module.eval()
+        summary["as_draft"] = draft_report(teacher, student)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -157,3 +190,10 @@ def _report(args, teacher, student, result, run_dir) -> None:
         f"trained {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s); "
         f"student saved to {out}; logs and checkpoints in {run_dir}"
     )
+    if "as_draft" in summary:
+        d = summary["as_draft"]
+        print(
+            f"as the teacher's draft ({d['draft_tokens_a_step']} tokens a step, batch 1, greedy): acceptance "
+            f"{d['acceptance_rate']:.0%}, {d['tokens_a_check']} tokens a check, decode "
+            f"{d['plain_tokens_per_second']} -> {d['speculative_tokens_per_second']} tokens/s ({d['speed_up']}x)"
+        )

@@ -44,6 +44,7 @@ class Request:
     num_preemptions: int = 0
     guide: Guide | None = None  # with SamplingParams(structured_outputs=...): its place in the grammar
     draft: Any = None  # a speculative step's proposed tokens (tuili.engine.speculative.Draft), while it runs
+    accepting: float = 1.0  # the recent share of its drafts the model accepted (a moving average)
 
     def __post_init__(self):
         self.all_ids = list(self.prompt_ids)  # prompt, then output: what the cache must hold

@@ -37,6 +37,9 @@ from tuili.engine.scheduler import Chunk, Scheduler
 from tuili.engine.step import DecodeStep
 from tuili.models.lazy import onload_all
 
+CATCH_UP = 16  # a draft model's unseen tokens up to this many run as one-token segments
+RECENT = 0.3  # the weight of the last check in a request's moving acceptance
+
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
@@ -170,13 +173,19 @@ class DraftModel(Proposer):
         dists: dict[int, list[Tensor]] = {i: [] for i in live}
         with torch.inference_mode():
             # first the tokens this cache has not seen (a prompt, the last accepted ones), then one a step
-            segments = [self._pending(requests[i]) for i in live]
+            pending = [self._pending(requests[i]) for i in live]
             for step in range(max(counts[i] for i in live)):
                 if step:
                     live = [i for i in live if len(drafts[i].tokens) < counts[i]]
-                    segments = [(self.tables[requests[i].id], len(requests[i].all_ids) + step - 1, 1) for i in live]
-                ids = [t for i, seg in zip(live, segments) for t in self._tokens(requests[i], drafts[i], seg)]
-                ends = list(itertools.accumulate(n for _, _, n in segments))
+                    pending = [[(self.tables[requests[i].id], len(requests[i].all_ids) + step - 1, 1)] for i in live]
+                segments = [seg for segs in pending for seg in segs]
+                ids = [
+                    t
+                    for i, segs in zip(live, pending)
+                    for seg in segs
+                    for t in self._tokens(requests[i], drafts[i], seg)
+                ]
+                ends = list(itertools.accumulate(sum(n for _, _, n in segs) for segs in pending))
                 logits, _ = packed_forward(
                     self.module, self.decode_step, self.cache, segments, ids, [e - 1 for e in ends], self.compute_dtype
                 )
@@ -192,9 +201,13 @@ class DraftModel(Proposer):
                 draft.probs = torch.cat(dists[i]) if dists.get(i) else None
         return drafts
 
-    def _pending(self, request: Request) -> Segment:
+    def _pending(self, request: Request) -> list[Segment]:
+        """The request's tokens this cache has not seen: a few (the last check's) as one-token
+        segments, so that the step stays a decode step the C++ step runs; a prompt as one chunk."""
+        table = self.tables[request.id]
         done = min(self.computed.get(request.id, 0), len(request.all_ids) - 1)
-        return self.tables[request.id], done, len(request.all_ids) - done
+        n = len(request.all_ids) - done
+        return [(table, p, 1) for p in range(done, done + n)] if n <= CATCH_UP else [(table, done, n)]
 
     @staticmethod
     def _tokens(request: Request, draft: Draft, segment: Segment) -> list[int]:
@@ -275,7 +288,10 @@ class Speculator:
         eligible, counts = [], []
         for i in decodes:
             request = chunks[i].request
-            room = min(self.config.num_speculative_tokens, request.params.max_tokens - len(request.output_ids) - 1)
+            # as many drafts as the recent acceptance pays for: a request whose guesses fail gets one a
+            # step (two rows cost what one does), and more again as they succeed
+            wanted = max(1, round(self.config.num_speculative_tokens * request.accepting))
+            room = min(wanted, request.params.max_tokens - len(request.output_ids) - 1)
             room = min(room, (max_rows - rows) // max(1, len(decodes)))
             if room > 0 and request.guide is None and not request.params.penalized:
                 eligible.append(i)
@@ -309,6 +325,7 @@ class Speculator:
         self.steps += 1
         self.proposed += len(chunk.drafts)
         self.accepted += len(tokens) - 1
+        request.accepting = (1 - RECENT) * request.accepting + RECENT * (len(tokens) - 1) / len(chunk.drafts)
         return tokens
 
     def settled(self, request: Request, kept: int) -> None:
