@@ -3,6 +3,7 @@
 /tokenizer_info, /tokenize and /detokenize) and `local-chat-completions` (greedy generation) give
 what its `hf` back end gives on the same weights in transformers, document by document."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,17 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    """The task folder, its YAML pointing at the data by absolute path; lm-eval's TaskManager."""
-    from lm_eval.tasks import TaskManager
-
+def task_folder(tmp_path_factory):
+    """The task folder, its YAML pointing at the data by absolute path."""
     folder = tmp_path_factory.mktemp("tasks")
     for name in ("tuili_mc.yaml", "tuili_gen.yaml"):
         text = (DATA / name).read_text()
         for data in ("multiple_choice.jsonl", "generation.jsonl"):
             text = text.replace(f"test: {data}", f"test: {DATA / data}")
         (folder / name).write_text(text)
-    return TaskManager(include_path=str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tasks(task_folder):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_folder))
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +84,33 @@ def test_local_completions_and_chat_completions_agree_with_the_hf_back_end(tasks
     assert per_doc(served_gen, "tuili_gen") == per_doc(hf_gen, "tuili_gen")
     match = served_gen["results"]["tuili_gen"]["exact_match,none"], hf_gen["results"]["tuili_gen"]["exact_match,none"]
     assert match[0] == match[1]
+
+
+def test_the_harness_in_process_agrees_with_the_hf_back_end(tasks, hf_folder):
+    """`tuili eval --tasks`: lm-eval on the tuili model in this process, no server."""
+    from tuili.pipeline.harness import TuiliLM
+
+    hf_args = {"pretrained": str(hf_folder), "dtype": "float32", "device": "cpu"}
+    hf_mc = evaluate(tasks, "hf", hf_args, "tuili_mc", batch_size=4)
+    hf_gen = evaluate(tasks, "hf", hf_args, "tuili_gen", batch_size=4, apply_chat_template=True)
+    lm = TuiliLM(tuili.load(str(hf_folder)))
+    ours_mc = lm_eval.simple_evaluate(model=lm, tasks=["tuili_mc"], task_manager=tasks, log_samples=True)
+    ours_gen = lm_eval.simple_evaluate(
+        model=lm, tasks=["tuili_gen"], task_manager=tasks, log_samples=True, apply_chat_template=True
+    )
+    for ours, theirs in zip(per_doc(ours_mc, "tuili_mc"), per_doc(hf_mc, "tuili_mc")):
+        assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)
+        assert [g for _, g in ours] == [g for _, g in theirs]
+    assert ours_mc["results"]["tuili_mc"]["acc,none"] == hf_mc["results"]["tuili_mc"]["acc,none"]
+    assert per_doc(ours_gen, "tuili_gen") == per_doc(hf_gen, "tuili_gen")
+
+
+def test_tuili_eval_tasks_gives_the_harness_results(task_folder, hf_folder, capsys):
+    from tuili.cli import main
+
+    code = main(
+        ["eval", "--model", str(hf_folder), "--tasks", "tuili_mc", "--include-path", str(task_folder), "--json"]
+    )
+    assert code == 0
+    results = json.loads(capsys.readouterr().out)
+    assert 0 <= results["tuili_mc"]["acc,none"] <= 1
