@@ -21,6 +21,7 @@ and distilling: tuili.distill).
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -83,7 +84,7 @@ class Draft:
     probs: Tensor | None = None
 
 
-class Proposer:
+class Proposer(ABC):
     """Guesses tokens for requests; subclasses register under `method`."""
 
     method: ClassVar[str]
@@ -96,14 +97,14 @@ class Proposer:
     def __init__(self, config: SpeculativeConfig, engine: Any):
         self.config = config
 
+    @abstractmethod
     def propose(self, requests: list[Request], counts: list[int]) -> list[Draft]:
         """Up to counts[i] tokens to follow each request's tokens (fewer, or none, where it has no guess)."""
-        raise NotImplementedError
 
-    def settled(self, request: Request, kept: int) -> None:
+    def settled(self, request: Request, kept: int) -> None:  # noqa: B027 - a proposer without state ignores it
         """The model checked a request's drafts: its first `kept` tokens stand."""
 
-    def release(self, request: Request) -> None:
+    def release(self, request: Request) -> None:  # noqa: B027 - as settled
         """The request has finished: forget it."""
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -56,7 +57,7 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-class ToolFormat:
+class ToolFormat(ABC):
     """How one family of models writes tool calls. Subclasses set `name`, `arguments_key` and the
     text around calls, and register themselves."""
 
@@ -105,23 +106,25 @@ class ToolFormat:
         parallel = parallel and choice in ("auto", "required")
         return StructuredOutputsParams(grammar=self.grammar(choice == "auto", parallel, obj))
 
+    @abstractmethod
     def grammar(self, free: bool, parallel: bool, obj: str) -> str:
-        raise NotImplementedError
+        """The Lark grammar: free text first where `free`, then calls (more than one where
+        `parallel`), each call's JSON the rule `obj`."""
 
     # ---- reading calls back ----------------------------------------------------------------------
+    @abstractmethod
     def start(self, text: str, at_start: bool) -> int | None:
         """Where the calls begin in `text` (None: not yet); `at_start`: nothing was shown before it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def held(self, text: str, at_start: bool) -> int:
         """How many characters at the end of `text` might be the beginning of a call (not shown yet)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def objects(self, region: str, final: bool) -> list[tuple[Any, int]]:
         """The call objects complete in `region` (text from where the calls begin), each with where
         its text ends; None for one that is not JSON. `final`: the text has ended (an unclosed
         last call counts)."""
-        raise NotImplementedError
 
     # ---- templates that do not know tools ------------------------------------------------------------
     def system_prompt(self, functions: Sequence[Function]) -> str:
