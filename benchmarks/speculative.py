@@ -6,7 +6,7 @@ acceptance, greedy, every output checked token for token against plain decoding.
 
 1. Prompt lookup (no draft model) on an editing workload, where the answer repeats the prompt:
    chat requests that ask for a paragraph of the built-in evaluation text rewritten, 128 tokens.
-2. A draft model (--draft: one `tuili distill --draft-for` made) on chat prompts, 128 tokens.
+2. A draft model (--draft: one `tuili distill --data self:N` made from the target) on chat prompts, 128 tokens.
 3. 16 requests at once, speculation on (it stands aside above --max-batch decoding requests) and
    off: output tokens/s of the whole batch.
 4. With --llama-server: llama.cpp's own speculative decoding on the same prompts, through its
@@ -170,7 +170,7 @@ def llama_rows(args, name: str, texts: list[str], extra: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--draft", help="a draft model folder (tuili distill --draft-for)")
+    parser.add_argument("--draft", help="a draft model folder (tuili distill --data self:N)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--threads", type=int, default=2)

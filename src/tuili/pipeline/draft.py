@@ -29,15 +29,71 @@ ASKS = (
     "What questions could a student ask about this passage?\n\n{}",
 )
 
+OPEN = (
+    "Explain how {} works.",
+    "Why does {} matter?",
+    "Give me three tips about {}.",
+    "Write a short story that involves {}.",
+    "Describe {} in simple terms.",
+    "What are common mistakes people make with {}?",
+    "Write a short, polite email about {}.",
+    "Compare {} with something similar and say how they differ.",
+)
+TOPICS = (
+    "a bicycle",
+    "photosynthesis",
+    "saving money",
+    "the moon",
+    "a job interview",
+    "volcanoes",
+    "learning to cook",
+    "electric cars",
+    "sleep",
+    "the internet",
+    "a birthday party",
+    "recycling",
+    "the human heart",
+    "chess",
+    "rainbows",
+    "a city library",
+    "time management",
+    "earthquakes",
+    "coffee",
+    "public speaking",
+    "bees",
+    "solar panels",
+    "writing a resume",
+    "the ocean tides",
+    "a family dinner",
+    "vaccines",
+    "gardening",
+    "airplanes",
+    "friendship",
+    "the stock market",
+    "a camping trip",
+    "clouds",
+    "running a marathon",
+    "music lessons",
+    "a museum visit",
+    "batteries",
+    "climate change",
+    "a new puppy",
+    "bread baking",
+    "the Roman Empire",
+)
+
 
 def prompts(count: int, split: str = "calibration") -> list[list[dict[str, str]]]:
-    """`count` chat requests around paragraphs of the built-in corpus's `split`."""
+    """`count` chat requests from `split`, alternating: an instruction around a paragraph of the
+    built-in corpus, and an open question on a topic (the two halves of `TOPICS` for the two splits),
+    so a draft learns both how its target treats a text and how it chats."""
     paragraphs = [p.strip() for p in builtin_text(split).split("\n\n") if 200 < len(p.strip()) < 900]
     if not paragraphs:
         raise ValueError(f"the built-in {split} text has no paragraphs to make prompts from")
-    return [
-        [{"role": "user", "content": ASKS[i % len(ASKS)].format(paragraphs[i % len(paragraphs)])}] for i in range(count)
-    ]
+    topics = TOPICS[split == "evaluation" :: 2]
+    asks = [ASKS[i % len(ASKS)].format(paragraphs[i % len(paragraphs)]) for i in range(count)]
+    opens = [OPEN[i % len(OPEN)].format(topics[(i // len(OPEN) + i) % len(topics)]) for i in range(count)]
+    return [[{"role": "user", "content": (asks if i % 2 == 0 else opens)[i // 2]}] for i in range(count)]
 
 
 def self_outputs(target: Model, count: int, max_tokens: int = 192) -> str:
