@@ -47,6 +47,10 @@ class Result:
     tokens: int = 0
     ttft: float = 0.0
     gaps: list[float] = field(default_factory=list)  # seconds between tokens (a chunk of k tokens: k gaps)
+    status: int = 0  # the HTTP status (0: no answer)
+    prompt_tokens: int = 0
+    cached: int = 0  # prompt tokens the server found in its prefix cache
+    left: bool = False  # the client closed the stream on purpose (leave_after)
 
 
 async def _read_chunked(reader: asyncio.StreamReader):
@@ -61,7 +65,8 @@ async def _read_chunked(reader: asyncio.StreamReader):
         yield data
 
 
-async def stream_completion(port: int, body: dict) -> Result:
+async def stream_completion(port: int, body: dict, leave_after: int = 0) -> Result:
+    """One streamed request; `leave_after` > 0: the client closes the connection after that many chunks."""
     start = time.perf_counter()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -79,7 +84,8 @@ async def stream_completion(port: int, body: dict) -> Result:
         while (line := await reader.readline()) not in (b"\r\n", b""):
             key, _, value = line.decode().partition(":")
             headers[key.strip().lower()] = value.strip()
-        if len(status) < 2 or status[1] != b"200":
+        result.status = int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
+        if result.status != 200:
             return result
         chunks = _read_chunked(reader) if headers.get("transfer-encoding") == "chunked" else _read_all(reader)
         async for data in chunks:
@@ -94,7 +100,9 @@ async def stream_completion(port: int, body: dict) -> Result:
                         continue
                     message = json.loads(line[6:])
                     if message.get("usage"):
-                        result.tokens = message["usage"]["completion_tokens"]
+                        used = message["usage"]
+                        result.tokens, result.prompt_tokens = used["completion_tokens"], used["prompt_tokens"]
+                        result.cached = (used.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                     choices = message.get("choices") or []
                     if not choices or not (choices[0].get("text") or choices[0].get("finish_reason")):
                         continue
@@ -105,6 +113,9 @@ async def stream_completion(port: int, body: dict) -> Result:
                     else:
                         result.gaps.append(now - last)
                     last = now
+                    if chunks_seen == leave_after:
+                        result.ok = result.left = True
+                        return result
     except (OSError, asyncio.IncompleteReadError, ValueError):
         return result
     finally:

@@ -1,19 +1,35 @@
-"""`tuili serve`: the OpenAI-compatible server."""
+"""`tuili serve`: the OpenAI-compatible server, in this process or as Ray Serve replicas (--ray)."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
-from tuili.cli import vllm_options
-from tuili.cli.common import (
-    load_model,
-    model_args,
-)
+from tuili.cli import ray_options, vllm_options
+from tuili.cli.common import model_args
 from tuili.engine.pacing import DEFAULT_TARGET_ITL
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, embeddings, metrics)")
+    arguments(p)
+    p.set_defaults(run=_serve)
+
+
+def options(argv: list[str]) -> argparse.Namespace:
+    """`tuili serve`'s options from an argument list, checked (what `serve run` configs give)."""
+    p = argparse.ArgumentParser(prog="tuili serve", exit_on_error=False)
+    arguments(p)
+    try:
+        args = p.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ValueError(f"tuili serve options {argv}: {e}") from None
+    check(args)
+    return args
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
     model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -71,12 +87,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-warmup", action="store_true", help="report ready at once (the first requests are slower)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     vllm_options.add(p)
-    p.set_defaults(run=_serve)
+    ray_options.add(p)
 
 
-def _serve(args) -> int:
-    from tuili.server import ServerConfig, build_server, serve
-
+def check(args: argparse.Namespace) -> None:
+    """ValueError, naming the option, for values `tuili serve` cannot honour."""
     for name, value in (
         ("--port", args.port),
         ("--max-num-seqs", args.max_num_seqs),
@@ -92,6 +107,13 @@ def _serve(args) -> int:
         if not value >= 0:  # NaN too
             raise ValueError(f"{name} must be {zero}, got {value}")
     vllm_options.check(args)
+    ray_options.check(args)
+
+
+def parts(args: argparse.Namespace):
+    """The server the options describe, as `ServerParts` (nothing loaded yet)."""
+    from tuili.server import ServerConfig, ServerParts
+
     config = ServerConfig(
         model_names=tuple(args.served_model_name) or (args.model,),
         max_model_len=args.max_model_len,
@@ -106,26 +128,50 @@ def _serve(args) -> int:
         warmup=not args.no_warmup,
         request_timeout=args.request_timeout or None,
     )
-    speculative = vllm_options.speculative(args)
-    kv_bytes = int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None
-    template = vllm_options.chat_template(args.chat_template)
-    model = load_model(args)
-    if template is not None:
-        model.tokenizer.chat_template = template
-    server = build_server(
-        model,
-        config,
+    engine = dict(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         target_itl=args.target_itl_ms / 1000 or None,
         max_queue_time=args.max_queue_seconds or None,
-        kv_cache_bytes=kv_bytes,
+        kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)) if args.kv_cache_gb else None,
         kv_cache_dtype=args.kv_cache_dtype,
-        threads=args.threads,
         block_size=args.block_size,
         prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
-        speculative=speculative,
+        speculative=vllm_options.speculative(args),
     )
+    template = vllm_options.chat_template(args.chat_template)
+    return ServerParts(args.model, config, engine, args.dtype, args.keep_quantized, args.threads, template)
+
+
+def ray_app(config: dict):
+    """`serve run`'s application builder (`import_path: tuili.cli.serve:ray_app`): its `args` hold
+    `options`, a list of `tuili serve` options (see docs/ray.md); the config file's `deployments`
+    section may override the replica counts and resources they set."""
+    from tuili.server.ray import application
+
+    unknown = sorted(set(config) - {"options"})
+    if unknown:
+        raise ValueError(f"tuili's serve config takes 'options' (a list of tuili serve options), not {unknown}")
+    given = config.get("options", [])
+    if not isinstance(given, list) or not all(isinstance(o, str | int | float) for o in given):
+        raise ValueError("'options' is a list of tuili serve options, such as ['--model', 'default']")
+    args = options(["--ray", *map(str, given)])
+    return application(parts(args), ray_options.replicas(args))
+
+
+def _serve(args) -> int:
+    check(args)
+    if args.ray:
+        from tuili.server.ray.cluster import run
+
+        ssl = (args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
+        return run(parts(args), ray_options.replicas(args), args.host, args.port, args.ray_address, ssl, args.log_level)
+    from tuili.server import serve
+    from tuili.server.serve import configure_logging
+
+    configure_logging(args.log_level)
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    server = parts(args).build()
     ssl = {"ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile} if args.ssl_keyfile else {}
     return serve(server, args.host, args.port, args.grace, args.log_level, **ssl)

@@ -4,6 +4,6 @@ dynamic batcher for embeddings and scoring, Prometheus metrics, limits and grace
 from tuili.server.app import Server
 from tuili.server.batcher import DynamicBatcher
 from tuili.server.config import ServerConfig
-from tuili.server.serve import build_server, serve
+from tuili.server.serve import ServerParts, build_server, serve
 
-__all__ = ["DynamicBatcher", "Server", "ServerConfig", "build_server", "serve"]
+__all__ = ["DynamicBatcher", "Server", "ServerConfig", "ServerParts", "build_server", "serve"]

@@ -96,9 +96,7 @@ class Server:
             yield
             if warm is not None:
                 warm.cancel()
-            await self.embedder.close()
-            await self.scorer.close()
-            await asyncio.get_running_loop().run_in_executor(None, self.llm.shutdown)
+            await self.close()
 
         app = FastAPI(title="tuili", description="OpenAI-compatible API of a tuili model", lifespan=lifespan)
         errors.install(app)
@@ -132,6 +130,12 @@ class Server:
             app.add_middleware(CORSMiddleware, **self.config.cors)
         return app
 
+    async def close(self) -> None:
+        """Stop the batchers and the engine loop (what the app's lifespan does at its end)."""
+        await self.embedder.close()
+        await self.scorer.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.llm.shutdown)
+
     # ---- operations ------------------------------------------------------------------------
     async def health(self) -> JSONResponse:
         """Liveness: the process and its engine thread are running."""
@@ -149,16 +153,21 @@ class Server:
     async def metrics_page(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
+    async def warm_up(self) -> None:
+        """A few short requests through every path (a stream, a batched decode, an embedding, a
+        score), so the first real request does not pay for compiling kernels; raises what failed."""
+        ids = self.tokenizer.encode(_WARMUP_TEXT)[:48] or [0]
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        seqs = self.llm.engine.scheduler.max_num_seqs  # none of them waits: a queue limit cannot refuse it
+        for batch in (1, min(4, seqs)):  # a single stream, then a batched decode (other kernels)
+            await asyncio.gather(*(self._drain(ids + [i], params, f"warmup-{batch}-{i}") for i in range(batch)))
+        await self.embedder.submit(ids[:16])
+        await self.scorer.submit((ids[:8], ids[8:12], 0))
+
     async def _warm_up(self) -> None:
         start = time.perf_counter()
         try:
-            ids = self.tokenizer.encode(_WARMUP_TEXT)[:48] or [0]
-            params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-            seqs = self.llm.engine.scheduler.max_num_seqs  # none of them waits: a queue limit cannot refuse it
-            for batch in (1, min(4, seqs)):  # a single stream, then a batched decode (other kernels)
-                await asyncio.gather(*(self._drain(ids + [i], params, f"warmup-{batch}-{i}") for i in range(batch)))
-            await self.embedder.submit(ids[:16])
-            await self.scorer.submit((ids[:8], ids[8:12], 0))
+            await self.warm_up()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - reported by /ready and the log
