@@ -137,6 +137,9 @@ class Ingress:
                 log.warning("a replica went away before answering %s %s; sending it to another", request.method, path)
                 gone = e
                 continue
+            except asyncio.CancelledError:  # the client left before the answer began: stop the replica's work
+                answer.cancel()
+                raise
             return _response(start, first, answer)
         message = f"no replica could answer ({type(gone).__name__}); Ray Serve is restarting them, retry shortly"
         return error_response(503, message, headers={"Retry-After": "2"})
