@@ -32,6 +32,7 @@ import tuili
 from tuili.data.corpus import builtin_text
 from tuili.engine import LLM, SamplingParams
 from tuili.engine.speculative import SpeculativeConfig
+from tuili.pipeline.draft import alternating
 from tuili.pipeline.report import markdown_table
 
 NEW_TOKENS = 128
@@ -65,32 +66,14 @@ def ids_of(model, conversations: list[list[dict]]) -> list[list[int]]:
 
 def batch1(plain: LLM, spec: LLM, prompts: list[list[int]], rounds: int) -> dict:
     """Per round: every prompt alone through each engine (decode tokens/s over all prompts)."""
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
-    rates: dict[str, list[float]] = {"plain": [], "speculative": []}
-    speculator = spec.engine.speculator
-    same = True
-    for r in range(rounds):
-        order = [("plain", plain), ("speculative", spec)][:: 1 if r % 2 == 0 else -1]
-        outputs = {}
-        for name, llm in order:
-            tokens = seconds = 0.0
-            outputs[name] = []
-            for ids in prompts:
-                done = llm.generate([ids], params)[0]
-                made = len(done.outputs[0].token_ids) - 1  # the first token is the prompt's (prefill)
-                tokens += made
-                seconds += made / done.decode_tokens_per_second if done.decode_tokens_per_second else 0.0
-                outputs[name].append(done.outputs[0].token_ids)
-            rates[name].append(tokens / seconds)
-        same &= outputs["plain"] == outputs["speculative"]
-    ratios = [s / p for s, p in zip(rates["speculative"], rates["plain"])]
+    got = alternating(plain, spec, prompts, rounds, NEW_TOKENS)
     return {
-        "plain tok/s": round(statistics.median(rates["plain"]), 1),
-        "speculative tok/s": round(statistics.median(rates["speculative"]), 1),
-        "speed-up": f"{statistics.median(ratios):.2f}×",
-        "acceptance": f"{speculator.acceptance_rate:.0%}",
-        "tokens a check": f"{1 + speculator.accepted / max(1, speculator.steps):.2f}",
-        "identical": "yes" if same else "NO",
+        "plain tok/s": got["plain_tokens_per_second"],
+        "speculative tok/s": got["speculative_tokens_per_second"],
+        "speed-up": f"{got['speed_up']:.2f}×",
+        "acceptance": f"{got['acceptance_rate']:.0%}",
+        "tokens a check": f"{got['tokens_a_check']:.2f}",
+        "identical": "yes" if got["identical_to_plain"] else "NO",
     }
 
 

@@ -126,14 +126,21 @@ def draft_report(target: Model, draft: Model, count: int = 8, tokens: int = 4, r
         prefix_caching=False,
         speculative=SpeculativeConfig(method="draft", draft_model=draft, num_speculative_tokens=tokens),
     )
-    params = SamplingParams(max_tokens=128, temperature=0)
+    return {"draft_tokens_a_step": tokens, **alternating(plain, spec, ids, rounds)}
+
+
+def alternating(plain: LLM, spec: LLM, ids: list[list[int]], rounds: int, max_tokens: int = 128) -> dict[str, Any]:
+    """Each prompt alone (greedy) through a plain and a speculative engine, rounds alternating which
+    goes first: decode tokens/s of each (the median round), the speed-up, the speculator's acceptance
+    and whether the outputs were identical."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
     rates: dict[str, list[float]] = {"plain": [], "speculative": []}
     identical = True
     for r in range(rounds):
         outputs: dict[str, list] = {}
         for name, llm in [("plain", plain), ("speculative", spec)][:: 1 if r % 2 == 0 else -1]:
             done = [llm.generate([p], params)[0] for p in ids]
-            made = [len(d.outputs[0].token_ids) - 1 for d in done]
+            made = [len(d.outputs[0].token_ids) - 1 for d in done]  # the first token is the prefill's
             seconds = sum(n / d.decode_tokens_per_second for n, d in zip(made, done) if d.decode_tokens_per_second)
             rates[name].append(sum(made) / seconds)
             outputs[name] = [d.outputs[0].token_ids for d in done]
@@ -141,7 +148,6 @@ def draft_report(target: Model, draft: Model, count: int = 8, tokens: int = 4, r
     speculator = spec.engine.speculator
     assert speculator is not None
     return {
-        "draft_tokens_a_step": tokens,
         "acceptance_rate": round(speculator.acceptance_rate, 3),
         "tokens_a_check": round(1 + speculator.accepted / max(1, speculator.steps), 2),
         "plain_tokens_per_second": round(statistics.median(rates["plain"]), 1),
